@@ -1,0 +1,181 @@
+/**
+ * Compaction: a layer that no volume or snapshot references any more ("hidden") is merged into the one
+ * layer above it, copying only the blocks that layer does not override, or dropped if nothing is
+ * above it. Both keep every remaining chain reading exactly as before (invariant 2): the merged layer
+ * answers for a block exactly where the pair answered before.
+ *
+ * Crash safety: copied bytes land at positions the target has no bit for, so they are invisible
+ * (invariant 4) until one transaction adds the bits, re-parents the target and drops the hidden layer;
+ * the hidden layer's file is unlinked only after that commit (a crash in between leaves an orphan that
+ * start-up removes).
+ */
+import { Bitmap } from './bitmap.js';
+import type { Catalog } from './catalog.js';
+import type { Layer } from './layer.js';
+import type { CompactionReport } from './types.js';
+
+/** What compaction needs of the store. */
+export interface CompactionHost {
+  readonly catalog: Catalog;
+  readonly layers: Map<number, Layer>;
+  /** Volume heads and snapshot layers. */
+  referencedLayers(): Set<number>;
+  /** Drops a layer the catalog no longer names from memory and disk. */
+  forgetLayer(layer: Layer): void;
+}
+
+/** Blocks copied between yields to the event loop, so writes keep flowing during a large merge. */
+const COPY_CHUNK_BLOCKS = 256;
+
+export class Compactor {
+  private running: Promise<CompactionReport> | undefined;
+  private again = false;
+  private stopped = false;
+
+  constructor(private readonly host: CompactionHost) {}
+
+  /** Starts a pass in the background (errors are kept for the next explicit run to surface). */
+  schedule(): void {
+    if (this.stopped) return;
+    void this.run().catch(() => undefined);
+  }
+
+  /** Runs passes until no hidden layer is left to merge or drop; concurrent callers share the work. */
+  run(): Promise<CompactionReport> {
+    if (this.running) {
+      this.again = true;
+      return this.running;
+    }
+    this.running = (async () => {
+      const total: CompactionReport = { merged: 0, dropped: 0, blocksCopied: 0 };
+      try {
+        do {
+          this.again = false;
+          await new Promise<void>((resolve) => setImmediate(resolve));
+          while (!this.stopped) {
+            const step = await this.step();
+            if (!step) break;
+            total.merged += step.merged;
+            total.dropped += step.dropped;
+            total.blocksCopied += step.blocksCopied;
+          }
+        } while (this.again && !this.stopped);
+      } finally {
+        this.running = undefined;
+      }
+      return total;
+    })();
+    return this.running;
+  }
+
+  /** Stops after the merge in progress; no further passes start. */
+  async stop(): Promise<void> {
+    this.stopped = true;
+    await this.running?.catch(() => undefined);
+  }
+
+  /** One merge or drop; undefined when there is nothing to do. */
+  private async step(): Promise<CompactionReport | undefined> {
+    const { layers } = this.host;
+    const referenced = this.host.referencedLayers();
+    const children = new Map<number, Layer[]>();
+    for (const layer of layers.values()) {
+      if (layer.parentId === null) continue;
+      const list = children.get(layer.parentId);
+      if (list) list.push(layer);
+      else children.set(layer.parentId, [layer]);
+    }
+    for (const layer of layers.values()) {
+      if (referenced.has(layer.id) || !layer.frozen) continue;
+      const above = children.get(layer.id) ?? [];
+      if (above.length === 0) {
+        this.drop(layer);
+        return { merged: 0, dropped: 1, blocksCopied: 0 };
+      }
+      if (above.length === 1) {
+        const copied = await this.merge(layer, above[0]!);
+        if (copied !== undefined) return { merged: 1, dropped: 0, blocksCopied: copied };
+      }
+    }
+    return undefined;
+  }
+
+  private drop(layer: Layer): void {
+    this.host.catalog.deleteLayer(layer.id);
+    this.host.forgetLayer(layer);
+  }
+
+  /** Merges hidden layer `lower` into `upper`; undefined if the shape changed under it (retried next pass). */
+  private async merge(lower: Layer, upper: Layer): Promise<number | undefined> {
+    const toCopy = Bitmap.andNot(lower.written, Bitmap.or(upper.written, upper.trimmed));
+    const B = lower.blockSize;
+    const buffer = Buffer.allocUnsafe(COPY_CHUNK_BLOCKS * B);
+    let copied = 0;
+    const values = new Uint32Array(COPY_CHUNK_BLOCKS);
+    for (let index = 0; index < toCopy.size; ) {
+      if (this.stopped) return undefined;
+      const chunk = toCopy.rangeUint32Array(values, index, COPY_CHUNK_BLOCKS);
+      index += chunk.length;
+      // Runs of consecutive blocks the upper layer still does not hold are copied with one read and one write.
+      let i = 0;
+      while (i < chunk.length) {
+        const first = chunk[i]!;
+        if (upper.holds(first)) {
+          i++;
+          continue;
+        }
+        let n = 1;
+        while (i + n < chunk.length && chunk[i + n] === first + n && !upper.holds(first + n)) n++;
+        const bytes = n * B;
+        lower.readInto(buffer, 0, bytes, first * B);
+        upper.writeAt(buffer.subarray(0, bytes), first * B);
+        copied += n;
+        i += n;
+      }
+      await new Promise<void>((resolve) => setImmediate(resolve));
+    }
+    return upper.exclusive(() => this.commitMerge(lower, upper, copied));
+  }
+
+  /** The single synchronous commit of a merge, after re-checking that the shape is still the one merged. */
+  private commitMerge(lower: Layer, upper: Layer, copied: number): number | undefined {
+    const { layers, catalog } = this.host;
+    if (this.stopped || layers.get(lower.id) !== lower || layers.get(upper.id) !== upper) return undefined;
+    if (upper.parentId !== lower.id || this.host.referencedLayers().has(lower.id)) return undefined;
+    for (const layer of layers.values()) if (layer !== upper && layer.parentId === lower.id) return undefined;
+
+    // Copied data and any user writes to a live upper layer become durable before any bit names them.
+    upper.syncDataNow();
+    const userDirty = upper.dirty;
+    upper.dirty = new Bitmap();
+    const userWritten = Bitmap.and(userDirty, upper.written);
+    const userTrimmed = Bitmap.and(userDirty, upper.trimmed);
+    const held = Bitmap.or(upper.written, upper.trimmed);
+    const mergedWritten = Bitmap.andNot(lower.written, held);
+    const mergedTrimmed = Bitmap.andNot(lower.trimmed, held);
+    try {
+      catalog.transaction(() => {
+        if (upper.frozen) {
+          catalog.freezeLayer(
+            upper.id,
+            Bitmap.or(upper.written, mergedWritten),
+            Bitmap.or(upper.trimmed, mergedTrimmed),
+          );
+        } else {
+          catalog.appendJournal(upper.id, userWritten, userTrimmed);
+          catalog.appendJournal(upper.id, mergedWritten, mergedTrimmed);
+        }
+        catalog.setLayerParent(upper.id, lower.parentId);
+        catalog.deleteLayer(lower.id);
+      });
+    } catch (err) {
+      upper.dirty.orInPlace(userDirty);
+      throw err;
+    }
+    upper.written.orInPlace(mergedWritten);
+    upper.trimmed.orInPlace(mergedTrimmed);
+    upper.parentId = lower.parentId;
+    this.host.forgetLayer(lower);
+    return copied;
+  }
+}

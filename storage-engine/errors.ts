@@ -1,0 +1,91 @@
+/**
+ * Typed engine errors. Each carries a `code` that adapters (src/) map to their own status codes in one
+ * place; the engine never knows about gRPC.
+ */
+
+/** The reasons an engine operation can be refused. */
+export type EngineErrorCode =
+  | 'NOT_FOUND'
+  | 'ALREADY_EXISTS'
+  | 'INVALID_ARGUMENT'
+  | 'OUT_OF_RANGE'
+  | 'NO_SPACE'
+  | 'BUSY'
+  | 'UNRELATED'
+  | 'CLOSED';
+
+/** Base class of every error the engine throws on purpose. */
+export class EngineError extends Error {
+  constructor(
+    readonly code: EngineErrorCode,
+    message: string,
+  ) {
+    super(message);
+    this.name = new.target.name;
+  }
+}
+
+/** An ID, or a name looked up, does not exist. */
+export class NotFoundError extends EngineError {
+  constructor(message: string) {
+    super('NOT_FOUND', message);
+  }
+}
+
+/** A name is already taken by an object with different properties. */
+export class AlreadyExistsError extends EngineError {
+  constructor(message: string) {
+    super('ALREADY_EXISTS', message);
+  }
+}
+
+/** An argument is malformed: wrong type, negative, unaligned, not a power of two, unknown option. */
+export class InvalidArgumentError extends EngineError {
+  constructor(message: string) {
+    super('INVALID_ARGUMENT', message);
+  }
+}
+
+/** An offset or length falls outside the object's capacity, or a size is beyond what the engine can address. */
+export class OutOfRangeError extends EngineError {
+  constructor(message: string) {
+    super('OUT_OF_RANGE', message);
+  }
+}
+
+/** The store's capacity limit or the underlying disk is exhausted. */
+export class NoSpaceError extends EngineError {
+  constructor(message: string) {
+    super('NO_SPACE', message);
+  }
+}
+
+/** The object is in use (e.g. a volume held open by the data plane) and cannot be changed that way now. */
+export class BusyError extends EngineError {
+  constructor(message: string) {
+    super('BUSY', message);
+  }
+}
+
+/** Two snapshots share no chain, or are in the wrong order, so no delta between them is defined. */
+export class UnrelatedSnapshotsError extends EngineError {
+  constructor(message: string) {
+    super('UNRELATED', message);
+  }
+}
+
+/** The store was closed; no further operations are accepted. */
+export class StoreClosedError extends EngineError {
+  constructor() {
+    super('CLOSED', 'the block store is closed');
+  }
+}
+
+/** Turns an operating-system error from file I/O into an engine error where one fits (ENOSPC), else rethrows. */
+export function translateIoError(err: unknown, what: string): never {
+  const code = (err as NodeJS.ErrnoException | undefined)?.code;
+  if (code === 'ENOSPC' || code === 'EDQUOT') {
+    throw new NoSpaceError(`${what}: the disk under the store is full`);
+  }
+  throw err;
+}

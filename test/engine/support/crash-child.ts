@@ -1,0 +1,215 @@
+/**
+ * Child process of the crash test (test/engine/crash.test.ts): opens a block store and hammers it with a
+ * seeded random stream of whole-block writes, trims, flushes, snapshot creations and deletions (which set
+ * background compaction going) until the parent kills it with SIGKILL.
+ *
+ * Run as `node --import tsx crash-child.ts <dir> <config-json>`.
+ *
+ * Protocol: one JSON line on stdout per event, written synchronously so that a line is in the pipe before
+ * the operation it announces starts. `intent` precedes every operation and carries all of its parameters;
+ * `ack` follows its successful return. The parent replays these lines into its model; nothing else the
+ * child knows is trusted.
+ *
+ * Block content is derived from (write id, volume index, block index) only, and every 512-byte sector
+ * repeats that header, so any block read back names the write that produced it and a torn block (sectors
+ * of different writes, or data mixed with zeros) is recognised as garbage.
+ */
+import fs from 'node:fs';
+import { pathToFileURL } from 'node:url';
+import { BlockStore } from '../../../storage-engine/index.js';
+
+export const BLOCK_SIZE = 4096;
+const SECTOR = 512;
+
+/** One operation as announced by an intent line. Block ranges are in blocks, not bytes. */
+export type CrashOp =
+  | { op: 'write'; vol: number; block: number; count: number; writeId: number }
+  | { op: 'trim'; vol: number; block: number; count: number }
+  | { op: 'flush'; vol: number }
+  | { op: 'snapshot'; vol: number; name: string }
+  | { op: 'delete'; snapshotId: string; name: string }
+  | { op: 'compact' };
+
+/** A snapshot as the child saw it listed after opening the store. */
+export interface ListedSnapshot {
+  id: string;
+  name: string | undefined;
+  sourceVolumeId: string;
+}
+
+/** Lines the child writes to stdout. */
+export type ChildLine =
+  | { t: 'open' }
+  | { t: 'ready'; volumes: string[]; snapshots: ListedSnapshot[] }
+  | { t: 'intent'; seq: number; op: CrashOp }
+  | { t: 'ack'; seq: number; snapshotId?: string }
+  | { t: 'error'; message: string };
+
+/** What the parent tells a child to do. */
+export interface ChildConfig {
+  seed: number;
+  /** First write id this child may use; ids are unique across all children of one store. */
+  firstWriteId: number;
+  /** Prefix of the snapshot names this child creates (unique per child). */
+  snapshotPrefix: string;
+  /** Above this many snapshots on a volume, deleting one becomes much more likely. */
+  maxSnapshotsPerVolume: number;
+}
+
+/** Small, fast, seedable PRNG (mulberry32): the same seed replays the same operation stream. */
+export function prng(seed: number): () => number {
+  let a = seed >>> 0;
+  return () => {
+    a = (a + 0x6d2b79f5) >>> 0;
+    let t = a;
+    t = Math.imul(t ^ (t >>> 15), t | 1);
+    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
+    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
+  };
+}
+
+/** Fixed non-zero filler shared by all blocks: only the sector headers tell writes apart. */
+const FILLER: Buffer = (() => {
+  const next = prng(0xc0ffee);
+  const buf = Buffer.alloc(BLOCK_SIZE);
+  for (let i = 0; i < BLOCK_SIZE; i++) buf[i] = 1 + Math.floor(next() * 255);
+  return buf;
+})();
+const ZERO_BLOCK = Buffer.alloc(BLOCK_SIZE);
+
+/** The exact bytes write `writeId` (>= 1) puts into block `block` of volume `vol`. */
+export function blockContent(writeId: number, vol: number, block: number): Buffer {
+  const buf = Buffer.from(FILLER);
+  for (let s = 0; s < BLOCK_SIZE; s += SECTOR) {
+    buf.writeUInt32LE(writeId, s);
+    buf.writeUInt32LE(vol, s + 4);
+    buf.writeUInt32LE(block, s + 8);
+    buf.writeUInt32LE(s / SECTOR, s + 12);
+  }
+  return buf;
+}
+
+/**
+ * What a block read back holds: 0 for zeros, the id of the write that produced it, or -1 when it is
+ * neither (torn, foreign, or placed at the wrong block or volume).
+ */
+export function decodeBlock(data: Uint8Array, vol: number, block: number): number {
+  const buf = Buffer.from(data.buffer, data.byteOffset, data.byteLength);
+  if (buf.equals(ZERO_BLOCK)) return 0;
+  const writeId = buf.readUInt32LE(0);
+  if (writeId === 0) return -1;
+  return buf.equals(blockContent(writeId, vol, block)) ? writeId : -1;
+}
+
+function emit(line: ChildLine): void {
+  const bytes = Buffer.from(`${JSON.stringify(line)}\n`);
+  let done = 0;
+  while (done < bytes.length) {
+    try {
+      done += fs.writeSync(1, bytes, done, bytes.length - done);
+    } catch (err) {
+      // The pipe may be non-blocking; spin until the parent drains it rather than lose an intent.
+      if ((err as NodeJS.ErrnoException).code !== 'EAGAIN') throw err;
+    }
+  }
+}
+
+interface ChildSnapshot {
+  id: string;
+  name: string;
+}
+
+async function run(dir: string, config: ChildConfig): Promise<void> {
+  const rand = prng(config.seed);
+  const int = (lo: number, hi: number): number => lo + Math.floor(rand() * (hi - lo + 1));
+
+  emit({ t: 'open' });
+  const store = BlockStore.open(dir, { autoCompact: true });
+  const volumes = store.listVolumes();
+  const listed = store.listSnapshots();
+  emit({
+    t: 'ready',
+    volumes: volumes.map((v) => v.id),
+    snapshots: listed.map((s) => ({ id: s.id, name: s.name, sourceVolumeId: s.sourceVolumeId })),
+  });
+
+  // Per volume, the snapshots this child believes alive, oldest first.
+  const snaps: ChildSnapshot[][] = volumes.map((v) =>
+    listed
+      .filter((s) => s.sourceVolumeId === v.id && s.name !== undefined)
+      .map((s) => ({ id: s.id, name: s.name ?? '' })),
+  );
+  let seq = 0;
+  let writeId = config.firstWriteId;
+  let snapCount = 0;
+
+  const safetyStop = Date.now() + 60_000;
+  while (Date.now() < safetyStop) {
+    const vol = int(0, volumes.length - 1);
+    const info = volumes[vol];
+    const volSnaps = snaps[vol];
+    if (info === undefined || volSnaps === undefined) throw new Error('volume list changed under the child');
+    const blocks = info.capacityBytes / BLOCK_SIZE;
+    const p = rand();
+    // Deleting is forced up when a volume has too many snapshots, so the chain stays short.
+    const wantDelete = volSnaps.length > config.maxSnapshotsPerVolume ? p < 0.4 : p < 0.1;
+    const current = seq++;
+    if (wantDelete && volSnaps.length >= 2) {
+      // Never the newest: deleting an older one leaves a hidden layer in the middle of the chain to merge.
+      const victim = volSnaps.splice(int(0, volSnaps.length - 2), 1)[0];
+      if (victim === undefined) throw new Error('unreachable');
+      emit({ t: 'intent', seq: current, op: { op: 'delete', snapshotId: victim.id, name: victim.name } });
+      await store.deleteSnapshot(victim.id);
+      emit({ t: 'ack', seq: current });
+    } else if (p < 0.55) {
+      const count = int(1, 16);
+      const block = int(0, blocks - count);
+      const id = writeId++;
+      emit({ t: 'intent', seq: current, op: { op: 'write', vol, block, count, writeId: id } });
+      const data = Buffer.alloc(count * BLOCK_SIZE);
+      for (let i = 0; i < count; i++) blockContent(id, vol, block + i).copy(data, i * BLOCK_SIZE);
+      store.write(info.id, block * BLOCK_SIZE, data);
+      emit({ t: 'ack', seq: current });
+    } else if (p < 0.67) {
+      const count = int(1, 16);
+      const block = int(0, blocks - count);
+      emit({ t: 'intent', seq: current, op: { op: 'trim', vol, block, count } });
+      store.trim(info.id, block * BLOCK_SIZE, count * BLOCK_SIZE);
+      emit({ t: 'ack', seq: current });
+    } else if (p < 0.8) {
+      emit({ t: 'intent', seq: current, op: { op: 'flush', vol } });
+      await store.flush(info.id);
+      emit({ t: 'ack', seq: current });
+    } else if (p < 0.98) {
+      const name = `s-${config.snapshotPrefix}${snapCount++}`;
+      emit({ t: 'intent', seq: current, op: { op: 'snapshot', vol, name } });
+      const snap = await store.createSnapshot({ volumeId: info.id, name });
+      volSnaps.push({ id: snap.id, name });
+      emit({ t: 'ack', seq: current, snapshotId: snap.id });
+    } else {
+      emit({ t: 'intent', seq: current, op: { op: 'compact' } });
+      await store.compact();
+      emit({ t: 'ack', seq: current });
+    }
+    // Let background work (compaction, flush callbacks) interleave with the foreground operations.
+    await new Promise((resolve) => setImmediate(resolve));
+  }
+  // The parent kills us long before this; ending on our own means it lost track of us.
+  await store.close();
+}
+
+const invokedDirectly = process.argv[1] !== undefined && import.meta.url === pathToFileURL(process.argv[1]).href;
+if (invokedDirectly) {
+  const [dir, configJson] = process.argv.slice(2);
+  if (dir === undefined || configJson === undefined) {
+    process.stderr.write('usage: crash-child.ts <store-dir> <config-json>\n');
+    process.exit(64);
+  }
+  run(dir, JSON.parse(configJson) as ChildConfig).then(
+    () => process.exit(3),
+    (err: unknown) => {
+      emit({ t: 'error', message: err instanceof Error ? (err.stack ?? err.message) : String(err) });
+      process.exit(2);
+    },
+  );
+}
