@@ -122,8 +122,6 @@ export class BlockStore {
   // ---------------------------------------------------------------- recovery
 
   private load(): void {
-    const now = Date.now();
-    void now;
     for (const row of this.catalog.allLayers()) {
       const layerPath = this.layerPath(row.id);
       if (!fs.existsSync(layerPath)) {
@@ -791,12 +789,12 @@ export class BlockStore {
       }
       const layer = new Layer(id, parentId, blockSize, layerPath, new Bitmap(), new Bitmap(), false);
       created.push(layer);
+      // Runs inside the transaction, before its commit: the directory entry is durable first.
+      this.syncLayerDir();
       return layer;
     };
     try {
-      const result = change(newLayer);
-      if (created.length > 0) this.syncLayerDir();
-      return result;
+      return change(newLayer);
     } catch (err) {
       for (const layer of created) fs.rmSync(layer.path, { force: true });
       throw err;

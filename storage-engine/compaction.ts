@@ -113,7 +113,8 @@ export class Compactor {
     let copied = 0;
     const values = new Uint32Array(COPY_CHUNK_BLOCKS);
     for (let index = 0; index < toCopy.size; ) {
-      if (this.stopped) return undefined;
+      // The upper layer may have been deleted with its volume meanwhile: nothing to merge into any more.
+      if (this.stopped || this.host.layers.get(upper.id) !== upper) return undefined;
       const chunk = toCopy.rangeUint32Array(values, index, COPY_CHUNK_BLOCKS);
       index += chunk.length;
       // Runs of consecutive blocks the upper layer still does not hold are copied with one read and one write.

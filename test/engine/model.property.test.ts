@@ -314,12 +314,15 @@ const commandArbs: fc.Arbitrary<Cmd>[] = [
   fc.nat().map((v) => new FlushCmd(v)),
   fc.nat().map((v) => new SnapshotCmd(v)),
   fc.nat().map((v) => new SnapshotCmd(v)),
+  fc.nat().map((v) => new SnapshotCmd(v)),
+  fc.nat().map((s) => new DeleteSnapshotCmd(s)),
   fc.nat().map((s) => new DeleteSnapshotCmd(s)),
   fc.tuple(fc.nat(), extraBlocksArb, fc.boolean()).map(([s, x, b]) => new CloneSnapshotCmd(s, x, b)),
   fc.tuple(fc.nat(), extraBlocksArb).map(([v, x]) => new CloneVolumeCmd(v, x)),
   fc.tuple(fc.integer({ min: MIN_BLOCKS, max: MAX_BLOCKS }), fc.boolean()).map(([n, b]) => new CreateVolumeCmd(n, b)),
   fc.tuple(fc.nat(), fc.integer({ min: 1, max: 16 })).map(([v, x]) => new GrowCmd(v, x)),
   fc.nat().map((v) => new DeleteVolumeCmd(v)),
+  fc.constant(new CompactCmd()),
   fc.constant(new CompactCmd()),
   fc.constant(new ReopenCmd()),
 ];
@@ -529,7 +532,7 @@ describe('BlockStore against the in-memory block model', () => {
           fc.integer({ min: MIN_BLOCKS, max: MAX_BLOCKS }),
           fc.boolean(),
           fc.integer(),
-          fc.commands(commandArbs, { maxCommands: MAX_COMMANDS }),
+          fc.commands(commandArbs, { maxCommands: MAX_COMMANDS, size: 'max' }),
           async (blockSize, initialBlocks, autoCompact, checkSeed, cmds) => {
             const dir = fs.mkdtempSync(path.join(root, 'run-'));
             const options: StoreOptions = { defaultBlockSize: blockSize, autoCompact };

@@ -323,6 +323,27 @@ describe('unknown and malformed IDs are NotFound', () => {
     }
   });
 
+  test('IDs of deleted volumes and snapshots are NotFound', async () => {
+    const f = await fixture();
+    await f.store.deleteVolume(f.other.id);
+    await f.store.deleteSnapshot(f.s1.id);
+    const before = captureState(f.store, f.dir);
+    await expectEngineError(() => f.store.getVolume(f.other.id), NotFoundError, 'NOT_FOUND');
+    await expectEngineError(() => f.store.write(f.other.id, 0, pattern(1, 10)), NotFoundError, 'NOT_FOUND');
+    await expectEngineError(() => f.store.deleteVolume(f.other.id), NotFoundError, 'NOT_FOUND');
+    await expectEngineError(() => f.store.readSnapshot(f.s1.id, 0, 10), NotFoundError, 'NOT_FOUND');
+    await expectEngineError(() => f.store.deleteSnapshot(f.s1.id), NotFoundError, 'NOT_FOUND');
+    expectThrowsNow(() => f.store.delta(f.s1.id, f.s2.id), NotFoundError, 'NOT_FOUND');
+    await expectEngineError(
+      () => f.store.createVolume({ sourceSnapshotId: f.s1.id, capacityBytes: CAP }),
+      NotFoundError,
+      'NOT_FOUND',
+    );
+    expect(captureState(f.store, f.dir)).toEqual(before);
+    // The snapshot of the deleted volume is still there and readable.
+    expect(f.store.readSnapshot(f.o1.id, 0, 10).length).toBe(10);
+  });
+
   test('allocated and delta refuse unknown IDs when called, before any iteration', async () => {
     const f = await fixture();
     expectThrowsNow(() => f.store.allocated('snap-0123456789abcdef'), NotFoundError, 'NOT_FOUND');
@@ -365,6 +386,16 @@ describe('clones', () => {
     await refusedWithoutChange(
       f,
       () => f.store.createVolume({ name: 'c', sourceVolumeId: f.base.id, capacityBytes: CAP / 2 }),
+      InvalidArgumentError,
+      'INVALID_ARGUMENT',
+    );
+  });
+
+  test('naming both a source snapshot and a source volume is InvalidArgument', async () => {
+    const f = await fixture();
+    await refusedWithoutChange(
+      f,
+      () => f.store.createVolume({ name: 'c', sourceSnapshotId: f.s1.id, sourceVolumeId: f.base.id, capacityBytes: CAP }),
       InvalidArgumentError,
       'INVALID_ARGUMENT',
     );
@@ -428,6 +459,17 @@ describe('idempotent creation by name', () => {
     const again = await f.store.createVolume({ name: 'base', capacityBytes: CAP, attributes: { tier: 'gold' } });
     expect(again).toEqual(f.base);
     expect(captureState(f.store, f.dir)).toEqual(before);
+  });
+
+  test('a repeat that spells out the default block size is identical to one that omitted it', async () => {
+    const f = await fixture();
+    const again = await f.store.createVolume({
+      name: 'base',
+      capacityBytes: CAP,
+      blockSize: BLOCK,
+      attributes: { tier: 'gold' },
+    });
+    expect(again.id).toBe(f.base.id);
   });
 
   test('creating an existing clone name with identical arguments returns the same clone', async () => {
@@ -509,6 +551,18 @@ describe('startingOffset of extent queries', () => {
     expect(captureState(f.store, f.dir)).toEqual(before);
   });
 
+  test.each([
+    ['a fractional startingOffset', { startingOffset: 4096.5 }],
+    ['a NaN startingOffset', { startingOffset: Number.NaN }],
+    ['a batchSize of 0', { batchSize: 0 }],
+    ['a negative batchSize', { batchSize: -1 }],
+    ['a fractional batchSize', { batchSize: 2.5 }],
+  ])('%s is InvalidArgument for allocated and delta, at call time', async (_what, options) => {
+    const f = await fixture();
+    expectThrowsNow(() => f.store.allocated(f.s2.id, options), InvalidArgumentError, 'INVALID_ARGUMENT');
+    expectThrowsNow(() => f.store.delta(f.s1.id, f.s2.id, options), InvalidArgumentError, 'INVALID_ARGUMENT');
+  });
+
   test('a startingOffset equal to the capacity is allowed and yields nothing', async () => {
     const f = await fixture();
     expect(await collect(f.store.allocated(f.s2.id, { startingOffset: CAP }))).toEqual([]);
@@ -587,6 +641,7 @@ describe('capacity limit', () => {
 });
 
 describe('closed store', () => {
+  // release() is left out: it is an in-memory cleanup a shutting-down data plane may still call.
   test('every operation after close is StoreClosed; close is idempotent; reopening finds everything', async () => {
     const f = await fixture();
     const before = captureState(f.store, f.dir) as Record<string, unknown>;
@@ -615,7 +670,6 @@ describe('closed store', () => {
       ['compact', () => store.compact()],
       ['spaceUsage', () => store.spaceUsage()],
       ['hold', () => store.hold(base.id, 'node-a')],
-      ['release', () => store.release(base.id, 'node-a')],
     ];
     for (const [name, call] of calls) {
       await labelled(name, () => expectEngineError(call, StoreClosedError, 'CLOSED'));

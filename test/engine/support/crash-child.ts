@@ -20,6 +20,7 @@ import { BlockStore } from '../../../storage-engine/index.js';
 
 export const BLOCK_SIZE = 4096;
 const SECTOR = 512;
+const HOT_ZONE_BLOCKS = 64;
 
 /** One operation as announced by an intent line. Block ranges are in blocks, not bytes. */
 export type CrashOp =
@@ -142,6 +143,18 @@ async function run(dir: string, config: ChildConfig): Promise<void> {
   let seq = 0;
   let writeId = config.firstWriteId;
   let snapCount = 0;
+  // Half the children snapshot rarely, so heads live long and collect many flushed overwrites and trims
+  // (what recovery must replay); the other half snapshot and delete often (what compaction must merge).
+  const snapshotWeight = rand() < 0.5 ? 0.03 : 0.12;
+  const pick = (weights: Record<CrashOp['op'], number>): CrashOp['op'] => {
+    const entries = Object.entries(weights) as [CrashOp['op'], number][];
+    let x = rand() * entries.reduce((sum, [, w]) => sum + w, 0);
+    for (const [op, w] of entries) {
+      x -= w;
+      if (x < 0) return op;
+    }
+    return 'write';
+  };
 
   const safetyStop = Date.now() + 60_000;
   while (Date.now() < safetyStop) {
@@ -150,37 +163,50 @@ async function run(dir: string, config: ChildConfig): Promise<void> {
     const volSnaps = snaps[vol];
     if (info === undefined || volSnaps === undefined) throw new Error('volume list changed under the child');
     const blocks = info.capacityBytes / BLOCK_SIZE;
-    const p = rand();
+    // Most ranges land in a small hot zone, so writes, trims, flushes and merges keep meeting the same
+    // blocks in the same layers (overwrite after flush, trim after write, merge under an override).
+    const pickRange = (): { block: number; count: number } => {
+      const count = int(1, 16);
+      const limit = rand() < 0.6 ? Math.min(HOT_ZONE_BLOCKS, blocks) : blocks;
+      return { block: int(0, Math.max(0, limit - count)), count };
+    };
     // Deleting is forced up when a volume has too many snapshots, so the chain stays short.
-    const wantDelete = volSnaps.length > config.maxSnapshotsPerVolume ? p < 0.4 : p < 0.1;
+    const canDelete = volSnaps.length >= 2;
+    const weights: Record<CrashOp['op'], number> = {
+      write: 0.5,
+      trim: 0.17,
+      flush: 0.15,
+      snapshot: snapshotWeight,
+      delete: canDelete ? (volSnaps.length > config.maxSnapshotsPerVolume ? 0.4 : 0.08) : 0,
+      compact: 0.02,
+    };
+    const kind = pick(weights);
     const current = seq++;
-    if (wantDelete && volSnaps.length >= 2) {
+    if (kind === 'delete') {
       // Never the newest: deleting an older one leaves a hidden layer in the middle of the chain to merge.
       const victim = volSnaps.splice(int(0, volSnaps.length - 2), 1)[0];
       if (victim === undefined) throw new Error('unreachable');
       emit({ t: 'intent', seq: current, op: { op: 'delete', snapshotId: victim.id, name: victim.name } });
       await store.deleteSnapshot(victim.id);
       emit({ t: 'ack', seq: current });
-    } else if (p < 0.55) {
-      const count = int(1, 16);
-      const block = int(0, blocks - count);
+    } else if (kind === 'write') {
+      const { block, count } = pickRange();
       const id = writeId++;
       emit({ t: 'intent', seq: current, op: { op: 'write', vol, block, count, writeId: id } });
       const data = Buffer.alloc(count * BLOCK_SIZE);
       for (let i = 0; i < count; i++) blockContent(id, vol, block + i).copy(data, i * BLOCK_SIZE);
       store.write(info.id, block * BLOCK_SIZE, data);
       emit({ t: 'ack', seq: current });
-    } else if (p < 0.67) {
-      const count = int(1, 16);
-      const block = int(0, blocks - count);
+    } else if (kind === 'trim') {
+      const { block, count } = pickRange();
       emit({ t: 'intent', seq: current, op: { op: 'trim', vol, block, count } });
       store.trim(info.id, block * BLOCK_SIZE, count * BLOCK_SIZE);
       emit({ t: 'ack', seq: current });
-    } else if (p < 0.8) {
+    } else if (kind === 'flush') {
       emit({ t: 'intent', seq: current, op: { op: 'flush', vol } });
       await store.flush(info.id);
       emit({ t: 'ack', seq: current });
-    } else if (p < 0.98) {
+    } else if (kind === 'snapshot') {
       const name = `s-${config.snapshotPrefix}${snapCount++}`;
       emit({ t: 'intent', seq: current, op: { op: 'snapshot', vol, name } });
       const snap = await store.createSnapshot({ volumeId: info.id, name });
