@@ -1,0 +1,128 @@
+#!/usr/bin/env node
+/** The `cbt-csi` command. `serve` runs the driver; with no flags it uses embedded defaults under ./.state. */
+import os from 'node:os';
+import path from 'node:path';
+import { Command, InvalidArgumentError, Option } from 'commander';
+import { LOG_LEVELS, formatEndpoint, packageVersion, parseEndpoint, type DriverConfig, type LogLevel, type MetadataStyle } from './config.js';
+import { createLogger } from './logging.js';
+import { startDriver } from './server.js';
+import { parseBlockSize } from './csi/volume-parameters.js';
+
+function positiveInteger(value: string): number {
+  const n = Number(value);
+  if (!Number.isSafeInteger(n) || n <= 0) throw new InvalidArgumentError('expected a positive integer');
+  return n;
+}
+
+function nonNegativeSeconds(value: string): number {
+  const n = Number(value);
+  if (value.trim() === '' || !Number.isFinite(n) || n < 0) throw new InvalidArgumentError('expected a number of seconds, 0 or more');
+  return n;
+}
+
+function byteSize(value: string): number {
+  const m = /^(\d+)\s*(|k|ki|m|mi|g|gi|t|ti)b?$/i.exec(value.trim());
+  if (!m) throw new InvalidArgumentError('expected bytes, e.g. 4096, 64Ki, 100Gi');
+  const units: Record<string, number> = { '': 1, k: 1e3, ki: 2 ** 10, m: 1e6, mi: 2 ** 20, g: 1e9, gi: 2 ** 30, t: 1e12, ti: 2 ** 40 };
+  const n = Number(m[1]) * units[m[2]!.toLowerCase()]!;
+  if (!Number.isSafeInteger(n) || n <= 0) throw new InvalidArgumentError('size out of range');
+  return n;
+}
+
+export function buildProgram(): Command {
+  const program = new Command('cbt-csi')
+    .description('CSI driver with block-level changed block tracking')
+    .version(packageVersion());
+  program
+    .command('serve')
+    .description('run the CSI driver (Identity, Controller, SnapshotMetadata) on a gRPC endpoint')
+    .option('--endpoint <endpoint>', 'unix:///path/csi.sock or tcp://127.0.0.1:PORT (env CSI_ENDPOINT)', process.env['CSI_ENDPOINT'])
+    .option('--state-dir <dir>', 'where volumes and snapshots are stored', '.state')
+    .option('--node-id <id>', 'this node\'s ID', os.hostname())
+    .option('--driver-name <name>', 'CSI driver name', 'cbt.csi.dev')
+    .option('--default-block-size <bytes>', 'block size of volumes whose StorageClass names none', (v) => parseCliBlockSize(v), 4096)
+    .addOption(
+      new Option('--metadata-style <style>', 'BlockMetadata style of volumes whose StorageClass names none')
+        .choices(['FIXED', 'VARIABLE'])
+        .default('VARIABLE'),
+    )
+    .option('--capacity <bytes>', 'provisioning limit reported by GetCapacity (default: free disk)', byteSize)
+    .option('--default-max-results <n>', 'metadata tuples per response when max_results is 0', positiveInteger, 4096)
+    .addOption(new Option('--log-level <level>', 'log level').choices(LOG_LEVELS as string[]).default('info'))
+    .option('--metrics-address <host:port>', 'serve Prometheus metrics at http://HOST:PORT/metrics (port 0: any free port)')
+    .option('--drain-timeout <seconds>', 'on SIGTERM, how long in-flight calls may take before they are reset', nonNegativeSeconds, 25)
+    .action(async (opts: ServeFlags) => {
+      await serve(opts);
+    });
+  return program;
+}
+
+function parseCliBlockSize(value: string): number {
+  try {
+    return parseBlockSize(value);
+  } catch (err) {
+    throw new InvalidArgumentError((err as Error).message);
+  }
+}
+
+interface ServeFlags {
+  endpoint?: string;
+  stateDir: string;
+  nodeId: string;
+  driverName: string;
+  defaultBlockSize: number;
+  metadataStyle: MetadataStyle;
+  capacity?: number;
+  defaultMaxResults: number;
+  logLevel: LogLevel;
+  metricsAddress?: string;
+  drainTimeout: number;
+}
+
+async function serve(flags: ServeFlags): Promise<void> {
+  const stateDir = path.resolve(flags.stateDir);
+  const config: DriverConfig = {
+    driverName: flags.driverName,
+    version: packageVersion(),
+    endpoint: parseEndpoint(flags.endpoint ?? path.join(stateDir, 'csi.sock')),
+    stateDir,
+    nodeId: flags.nodeId,
+    defaultBlockSize: flags.defaultBlockSize,
+    defaultMetadataStyle: flags.metadataStyle,
+    capacityBytes: flags.capacity,
+    defaultMaxResults: flags.defaultMaxResults,
+    logLevel: flags.logLevel,
+    metricsAddress: flags.metricsAddress,
+    drainTimeoutMs: Math.round(flags.drainTimeout * 1000),
+  };
+  const logger = createLogger(config.logLevel);
+  const driver = await startDriver(config, logger);
+  // People starting it by hand want to know where to point a client. One write, "listening" last:
+  // whoever waits for that line (a test, a script) then has the metrics URL too.
+  const metricsLine = driver.metricsUrl ? `cbt-csi metrics at ${driver.metricsUrl}\n` : '';
+  process.stderr.write(`${metricsLine}cbt-csi listening on ${formatEndpoint(driver.endpoint)}\n`);
+  let signals = 0;
+  const onSignal = (signal: NodeJS.Signals) => {
+    if (++signals > 1) process.exit(1);
+    logger.info({ signal }, 'shutting down');
+    driver.stop().then(
+      () => {
+        logger.flush();
+        process.exit(0);
+      },
+      (err: unknown) => {
+        logger.error({ err: String(err) }, 'shutdown failed');
+        process.exit(1);
+      },
+    );
+  };
+  process.on('SIGTERM', onSignal);
+  process.on('SIGINT', onSignal);
+}
+
+buildProgram()
+  .parseAsync(process.argv)
+  .catch((err: unknown) => {
+    process.stderr.write(`cbt-csi: ${err instanceof Error ? err.message : String(err)}\n`);
+    process.exit(1);
+  });

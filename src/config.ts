@@ -1,0 +1,77 @@
+/** The driver's configuration: what `cbt-csi serve` is told, with the embedded defaults `npm start` uses. */
+import fs from 'node:fs';
+import path from 'node:path';
+import { fileURLToPath } from 'node:url';
+
+/** Where the gRPC server listens. */
+export type Endpoint = { kind: 'unix'; path: string } | { kind: 'tcp'; host: string; port: number };
+
+export type MetadataStyle = 'FIXED' | 'VARIABLE';
+export type LogLevel = 'trace' | 'debug' | 'info' | 'warn' | 'error' | 'fatal' | 'silent';
+export const LOG_LEVELS: readonly LogLevel[] = ['trace', 'debug', 'info', 'warn', 'error', 'fatal', 'silent'];
+
+export interface DriverConfig {
+  /** CSI driver name reported by GetPluginInfo. */
+  driverName: string;
+  /** Version reported by GetPluginInfo (package.json's). */
+  version: string;
+  endpoint: Endpoint;
+  /** Where the block store keeps its catalog and layer files. */
+  stateDir: string;
+  /** This node's ID (NodeGetInfo, topology). */
+  nodeId: string;
+  /** Block size of volumes whose StorageClass names none. */
+  defaultBlockSize: number;
+  /** BlockMetadata style of volumes whose StorageClass names none. */
+  defaultMetadataStyle: MetadataStyle;
+  /** Provisioning limit reported by GetCapacity; undefined means the free space of the state directory's disk. */
+  capacityBytes: number | undefined;
+  /** Tuples per SnapshotMetadata response when the request's max_results is 0. */
+  defaultMaxResults: number;
+  logLevel: LogLevel;
+  /** host:port for the Prometheus /metrics endpoint, or undefined for none. */
+  metricsAddress: string | undefined;
+  /** How long shutdown waits for in-flight calls before resetting them; default DEFAULT_DRAIN_TIMEOUT_MS (server.ts). */
+  drainTimeoutMs?: number;
+}
+
+/** Topology key under which volumes are pinned to the node that holds them. */
+export const TOPOLOGY_NODE_KEY = 'topology.cbt.csi.dev/node';
+
+/** Parses `unix:///abs/path.sock`, `unix:relative.sock`, a bare path, or `tcp://127.0.0.1:PORT`. */
+export function parseEndpoint(value: string): Endpoint {
+  if (value.startsWith('tcp://')) {
+    const url = new URL(value);
+    const port = Number(url.port);
+    if (!url.hostname || url.port === '' || !Number.isInteger(port) || port < 0 || port > 65535) {
+      throw new Error(`endpoint ${value}: expected tcp://HOST:PORT`);
+    }
+    return { kind: 'tcp', host: url.hostname.replace(/^\[|\]$/g, ''), port };
+  }
+  let socketPath = value;
+  if (value.startsWith('unix://')) socketPath = value.slice('unix://'.length);
+  else if (value.startsWith('unix:')) socketPath = value.slice('unix:'.length);
+  else if (/^[a-z]+:\/\//i.test(value)) throw new Error(`endpoint ${value}: only unix:// and tcp:// are supported`);
+  if (!socketPath) throw new Error(`endpoint ${value}: the socket path is empty`);
+  return { kind: 'unix', path: path.resolve(socketPath) };
+}
+
+/** How an endpoint is written in logs and for clients. */
+export function formatEndpoint(endpoint: Endpoint): string {
+  return endpoint.kind === 'unix' ? `unix://${endpoint.path}` : `tcp://${endpoint.host}:${endpoint.port}`;
+}
+
+/** package.json's version, found by walking up from this file (works from src/ and from dist/src/). */
+export function packageVersion(): string {
+  let dir = path.dirname(fileURLToPath(import.meta.url));
+  for (;;) {
+    const candidate = path.join(dir, 'package.json');
+    if (fs.existsSync(candidate)) {
+      const pkg = JSON.parse(fs.readFileSync(candidate, 'utf8')) as { name?: string; version?: string };
+      if (pkg.name === 'cbt-csi' && pkg.version) return pkg.version;
+    }
+    const parent = path.dirname(dir);
+    if (parent === dir) return '0.0.0';
+    dir = parent;
+  }
+}

@@ -1,0 +1,468 @@
+/**
+ * CSI Controller: volumes and snapshots as the block store holds them. A thin adapter: it checks what
+ * the spec makes the plugin's job (required fields, capabilities, capacity ranges, topology, idempotency
+ * by name) and leaves storage to the engine, whose typed errors status.ts maps to gRPC codes.
+ *
+ * Secrets in requests are accepted and ignored; nothing here logs a request.
+ */
+import fs from 'node:fs';
+import { create } from '@bufbuild/protobuf';
+import { Code, type ServiceImpl } from '@connectrpc/connect';
+import {
+  AlreadyExistsError,
+  InvalidArgumentError,
+  NotFoundError,
+  isSnapshotId,
+  isVolumeId,
+  type SnapshotInfo,
+  type VolumeInfo,
+} from '../../storage-engine/index.js';
+import {
+  type Controller,
+  type ControllerServiceCapability,
+  ControllerServiceCapability_RPC_Type as RpcType,
+  ControllerServiceCapabilitySchema,
+  type CreateVolumeRequest,
+} from '../gen/csi/v1/csi_pb.js';
+import { rpcError } from '../rpc/status.js';
+import { requireSupportedCapabilities, unsupportedCapability } from './capabilities.js';
+import {
+  type ByteRange,
+  checkAddressable,
+  checkCapacityRange,
+  fitsRange,
+  maxVolumeBytes,
+  newVolumeBytes,
+  roundDown,
+  roundUp,
+} from './capacity-range.js';
+import { snapshotMessage, volumeCondition, volumeContext, volumeMessage, volumeMetadataStyle } from './csi-objects.js';
+import type { DriverContext } from './driver-context.js';
+import { paginate } from './page-token.js';
+import { isThisNode, satisfiesRequirement } from './topology.js';
+import {
+  ATTR_METADATA_STYLE,
+  PARAM_BLOCK_SIZE,
+  PARAM_METADATA_STYLE,
+  parseVolumeParameters,
+  type VolumeParameters,
+} from './volume-parameters.js';
+
+/** What ControllerGetCapabilities advertises; each one is implemented below. */
+export const CONTROLLER_CAPABILITIES: readonly RpcType[] = [
+  RpcType.CREATE_DELETE_VOLUME,
+  RpcType.CREATE_DELETE_SNAPSHOT,
+  RpcType.LIST_VOLUMES,
+  RpcType.LIST_SNAPSHOTS,
+  RpcType.GET_CAPACITY,
+  RpcType.CLONE_VOLUME,
+  RpcType.EXPAND_VOLUME,
+  RpcType.GET_VOLUME,
+  RpcType.VOLUME_CONDITION,
+  RpcType.SINGLE_NODE_MULTI_WRITER,
+  RpcType.GET_SNAPSHOT,
+];
+
+/** Keys the external-snapshotter adds itself (--extra-create-metadata); accepted and ignored. */
+const SIDECAR_PREFIX = 'csi.storage.k8s.io/';
+
+/** Control characters the spec bans from volume and snapshot names. */
+const BANNED_NAME_CHARS = /[\u0000-\u0008\u000B\u000C\u000E-\u001F\u007F-\u009F]/;
+
+/** What a CreateVolume request asks for, once validated. */
+interface VolumeWish {
+  name: string;
+  range: ByteRange;
+  params: VolumeParameters;
+  /** Whether the request named these parameters (else they are defaults, and any value matches). */
+  explicit: { blockSize: boolean; metadataStyle: boolean };
+  source: { kind: 'snapshot'; snapshotId: string } | { kind: 'volume'; volumeId: string } | undefined;
+  topologyOk: boolean;
+}
+
+export function controllerService(ctx: DriverContext): ServiceImpl<typeof Controller> {
+  const { store, config } = ctx;
+  const defaults: VolumeParameters = { blockSize: config.defaultBlockSize, metadataStyle: config.defaultMetadataStyle };
+
+  /**
+   * The configured provisioning limit, which GetCapacity reports against. Callers run it right before
+   * the engine call with no await between, so concurrent calls cannot both pass it, except for clones
+   * of a volume, where the engine awaits a flush before inserting (its own capacityLimitBytes, if the
+   * store is opened with one, closes that gap).
+   */
+  const checkProvisioning = (addedBytes: number): void => {
+    if (config.capacityBytes === undefined) return;
+    const provisioned = store.spaceUsage().provisionedBytes;
+    if (provisioned + addedBytes > config.capacityBytes) {
+      throw rpcError(
+        Code.ResourceExhausted,
+        `${addedBytes} more bytes would provision ${provisioned + addedBytes} of the driver's ${config.capacityBytes} bytes`,
+      );
+    }
+  };
+
+  /** Why an existing volume does not answer the request, or undefined if it does. */
+  const incompatibility = (volume: VolumeInfo, wish: VolumeWish): string | undefined => {
+    if (sourceKey(volume.source) !== sourceKey(wish.source)) return 'it has a different volume_content_source';
+    if (!fitsRange(volume.capacityBytes, wish.range)) return `its ${volume.capacityBytes} bytes are outside capacity_range`;
+    if (wish.explicit.blockSize && volume.blockSize !== wish.params.blockSize) {
+      return `its ${PARAM_BLOCK_SIZE} is ${volume.blockSize}`;
+    }
+    if (wish.explicit.metadataStyle && volumeMetadataStyle(volume, config) !== wish.params.metadataStyle) {
+      return `its ${PARAM_METADATA_STYLE} is ${volumeMetadataStyle(volume, config)}`;
+    }
+    if (!wish.topologyOk) return 'it is on this node, which accessibility_requirements.requisite excludes';
+    return undefined;
+  };
+
+  /** The same-name volume if it answers the request; ALREADY_EXISTS if it does not. */
+  const existingVolume = (wish: VolumeWish): VolumeInfo | undefined => {
+    const existing = store.findVolumeByName(wish.name);
+    if (!existing) return undefined;
+    const why = incompatibility(existing, wish);
+    if (why) throw rpcError(Code.AlreadyExists, `volume ${JSON.stringify(wish.name)} exists but ${why}`);
+    return existing;
+  };
+
+  const createVolumeResponse = (volume: VolumeInfo) => ({ volume: volumeMessage(volume, config) });
+
+  return {
+    controllerGetCapabilities() {
+      const capabilities: ControllerServiceCapability[] = CONTROLLER_CAPABILITIES.map((type) =>
+        create(ControllerServiceCapabilitySchema, { type: { case: 'rpc', value: { type } } }),
+      );
+      return { capabilities };
+    },
+
+    async createVolume(req) {
+      const wish = volumeWish(req, defaults, ctx);
+      const existing = existingVolume(wish);
+      if (existing) return createVolumeResponse(existing);
+      if (!wish.topologyOk) {
+        throw rpcError(
+          Code.ResourceExhausted,
+          `volumes can only be provisioned on node ${config.nodeId}, which accessibility_requirements.requisite does not include`,
+        );
+      }
+      let sourceBlockSize: number | undefined;
+      let sourceBytes: number | undefined;
+      if (wish.source) {
+        const src =
+          wish.source.kind === 'snapshot' ? store.getSnapshot(wish.source.snapshotId) : store.getVolume(wish.source.volumeId);
+        sourceBlockSize = src.blockSize;
+        sourceBytes = src.capacityBytes;
+        if (wish.explicit.blockSize && wish.params.blockSize !== src.blockSize) {
+          throw rpcError(
+            Code.InvalidArgument,
+            `${PARAM_BLOCK_SIZE} ${wish.params.blockSize} differs from the source's ${src.blockSize}: a new volume shares its source's blocks`,
+          );
+        }
+      }
+      const blockSize = sourceBlockSize ?? wish.params.blockSize;
+      const capacityBytes = newVolumeBytes(wish.range, blockSize, sourceBytes);
+      checkProvisioning(capacityBytes);
+      let volume: VolumeInfo;
+      try {
+        volume = await store.createVolume({
+          name: wish.name,
+          capacityBytes,
+          blockSize,
+          ...(wish.source?.kind === 'snapshot' ? { sourceSnapshotId: wish.source.snapshotId } : {}),
+          ...(wish.source?.kind === 'volume' ? { sourceVolumeId: wish.source.volumeId } : {}),
+          attributes: { [ATTR_METADATA_STYLE]: wish.params.metadataStyle },
+        });
+      } catch (err) {
+        // A concurrent call of the same name won; it may still answer this request (e.g. a wider range).
+        const winner = err instanceof AlreadyExistsError ? existingVolume(wish) : undefined;
+        if (!winner) throw err;
+        volume = winner;
+      }
+      ctx.logger.info({ volumeId: volume.id, name: wish.name, capacityBytes: volume.capacityBytes }, 'volume ready');
+      return createVolumeResponse(volume);
+    },
+
+    async deleteVolume(req) {
+      if (!req.volumeId) throw rpcError(Code.InvalidArgument, 'volume_id is required');
+      try {
+        await store.deleteVolume(req.volumeId);
+        ctx.logger.info({ volumeId: req.volumeId }, 'volume deleted');
+      } catch (err) {
+        // Already gone (or never ours): deletion is idempotent.
+        if (!(err instanceof NotFoundError)) throw err;
+      }
+      return {};
+    },
+
+    validateVolumeCapabilities(req) {
+      if (!req.volumeId) throw rpcError(Code.InvalidArgument, 'volume_id is required');
+      if (req.volumeCapabilities.length === 0) throw rpcError(Code.InvalidArgument, 'volume_capabilities is required');
+      const volume = store.getVolume(req.volumeId);
+      const reason =
+        unsupportedCapability(req.volumeCapabilities) ??
+        contextMismatch(req.volumeContext, volumeContext(volume, config)) ??
+        parametersMismatch(req.parameters, volume, defaults, ctx) ??
+        (Object.keys(req.mutableParameters).length > 0
+          ? 'mutable_parameters are not supported (no MODIFY_VOLUME capability)'
+          : undefined);
+      if (reason) return { message: reason };
+      return {
+        confirmed: {
+          volumeContext: req.volumeContext,
+          volumeCapabilities: req.volumeCapabilities,
+          parameters: req.parameters,
+        },
+      };
+    },
+
+    listVolumes(req) {
+      const page = paginate(store.listVolumes(), req, isVolumeId);
+      return {
+        entries: page.entries.map((volume) => ({
+          volume: volumeMessage(volume, config),
+          status: { volumeCondition: volumeCondition() },
+        })),
+        nextToken: page.nextToken,
+      };
+    },
+
+    async getCapacity(req) {
+      const unsupported = unsupportedCapability(req.volumeCapabilities);
+      const params = parseVolumeParameters(req.parameters, defaults);
+      const topology = req.accessibleTopology;
+      const elsewhere = topology !== undefined && Object.keys(topology.segments).length > 0 && !isThisNode(topology, config);
+      // Valid requests this driver cannot provision for have no capacity, rather than an error.
+      if (unsupported !== undefined || elsewhere) return { availableCapacity: 0n };
+      const blockSize = params.blockSize;
+      let available: number;
+      if (config.capacityBytes !== undefined) {
+        available = Math.max(0, config.capacityBytes - store.spaceUsage().provisionedBytes);
+      } else {
+        // Volumes are thin: free space on the state directory's disk is what writes can still fill.
+        const stats = await fs.promises.statfs(config.stateDir);
+        available = stats.bavail * stats.bsize;
+      }
+      available = roundDown(available, blockSize);
+      const largest =
+        config.capacityBytes !== undefined ? Math.min(available, maxVolumeBytes(blockSize)) : maxVolumeBytes(blockSize);
+      return {
+        availableCapacity: BigInt(available),
+        maximumVolumeSize: BigInt(largest),
+        minimumVolumeSize: BigInt(blockSize),
+      };
+    },
+
+    controllerGetVolume(req) {
+      if (!req.volumeId) throw rpcError(Code.InvalidArgument, 'volume_id is required');
+      const volume = store.getVolume(req.volumeId);
+      return { volume: volumeMessage(volume, config), status: { volumeCondition: volumeCondition() } };
+    },
+
+    async createSnapshot(req) {
+      if (!req.sourceVolumeId) throw rpcError(Code.InvalidArgument, 'source_volume_id is required');
+      checkName(req.name, 'name');
+      checkSnapshotParameters(req.parameters);
+      // By name first: a retry must succeed even if the source volume was deleted after the cut.
+      const existing = store.findSnapshotByName(req.name);
+      if (existing) return { snapshot: sameSnapshot(existing, req.sourceVolumeId, req.name) };
+      const volume = store.getVolume(req.sourceVolumeId);
+      const snapshot = await store.createSnapshot({
+        volumeId: volume.id,
+        name: req.name,
+        // The SnapshotMetadata service answers in the style of the volume the snapshot was taken of.
+        attributes: { [ATTR_METADATA_STYLE]: volumeMetadataStyle(volume, config) },
+      });
+      ctx.logger.info({ snapshotId: snapshot.id, name: req.name, volumeId: volume.id }, 'snapshot ready');
+      return { snapshot: snapshotMessage(snapshot) };
+    },
+
+    async deleteSnapshot(req) {
+      if (!req.snapshotId) throw rpcError(Code.InvalidArgument, 'snapshot_id is required');
+      try {
+        await store.deleteSnapshot(req.snapshotId);
+        ctx.logger.info({ snapshotId: req.snapshotId }, 'snapshot deleted');
+      } catch (err) {
+        if (!(err instanceof NotFoundError)) throw err;
+      }
+      return {};
+    },
+
+    listSnapshots(req) {
+      let snapshots: SnapshotInfo[];
+      if (req.snapshotId) {
+        // A filter that matches nothing is an empty list, not an error.
+        const one = findSnapshot(req.snapshotId);
+        snapshots = one && (!req.sourceVolumeId || one.sourceVolumeId === req.sourceVolumeId) ? [one] : [];
+      } else {
+        snapshots = store.listSnapshots(req.sourceVolumeId ? { sourceVolumeId: req.sourceVolumeId } : {});
+      }
+      const page = paginate(snapshots, req, isSnapshotId);
+      return { entries: page.entries.map((s) => ({ snapshot: snapshotMessage(s) })), nextToken: page.nextToken };
+    },
+
+    getSnapshot(req) {
+      if (!req.snapshotId) throw rpcError(Code.InvalidArgument, 'snapshot_id is required');
+      return { snapshot: snapshotMessage(store.getSnapshot(req.snapshotId)) };
+    },
+
+    async controllerExpandVolume(req) {
+      if (!req.volumeId) throw rpcError(Code.InvalidArgument, 'volume_id is required');
+      if (!req.capacityRange) throw rpcError(Code.InvalidArgument, 'capacity_range is required');
+      const range = checkCapacityRange(req.capacityRange);
+      if (range.requiredBytes === 0 && range.limitBytes === 0) {
+        throw rpcError(Code.InvalidArgument, 'capacity_range needs required_bytes or limit_bytes');
+      }
+      if (req.volumeCapability) requireSupportedCapabilities([req.volumeCapability], 'volume_capability');
+      // Block volumes are used raw: there is no filesystem for the node to grow.
+      const nodeExpansionRequired = req.volumeCapability?.accessType.case !== 'block';
+      const volume = store.getVolume(req.volumeId);
+      const done = (v: VolumeInfo) => ({ capacityBytes: BigInt(v.capacityBytes), nodeExpansionRequired });
+      // Already as large as asked (a retry, or a request to shrink): nothing to do.
+      if (volume.capacityBytes >= range.requiredBytes) return done(volume);
+      const target = roundUp(range.requiredBytes, volume.blockSize);
+      if (range.limitBytes !== 0 && target > range.limitBytes) {
+        throw rpcError(
+          Code.OutOfRange,
+          `no size satisfies capacity_range [${range.requiredBytes}, ${range.limitBytes}]: volumes are whole ${volume.blockSize}-byte blocks`,
+        );
+      }
+      checkAddressable(target, volume.blockSize);
+      checkProvisioning(target - volume.capacityBytes);
+      try {
+        return done(await store.growVolume(volume.id, target));
+      } catch (err) {
+        // A concurrent expansion went further: the volume is already large enough.
+        if (!(err instanceof InvalidArgumentError)) throw err;
+        const now = store.getVolume(volume.id);
+        if (now.capacityBytes < range.requiredBytes) throw err;
+        return done(now);
+      }
+    },
+
+    controllerPublishVolume() {
+      throw unimplemented('ControllerPublishVolume', 'volumes need no controller-side attach');
+    },
+    controllerUnpublishVolume() {
+      throw unimplemented('ControllerUnpublishVolume', 'volumes need no controller-side attach');
+    },
+    controllerModifyVolume() {
+      throw unimplemented('ControllerModifyVolume', 'there are no mutable parameters');
+    },
+  };
+
+  function findSnapshot(id: string): SnapshotInfo | undefined {
+    try {
+      return store.getSnapshot(id);
+    } catch (err) {
+      if (err instanceof NotFoundError) return undefined;
+      throw err;
+    }
+  }
+}
+
+/** Validates a CreateVolume request into what it asks for; INVALID_ARGUMENT for anything malformed. */
+function volumeWish(req: CreateVolumeRequest, defaults: VolumeParameters, ctx: DriverContext): VolumeWish {
+  checkName(req.name, 'name');
+  requireSupportedCapabilities(req.volumeCapabilities);
+  if (Object.keys(req.mutableParameters).length > 0) {
+    throw rpcError(Code.InvalidArgument, 'mutable_parameters are not supported (no MODIFY_VOLUME capability)');
+  }
+  const range = checkCapacityRange(req.capacityRange);
+  const params = parseVolumeParameters(req.parameters, defaults);
+  let source: VolumeWish['source'];
+  const content = req.volumeContentSource;
+  if (content) {
+    switch (content.type.case) {
+      case 'snapshot':
+        if (!content.type.value.snapshotId) {
+          throw rpcError(Code.InvalidArgument, 'volume_content_source.snapshot.snapshot_id is required');
+        }
+        source = { kind: 'snapshot', snapshotId: content.type.value.snapshotId };
+        break;
+      case 'volume':
+        if (!content.type.value.volumeId) {
+          throw rpcError(Code.InvalidArgument, 'volume_content_source.volume.volume_id is required');
+        }
+        source = { kind: 'volume', volumeId: content.type.value.volumeId };
+        break;
+      default:
+        throw rpcError(Code.InvalidArgument, 'volume_content_source needs a snapshot or a volume');
+    }
+  }
+  return {
+    name: req.name,
+    range,
+    params,
+    explicit: {
+      blockSize: Object.hasOwn(req.parameters, PARAM_BLOCK_SIZE),
+      metadataStyle: Object.hasOwn(req.parameters, PARAM_METADATA_STYLE),
+    },
+    source,
+    topologyOk: satisfiesRequirement(req.accessibilityRequirements, ctx.config),
+  };
+}
+
+function sourceKey(source: VolumeInfo['source']): string {
+  if (!source) return '';
+  return source.kind === 'snapshot' ? `snapshot:${source.snapshotId}` : `volume:${source.volumeId}`;
+}
+
+function checkName(name: string, field: string): void {
+  if (!name) throw rpcError(Code.InvalidArgument, `${field} is required`);
+  if (BANNED_NAME_CHARS.test(name)) throw rpcError(Code.InvalidArgument, `${field} contains control characters`);
+}
+
+/** Snapshots take no parameters of their own; an unknown key is a mistake worth reporting. */
+function checkSnapshotParameters(parameters: Readonly<Record<string, string>>): void {
+  for (const key of Object.keys(parameters)) {
+    if (!key.startsWith(SIDECAR_PREFIX)) {
+      throw rpcError(Code.InvalidArgument, `unknown snapshot parameter ${JSON.stringify(key.slice(0, 128))}`);
+    }
+  }
+}
+
+function sameSnapshot(existing: SnapshotInfo, sourceVolumeId: string, name: string) {
+  if (existing.sourceVolumeId !== sourceVolumeId) {
+    throw rpcError(
+      Code.AlreadyExists,
+      `snapshot ${JSON.stringify(name)} exists for volume ${existing.sourceVolumeId}, not ${sourceVolumeId.slice(0, 128)}`,
+    );
+  }
+  return snapshotMessage(existing);
+}
+
+/** A volume_context given to ValidateVolumeCapabilities must be the volume's own. */
+function contextMismatch(given: Readonly<Record<string, string>>, actual: Readonly<Record<string, string>>): string | undefined {
+  const keys = Object.keys(given);
+  if (keys.length === 0) return undefined;
+  const same = keys.length === Object.keys(actual).length && keys.every((k) => actual[k] === given[k]);
+  return same ? undefined : 'volume_context does not match the volume';
+}
+
+/** Parameters given to ValidateVolumeCapabilities must be valid and describe the volume. */
+function parametersMismatch(
+  parameters: Readonly<Record<string, string>>,
+  volume: VolumeInfo,
+  defaults: VolumeParameters,
+  ctx: DriverContext,
+): string | undefined {
+  if (Object.keys(parameters).length === 0) return undefined;
+  let params: VolumeParameters;
+  try {
+    params = parseVolumeParameters(parameters, defaults);
+  } catch (err) {
+    if (err instanceof InvalidArgumentError) return err.message;
+    throw err;
+  }
+  if (Object.hasOwn(parameters, PARAM_BLOCK_SIZE) && params.blockSize !== volume.blockSize) {
+    return `the volume's ${PARAM_BLOCK_SIZE} is ${volume.blockSize}, not ${params.blockSize}`;
+  }
+  const style = volumeMetadataStyle(volume, ctx.config);
+  if (Object.hasOwn(parameters, PARAM_METADATA_STYLE) && params.metadataStyle !== style) {
+    return `the volume's ${PARAM_METADATA_STYLE} is ${style}, not ${params.metadataStyle}`;
+  }
+  return undefined;
+}
+
+function unimplemented(method: string, why: string) {
+  return rpcError(Code.Unimplemented, `${method} is not implemented: ${why}`);
+}

@@ -1,0 +1,63 @@
+/**
+ * StorageClass parameters this driver understands, validated strictly: a typo in a StorageClass should
+ * fail provisioning loudly, not silently give a default.
+ */
+import { InvalidArgumentError } from '../../storage-engine/index.js';
+import type { MetadataStyle } from '../config.js';
+
+/** Parameter keys (StorageClass `parameters`). */
+export const PARAM_BLOCK_SIZE = 'blockSize';
+export const PARAM_METADATA_STYLE = 'metadataStyle';
+
+/** Keys the external-provisioner and snapshotter add themselves (--extra-create-metadata); accepted and ignored. */
+const SIDECAR_PREFIX = 'csi.storage.k8s.io/';
+
+/** Attribute keys stored with volumes and snapshots in the engine. */
+export const ATTR_METADATA_STYLE = 'metadataStyle';
+
+export interface VolumeParameters {
+  blockSize: number;
+  metadataStyle: MetadataStyle;
+}
+
+/** Parses "4096", "4Ki", "64KiB", "1Mi" into bytes; must be a power of two from 4 KiB to 1 MiB. */
+export function parseBlockSize(value: string): number {
+  const m = /^(\d+)(|Ki|KiB|Mi|MiB)$/.exec(value.trim());
+  if (!m) throw new InvalidArgumentError(`${PARAM_BLOCK_SIZE} ${JSON.stringify(value)} is not a size such as 4096, 64Ki or 1Mi`);
+  const unit = m[2]!.startsWith('Ki') ? 1024 : m[2]!.startsWith('Mi') ? 1024 * 1024 : 1;
+  const bytes = Number(m[1]) * unit;
+  if (!Number.isSafeInteger(bytes) || bytes < 4096 || bytes > 1024 * 1024 || (bytes & (bytes - 1)) !== 0) {
+    throw new InvalidArgumentError(
+      `${PARAM_BLOCK_SIZE} ${JSON.stringify(value)} must be a power of two from 4096 (4Ki) to 1048576 (1Mi) bytes`,
+    );
+  }
+  return bytes;
+}
+
+export function parseMetadataStyle(value: string): MetadataStyle {
+  const v = value.trim().toUpperCase().replace(/_LENGTH$/, '');
+  if (v !== 'FIXED' && v !== 'VARIABLE') {
+    throw new InvalidArgumentError(
+      `${PARAM_METADATA_STYLE} ${JSON.stringify(value)} must be FIXED_LENGTH or VARIABLE_LENGTH (or FIXED / VARIABLE)`,
+    );
+  }
+  return v;
+}
+
+/** Validates CreateVolume parameters; unknown keys are rejected with INVALID_ARGUMENT. */
+export function parseVolumeParameters(
+  parameters: Readonly<Record<string, string>>,
+  defaults: VolumeParameters,
+): VolumeParameters {
+  const result = { ...defaults };
+  for (const [key, value] of Object.entries(parameters)) {
+    if (key === PARAM_BLOCK_SIZE) result.blockSize = parseBlockSize(value);
+    else if (key === PARAM_METADATA_STYLE) result.metadataStyle = parseMetadataStyle(value);
+    else if (!key.startsWith(SIDECAR_PREFIX)) {
+      throw new InvalidArgumentError(
+        `unknown parameter ${JSON.stringify(key.slice(0, 128))}; this driver accepts ${PARAM_BLOCK_SIZE} and ${PARAM_METADATA_STYLE}`,
+      );
+    }
+  }
+  return result;
+}

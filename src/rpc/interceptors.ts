@@ -1,0 +1,64 @@
+/**
+ * Server interceptor: maps errors to statuses (via status.ts), and writes one log line and one metric
+ * sample per RPC when it ends (for streams, when the last message is sent or the stream fails).
+ */
+import type { Interceptor, StreamResponse, UnaryResponse } from '@connectrpc/connect';
+import type { ConnectError } from '@connectrpc/connect';
+import { toJson } from '@bufbuild/protobuf';
+import type { Logger } from '../logging.js';
+import type { DriverMetrics } from '../metrics.js';
+import { codeName, toConnectError } from './status.js';
+
+export function observeRpcs(logger: Logger, metrics: DriverMetrics): Interceptor {
+  return (next) => async (req) => {
+    const method = req.method.name;
+    const started = process.hrtime.bigint();
+    let tuples = 0;
+    const finish = (err: unknown): ConnectError | undefined => {
+      const mapped = err === undefined ? undefined : toConnectError(err);
+      const code = mapped ? mapped.code : 0;
+      const seconds = Number(process.hrtime.bigint() - started) / 1e9;
+      metrics.rpcTotal.inc({ method, code: codeName(code) });
+      metrics.rpcSeconds.observe({ method }, seconds);
+      if (tuples > 0) metrics.metadataTuples.inc({ method }, tuples);
+      const line = {
+        method,
+        code: codeName(code),
+        ms: Math.round(seconds * 1e6) / 1e3,
+        ...(tuples > 0 ? { tuples } : {}),
+        ...(mapped ? { error: mapped.rawMessage } : {}),
+      };
+      if (mapped && code === 13 /* INTERNAL */) logger.error({ ...line, cause: String(mapped.cause) }, 'rpc');
+      else logger.info(line, 'rpc');
+      if (!req.stream && logger.isLevelEnabled('debug')) {
+        // JSON form: int64 fields as strings; the logger redacts `secrets` wherever it appears.
+        logger.debug({ method, request: toJson(req.method.input, req.message) }, 'rpc request');
+      }
+      return mapped;
+    };
+    let res: UnaryResponse | StreamResponse;
+    try {
+      res = await next(req);
+    } catch (err) {
+      throw finish(err);
+    }
+    if (!res.stream) {
+      finish(undefined);
+      return res;
+    }
+    const inner = res.message;
+    async function* observed() {
+      try {
+        for await (const message of inner) {
+          const list = (message as { blockMetadata?: unknown[] }).blockMetadata;
+          if (Array.isArray(list)) tuples += list.length;
+          yield message;
+        }
+      } catch (err) {
+        throw finish(err);
+      }
+      finish(undefined);
+    }
+    return { ...res, message: observed() } as StreamResponse;
+  };
+}

@@ -1,0 +1,79 @@
+/**
+ * The one place where errors become gRPC statuses. Services throw engine errors (typed by cause) or
+ * `rpcError(...)` for protocol-level checks; everything else is an internal error whose details are
+ * logged but not sent.
+ */
+import { Code, ConnectError } from '@connectrpc/connect';
+import { EngineError, type EngineErrorCode } from '../../storage-engine/index.js';
+
+const ENGINE_CODES: Record<EngineErrorCode, Code> = {
+  NOT_FOUND: Code.NotFound,
+  ALREADY_EXISTS: Code.AlreadyExists,
+  INVALID_ARGUMENT: Code.InvalidArgument,
+  OUT_OF_RANGE: Code.OutOfRange,
+  NO_SPACE: Code.ResourceExhausted,
+  BUSY: Code.FailedPrecondition,
+  // Snapshots of unrelated volumes, or in the wrong order: the request's arguments are what is wrong.
+  UNRELATED: Code.InvalidArgument,
+  CLOSED: Code.Unavailable,
+};
+
+/** An error with a chosen gRPC code, for checks the CSI layer makes itself. */
+export function rpcError(code: Code, message: string): ConnectError {
+  return new ConnectError(message, code);
+}
+
+/**
+ * What connect says when it cannot decode a request body: bytes that are not the request message's protobuf
+ * encoding, or a frame marked compressed with no grpc-encoding to undo it. connect (like grpc-go) calls these
+ * INTERNAL, but the fault is the caller's, and CSI callers read INTERNAL as a broken plugin.
+ */
+const UNDECODABLE_REQUEST = ['parse binary: ', 'received compressed envelope, but do not know how to decompress'];
+
+/** Whether a status is connect's INTERNAL for a request it could not decode (answered as INVALID_ARGUMENT instead). */
+export function isUndecodableRequest(code: number, message: string): boolean {
+  return code === Code.Internal && UNDECODABLE_REQUEST.some((prefix) => message.startsWith(prefix));
+}
+
+/**
+ * Longest status message sent, in UTF-8 bytes. Messages quote request values, which may be 64 KiB of
+ * anything; percent-encoded into the grpc-message trailer such a quote outgrows the HTTP/2 header block
+ * (node sends RST_STREAM FRAME_SIZE_ERROR, and the client sees INTERNAL instead of the real status).
+ */
+export const MAX_STATUS_MESSAGE_BYTES = 2048;
+
+/** Cuts a message to MAX_STATUS_MESSAGE_BYTES on a character boundary, marking the cut. */
+function capMessage(message: string): string {
+  if (Buffer.byteLength(message) <= MAX_STATUS_MESSAGE_BYTES) return message;
+  let out = '';
+  let bytes = 0;
+  for (const ch of message) {
+    bytes += Buffer.byteLength(ch);
+    if (bytes > MAX_STATUS_MESSAGE_BYTES - 3) break;
+    out += ch;
+  }
+  return `${out}…`;
+}
+
+/** Maps any thrown value to the status the client sees. */
+export function toConnectError(err: unknown): ConnectError {
+  let mapped: ConnectError;
+  if (err instanceof ConnectError) {
+    mapped = isUndecodableRequest(err.code, err.rawMessage)
+      ? new ConnectError(err.rawMessage, Code.InvalidArgument, undefined, undefined, err)
+      : err;
+  } else if (err instanceof EngineError) {
+    mapped = new ConnectError(err.message, ENGINE_CODES[err.code], undefined, undefined, err);
+  } else {
+    return new ConnectError('internal error', Code.Internal, undefined, undefined, err);
+  }
+  const message = capMessage(mapped.rawMessage);
+  if (message === mapped.rawMessage) return mapped;
+  // Services attach no error details, so there are none to carry over.
+  return new ConnectError(message, mapped.code, mapped.metadata, undefined, mapped.cause);
+}
+
+/** gRPC's canonical name of a code, for logs and metric labels. */
+export function codeName(code: Code | 0): string {
+  return code === 0 ? 'OK' : Code[code].replace(/[A-Z]/g, (c, i: number) => (i ? '_' : '') + c).toUpperCase();
+}

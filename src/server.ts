@@ -1,0 +1,172 @@
+/**
+ * Wires the driver: opens the block store, registers the CSI services on a connect router speaking
+ * the gRPC protocol only, and serves it over HTTP/2 cleartext on a unix socket (or loopback TCP).
+ * stop() drains: no new calls are accepted, in-flight calls and streams finish (within the drain
+ * timeout), then the store closes and the socket file is removed.
+ */
+import { setMaxListeners } from 'node:events';
+import fs from 'node:fs';
+import http2 from 'node:http2';
+import path from 'node:path';
+import net, { type AddressInfo } from 'node:net';
+import { Code, type ConnectRouter } from '@connectrpc/connect';
+import { connectNodeAdapter } from '@connectrpc/connect-node';
+import { BlockStore } from '../storage-engine/index.js';
+import { formatEndpoint, type DriverConfig, type Endpoint } from './config.js';
+import { controllerService } from './csi/controller-service.js';
+import type { DriverContext } from './csi/driver-context.js';
+import { identityService } from './csi/identity-service.js';
+import { snapshotMetadataService } from './csi/snapshot-metadata-service.js';
+import { Controller, Identity, SnapshotMetadata } from './gen/csi/v1/csi_pb.js';
+import type { Logger } from './logging.js';
+import { DriverMetrics } from './metrics.js';
+import { observeRpcs } from './rpc/interceptors.js';
+import { isUndecodableRequest } from './rpc/status.js';
+
+/** A running driver. */
+export interface RunningDriver {
+  /** Where it listens (a tcp endpoint shows the bound port). */
+  readonly endpoint: Endpoint;
+  readonly metricsUrl: string | undefined;
+  readonly store: BlockStore;
+  /** Drains calls, closes the store, removes the socket. Idempotent. */
+  stop(): Promise<void>;
+}
+
+/** How long stop() lets in-flight calls finish: below Kubernetes' default 30 s termination grace period. */
+export const DEFAULT_DRAIN_TIMEOUT_MS = 25_000;
+
+/** Largest request we accept: CSI requests are small; this bounds a hostile client's memory use. */
+const READ_MAX_BYTES = 4 * 1024 * 1024;
+
+export async function startDriver(config: DriverConfig, logger: Logger): Promise<RunningDriver> {
+  fs.mkdirSync(config.stateDir, { recursive: true });
+  const store = BlockStore.open(path.join(config.stateDir, 'store'), {
+    defaultBlockSize: config.defaultBlockSize,
+    // The engine enforces the limit after its last await, so concurrent creates cannot overshoot it.
+    capacityLimitBytes: config.capacityBytes,
+  });
+  let ready = false;
+  const ctx: DriverContext = { store, config, logger, isReady: () => ready };
+  const metrics = new DriverMetrics();
+  const shutdown = new AbortController();
+  // Every in-flight call listens on the shutdown signal; many concurrent calls are normal, not a leak.
+  setMaxListeners(0, shutdown.signal);
+
+  const handler = connectNodeAdapter({
+    grpc: true,
+    connect: false,
+    grpcWeb: false,
+    readMaxBytes: READ_MAX_BYTES,
+    shutdownSignal: shutdown.signal,
+    interceptors: [observeRpcs(logger, metrics)],
+    routes: (router: ConnectRouter) => {
+      router.service(Identity, identityService(ctx));
+      router.service(Controller, controllerService(ctx));
+      router.service(SnapshotMetadata, snapshotMetadataService(ctx));
+    },
+  });
+
+  const server = http2.createServer({}, (req, res) => {
+    answerUndecodableAsInvalid(res);
+    handler(req, res);
+  });
+  const sessions = new Set<http2.ServerHttp2Session>();
+  server.on('session', (session) => {
+    sessions.add(session);
+    session.once('close', () => sessions.delete(session));
+  });
+
+  // Metrics first: a bad --metrics-address must fail before the CSI socket exists, so nothing is left behind.
+  let metricsServer: Awaited<ReturnType<DriverMetrics['serve']>> | undefined;
+  let endpoint = config.endpoint;
+  try {
+    metricsServer = config.metricsAddress ? await metrics.serve(config.metricsAddress) : undefined;
+    endpoint = await listen(server, config.endpoint);
+  } catch (err) {
+    if (metricsServer) await new Promise<void>((resolve) => metricsServer!.server.close(() => resolve()));
+    await store.close();
+    throw err;
+  }
+  ready = true;
+  logger.info({ endpoint: formatEndpoint(endpoint), driver: config.driverName, version: config.version }, 'serving');
+
+  let stopping: Promise<void> | undefined;
+  const stop = () =>
+    (stopping ??= (async () => {
+      ready = false;
+      logger.info('draining');
+      const closed = new Promise<void>((resolve) => server.close(() => resolve()));
+      // GOAWAY: sessions finish the streams they have and take no new ones.
+      for (const session of sessions) session.close();
+      const drained = await Promise.race([
+        closed.then(() => true),
+        new Promise<false>((resolve) => setTimeout(resolve, config.drainTimeoutMs ?? DEFAULT_DRAIN_TIMEOUT_MS, false).unref()),
+      ]);
+      shutdown.abort();
+      if (!drained) {
+        // A client that stopped reading would hold a stream (and us) forever: reset what is left, so
+        // those clients see an error rather than a stream that merely stops.
+        logger.warn({ sessions: sessions.size }, 'drain timed out; resetting the remaining calls');
+        for (const session of sessions) session.destroy();
+        await closed;
+      }
+      await new Promise<void>((resolve) => (metricsServer ? metricsServer.server.close(() => resolve()) : resolve()));
+      await store.close();
+      if (endpoint.kind === 'unix') fs.rmSync(endpoint.path, { force: true });
+      logger.info('stopped');
+    })());
+
+  return { endpoint, metricsUrl: metricsServer?.url, store, stop };
+}
+
+/**
+ * connect decodes a unary request before any interceptor runs, so toConnectError never sees a body that
+ * fails to decode; its INTERNAL status is corrected here, in the trailers on their way out.
+ */
+function answerUndecodableAsInvalid(res: http2.Http2ServerResponse): void {
+  const addTrailers = res.addTrailers.bind(res);
+  res.addTrailers = (trailers: http2.OutgoingHttpHeaders) => {
+    let message = String(trailers['grpc-message'] ?? '');
+    try {
+      message = decodeURIComponent(message);
+    } catch {
+      // Not percent-encoded by connect, so not one of its messages.
+    }
+    const undecodable = isUndecodableRequest(Number(trailers['grpc-status']), message);
+    addTrailers(undecodable ? { ...trailers, 'grpc-status': String(Code.InvalidArgument) } : trailers);
+  };
+}
+
+/** Binds the server; a stale unix socket left by a killed process is replaced, a live one is an error. */
+async function listen(server: http2.Http2Server, endpoint: Endpoint): Promise<Endpoint> {
+  if (endpoint.kind === 'unix') {
+    fs.mkdirSync(path.dirname(endpoint.path), { recursive: true });
+    const existing = fs.lstatSync(endpoint.path, { throwIfNoEntry: false });
+    if (existing) {
+      // Only ever remove a socket: an endpoint mistyped onto a real file must not delete it.
+      if (!existing.isSocket()) throw new Error(`${endpoint.path} exists and is not a socket; refusing to replace it`);
+      if (await socketAnswers(endpoint.path)) throw new Error(`${endpoint.path} is in use by another server`);
+      fs.rmSync(endpoint.path, { force: true });
+    }
+  }
+  await new Promise<void>((resolve, reject) => {
+    server.once('error', reject);
+    if (endpoint.kind === 'unix') server.listen(endpoint.path, () => resolve());
+    else server.listen(endpoint.port, endpoint.host, () => resolve());
+  });
+  if (endpoint.kind === 'tcp') return { ...endpoint, port: (server.address() as AddressInfo).port };
+  return endpoint;
+}
+
+function socketAnswers(socketPath: string): Promise<boolean> {
+  return new Promise((resolve) => {
+    const session = http2.connect('http://localhost', { createConnection: () => net.connect(socketPath) });
+    const done = (answer: boolean) => {
+      session.destroy();
+      resolve(answer);
+    };
+    session.once('connect', () => done(true));
+    session.once('error', () => done(false));
+  });
+}
