@@ -27,6 +27,9 @@ export interface CompactionHost {
 /** Blocks copied between yields to the event loop, so writes keep flowing during a large merge. */
 const COPY_CHUNK_BLOCKS = 256;
 
+/** Merges abandoned in a row (the tree changed under them) before a pass gives up until the next schedule. */
+const MAX_RETRIES = 8;
+
 export class Compactor {
   private running: Promise<CompactionReport> | undefined;
   private again = false;
@@ -52,9 +55,16 @@ export class Compactor {
         do {
           this.again = false;
           await new Promise<void>((resolve) => setImmediate(resolve));
+          let retries = 0;
           while (!this.stopped) {
             const step = await this.step();
             if (!step) break;
+            if (step === 'retry') {
+              // The tree changed under a merge; each change is progress elsewhere, but do not spin on it.
+              if (++retries > MAX_RETRIES) break;
+              continue;
+            }
+            retries = 0;
             total.merged += step.merged;
             total.dropped += step.dropped;
             total.blocksCopied += step.blocksCopied;
@@ -74,8 +84,12 @@ export class Compactor {
     await this.running?.catch(() => undefined);
   }
 
-  /** One merge or drop; undefined when there is nothing to do. */
-  private async step(): Promise<CompactionReport | undefined> {
+  /**
+   * One merge or drop, decided on a fresh view of the layer tree; undefined when there is nothing to do.
+   * After any await the view is stale (snapshots may have frozen new layers meanwhile), so a step never
+   * goes on to a second candidate: the caller asks again.
+   */
+  private async step(): Promise<CompactionReport | 'retry' | undefined> {
     const { layers } = this.host;
     const referenced = this.host.referencedLayers();
     const children = new Map<number, Layer[]>();
@@ -94,7 +108,7 @@ export class Compactor {
       }
       if (above.length === 1) {
         const copied = await this.merge(layer, above[0]!);
-        if (copied !== undefined) return { merged: 1, dropped: 0, blocksCopied: copied };
+        return copied === undefined ? 'retry' : { merged: 1, dropped: 0, blocksCopied: copied };
       }
     }
     return undefined;

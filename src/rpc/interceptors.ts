@@ -3,7 +3,7 @@
  * sample per RPC when it ends (for streams, when the last message is sent or the stream fails).
  */
 import type { Interceptor, StreamResponse, UnaryResponse } from '@connectrpc/connect';
-import type { ConnectError } from '@connectrpc/connect';
+import { ConnectError } from '@connectrpc/connect';
 import { toJson } from '@bufbuild/protobuf';
 import type { Logger } from '../logging.js';
 import type { DriverMetrics } from '../metrics.js';
@@ -15,7 +15,9 @@ export function observeRpcs(logger: Logger, metrics: DriverMetrics): Interceptor
     const started = process.hrtime.bigint();
     let tuples = 0;
     const finish = (err: unknown): ConnectError | undefined => {
-      const mapped = err === undefined ? undefined : toConnectError(err);
+      // A client that cancels mid-stream makes the pending write fail; report the cancellation, not that failure.
+      const cancelled = err !== undefined && req.signal.aborted && req.signal.reason instanceof ConnectError;
+      const mapped = err === undefined ? undefined : cancelled ? (req.signal.reason as ConnectError) : toConnectError(err);
       const code = mapped ? mapped.code : 0;
       const seconds = Number(process.hrtime.bigint() - started) / 1e9;
       metrics.rpcTotal.inc({ method, code: codeName(code) });

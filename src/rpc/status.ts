@@ -75,5 +75,8 @@ export function toConnectError(err: unknown): ConnectError {
 
 /** gRPC's canonical name of a code, for logs and metric labels. */
 export function codeName(code: Code | 0): string {
-  return code === 0 ? 'OK' : Code[code].replace(/[A-Z]/g, (c, i: number) => (i ? '_' : '') + c).toUpperCase();
+  if (code === 0) return 'OK';
+  // connect spells code 1 "Canceled"; gRPC's canonical name is CANCELLED.
+  if (code === Code.Canceled) return 'CANCELLED';
+  return Code[code].replace(/[A-Z]/g, (c, i: number) => (i ? '_' : '') + c).toUpperCase();
 }

@@ -498,3 +498,29 @@ describe('compaction concurrent with I/O', () => {
     if (mid) expectSameBytes(reopened.readSnapshot(mid.id, 0, blocks * B), mid.model.content, 'mid snapshot after reopen');
   });
 });
+
+describe('compaction that is interrupted', () => {
+  test('layers frozen by snapshots while a background merge runs survive that merge being abandoned at close', async () => {
+    const MiB = 1024 * 1024;
+    const { store, dir } = stores.open();
+    const v0 = await store.createVolume({ capacityBytes: 16 * MiB });
+    store.write(v0.id, 0, Buffer.alloc(16 * MiB, 1));
+    const v1 = await store.createVolume({ capacityBytes: 16 * MiB, sourceVolumeId: v0.id });
+    // Deleting the source leaves its frozen layer hidden under v1's head: a background merge into it starts.
+    await store.deleteVolume(v0.id);
+    for (let i = 0; i < 3; i++) await tick();
+    store.write(v1.id, 0, Buffer.alloc(B, 2));
+    const s1 = await store.createSnapshot({ volumeId: v1.id });
+    const s2 = await store.createSnapshot({ volumeId: v1.id });
+    await store.close();
+
+    const reopened = stores.reopen(dir, { autoCompact: false });
+    const expected = Buffer.alloc(16 * MiB, 1);
+    expected.fill(2, 0, B);
+    expectSameBytes(reopened.readSnapshot(s1.id, 0, 16 * MiB), expected, 's1 after reopen');
+    expectSameBytes(reopened.readSnapshot(s2.id, 0, 16 * MiB), expected, 's2 after reopen');
+    expect(new Set(layerFiles(dir)).size).toBe(reopened.spaceUsage().layers);
+    await reopened.compact();
+    expectSameBytes(reopened.readSnapshot(s2.id, 0, 16 * MiB), expected, 's2 after compaction');
+  });
+});

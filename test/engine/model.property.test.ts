@@ -4,8 +4,10 @@
  * temp dir and the in-memory BlockModel side by side. After every command the engine must read,
  * allocate and delta exactly as the model says.
  *
- * CBT_PROPERTY_RUNS sets the number of runs (default 60). A failure prints fast-check's seed and
- * path; replay with fc.assert(..., { seed, path }).
+ * CBT_PROPERTY_RUNS sets the number of runs (default 60). A failure prints fast-check's seed, path
+ * and the commands' replayPath; replay with fc.assert(..., { seed, path }) plus
+ * fc.commands(..., { replayPath }). Runs with autoCompact on race background compaction against the
+ * commands, so those may not replay exactly: that interleaving is deliberately part of what is tested.
  */
 import fs from 'node:fs';
 import os from 'node:os';
