@@ -242,6 +242,7 @@ class StoreModel {
           this.fail(`child deletes snapshot ${op.name}, which the model does not know alive`);
           break;
         }
+        if (m.id !== op.snapshotId) this.fail(`child deletes ${op.name} as ${op.snapshotId}, but it is ${String(m.id)}`);
         m.status = 'maybe';
         break;
       }
@@ -357,6 +358,48 @@ function checkNoOrphans(dir: string, model: StoreModel): void {
   checkReferencedFilesExist(dir, model, 'after close');
 }
 
+/** Invariant 2 for allocated() and invariant 1 for delta(), on every surviving snapshot of a volume. */
+async function checkExtentQueries(store: BlockStore, model: StoreModel, vm: VolumeModel): Promise<void> {
+  const listed = store.listSnapshots({ sourceVolumeId: vm.id }).map((s) => model.snapshots.get(s.name ?? ''));
+  const alive = [...model.snapshots.values()].filter((m) => m.vol === vm.index && m.status === 'alive');
+  if (listed.length !== alive.length || listed.some((m, i) => m !== alive[i])) {
+    model.fail(`volume ${vm.index}: listSnapshots gives ${listed.map((m) => m?.name).join(',')}, not the creation order`);
+    return;
+  }
+  const capacity = vm.blocks * BLOCK_SIZE;
+  for (const s of alive) {
+    const allocated = await extentBlocks(store.allocated(s.id ?? ''), capacity, `allocated(${s.name})`, model);
+    // Every write puts non-zero bytes, so a block is allocated exactly when it reads non-zero.
+    for (const [b, c] of s.content.entries()) {
+      const nonZero = c[0] !== 0;
+      if (nonZero !== allocated.has(b)) {
+        const reads = nonZero ? `write #${String(c[0])}` : 'zeros';
+        model.fail(`allocated(${s.name}) ${nonZero ? 'misses' : 'reports'} block ${b}, which reads ${reads}`);
+        break;
+      }
+    }
+  }
+  const pairs: [SnapshotModel, SnapshotModel][] = [];
+  for (let i = 1; i < alive.length; i++) pairs.push([alive[i - 1] as SnapshotModel, alive[i] as SnapshotModel]);
+  if (alive.length > 2) pairs.push([alive[0] as SnapshotModel, alive[alive.length - 1] as SnapshotModel]);
+  for (const [a, b] of pairs) {
+    const what = `delta(${a.name}, ${b.name}) of volume ${vm.index}`;
+    const delta = await extentBlocks(store.delta(a.id ?? '', b.id ?? ''), capacity, what, model);
+    for (let blk = 0; blk < vm.blocks; blk++) {
+      if (a.content[blk]?.[0] !== b.content[blk]?.[0] && !delta.has(blk)) {
+        const change = `${describeCandidates(a.content[blk])} to ${describeCandidates(b.content[blk])}`;
+        model.fail(`${what} misses block ${blk}, which changed from ${change}`);
+        break;
+      }
+    }
+    const touched = vm.touchedBetween(a.seq, b.seq);
+    const extra = [...delta].filter((blk) => !touched.has(blk));
+    if (extra.length > 0) {
+      model.fail(`${what} reports blocks ${extra.slice(0, 8).join(',')} that no write or trim touched in between`);
+    }
+  }
+}
+
 /** Reopens the crashed store in this process and checks everything the model knows. */
 async function verify(dir: string, model: StoreModel, round: number): Promise<void> {
   checkReferencedFilesExist(dir, model, 'right after the kill');
@@ -381,58 +424,15 @@ async function verify(dir: string, model: StoreModel, round: number): Promise<vo
       checkContent(model, `snapshot ${m.name} of volume ${vm.index}`, read, m.content);
       m.content = read.map((v) => [v]);
     }
-    // A snapshot taken now pins the recovered state, so the delta from the last surviving one is checked too.
+    // A snapshot of the recovered volume puts the recovered head under the delta checks too.
     for (const vm of model.volumes) {
       const name = `v-${round}-${vm.index}`;
       const seq = model.seq++;
       const info = await store.createSnapshot({ volumeId: vm.id, name });
-      model.snapshots.set(name, {
-        name,
-        id: info.id,
-        vol: vm.index,
-        seq,
-        content: vm.cur.slice(),
-        status: 'alive',
-        createInFlight: false,
-      });
+      const content = vm.cur.slice();
+      model.snapshots.set(name, { name, id: info.id, vol: vm.index, seq, content, status: 'alive', createInFlight: false });
     }
-    for (const vm of model.volumes) {
-      const chain = store.listSnapshots({ sourceVolumeId: vm.id }).map((s) => model.snapshots.get(s.name ?? ''));
-      const alive = [...model.snapshots.values()].filter((m) => m.vol === vm.index && m.status === 'alive');
-      if (chain.length !== alive.length || chain.some((m, i) => m !== alive[i])) {
-        model.fail(`volume ${vm.index}: listSnapshots order ${chain.map((m) => m?.name).join(',')} is not creation order`);
-        continue;
-      }
-      const capacity = vm.blocks * BLOCK_SIZE;
-      for (const s of alive) {
-        const id = s.id ?? '';
-        const allocated = await extentBlocks(store.allocated(id), capacity, `allocated(${s.name})`, model);
-        // Every write puts non-zero bytes, so a block is allocated exactly when it reads non-zero.
-        for (const [b, c] of s.content.entries()) {
-          const nonZero = c[0] !== 0;
-          if (nonZero !== allocated.has(b)) {
-            model.fail(`allocated(${s.name}) ${nonZero ? 'misses' : 'reports'} block ${b}, which reads ${nonZero ? `write #${String(c[0])}` : 'zeros'}`);
-            break;
-          }
-        }
-      }
-      const pairs: [SnapshotModel, SnapshotModel][] = [];
-      for (let i = 1; i < alive.length; i++) pairs.push([alive[i - 1] as SnapshotModel, alive[i] as SnapshotModel]);
-      if (alive.length > 2) pairs.push([alive[0] as SnapshotModel, alive[alive.length - 1] as SnapshotModel]);
-      for (const [a, b] of pairs) {
-        const what = `delta(${a.name}, ${b.name}) of volume ${vm.index}`;
-        const delta = await extentBlocks(store.delta(a.id ?? '', b.id ?? ''), capacity, what, model);
-        for (let blk = 0; blk < vm.blocks; blk++) {
-          if (a.content[blk]?.[0] !== b.content[blk]?.[0] && !delta.has(blk)) {
-            model.fail(`${what} misses block ${blk}, which changed from ${describeCandidates(a.content[blk])} to ${describeCandidates(b.content[blk])}`);
-            break;
-          }
-        }
-        const touched = vm.touchedBetween(a.seq, b.seq);
-        const extra = [...delta].filter((blk) => !touched.has(blk));
-        if (extra.length > 0) model.fail(`${what} reports blocks ${extra.slice(0, 8).join(',')} that no write or trim touched in between`);
-      }
-    }
+    for (const vm of model.volumes) await checkExtentQueries(store, model, vm);
   } finally {
     await store.close();
   }
@@ -445,6 +445,8 @@ interface ChildRun {
   code: number | null;
   signal: NodeJS.Signals | null;
   killedAfterMs: number | undefined;
+  /** It never announced the moment the kill was keyed to (open hung, or the child died first). */
+  stalled: boolean;
 }
 
 const liveChildren = new Set<ReturnType<typeof spawn>>();
@@ -462,12 +464,16 @@ function runChild(dir: string, config: ChildConfig, trigger: 'open' | 'ready', d
     let startedAt: number | undefined;
     let killedAfterMs: number | undefined;
     let scanned = 0;
+    let stalled = false;
     const kill = (): void => {
       if (startedAt !== undefined) killedAfterMs = Date.now() - startedAt;
       child.kill('SIGKILL');
     };
     // A child that never gets going must not hang the test.
-    const watchdog = setTimeout(kill, 30_000);
+    const watchdog = setTimeout(() => {
+      stalled = startedAt === undefined;
+      kill();
+    }, 30_000);
     child.stdout.setEncoding('utf8');
     child.stderr.setEncoding('utf8');
     child.stdout.on('data', (chunk: string) => {
@@ -493,7 +499,7 @@ function runChild(dir: string, config: ChildConfig, trigger: 'open' | 'ready', d
         .split('\n')
         .filter((l) => l.length > 0)
         .map((l) => JSON.parse(l) as ChildLine);
-      resolve({ lines, stderr, code, signal, killedAfterMs });
+      resolve({ lines, stderr, code, signal, killedAfterMs, stalled: stalled || startedAt === undefined });
     });
   });
 }
@@ -536,8 +542,12 @@ describe('block store under kill -9', () => {
           snapshotPrefix: `${round}-`,
           maxSnapshotsPerVolume: MAX_SNAPSHOTS_PER_VOLUME,
         };
-        const context = `seed ${SEED} (CBT_CRASH_SEED), round ${round}, child seed ${config.seed}, store ${dir}`;
         const run = await runChild(dir, config, atOpen ? 'open' : 'ready', delayMs);
+        const context =
+          `seed ${SEED} (CBT_CRASH_SEED), round ${round}, child seed ${config.seed}, store ${dir} (CBT_CRASH_KEEP=1 keeps it), ` +
+          `killed ${String(run.killedAfterMs)} ms after ${atOpen ? 'open' : 'ready'}`;
+        const tailOf = (lines: readonly ChildLine[]): string => lines.slice(-6).map((l) => JSON.stringify(l)).join('\n');
+        expect(run.stalled, `${context}: child never reached ${atOpen ? 'open' : 'ready'}:\n${tailOf(run.lines)}\n${run.stderr}`).toBe(false);
         expect(run.signal, `${context}: child ended on its own (code ${String(run.code)}):\n${run.stderr}`).toBe('SIGKILL');
         const { inFlight } = model.applyRun(run.lines);
         operations += run.lines.filter((l) => l.t === 'intent').length;
@@ -554,8 +564,7 @@ describe('block store under kill -9', () => {
         } else {
           checkReferencedFilesExist(dir, model, 'right after the kill');
         }
-        const tail = run.lines.slice(-6).map((l) => JSON.stringify(l)).join('\n');
-        expect(model.failures, `${context}, killed in ${inFlight}; last lines:\n${tail}\n${run.stderr}`).toEqual([]);
+        expect(model.failures, `${context}, killed in ${inFlight}; last lines:\n${tailOf(run.lines)}\n${run.stderr}`).toEqual([]);
       }
       const seconds = (Date.now() - started) / 1000;
       console.log(
