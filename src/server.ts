@@ -63,6 +63,17 @@ export async function startDriver(config: DriverConfig, logger: Logger): Promise
     compressMinBytes: Number.POSITIVE_INFINITY,
     shutdownSignal: shutdown.signal,
     interceptors: [observeRpcs(logger, metrics)],
+    // A service we do not serve (e.g. Node in the controller role) must still get a gRPC status, not a bare
+    // HTTP 404: headers-only, ended on the HEADERS frame, as grpc-go expects.
+    fallback: (req, res) => {
+      const headers = {
+        'content-type': 'application/grpc',
+        'grpc-status': '12',
+        'grpc-message': encodeURIComponent(`no such method: ${req.url ?? ''}`),
+      };
+      if ('stream' in res) res.stream.respond({ ':status': 200, ...headers }, { endStream: true });
+      else res.writeHead(200, headers).end();
+    },
     routes: (router: ConnectRouter) => {
       router.service(Identity, identityService(ctx));
       router.service(Controller, controllerService(ctx));
