@@ -8,19 +8,21 @@ import type { HandlerContext, ServiceImpl } from '@connectrpc/connect';
 import { Code, ConnectError } from '@connectrpc/connect';
 import type { Extent, ExtentStream, SnapshotInfo } from '../../storage-engine/index.js';
 import type { MetadataStyle } from '../config.js';
-import { BlockMetadataType, type BlockMetadata, type SnapshotMetadata } from '../gen/csi/v1/csi_pb.js';
+import {
+  BlockMetadataType,
+  type GetMetadataAllocatedResponse,
+  type GetMetadataDeltaResponse,
+  type SnapshotMetadata,
+} from '../gen/csi/v1/csi_pb.js';
 import { rpcError } from '../rpc/status.js';
+import { encodeBlockMetadataField, noteTuples } from './block-metadata-wire.js';
 import type { DriverContext } from './driver-context.js';
 import { ATTR_METADATA_STYLE, parseMetadataStyle } from './volume-parameters.js';
 
 /** The most tuples we put in one message, whatever the client asks: bounds a message to a few hundred KiB. */
 export const MAX_TUPLES_PER_MESSAGE = 16384;
 
-interface MetadataResponse {
-  blockMetadataType: BlockMetadataType;
-  volumeCapacityBytes: bigint;
-  blockMetadata: BlockMetadata[];
-}
+type MetadataResponse = GetMetadataAllocatedResponse | GetMetadataDeltaResponse;
 
 export function snapshotMetadataService(ctx: DriverContext): ServiceImpl<typeof SnapshotMetadata> {
   const { store } = ctx;
@@ -43,7 +45,7 @@ export function snapshotMetadataService(ctx: DriverContext): ServiceImpl<typeof 
       const snapshot = store.getSnapshot(req.snapshotId);
       const startingOffset = checkedOffset(req.startingOffset, snapshot.capacityBytes);
       const stream = store.allocated(snapshot.id, { startingOffset, style: styleOf(snapshot), batchSize: size });
-      yield* respond(stream, handler);
+      yield* respond<GetMetadataAllocatedResponse>('csi.v1.GetMetadataAllocatedResponse', stream, handler);
     },
 
     async *getMetadataDelta(req, handler) {
@@ -58,7 +60,7 @@ export function snapshotMetadataService(ctx: DriverContext): ServiceImpl<typeof 
         style: styleOf(target),
         batchSize: size,
       });
-      yield* respond(stream, handler);
+      yield* respond<GetMetadataDeltaResponse>('csi.v1.GetMetadataDeltaResponse', stream, handler);
     },
   };
 }
@@ -74,7 +76,11 @@ function checkedOffset(offset: bigint, capacityBytes: number): number {
   return Number(offset);
 }
 
-async function* respond(stream: ExtentStream, handler: HandlerContext): AsyncGenerator<MetadataResponse> {
+async function* respond<T extends MetadataResponse>(
+  typeName: T['$typeName'],
+  stream: ExtentStream,
+  handler: HandlerContext,
+): AsyncGenerator<T> {
   const blockMetadataType = stream.style === 'FIXED' ? BlockMetadataType.FIXED_LENGTH : BlockMetadataType.VARIABLE_LENGTH;
   const volumeCapacityBytes = BigInt(stream.capacityBytes);
   let sent = false;
@@ -82,11 +88,30 @@ async function* respond(stream: ExtentStream, handler: HandlerContext): AsyncGen
     // A clean end of stream tells the client it has everything, so an aborted call (client gone,
     // deadline passed, server shutting down) must end in an error instead.
     if (handler.signal.aborted) throw abortError(handler.signal);
-    yield { blockMetadataType, volumeCapacityBytes, blockMetadata: batch.map(toTuple) };
+    yield response(typeName, blockMetadataType, volumeCapacityBytes, batch);
     sent = true;
   }
   // Nothing to report still tells the client the style and the capacity.
-  if (!sent) yield { blockMetadataType, volumeCapacityBytes, blockMetadata: [] };
+  if (!sent) yield response(typeName, blockMetadataType, volumeCapacityBytes, []);
+}
+
+/** A finished response message; its tuples are pre-encoded (block-metadata-wire.ts says why). */
+function response<T extends MetadataResponse>(
+  typeName: T['$typeName'],
+  blockMetadataType: BlockMetadataType,
+  volumeCapacityBytes: bigint,
+  extents: readonly Extent[],
+): T {
+  const message: MetadataResponse = {
+    $typeName: typeName,
+    blockMetadataType,
+    volumeCapacityBytes,
+    blockMetadata: [],
+    $unknown: encodeBlockMetadataField(extents),
+  };
+  noteTuples(message, extents.length);
+  // Both response types have the same fields; the type name alone tells them apart.
+  return message as T;
 }
 
 function abortError(signal: AbortSignal): ConnectError {
@@ -94,7 +119,3 @@ function abortError(signal: AbortSignal): ConnectError {
   return reason instanceof ConnectError ? reason : rpcError(Code.Unavailable, 'the call was aborted before all metadata was sent');
 }
 
-/** Built as a finished message (with its type name) so serialization does not re-create 10^6 objects. */
-function toTuple(extent: Extent): BlockMetadata {
-  return { $typeName: 'csi.v1.BlockMetadata', byteOffset: BigInt(extent.offset), sizeBytes: BigInt(extent.length) };
-}

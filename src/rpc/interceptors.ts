@@ -5,6 +5,7 @@
 import type { Interceptor, StreamResponse, UnaryResponse } from '@connectrpc/connect';
 import { ConnectError } from '@connectrpc/connect';
 import { toJson } from '@bufbuild/protobuf';
+import { tupleCount } from '../csi/block-metadata-wire.js';
 import type { Logger } from '../logging.js';
 import type { DriverMetrics } from '../metrics.js';
 import { codeName, toConnectError } from './status.js';
@@ -52,8 +53,7 @@ export function observeRpcs(logger: Logger, metrics: DriverMetrics): Interceptor
     async function* observed() {
       try {
         for await (const message of inner) {
-          const list = (message as { blockMetadata?: unknown[] }).blockMetadata;
-          if (Array.isArray(list)) tuples += list.length;
+          tuples += tupleCount(message);
           yield message;
         }
       } catch (err) {

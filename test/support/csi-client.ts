@@ -90,6 +90,24 @@ export class ServiceClient<S extends GenService<GenServiceMethods>> {
     );
   }
 
+  /** Opens a server stream whose messages arrive as undecoded bytes (for clients with their own decoder). */
+  streamRaw<K extends StreamNames<Methods<S>> & string>(
+    name: K,
+    request: MessageInitShape<Methods<S>[K]['input']>,
+    options: { deadlineMs?: number } = {},
+  ): grpc.ClientReadableStream<Buffer> {
+    const method = (this.service.method as Record<string, DescMethod>)[name]!;
+    const input = create(method.input, request as MessageInitShape<typeof method.input>);
+    return this.client.makeServerStreamRequest(
+      this.path(method),
+      (msg: typeof input) => Buffer.from(toBinary(method.input, msg)),
+      (bytes: Buffer) => bytes,
+      input,
+      new grpc.Metadata(),
+      { deadline: Date.now() + (options.deadlineMs ?? 120_000) },
+    );
+  }
+
   /** Reads a whole server stream into an array (rejects with the stream's error). */
   async collect<K extends StreamNames<Methods<S>> & string>(
     name: K,
