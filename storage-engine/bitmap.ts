@@ -17,14 +17,16 @@ export function decodeBitmap(data: Buffer | Uint8Array | null | undefined): Bitm
   return Bitmap.deserialize(data, 'portable');
 }
 
-/** Union of many bitmaps as a new bitmap. */
+/** Union of many bitmaps as a new bitmap. Empty inputs are skipped: each copy costs per container. */
 export function unionOf(bitmaps: readonly Bitmap[]): Bitmap {
-  if (bitmaps.length === 0) return new Bitmap();
-  return Bitmap.orMany(bitmaps as Bitmap[]);
+  const nonEmpty = bitmaps.filter((b) => !b.isEmpty);
+  if (nonEmpty.length === 0) return new Bitmap();
+  if (nonEmpty.length === 1) return nonEmpty[0]!.clone();
+  return Bitmap.orMany(nonEmpty);
 }
 
 /** Blocks of `bitmap` below `limit` are kept; the rest are removed (in place). */
 export function clipBelow(bitmap: Bitmap, limit: number): Bitmap {
-  if (limit < 2 ** 32) bitmap.removeRange(limit, 2 ** 32);
+  if (limit < 2 ** 32 && !bitmap.isEmpty && bitmap.maximum() >= limit) bitmap.removeRange(limit, 2 ** 32);
   return bitmap;
 }

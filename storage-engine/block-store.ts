@@ -88,6 +88,7 @@ export class BlockStore {
   private readonly capacityLimitBytes: number | undefined;
   private readonly autoCompact: boolean;
   private closed = false;
+  private readonly pendingUnlinks = new Set<Promise<void>>();
   private closing: Promise<void> | undefined;
 
   private constructor(
@@ -220,13 +221,14 @@ export class BlockStore {
         const src = this.volumeOrThrow(srcId);
         const head = this.layer(src.headId);
         return head.exclusive(async () => {
-          await this.flushInner(head);
+          const syncRest = await this.syncForFreeze(head);
           // Decisions from here on are taken after the last await.
           this.checkOpen();
           const again = this.sameNameVolume(wanted);
           if (again) return again;
           this.checkProvisioning(capacityBytes, 0);
           if (!this.volumes.has(srcId)) throw new NotFoundError(`volume ${srcId} was deleted`);
+          syncRest();
           return this.cloneFromVolumeNow(src, head, wanted);
         });
       });
@@ -298,7 +300,6 @@ export class BlockStore {
     head: Layer,
     wanted: { name: string | undefined; capacityBytes: number; blockSize: number; source: VolumeInfo['source']; attributes: Attributes },
   ): VolumeInfo {
-    this.syncBeforeFreeze(head);
     const record: VolumeRecord = {
       id: newVolumeId(),
       name: wanted.name,
@@ -365,6 +366,7 @@ export class BlockStore {
         this.forgetLayer(head);
       });
     });
+    await Promise.all(this.pendingUnlinks);
     this.afterDelete();
   }
 
@@ -500,14 +502,26 @@ export class BlockStore {
     }
   }
 
-  /** Before a head is frozen: whatever was written since the last await must be on disk too. */
-  private syncBeforeFreeze(head: Layer): void {
-    if (head.dirty.isEmpty) return;
+  /**
+   * Makes a head's data durable ahead of freezing it, without blocking the event loop for the bulk of it.
+   * Returns a check to call after the last await: it syncs again, synchronously, only if writes landed
+   * meanwhile. The freeze then stores the complete bitmaps, so no journal commit is needed first.
+   */
+  private async syncForFreeze(head: Layer): Promise<() => void> {
+    const seq = head.writeSeq;
     try {
-      head.syncDataNow();
+      if (!head.dirty.isEmpty) await head.syncData();
     } catch (err) {
       translateIoError(err, `flushing layer ${head.id}`);
     }
+    return () => {
+      if (head.writeSeq === seq) return;
+      try {
+        head.syncDataNow();
+      } catch (err) {
+        translateIoError(err, `flushing layer ${head.id}`);
+      }
+    };
   }
 
   // ---------------------------------------------------------------- snapshots
@@ -525,11 +539,11 @@ export class BlockStore {
       const vol = this.volumeOrThrow(req.volumeId);
       const head = this.layer(vol.headId);
       return head.exclusive(async () => {
-        await this.flushInner(head);
+        const syncRest = await this.syncForFreeze(head);
         this.checkOpen();
         const again = this.sameNameSnapshot(name, vol.id);
         if (again) return again;
-        this.syncBeforeFreeze(head);
+        syncRest();
         const record: SnapshotRecord = {
           id: newSnapshotId(),
           name,
@@ -644,7 +658,10 @@ export class BlockStore {
   /** Merges hidden layers upward and drops unreferenced ones until nothing is left to do. */
   async compact(): Promise<CompactionReport> {
     this.checkOpen();
-    return this.compactor.run();
+    const report = await this.compactor.run();
+    // Done means the space is given back, not just scheduled to be.
+    await Promise.all(this.pendingUnlinks);
+    return report;
   }
 
   spaceUsage(): SpaceUsage {
@@ -691,6 +708,7 @@ export class BlockStore {
     this.closed = true;
     for (const layer of this.layers.values()) layer.close();
     this.catalog.close();
+    await Promise.all(this.pendingUnlinks);
   }
 
   // ---------------------------------------------------------------- internals
@@ -810,11 +828,17 @@ export class BlockStore {
     }
   }
 
-  /** Drops a layer from memory and disk after the catalog no longer names it. */
+  /**
+   * Drops a layer from memory and disk after the catalog no longer names it. The unlink is asynchronous:
+   * freeing a large scattered file can take seconds (more with online discard), and nothing may stall the
+   * event loop that serves I/O. A crash before it completes leaves an orphan that start-up removes.
+   */
   private forgetLayer(layer: Layer): void {
     this.layers.delete(layer.id);
     layer.close();
-    fs.rmSync(layer.path, { force: true });
+    const unlink = fs.promises.rm(layer.path, { force: true }).catch(() => undefined);
+    this.pendingUnlinks.add(unlink);
+    void unlink.finally(() => this.pendingUnlinks.delete(unlink));
   }
 
   private afterDelete(): void {

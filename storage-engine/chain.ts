@@ -50,11 +50,17 @@ export function readThroughInto(
 /** Blocks whose topmost entry in the chain is a write (not a trim), below `blockLimit`. */
 export function allocatedBlocks(chain: readonly Layer[], blockLimit: number): Bitmap {
   const result = new Bitmap();
-  const covered = new Bitmap();
-  for (const layer of chain) {
-    result.orInPlace(Bitmap.andNot(layer.written, covered));
-    covered.orInPlace(layer.written);
-    covered.orInPlace(layer.trimmed);
+  // Blocks some layer above already answered for; a lower layer's entries for them are hidden.
+  let covered: Bitmap | undefined;
+  for (let i = 0; i < chain.length; i++) {
+    const layer = chain[i]!;
+    const last = i === chain.length - 1;
+    if (!layer.written.isEmpty) result.orInPlace(covered ? Bitmap.andNot(layer.written, covered) : layer.written);
+    if (last) break;
+    // Copies only where needed: each one costs per container, and most layers are small.
+    covered ??= new Bitmap();
+    if (!layer.written.isEmpty) covered.orInPlace(layer.written);
+    if (!layer.trimmed.isEmpty) covered.orInPlace(layer.trimmed);
   }
   return clipBelow(result, blockLimit);
 }

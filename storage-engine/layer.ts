@@ -20,6 +20,8 @@ export enum BlockState {
 export class Layer {
   /** Blocks whose bits changed since the last commit to the catalog. */
   dirty = new Bitmap();
+  /** Counts writes and trims, so a freeze can tell whether any landed after its asynchronous sync. */
+  writeSeq = 0;
   /** Tail of this layer's commit queue (see `exclusive`). */
   private commitTail: Promise<unknown> = Promise.resolve();
   private fd: number | undefined;
@@ -97,6 +99,7 @@ export class Layer {
     this.written.addRange(first, end);
     this.trimmed.removeRange(first, end);
     this.dirty.addRange(first, end);
+    this.writeSeq++;
   }
 
   /** Marks blocks [first, end) as trimmed (zeros) here. */
@@ -104,6 +107,7 @@ export class Layer {
     this.trimmed.addRange(first, end);
     this.written.removeRange(first, end);
     this.dirty.addRange(first, end);
+    this.writeSeq++;
   }
 
   /** Makes the file's data durable without blocking the event loop. */
