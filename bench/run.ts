@@ -81,6 +81,10 @@ async function main(): Promise<number> {
   let suites: Map<string, SuiteRun>;
   try {
     args = parseArgs(process.argv.slice(2));
+    // Some native modules parse the host's argv when they load: roaring's loader (node-pre-gyp) reads
+    // `--dir X` as its own `--directory` and then fails to find its binary. Suites get their options from
+    // the context, so hide ours before any suite is imported.
+    process.argv.splice(2);
     suites = await loadSuites(args.suites);
   } catch (err) {
     if (err instanceof UsageError) {
@@ -101,9 +105,10 @@ async function main(): Promise<number> {
   // Always a fresh directory of our own, even under --dir, so that cleanup never deletes the caller's files.
   const root = fs.mkdtempSync(path.join(parent, 'cbt-bench-'));
   const cleanup = (): void => fs.rmSync(root, { recursive: true, force: true });
+  // On a signal, cleanup runs from the exit handler, after any exit handlers suites prepend (e.g. to stop children).
+  process.once('exit', cleanup);
   const onSignal = (signal: NodeJS.Signals): void => {
-    cleanup();
-    process.stderr.write(`bench: interrupted by ${signal}, removed ${root}\n`);
+    process.stderr.write(`bench: interrupted by ${signal}, removing ${root}\n`);
     process.exit(130);
   };
   process.once('SIGINT', onSignal);
@@ -122,7 +127,10 @@ async function main(): Promise<number> {
         quick: args.quick,
         only: args.only,
         emit: (result) => {
-          const line: BenchResult = { suite: name, ...result };
+          // The 1-minute load average travels with every figure: on a shared 2-core machine it says how far
+          // other work may have skewed it.
+          const params = { ...result.params, hostLoad1: Math.round(os.loadavg()[0]! * 100) / 100 };
+          const line: BenchResult = { suite: name, ...result, params };
           writeResult(`${JSON.stringify(line)}\n`);
         },
         log,
