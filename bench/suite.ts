@@ -58,17 +58,9 @@ export function round(value: number, digits = 3): number {
   return Math.round(value * f) / f;
 }
 
-/** Seeded PRNG (mulberry32) so that a run's random positions can be reproduced from the seed in its params. */
-export function prng(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
+/** Seeded PRNG so that a run's random positions can be reproduced from the seed in its params. */
+/** Seeded PRNG so that a run's random positions can be reproduced from the seed in its params. */
+export { mulberry32 as prng } from '../test/support/random.js';
 
 /** Integer in [0, n) from a PRNG. */
 export function randomBelow(rand: () => number, n: number): number {

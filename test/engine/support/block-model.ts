@@ -6,6 +6,7 @@
  * is the union of the nodes met walking from B down to A.
  */
 import type { Extent, ExtentStyle, VolumeInfo } from '../../../storage-engine/types.js';
+import { mulberry32 } from '../../support/random.js';
 
 /** What the last operation did to a block within one node: a write (partial trims count as writes) or a whole-block trim. */
 export type Touch = 'write' | 'trim';
@@ -225,18 +226,7 @@ export function extentShapeViolation(
   return undefined;
 }
 
-/** Deterministic byte source so a failing seed replays the same data. */
-export function mulberry32(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
-
+/** Deterministic bytes so a failing seed replays the same data. */
 export function patternBytes(seed: number, length: number): Uint8Array {
   const next = mulberry32(seed);
   const data = new Uint8Array(length);
@@ -244,3 +234,5 @@ export function patternBytes(seed: number, length: number): Uint8Array {
   for (let i = 0; i < length; i++) data[i] = 1 + Math.floor(next() * 255);
   return data;
 }
+
+export { mulberry32 };

@@ -17,6 +17,7 @@
 import fs from 'node:fs';
 import { pathToFileURL } from 'node:url';
 import { BlockStore } from '../../../storage-engine/index.js';
+import { mulberry32 as prng } from '../../support/random.js';
 
 export const BLOCK_SIZE = 4096;
 const SECTOR = 512;
@@ -57,17 +58,6 @@ export interface ChildConfig {
   maxSnapshotsPerVolume: number;
 }
 
-/** Small, fast, seedable PRNG (mulberry32): the same seed replays the same operation stream. */
-export function prng(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
 
 /** Fixed non-zero filler shared by all blocks: only the sector headers tell writes apart. */
 const FILLER: Buffer = (() => {
@@ -239,3 +229,6 @@ if (invokedDirectly) {
     },
   );
 }
+
+/** The same seed replays the same operation stream. */
+export { prng };
