@@ -3,7 +3,7 @@
 import os from 'node:os';
 import path from 'node:path';
 import { Command, InvalidArgumentError, Option } from 'commander';
-import { LOG_LEVELS, formatEndpoint, packageVersion, parseEndpoint, type DriverConfig, type LogLevel, type MetadataStyle } from './config.js';
+import { DRIVER_ROLES, LOG_LEVELS, formatEndpoint, packageVersion, parseEndpoint, type DriverConfig, type DriverRole, type LogLevel, type MetadataStyle } from './config.js';
 import { createLogger } from './logging.js';
 import { startDriver } from './server.js';
 import { parseBlockSize } from './csi/volume-parameters.js';
@@ -35,7 +35,7 @@ export function buildProgram(): Command {
     .version(packageVersion());
   program
     .command('serve')
-    .description('run the CSI driver (Identity, Controller, SnapshotMetadata) on a gRPC endpoint')
+    .description('run the CSI driver (Identity, Controller, SnapshotMetadata, Node) on a gRPC endpoint')
     .option('--endpoint <endpoint>', 'unix:///path/csi.sock or tcp://127.0.0.1:PORT (env CSI_ENDPOINT)', process.env['CSI_ENDPOINT'])
     .option('--state-dir <dir>', 'where volumes and snapshots are stored', '.state')
     .option('--node-id <id>', 'this node\'s ID', os.hostname())
@@ -50,6 +50,12 @@ export function buildProgram(): Command {
     .option('--default-max-results <n>', 'metadata tuples per response when max_results is 0', positiveInteger, 4096)
     .addOption(new Option('--log-level <level>', 'log level').choices(LOG_LEVELS as string[]).default('info'))
     .option('--metrics-address <host:port>', 'serve Prometheus metrics at http://HOST:PORT/metrics (port 0: any free port)')
+    .addOption(
+      new Option('--role <role>', 'services to serve: all, controller (Identity, Controller, SnapshotMetadata) or node (Identity, Node)')
+        .choices(DRIVER_ROLES as string[])
+        .default('all'),
+    )
+    .option('--max-volumes-per-node <n>', 'max_volumes_per_node reported by NodeGetInfo (default: the CO decides)', positiveInteger)
     .option('--drain-timeout <seconds>', 'on SIGTERM, how long in-flight calls may take before they are reset', nonNegativeSeconds, 25)
     .action(async (opts: ServeFlags) => {
       await serve(opts);
@@ -77,6 +83,8 @@ interface ServeFlags {
   logLevel: LogLevel;
   metricsAddress?: string;
   drainTimeout: number;
+  role: DriverRole;
+  maxVolumesPerNode?: number;
 }
 
 async function serve(flags: ServeFlags): Promise<void> {
@@ -94,6 +102,8 @@ async function serve(flags: ServeFlags): Promise<void> {
     logLevel: flags.logLevel,
     metricsAddress: flags.metricsAddress,
     drainTimeoutMs: Math.round(flags.drainTimeout * 1000),
+    role: flags.role,
+    maxVolumesPerNode: flags.maxVolumesPerNode,
   };
   const logger = createLogger(config.logLevel);
   const driver = await startDriver(config, logger);

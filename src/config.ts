@@ -7,6 +7,14 @@ import { fileURLToPath } from 'node:url';
 export type Endpoint = { kind: 'unix'; path: string } | { kind: 'tcp'; host: string; port: number };
 
 export type MetadataStyle = 'FIXED' | 'VARIABLE';
+
+/**
+ * Which services a process serves. `all`: everything, one process (hostpath-style, and one process a
+ * node in a per-node layout). `controller`: Identity, Controller, SnapshotMetadata; no data plane, so
+ * no root or /dev/fuse needed. `node`: Identity and Node, with the data plane.
+ */
+export type DriverRole = 'all' | 'controller' | 'node';
+export const DRIVER_ROLES: readonly DriverRole[] = ['all', 'controller', 'node'];
 export type LogLevel = 'trace' | 'debug' | 'info' | 'warn' | 'error' | 'fatal' | 'silent';
 export const LOG_LEVELS: readonly LogLevel[] = ['trace', 'debug', 'info', 'warn', 'error', 'fatal', 'silent'];
 
@@ -31,6 +39,10 @@ export interface DriverConfig {
   logLevel: LogLevel;
   /** host:port for the Prometheus /metrics endpoint, or undefined for none. */
   metricsAddress: string | undefined;
+  /** Which services to serve; default 'all'. */
+  role?: DriverRole;
+  /** max_volumes_per_node reported by NodeGetInfo; 0 or undefined lets the CO decide. */
+  maxVolumesPerNode?: number;
   /** How long shutdown waits for in-flight calls before resetting them; default DEFAULT_DRAIN_TIMEOUT_MS (server.ts). */
   drainTimeoutMs?: number;
 }

@@ -14,10 +14,12 @@ import { connectNodeAdapter } from '@connectrpc/connect-node';
 import { BlockStore } from '../storage-engine/index.js';
 import { formatEndpoint, type DriverConfig, type Endpoint } from './config.js';
 import { controllerService } from './csi/controller-service.js';
+import { NodeVolumes } from './dataplane/node-volumes.js';
+import { nodeService } from './csi/node-service.js';
 import type { DriverContext } from './csi/driver-context.js';
 import { identityService } from './csi/identity-service.js';
 import { snapshotMetadataService } from './csi/snapshot-metadata-service.js';
-import { Controller, Identity, SnapshotMetadata } from './gen/csi/v1/csi_pb.js';
+import { Controller, Identity, Node, SnapshotMetadata } from './gen/csi/v1/csi_pb.js';
 import type { Logger } from './logging.js';
 import { DriverMetrics } from './metrics.js';
 import { observeRpcs } from './rpc/interceptors.js';
@@ -46,6 +48,16 @@ export async function startDriver(config: DriverConfig, logger: Logger): Promise
     // The engine enforces the limit after its last await, so concurrent creates cannot overshoot it.
     capacityLimitBytes: config.capacityBytes,
   });
+  const role = config.role ?? 'all';
+  // The node data plane shares this process's store: a store is opened once, by one process.
+  const nodeVolumes = role === 'controller' ? undefined : new NodeVolumes({ store, stateDir: config.stateDir, logger });
+  try {
+    // Recovery only (stale mount, records); the FUSE mount itself is made when a volume is first staged.
+    await nodeVolumes?.start();
+  } catch (err) {
+    await store.close();
+    throw err;
+  }
   let ready = false;
   const ctx: DriverContext = { store, config, logger, isReady: () => ready };
   const metrics = new DriverMetrics();
@@ -59,7 +71,8 @@ export async function startDriver(config: DriverConfig, logger: Logger): Promise
     grpcWeb: false,
     readMaxBytes: READ_MAX_BYTES,
     // Clients are on this node (a unix socket): compressing responses would only spend CPU on both ends
-    // (gzip was a quarter of the driver's time streaming SnapshotMetadata). Compressed requests are still read.
+    // (gzip took a sixth of the driver's CPU streaming SnapshotMetadata, and as much in the client). Compressed
+    // requests are still read.
     compressMinBytes: Number.POSITIVE_INFINITY,
     shutdownSignal: shutdown.signal,
     interceptors: [observeRpcs(logger, metrics)],
@@ -76,13 +89,17 @@ export async function startDriver(config: DriverConfig, logger: Logger): Promise
     },
     routes: (router: ConnectRouter) => {
       router.service(Identity, identityService(ctx));
-      router.service(Controller, controllerService(ctx));
-      router.service(SnapshotMetadata, snapshotMetadataService(ctx));
+      if (role !== 'node') {
+        router.service(Controller, controllerService(ctx));
+        router.service(SnapshotMetadata, snapshotMetadataService(ctx));
+      }
+      if (nodeVolumes) router.service(Node, nodeService(ctx, nodeVolumes));
     },
   });
 
   const server = http2.createServer({}, (req, res) => {
     answerUndecodableAsInvalid(res);
+    releaseWritesOnReset(res);
     handler(req, res);
   });
   const sessions = new Set<http2.ServerHttp2Session>();
@@ -99,11 +116,12 @@ export async function startDriver(config: DriverConfig, logger: Logger): Promise
     endpoint = await listen(server, config.endpoint);
   } catch (err) {
     if (metricsServer) await new Promise<void>((resolve) => metricsServer!.server.close(() => resolve()));
+    await nodeVolumes?.stop();
     await store.close();
     throw err;
   }
   ready = true;
-  logger.info({ endpoint: formatEndpoint(endpoint), driver: config.driverName, version: config.version }, 'serving');
+  logger.info({ endpoint: formatEndpoint(endpoint), driver: config.driverName, version: config.version, role }, 'serving');
 
   let stopping: Promise<void> | undefined;
   const stop = () =>
@@ -126,6 +144,8 @@ export async function startDriver(config: DriverConfig, logger: Logger): Promise
         await closed;
       }
       await new Promise<void>((resolve) => (metricsServer ? metricsServer.server.close(() => resolve()) : resolve()));
+      // Devices still attached to volume files fail from here on (documented in docs/node-data-plane.md).
+      await nodeVolumes?.stop().catch((err: unknown) => logger.error({ err: String(err) }, 'unmounting the volume files failed'));
       await store.close();
       if (endpoint.kind === 'unix') fs.rmSync(endpoint.path, { force: true });
       logger.info('stopped');
@@ -150,6 +170,19 @@ function answerUndecodableAsInvalid(res: http2.Http2ServerResponse): void {
     const undecodable = isUndecodableRequest(Number(trailers['grpc-status']), message);
     addTrailers(undecodable ? { ...trailers, 'grpc-status': String(Code.InvalidArgument) } : trailers);
   };
+}
+
+/**
+ * A client that resets a stream (a cancelled call) while the server waits on HTTP/2 flow control closes it
+ * with neither 'drain' nor 'error', and node never completes the pending write, so connect's writer would
+ * wait for ever: the RPC would never end (no log line, its extent iterator held open). Releasing that wait
+ * lets connect see the reset and end the RPC with its status (CANCELLED for a cancel).
+ */
+function releaseWritesOnReset(res: http2.Http2ServerResponse): void {
+  res.once('close', () => {
+    // connect listens for 'drain' only while one of its writes waits.
+    if (!res.writableEnded && res.listenerCount('drain') > 0) res.emit('drain');
+  });
 }
 
 /** Binds the server; a stale unix socket left by a killed process is replaced, a live one is an error. */
