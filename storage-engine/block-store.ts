@@ -29,6 +29,7 @@ import { DEFAULT_BATCH_SIZE, extentStream, type ExtentStream } from './extent-st
 import { isSnapshotId, isVolumeId, newSnapshotId, newVolumeId } from './ids.js';
 import { KeyedMutex } from './keyed-mutex.js';
 import { Layer } from './layer.js';
+import { takeOwnership } from './owner-lock.js';
 import type {
   Attributes,
   CompactionReport,
@@ -88,6 +89,7 @@ export class BlockStore {
   private readonly capacityLimitBytes: number | undefined;
   private readonly autoCompact: boolean;
   private closed = false;
+  private readonly releaseOwnership: () => void;
   private readonly pendingUnlinks = new Set<Promise<void>>();
   private closing: Promise<void> | undefined;
 
@@ -104,11 +106,18 @@ export class BlockStore {
     this.capacityLimitBytes = options.capacityLimitBytes;
     this.autoCompact = options.autoCompact ?? true;
     fs.mkdirSync(path.join(dir, LAYER_DIR), { recursive: true });
-    this.catalog = new Catalog(path.join(dir, 'catalog.db'));
+    this.releaseOwnership = takeOwnership(dir);
+    try {
+      this.catalog = new Catalog(path.join(dir, 'catalog.db'));
+    } catch (err) {
+      this.releaseOwnership();
+      throw err;
+    }
     try {
       this.load();
     } catch (err) {
       this.catalog.close();
+      this.releaseOwnership();
       throw err;
     }
     this.compactor = new Compactor(this.compactionHost());
@@ -709,6 +718,7 @@ export class BlockStore {
     for (const layer of this.layers.values()) layer.close();
     this.catalog.close();
     await Promise.all(this.pendingUnlinks);
+    this.releaseOwnership();
   }
 
   // ---------------------------------------------------------------- internals
