@@ -1,0 +1,68 @@
+{{/* Release-scoped name for namespaced and cluster-wide objects. */}}
+{{- define "cbt-csi.fullname" -}}
+{{- if contains .Chart.Name .Release.Name -}}
+{{- .Release.Name | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name .Chart.Name | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "cbt-csi.labels" -}}
+app.kubernetes.io/name: {{ .Chart.Name }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
+{{- end -}}
+
+{{- define "cbt-csi.selectorLabels" -}}
+app.kubernetes.io/name: {{ .Chart.Name }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: plugin
+{{- end -}}
+
+{{/* repository:tag of an image value with `repository` and `tag`. */}}
+{{- define "cbt-csi.image" -}}
+{{- printf "%s:%s" .repository .tag -}}
+{{- end -}}
+
+{{- define "cbt-csi.driverImage" -}}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) -}}
+{{- end -}}
+
+{{/* The plugin's socket as kubelet sees it on the host. */}}
+{{- define "cbt-csi.pluginDir" -}}
+{{- printf "%s/plugins/%s" .Values.kubeletDir .Values.driverName -}}
+{{- end -}}
+
+{{/* Whether the resizer runs: mode single only (ControllerExpandVolume must reach the volume's store). */}}
+{{- define "cbt-csi.resizerEnabled" -}}
+{{- if and .Values.sidecars.resizer.enabled (eq .Values.mode "single") -}}true{{- end -}}
+{{- end -}}
+
+{{/* Whether csi-snapshot-metadata runs: mode single only (one address serves every snapshot). */}}
+{{- define "cbt-csi.snapshotMetadataEnabled" -}}
+{{- if and .Values.snapshotMetadata.enabled (eq .Values.mode "single") -}}true{{- end -}}
+{{- end -}}
+
+{{- define "cbt-csi.snapshotMetadataService" -}}
+{{- printf "%s-snapshot-metadata" (include "cbt-csi.fullname" .) | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{- define "cbt-csi.snapshotMetadataTLSSecret" -}}
+{{- if eq .Values.snapshotMetadata.tls.mode "secret" -}}
+{{- required "snapshotMetadata.tls.existingSecret is required when tls.mode is secret" .Values.snapshotMetadata.tls.existingSecret -}}
+{{- else -}}
+{{- printf "%s-snapshot-metadata-tls" (include "cbt-csi.fullname" .) -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "cbt-csi.storageClassBindingMode" -}}
+{{- if .Values.storageClass.volumeBindingMode -}}
+{{- .Values.storageClass.volumeBindingMode -}}
+{{- else if eq .Values.mode "daemonset" -}}
+WaitForFirstConsumer
+{{- else -}}
+Immediate
+{{- end -}}
+{{- end -}}
