@@ -21,11 +21,21 @@ import { Controller, Node, SnapshotMetadata, VolumeCapability_AccessMode_Mode } 
 import { decodeMetadataResponse } from '../src/csi/block-metadata-wire.js';
 import { parseMountInfo } from '../src/dataplane/fuse/mount.js';
 import { ServiceClient } from '../test/support/csi-client.js';
-import { median, msSince, round, type BenchResult, type ParamValue, type SuiteContext } from './suite.js';
+import {
+  GiB,
+  KiB,
+  median,
+  MiB,
+  msSince,
+  round,
+  sizeLabel,
+  targeted,
+  type BenchResult,
+  type ParamValue,
+  type Result,
+  type SuiteContext,
+} from './suite.js';
 
-const KiB = 1024;
-const MiB = 1024 * KiB;
-const GiB = 1024 * MiB;
 const BLOCK = 4 * KiB;
 const SEED = 20261124;
 const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..');
@@ -38,7 +48,6 @@ const TOOLS: ReadonlyArray<readonly [string, string]> = [
   ['fio', 'fio (apt-get install -y fio)'],
 ];
 
-type Result = Omit<BenchResult, 'suite'>;
 
 interface Sizes {
   /** Bytes of each sequential pass, and the region the random writes land in. */
@@ -67,20 +76,7 @@ const QUICK: Sizes = {
   deltaReps: 3,
 };
 
-function targeted(result: Result, target: string, pass: boolean): Result {
-  return { ...result, target, pass };
-}
 
-function sizeLabel(bytes: number): string {
-  for (const [unit, name] of [
-    [GiB, 'GiB'],
-    [MiB, 'MiB'],
-    [KiB, 'KiB'],
-  ] as const) {
-    if (bytes >= unit && bytes % unit === 0) return `${bytes / unit}${name}`;
-  }
-  return `${bytes}B`;
-}
 
 function onPath(tool: string): boolean {
   return (process.env['PATH'] ?? '').split(':').some((d) => d !== '' && fs.existsSync(path.join(d, tool)));

@@ -13,46 +13,32 @@ import { BlockStore } from '../storage-engine/index.js';
 import type { Extent, ExtentStyle } from '../storage-engine/types.js';
 import {
   distinctSorted,
+  GiB,
+  KiB,
   median,
+  MiB,
   msSince,
   percentile,
   prng,
   randomBelow,
+  randomBuffer,
   round,
+  sizeLabel,
+  targeted,
+  TiB,
   type BenchResult,
   type ParamValue,
+  type Result,
   type SuiteContext,
 } from './suite.js';
 
-const KiB = 1024;
-const MiB = 1024 * KiB;
-const GiB = 1024 * MiB;
-const TiB = 1024 * GiB;
 const BLOCK = 4 * KiB;
 const SEED = 20261121;
 const MEMORY_CHILD_FLAG = '--memory-child';
 const MEMORY_CHILD_ENV = 'CBT_BENCH_MEMORY_CHILD';
 
-type Result = Omit<BenchResult, 'suite'>;
 
-/** "1TiB", "16MiB": capacities as people write them, for params and logs. */
-function sizeLabel(bytes: number): string {
-  const units: Array<[number, string]> = [
-    [TiB, 'TiB'],
-    [GiB, 'GiB'],
-    [MiB, 'MiB'],
-    [KiB, 'KiB'],
-  ];
-  for (const [unit, name] of units) if (bytes >= unit && bytes % unit === 0) return `${bytes / unit}${name}`;
-  return `${bytes}B`;
-}
 
-function randomBuffer(bytes: number, seed: number): Buffer {
-  const rand = prng(seed);
-  const buf = Buffer.allocUnsafe(bytes);
-  for (let i = 0; i < bytes; i += 4) buf.writeUInt32LE((rand() * 4294967296) >>> 0, i);
-  return buf;
-}
 
 function freeBytes(dir: string): number {
   const s = fs.statfsSync(dir);
@@ -87,9 +73,6 @@ async function drain(stream: AsyncIterable<Extent[]>): Promise<Drained> {
   return { extents, bytes };
 }
 
-function targeted(result: Result, target: string, pass: boolean): Result {
-  return { ...result, target, pass };
-}
 
 /** Writes one block at each listed block index, logging progress on long runs. */
 function writeBlocks(

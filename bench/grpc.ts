@@ -25,20 +25,24 @@ import { decodeMetadataResponse } from '../src/csi/block-metadata-wire.js';
 import { ServiceClient } from '../test/support/csi-client.js';
 import {
   distinctSorted,
+  GiB,
+  KiB,
   median,
+  MiB,
   msSince,
   percentile,
   prng,
+  randomBuffer,
   round,
+  sizeLabel,
+  targeted,
+  TiB,
   type BenchResult,
   type ParamValue,
+  type Result,
   type SuiteContext,
 } from './suite.js';
 
-const KiB = 1024;
-const MiB = 1024 * KiB;
-const GiB = 1024 * MiB;
-const TiB = 1024 * GiB;
 const BLOCK = 4 * KiB;
 const SEED = 20261122;
 const DRIVER_CHILD_FLAG = '--driver-child';
@@ -46,30 +50,9 @@ const DRIVER_CHILD_FLAG = '--driver-child';
 const DEFAULT_MAX_RESULTS = 4096;
 
 
-type Result = Omit<BenchResult, 'suite'>;
 
-function targeted(result: Result, target: string, pass: boolean): Result {
-  return { ...result, target, pass };
-}
 
-function sizeLabel(bytes: number): string {
-  for (const [unit, name] of [
-    [TiB, 'TiB'],
-    [GiB, 'GiB'],
-    [MiB, 'MiB'],
-    [KiB, 'KiB'],
-  ] as const) {
-    if (bytes >= unit && bytes % unit === 0) return `${bytes / unit}${name}`;
-  }
-  return `${bytes}B`;
-}
 
-function randomBuffer(bytes: number, seed: number): Buffer {
-  const rand = prng(seed);
-  const buf = Buffer.allocUnsafe(bytes);
-  for (let i = 0; i < bytes; i += 4) buf.writeUInt32LE((rand() * 4294967296) >>> 0, i);
-  return buf;
-}
 
 // ---------------------------------------------------------------------------------------------------------------
 // The driver child and its command channel.

@@ -60,7 +60,8 @@ export function round(value: number, digits = 3): number {
 
 /** Seeded PRNG so that a run's random positions can be reproduced from the seed in its params. */
 /** Seeded PRNG so that a run's random positions can be reproduced from the seed in its params. */
-export { mulberry32 as prng } from '../test/support/random.js';
+import { mulberry32 as prng } from '../test/support/random.js';
+export { prng };
 
 /** Integer in [0, n) from a PRNG. */
 export function randomBelow(rand: () => number, n: number): number {
@@ -78,4 +79,37 @@ export function distinctSorted(rand: () => number, count: number, n: number): Ui
 /** Milliseconds elapsed since `start` (a performance.now() reading). */
 export function msSince(start: number): number {
   return performance.now() - start;
+}
+
+export const KiB = 1024;
+export const MiB = 1024 * KiB;
+export const GiB = 1024 * MiB;
+export const TiB = 1024 * GiB;
+
+/** A result as a suite yields it; the runner adds the suite name. */
+export type Result = Omit<BenchResult, 'suite'>;
+
+/** A result with the target it is judged against. */
+export function targeted(result: Result, target: string, pass: boolean): Result {
+  return { ...result, target, pass };
+}
+
+/** "1TiB", "16MiB": capacities as people write them, for params and logs. */
+export function sizeLabel(bytes: number): string {
+  const units: Array<[number, string]> = [
+    [TiB, 'TiB'],
+    [GiB, 'GiB'],
+    [MiB, 'MiB'],
+    [KiB, 'KiB'],
+  ];
+  for (const [unit, name] of units) if (bytes >= unit && bytes % unit === 0) return `${bytes / unit}${name}`;
+  return `${bytes}B`;
+}
+
+/** Seeded random bytes (a whole number of 32-bit words). */
+export function randomBuffer(bytes: number, seed: number): Buffer {
+  const rand = prng(seed);
+  const buf = Buffer.allocUnsafe(bytes);
+  for (let i = 0; i < bytes; i += 4) buf.writeUInt32LE((rand() * 4294967296) >>> 0, i);
+  return buf;
 }
