@@ -6,13 +6,12 @@ import { spawn, type ChildProcess } from 'node:child_process';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { pathToFileURL } from 'node:url';
 import { afterEach, describe, expect, test } from 'vitest';
 import { status } from '@grpc/grpc-js';
 import { BlockStore } from '../../storage-engine/index.js';
 import { Controller, Identity, SnapshotMetadata } from '../../src/gen/csi/v1/csi_pb.js';
 import { codeOf, ServiceClient } from '../support/csi-client.js';
-import { REPO_ROOT, spawnDriver } from '../support/test-driver.js';
+import { REPO_ROOT, TSX_LOADER, spawnDriver } from '../support/test-driver.js';
 
 const pkg = JSON.parse(fs.readFileSync(path.join(REPO_ROOT, 'package.json'), 'utf8')) as { version: string };
 
@@ -63,8 +62,6 @@ function exited(child: ChildProcess): Promise<{ code: number | null; signal: Nod
   return new Promise((resolve) => child.once('exit', (code, signal) => resolve({ code, signal })));
 }
 
-/** tsx's loader by absolute URL: `--import tsx` would be resolved from the child's working directory. */
-const TSX_LOADER = pathToFileURL(path.join(REPO_ROOT, 'node_modules/tsx/dist/loader.mjs')).href;
 
 /** Starts the CLI in any working directory (spawnDriver only works from the repository). */
 function startCli(args: string[], cwd: string) {

@@ -6,12 +6,10 @@ import { spawn, type ChildProcess } from 'node:child_process';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { pathToFileURL } from 'node:url';
 import { afterEach, describe, expect, it } from 'vitest';
 import { BlockStore, BusyError } from '../../storage-engine/index.js';
-import { REPO_ROOT } from '../support/test-driver.js';
+import { REPO_ROOT, TSX_LOADER as TSX } from '../support/test-driver.js';
 
-const TSX = pathToFileURL(path.join(REPO_ROOT, 'node_modules/tsx/dist/loader.mjs')).href;
 const children: ChildProcess[] = [];
 const dirs: string[] = [];
 

@@ -3,7 +3,7 @@ import { spawn, type ChildProcess } from 'node:child_process';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { fileURLToPath } from 'node:url';
+import { fileURLToPath, pathToFileURL } from 'node:url';
 import { Controller, Identity, SnapshotMetadata } from '../../src/gen/csi/v1/csi_pb.js';
 import { packageVersion, type DriverConfig } from '../../src/config.js';
 import { createLogger } from '../../src/logging.js';
@@ -11,6 +11,9 @@ import { startDriver, type RunningDriver } from '../../src/server.js';
 import { ServiceClient } from './csi-client.js';
 
 export const REPO_ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../..');
+
+/** tsx's loader by absolute URL: `--import tsx` is resolved from the child's working directory. */
+export const TSX_LOADER = pathToFileURL(path.join(REPO_ROOT, 'node_modules/tsx/dist/loader.mjs')).href;
 
 export interface TestDriver {
   dir: string;
@@ -75,7 +78,7 @@ export async function spawnDriver(
   args: string[],
   options: { cwd?: string; env?: NodeJS.ProcessEnv } = {},
 ): Promise<{ child: ChildProcess; stderr: () => string; stdout: () => string }> {
-  const child = spawn(process.execPath, ['--import', 'tsx', path.join(REPO_ROOT, 'src/cli.ts'), 'serve', ...args], {
+  const child = spawn(process.execPath, ['--import', TSX_LOADER, path.join(REPO_ROOT, 'src/cli.ts'), 'serve', ...args], {
     cwd: options.cwd ?? REPO_ROOT,
     env: { ...process.env, ...options.env },
     stdio: ['ignore', 'pipe', 'pipe'],
