@@ -12,7 +12,7 @@
 import fs from 'node:fs';
 import path from 'node:path';
 import { Bitmap } from './bitmap.js';
-import { Catalog, applyJournal, type SnapshotRow, type VolumeRow } from './catalog.js';
+import { Catalog, type SnapshotRow, type VolumeRow } from './catalog.js';
 import { allocatedBlocks, changedBlocks, readThrough, readThroughInto } from './chain.js';
 import { Compactor, type CompactionHost } from './compaction.js';
 import {
@@ -935,5 +935,3 @@ function snapshotRow(s: SnapshotRecord): SnapshotRow {
   };
 }
 
-// Re-exported for tests that inspect persisted state.
-export { applyJournal };

@@ -59,7 +59,7 @@ export interface StoredBitmaps {
 }
 
 /** Applies one journal entry: blocks set to written leave trimmed and vice versa. */
-export function applyJournal(target: StoredBitmaps, setWritten: Bitmap, setTrimmed: Bitmap): void {
+function applyJournal(target: StoredBitmaps, setWritten: Bitmap, setTrimmed: Bitmap): void {
   target.trimmed.andNotInPlace(setWritten);
   target.written.orInPlace(setWritten);
   target.written.andNotInPlace(setTrimmed);
@@ -94,7 +94,6 @@ export class Catalog {
       layerRow: db.prepare('SELECT * FROM layers WHERE id = ?'),
       journalRows: db.prepare('SELECT * FROM layer_journal WHERE layer_id = ? ORDER BY seq'),
       allLayers: db.prepare('SELECT * FROM layers ORDER BY id'),
-      allJournal: db.prepare('SELECT * FROM layer_journal ORDER BY layer_id, seq'),
       insertVolume: db.prepare(
         `INSERT INTO volumes (id, name, capacity_bytes, block_size, head_layer_id, source_kind, source_id, attributes, created_at_ms)
          VALUES (@id, @name, @capacity_bytes, @block_size, @head_layer_id, @source_kind, @source_id, @attributes, @created_at_ms)`,
@@ -214,10 +213,6 @@ export class Catalog {
 
   allLayers(): LayerRow[] {
     return this.stmt.allLayers.all() as LayerRow[];
-  }
-
-  allJournal(): JournalRow[] {
-    return this.stmt.allJournal.all() as JournalRow[];
   }
 
   insertVolume(row: VolumeRow): void {

@@ -10,13 +10,6 @@ import fs from 'node:fs';
 import { Bitmap } from './bitmap.js';
 import { translateIoError } from './errors.js';
 
-/** What a layer says about one block. */
-export enum BlockState {
-  Absent = 0,
-  Written = 1,
-  Trimmed = 2,
-}
-
 export class Layer {
   /** Blocks whose bits changed since the last commit to the catalog. */
   dirty = new Bitmap();
@@ -52,12 +45,6 @@ export class Layer {
   /** Whether the layer answers for block i (with data or with zeros). */
   holds(block: number): boolean {
     return this.written.has(block) || this.trimmed.has(block);
-  }
-
-  state(block: number): BlockState {
-    if (this.written.has(block)) return BlockState.Written;
-    if (this.trimmed.has(block)) return BlockState.Trimmed;
-    return BlockState.Absent;
   }
 
   /** The open file descriptor, opened on first use: idle layers cost no descriptor until read. */

@@ -44,6 +44,7 @@ import {
   ATTR_METADATA_STYLE,
   PARAM_BLOCK_SIZE,
   PARAM_METADATA_STYLE,
+  SIDECAR_PREFIX,
   parseVolumeParameters,
   type VolumeParameters,
 } from './volume-parameters.js';
@@ -63,9 +64,6 @@ export const CONTROLLER_CAPABILITIES: readonly RpcType[] = [
   // GET_SNAPSHOT (CSI 1.12, alpha) is served but not advertised: csi-sanity v5.4.0, the suite this driver
   // is judged by, rejects any capability it does not know, and no sidecar needs the advertisement yet.
 ];
-
-/** Keys the external-snapshotter adds itself (--extra-create-metadata); accepted and ignored. */
-const SIDECAR_PREFIX = 'csi.storage.k8s.io/';
 
 /** Control characters the spec bans from volume and snapshot names. */
 const BANNED_NAME_CHARS = /[\u0000-\u0008\u000B\u000C\u000E-\u001F\u007F-\u009F]/;

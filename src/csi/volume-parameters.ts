@@ -10,7 +10,7 @@ export const PARAM_BLOCK_SIZE = 'blockSize';
 export const PARAM_METADATA_STYLE = 'metadataStyle';
 
 /** Keys the external-provisioner and snapshotter add themselves (--extra-create-metadata); accepted and ignored. */
-const SIDECAR_PREFIX = 'csi.storage.k8s.io/';
+export const SIDECAR_PREFIX = 'csi.storage.k8s.io/';
 
 /** Attribute keys stored with volumes and snapshots in the engine. */
 export const ATTR_METADATA_STYLE = 'metadataStyle';
