@@ -2,7 +2,7 @@
  * Storage-engine suite: the figures the design promises (metadata queries in O(changed extents), O(1)
  * snapshots, write paths close to the file system, bounded memory), each measured through the public API.
  *
- * Cases (select with --only): delta-scale, iterator, snapshot-latency, seq-write, random-write, memory.
+ * Cases (select with --only): delta-scale, iterator, snapshot-latency, seq-write, random-write, memory, chain.
  * The memory case runs in a child process so that its RSS is the engine's, not what earlier cases left behind.
  */
 import { spawn } from 'node:child_process';
@@ -31,6 +31,7 @@ import {
   type Result,
   type SuiteContext,
 } from './suite.js';
+import { chain } from './engine/chain.js';
 
 const BLOCK = 4 * KiB;
 const SEED = 20261121;
@@ -585,6 +586,7 @@ const CASES: ReadonlyArray<readonly [string, (ctx: SuiteContext) => Promise<void
   ['seq-write', seqWrite],
   ['random-write', randomWrite],
   ['memory', memory],
+  ['chain', chain],
 ];
 
 /** Runs every selected case; one failing case does not stop the others, but fails the suite at the end. */

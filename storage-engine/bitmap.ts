@@ -30,3 +30,61 @@ export function clipBelow(bitmap: Bitmap, limit: number): Bitmap {
   if (limit < 2 ** 32 && !bitmap.isEmpty && bitmap.maximum() >= limit) bitmap.removeRange(limit, 2 ** 32);
   return bitmap;
 }
+
+const PAGE = 8192;
+const LIMIT = 2 ** 32;
+
+/**
+ * Calls `fn(start, end)` for each maximal run of consecutive values, in order. Cost follows the runs, not
+ * the values: a page that ends inside a run jumps to the run's end with range probes.
+ */
+export function forEachRun(bitmap: Bitmap, fn: (start: number, end: number) => void): void {
+  const total = bitmap.size;
+  const page = new Uint32Array(PAGE);
+  let index = 0;
+  let runStart = -1;
+  let runEnd = -1;
+  while (index < total) {
+    const values = bitmap.rangeUint32Array(page, index, PAGE);
+    const n = values.length;
+    if (n === 0) break;
+    for (let i = 0; i < n; i++) {
+      const v = values[i]!;
+      if (v === runEnd) {
+        runEnd = v + 1;
+        continue;
+      }
+      if (runStart >= 0) fn(runStart, runEnd);
+      runStart = v;
+      runEnd = v + 1;
+    }
+    index += n;
+    if (runEnd - runStart >= PAGE) {
+      runEnd = extendRun(bitmap, runEnd);
+      index = bitmap.rank(runEnd - 1);
+    }
+  }
+  if (runStart >= 0) fn(runStart, runEnd);
+}
+
+/** Given that values [.., end) are all present, finds the exclusive end of that run in O(log length) probes. */
+export function extendRun(bitmap: Bitmap, end: number): number {
+  let lo = end; // every value before lo is in the run
+  let step = 1;
+  while (lo < LIMIT) {
+    const next = Math.min(lo + step, LIMIT);
+    if (!bitmap.hasRange(lo, next)) {
+      // The run stops inside [lo, next): binary search for its first absent value.
+      let hi = next;
+      while (hi - lo > 1) {
+        const mid = lo + Math.floor((hi - lo) / 2);
+        if (bitmap.hasRange(lo, mid)) lo = mid;
+        else hi = mid;
+      }
+      return lo;
+    }
+    lo = next;
+    step *= 2;
+  }
+  return lo;
+}

@@ -58,6 +58,14 @@ export interface StoredBitmaps {
   trimmed: Bitmap;
 }
 
+/** A layer as the catalog has it, bitmaps included. */
+export interface StoredLayer extends StoredBitmaps {
+  id: number;
+  parentId: number | null;
+  blockSize: number;
+  frozen: boolean;
+}
+
 /** Applies one journal entry: blocks set to written leave trimmed and vice versa. */
 function applyJournal(target: StoredBitmaps, setWritten: Bitmap, setTrimmed: Bitmap): void {
   target.trimmed.andNotInPlace(setWritten);
@@ -94,6 +102,7 @@ export class Catalog {
       layerRow: db.prepare('SELECT * FROM layers WHERE id = ?'),
       journalRows: db.prepare('SELECT * FROM layer_journal WHERE layer_id = ? ORDER BY seq'),
       allLayers: db.prepare('SELECT * FROM layers ORDER BY id'),
+      allJournalRows: db.prepare('SELECT * FROM layer_journal ORDER BY layer_id, seq'),
       insertVolume: db.prepare(
         `INSERT INTO volumes (id, name, capacity_bytes, block_size, head_layer_id, source_kind, source_id, attributes, created_at_ms)
          VALUES (@id, @name, @capacity_bytes, @block_size, @head_layer_id, @source_kind, @source_id, @attributes, @created_at_ms)`,
@@ -213,6 +222,26 @@ export class Catalog {
 
   allLayers(): LayerRow[] {
     return this.stmt.allLayers.all() as LayerRow[];
+  }
+
+  /** Every layer with its committed bitmaps, read in two queries however many layers there are (store open). */
+  loadLayers(): StoredLayer[] {
+    const layers = new Map<number, StoredLayer>();
+    for (const row of this.stmt.allLayers.iterate() as Iterable<LayerRow>) {
+      layers.set(row.id, {
+        id: row.id,
+        parentId: row.parent_id,
+        blockSize: row.block_size,
+        frozen: row.frozen === 1,
+        written: decodeBitmap(row.written),
+        trimmed: decodeBitmap(row.trimmed),
+      });
+    }
+    for (const j of this.stmt.allJournalRows.iterate() as Iterable<JournalRow>) {
+      const layer = layers.get(j.layer_id);
+      if (layer) applyJournal(layer, decodeBitmap(j.set_written), decodeBitmap(j.set_trimmed));
+    }
+    return [...layers.values()];
   }
 
   insertVolume(row: VolumeRow): void {

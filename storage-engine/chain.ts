@@ -1,67 +1,30 @@
 /**
- * A chain is the list of layers a volume or snapshot reads through, topmost first. These functions
- * answer the three questions asked of a chain: what a byte range reads as, which blocks are
- * allocated, and which blocks a run of layers changed.
+ * A chain is the list of layers a volume or snapshot reads through, topmost first. These functions answer
+ * the questions asked of a whole chain: which blocks are allocated, which blocks a run of layers changed,
+ * and which layer answers for each block (the location index a chain's reads go through).
  */
-import { Bitmap, clipBelow, unionOf } from './bitmap.js';
+import { Bitmap, clipBelow, forEachRun, unionOf } from './bitmap.js';
 import type { Layer } from './layer.js';
+import { LocationIndex } from './location-index.js';
 
-/** The topmost layer answering for `block`: a layer holding data, null for zeros (trimmed or never written). */
-function ownerOf(chain: readonly Layer[], block: number): Layer | null {
-  for (const layer of chain) {
-    if (layer.written.has(block)) return layer;
-    if (layer.trimmed.has(block)) return null;
+/** Layers from `top` down to the root. */
+export function chainOf(top: number | null, layers: ReadonlyMap<number, Layer>): Layer[] {
+  const chain: Layer[] = [];
+  for (let id = top; id !== null; ) {
+    const layer = layers.get(id);
+    if (!layer) throw new Error(`internal: layer ${id} is not loaded`);
+    chain.push(layer);
+    id = layer.parentId;
   }
-  return null;
-}
-
-/** Reads [offset, offset + length) through the chain; consecutive blocks with one owner are one pread. */
-export function readThrough(chain: readonly Layer[], blockSize: number, offset: number, length: number): Buffer {
-  const out = Buffer.alloc(length);
-  readThroughInto(chain, blockSize, offset, out, 0, length);
-  return out;
-}
-
-/** Like readThrough, into an existing buffer (which must be zeroed where the range reads zeros). */
-export function readThroughInto(
-  chain: readonly Layer[],
-  blockSize: number,
-  offset: number,
-  target: Uint8Array,
-  targetOffset: number,
-  length: number,
-): void {
-  const end = offset + length;
-  let pos = offset;
-  if (length === 0) return;
-  const lastBlock = Math.floor((end - 1) / blockSize);
-  while (pos < end) {
-    const block = Math.floor(pos / blockSize);
-    const owner = ownerOf(chain, block);
-    let next = block + 1;
-    while (next <= lastBlock && ownerOf(chain, next) === owner) next++;
-    const segmentEnd = Math.min(end, next * blockSize);
-    if (owner) owner.readInto(target, targetOffset + (pos - offset), segmentEnd - pos, pos);
-    else target.fill(0, targetOffset + (pos - offset), targetOffset + (segmentEnd - offset));
-    pos = segmentEnd;
-  }
+  return chain;
 }
 
 /** Blocks whose topmost entry in the chain is a write (not a trim), below `blockLimit`. */
 export function allocatedBlocks(chain: readonly Layer[], blockLimit: number): Bitmap {
   const result = new Bitmap();
-  // Blocks some layer above already answered for; a lower layer's entries for them are hidden.
-  let covered: Bitmap | undefined;
-  for (let i = 0; i < chain.length; i++) {
-    const layer = chain[i]!;
-    const last = i === chain.length - 1;
-    if (!layer.written.isEmpty) result.orInPlace(covered ? Bitmap.andNot(layer.written, covered) : layer.written);
-    if (last) break;
-    // Copies only where needed: each one costs per container, and most layers are small.
-    covered ??= new Bitmap();
-    if (!layer.written.isEmpty) covered.orInPlace(layer.written);
-    if (!layer.trimmed.isEmpty) covered.orInPlace(layer.trimmed);
-  }
+  forEachVisible(chain, (layer, visible) => {
+    if (!visible.isEmpty) result.orInPlace(visible);
+  });
   return clipBelow(result, blockLimit);
 }
 
@@ -69,4 +32,27 @@ export function allocatedBlocks(chain: readonly Layer[], blockLimit: number): Bi
 export function changedBlocks(layers: readonly Layer[], blockLimit: number): Bitmap {
   const result = unionOf(layers.flatMap((l) => [l.written, l.trimmed]));
   return clipBelow(result, blockLimit);
+}
+
+/** The location index of a chain: each block's topmost writing layer (trimmed and unwritten blocks are gaps). */
+export function indexChain(chain: readonly Layer[]): LocationIndex<Layer> {
+  const runs: Array<{ start: number; end: number; owner: Layer }> = [];
+  forEachVisible(chain, (layer, visible) => forEachRun(visible, (start, end) => runs.push({ start, end, owner: layer })));
+  runs.sort((a, b) => a.start - b.start);
+  return LocationIndex.fromSortedRuns(runs);
+}
+
+/** Calls `fn` top-down with each layer's written blocks that no layer above it answers for. */
+function forEachVisible(chain: readonly Layer[], fn: (layer: Layer, visible: Bitmap) => void): void {
+  // Blocks some layer above already answered for; a lower layer's entries for them are hidden.
+  let covered: Bitmap | undefined;
+  for (let i = 0; i < chain.length; i++) {
+    const layer = chain[i]!;
+    // Copies only where needed: each one costs per container, and most layers are small.
+    fn(layer, covered && !layer.written.isEmpty ? Bitmap.andNot(layer.written, covered) : layer.written);
+    if (i === chain.length - 1) break;
+    covered ??= new Bitmap();
+    if (!layer.written.isEmpty) covered.orInPlace(layer.written);
+    if (!layer.trimmed.isEmpty) covered.orInPlace(layer.trimmed);
+  }
 }

@@ -22,6 +22,8 @@ export interface CompactionHost {
   referencedLayers(): Set<number>;
   /** Drops a layer the catalog no longer names from memory and disk. */
   forgetLayer(layer: Layer): void;
+  /** A merge committed: whatever read `lower`'s blocks now reads them from `upper`. */
+  merged(lower: Layer, upper: Layer): void;
 }
 
 /** Blocks copied between yields to the event loop, so writes keep flowing during a large merge. */
@@ -160,36 +162,28 @@ export class Compactor {
     for (const layer of layers.values()) if (layer !== upper && layer.parentId === lower.id) return undefined;
 
     // Copied data and any user writes to a live upper layer become durable before any bit names them.
-    upper.syncDataNow();
-    const userDirty = upper.dirty;
-    upper.dirty = new Bitmap();
-    const userWritten = Bitmap.and(userDirty, upper.written);
-    const userTrimmed = Bitmap.and(userDirty, upper.trimmed);
+    const user = upper.frozen ? undefined : upper.takeDirtyDurable();
+    if (upper.frozen) upper.syncDataNow();
     const held = Bitmap.or(upper.written, upper.trimmed);
     const mergedWritten = Bitmap.andNot(lower.written, held);
     const mergedTrimmed = Bitmap.andNot(lower.trimmed, held);
     try {
       catalog.transaction(() => {
-        if (upper.frozen) {
-          catalog.freezeLayer(
-            upper.id,
-            Bitmap.or(upper.written, mergedWritten),
-            Bitmap.or(upper.trimmed, mergedTrimmed),
-          );
-        } else {
-          catalog.appendJournal(upper.id, userWritten, userTrimmed);
+        if (user) {
+          catalog.appendJournal(upper.id, user.setWritten, user.setTrimmed);
           catalog.appendJournal(upper.id, mergedWritten, mergedTrimmed);
+        } else {
+          catalog.freezeLayer(upper.id, Bitmap.or(upper.written, mergedWritten), Bitmap.or(upper.trimmed, mergedTrimmed));
         }
         catalog.setLayerParent(upper.id, lower.parentId);
         catalog.deleteLayer(lower.id);
       });
     } catch (err) {
-      upper.dirty.orInPlace(userDirty);
+      user?.restore();
       throw err;
     }
-    upper.written.orInPlace(mergedWritten);
-    upper.trimmed.orInPlace(mergedTrimmed);
-    upper.parentId = lower.parentId;
+    upper.absorb(mergedWritten, mergedTrimmed, lower.parentId);
+    this.host.merged(lower, upper);
     this.host.forgetLayer(lower);
     return copied;
   }

@@ -6,7 +6,7 @@
  * Cost is proportional to the extents produced: values are paged out of the bitmap a chunk at a time,
  * and a run that fills a chunk is extended with range probes instead of value by value.
  */
-import type { Bitmap } from './bitmap.js';
+import { type Bitmap, extendRun } from './bitmap.js';
 import type { Extent, ExtentStyle } from './types.js';
 
 /** An async stream of extent batches, with the facts a metadata response needs up front. */
@@ -115,27 +115,4 @@ async function* variable(blocks: Bitmap, firstBlock: number, blockSize: number, 
     if (full) yield full;
   }
   if (batch.length > 0) yield batch;
-}
-
-/** Given that blocks [.., end) are all present, finds the exclusive end of that run in O(log length) probes. */
-function extendRun(blocks: Bitmap, end: number): number {
-  const LIMIT = 2 ** 32;
-  let lo = end; // invariant: every block before lo is in the run
-  let step = 1;
-  while (lo < LIMIT) {
-    const next = Math.min(lo + step, LIMIT);
-    if (!blocks.hasRange(lo, next)) {
-      // The run stops inside [lo, next): binary search for its first absent block.
-      let hi = next;
-      while (hi - lo > 1) {
-        const mid = lo + Math.floor((hi - lo) / 2);
-        if (blocks.hasRange(lo, mid)) lo = mid;
-        else hi = mid;
-      }
-      return lo;
-    }
-    lo = next;
-    step *= 2;
-  }
-  return lo;
 }

@@ -3,42 +3,77 @@
  * roaring bitmaps saying which blocks it holds as data (`written`) or as zeros (`trimmed`).
  * The bitmaps are the truth (invariant 4): bytes in the file at a position with no bit are never read.
  *
- * Changes made since the last catalog commit are tracked in `dirty`; a flush makes the file durable
- * and only then commits the dirty blocks' bits, so a bit never points at data that could be lost.
+ * The layer is the single home of invariant 3 (data durable before the bits naming it): blocks changed
+ * since the last catalog commit are tracked privately, and every way of committing them — `commit` for a
+ * flush, `prepareFreeze` + `freeze` for a snapshot or clone, `takeDirtyDurable` for a merge — syncs the
+ * file first.
  */
 import fs from 'node:fs';
 import { Bitmap } from './bitmap.js';
 import { translateIoError } from './errors.js';
 
+/** Where a layer's bits are committed (the catalog). */
+export interface BitsJournal {
+  /** Records blocks newly set to written / trimmed in a live layer. */
+  appendJournal(layerId: number, setWritten: Bitmap, setTrimmed: Bitmap): void;
+}
+
+/** Bits taken for a commit made by the caller, with the way back if that commit fails. */
+export interface TakenBits {
+  readonly setWritten: Bitmap;
+  readonly setTrimmed: Bitmap;
+  /** Puts the taken blocks back as uncommitted (the caller's transaction failed). */
+  restore(): void;
+}
+
 export class Layer {
   /** Blocks whose bits changed since the last commit to the catalog. */
-  dirty = new Bitmap();
+  #dirty = new Bitmap();
   /** Counts writes and trims, so a freeze can tell whether any landed after its asynchronous sync. */
-  writeSeq = 0;
+  #writeSeq = 0;
+  #parentId: number | null;
+  #frozen: boolean;
   /** Tail of this layer's commit queue (see `exclusive`). */
-  private commitTail: Promise<unknown> = Promise.resolve();
-  private fd: number | undefined;
+  #commitTail: Promise<unknown> = Promise.resolve();
+  #fd: number | undefined;
 
   constructor(
     readonly id: number,
-    public parentId: number | null,
+    parentId: number | null,
     readonly blockSize: number,
     readonly path: string,
-    /** Blocks this layer holds as data. */
+    /** Blocks this layer holds as data. Change them only through this class. */
     readonly written: Bitmap,
     /** Blocks this layer holds as zeros (trimmed), disjoint from written. */
     readonly trimmed: Bitmap,
-    /** Frozen layers belong to snapshots (or hidden history) and take no more writes, only merges. */
-    public frozen: boolean,
-  ) {}
+    frozen: boolean,
+  ) {
+    this.#parentId = parentId;
+    this.#frozen = frozen;
+  }
+
+  /** The layer below, or null for a chain's root. Changes only when compaction merges the parent away. */
+  get parentId(): number | null {
+    return this.#parentId;
+  }
+
+  /** Frozen layers belong to snapshots (or hidden history) and take no more writes, only merges. */
+  get frozen(): boolean {
+    return this.#frozen;
+  }
+
+  /** Whether blocks changed since the last commit. */
+  get hasUncommitted(): boolean {
+    return !this.#dirty.isEmpty;
+  }
 
   /**
    * Runs `fn` after every earlier commit task of this layer. Every change to the layer's persisted bits
    * (flush, freeze, merge) goes through here, so an older captured change can never land after a newer one.
    */
   exclusive<T>(fn: () => Promise<T> | T): Promise<T> {
-    const run = this.commitTail.then(fn, fn);
-    this.commitTail = run.catch(() => undefined);
+    const run = this.#commitTail.then(fn, fn);
+    this.#commitTail = run.catch(() => undefined);
     return run;
   }
 
@@ -47,11 +82,7 @@ export class Layer {
     return this.written.has(block) || this.trimmed.has(block);
   }
 
-  /** The open file descriptor, opened on first use: idle layers cost no descriptor until read. */
-  handle(): number {
-    if (this.fd === undefined) this.fd = fs.openSync(this.path, 'r+');
-    return this.fd;
-  }
+  // ---------------------------------------------------------------- data
 
   /** Reads `length` bytes at byte `position` of the file into `target` at `targetOffset`. */
   readInto(target: Uint8Array, targetOffset: number, length: number, position: number): void {
@@ -68,7 +99,7 @@ export class Layer {
     }
   }
 
-  /** Writes `data` at byte `position` of the file. */
+  /** Writes `data` at byte `position` of the file (bits are set separately, by `markWritten` or a merge). */
   writeAt(data: Uint8Array, position: number): void {
     const fd = this.handle();
     let done = 0;
@@ -81,24 +112,97 @@ export class Layer {
     }
   }
 
-  /** Marks blocks [first, end) as written here. */
+  /** Marks blocks [first, end) as written here (a live layer only). */
   markWritten(first: number, end: number): void {
+    this.checkLive();
     this.written.addRange(first, end);
     this.trimmed.removeRange(first, end);
-    this.dirty.addRange(first, end);
-    this.writeSeq++;
+    this.#dirty.addRange(first, end);
+    this.#writeSeq++;
   }
 
-  /** Marks blocks [first, end) as trimmed (zeros) here. */
+  /** Marks blocks [first, end) as trimmed (zeros) here (a live layer only). */
   markTrimmed(first: number, end: number): void {
+    this.checkLive();
     this.trimmed.addRange(first, end);
     this.written.removeRange(first, end);
-    this.dirty.addRange(first, end);
-    this.writeSeq++;
+    this.#dirty.addRange(first, end);
+    this.#writeSeq++;
+  }
+
+  // ---------------------------------------------------------------- the durability protocol (invariant 3)
+
+  /**
+   * Flush: makes the file's data durable, then records the blocks changed since the last commit. Run it
+   * inside `exclusive`. A failure leaves those blocks uncommitted, to be committed by the next try.
+   */
+  async commit(journal: BitsJournal, stillWanted: () => boolean = () => true): Promise<void> {
+    if (this.#dirty.isEmpty) return;
+    const dirty = this.#dirty;
+    this.#dirty = new Bitmap();
+    try {
+      await this.syncData();
+      // Frozen meanwhile: the freeze stored the complete bitmaps, so there is nothing left to record.
+      if (this.#frozen || !stillWanted()) return;
+      journal.appendJournal(this.id, Bitmap.and(dirty, this.written), Bitmap.and(dirty, this.trimmed));
+    } catch (err) {
+      this.#dirty.orInPlace(dirty);
+      translateIoError(err, `flushing layer ${this.id}`);
+    }
+  }
+
+  /**
+   * First half of a freeze: makes the data durable without blocking the event loop for the bulk of it.
+   * Returns a check to call after the caller's last await: it syncs again, synchronously, only if writes
+   * landed meanwhile. The freeze transaction then stores the complete bitmaps.
+   */
+  async prepareFreeze(): Promise<() => void> {
+    const seq = this.#writeSeq;
+    try {
+      if (!this.#dirty.isEmpty) await this.syncData();
+    } catch (err) {
+      translateIoError(err, `flushing layer ${this.id}`);
+    }
+    return () => {
+      if (this.#writeSeq === seq) return;
+      try {
+        this.syncDataNow();
+      } catch (err) {
+        translateIoError(err, `flushing layer ${this.id}`);
+      }
+    };
+  }
+
+  /** Second half of a freeze, after the transaction storing the complete bitmaps committed. */
+  freeze(): void {
+    this.#frozen = true;
+    this.#dirty = new Bitmap();
+  }
+
+  /**
+   * For a commit the caller makes in its own transaction (a merge into a live layer): syncs the data now,
+   * synchronously, and takes the blocks changed since the last commit.
+   */
+  takeDirtyDurable(): TakenBits {
+    this.syncDataNow();
+    const dirty = this.#dirty;
+    this.#dirty = new Bitmap();
+    return {
+      setWritten: Bitmap.and(dirty, this.written),
+      setTrimmed: Bitmap.and(dirty, this.trimmed),
+      restore: () => this.#dirty.orInPlace(dirty),
+    };
+  }
+
+  /** After a merge committed: the lower layer's blocks are now this layer's, and its parent is ours. */
+  absorb(mergedWritten: Bitmap, mergedTrimmed: Bitmap, newParentId: number | null): void {
+    this.written.orInPlace(mergedWritten);
+    this.trimmed.orInPlace(mergedTrimmed);
+    this.#parentId = newParentId;
   }
 
   /** Makes the file's data durable without blocking the event loop. */
-  async syncData(): Promise<void> {
+  private async syncData(): Promise<void> {
     const fd = this.handle();
     await new Promise<void>((resolve, reject) => fs.fdatasync(fd, (err) => (err ? reject(err) : resolve())));
   }
@@ -108,19 +212,31 @@ export class Layer {
     fs.fdatasyncSync(this.handle());
   }
 
+  // ---------------------------------------------------------------- file
+
+  /** The open file descriptor, opened on first use: idle layers cost no descriptor until read. */
+  private handle(): number {
+    if (this.#fd === undefined) this.#fd = fs.openSync(this.path, 'r+');
+    return this.#fd;
+  }
+
   /** Bytes the sparse file occupies on disk. */
   allocatedBytes(): number {
     try {
-      return fs.fstatSync(this.handle()).blocks * 512;
+      return fs.statSync(this.path).blocks * 512;
     } catch {
       return 0;
     }
   }
 
   close(): void {
-    if (this.fd !== undefined) {
-      fs.closeSync(this.fd);
-      this.fd = undefined;
+    if (this.#fd !== undefined) {
+      fs.closeSync(this.#fd);
+      this.#fd = undefined;
     }
+  }
+
+  private checkLive(): void {
+    if (this.#frozen) throw new Error(`internal: layer ${this.id} is frozen and takes no writes`);
   }
 }

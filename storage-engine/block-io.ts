@@ -1,0 +1,109 @@
+/**
+ * Block I/O over one chain: reads through the chain's location index, and for a volume, writes and trims
+ * into its head. Cost does not depend on the chain's length (invariant 10): a read is one index lookup per
+ * stretch of blocks with one owner, and a partial write copies its block up from the one layer that holds it.
+ */
+import type { Layer } from './layer.js';
+import type { LocationIndex } from './location-index.js';
+
+export class BlockIo {
+  constructor(
+    /** The chain's top layer: a volume's live head, or a snapshot's frozen layer. */
+    private top: Layer,
+    readonly index: LocationIndex<Layer>,
+    readonly blockSize: number,
+  ) {}
+
+  get head(): Layer {
+    return this.top;
+  }
+
+  /** A snapshot or clone froze the head and put a new, empty one on top: the index stays as it is. */
+  replaceHead(head: Layer): void {
+    this.top = head;
+  }
+
+  /** An I/O view of the same content over another head (a clone's), with its own copy of the index. */
+  cloneOnto(head: Layer): BlockIo {
+    return new BlockIo(head, this.index.clone(), this.blockSize);
+  }
+
+  /** Reads [offset, offset + length) as bytes; unwritten and trimmed blocks read as zeros. */
+  read(offset: number, length: number): Buffer {
+    const out = Buffer.allocUnsafe(length);
+    this.readInto(offset, out, 0, length);
+    return out;
+  }
+
+  /** Reads [offset, offset + length) into `target` at `targetOffset`: one pread a stretch of one owner. */
+  readInto(offset: number, target: Uint8Array, targetOffset: number, length: number): void {
+    const B = this.blockSize;
+    const end = offset + length;
+    let pos = offset;
+    while (pos < end) {
+      const { owner, end: stretchEnd } = this.index.lookup(Math.floor(pos / B));
+      const segmentEnd = Math.min(end, stretchEnd * B);
+      const at = targetOffset + (pos - offset);
+      if (owner) owner.readInto(target, at, segmentEnd - pos, pos);
+      else target.fill(0, at, at + (segmentEnd - pos));
+      pos = segmentEnd;
+    }
+  }
+
+  /** Writes bytes at any offset into the head; partial blocks the head does not hold are copied up first. */
+  write(offset: number, data: Uint8Array): void {
+    const head = this.top;
+    const B = this.blockSize;
+    const end = offset + data.length;
+    let pos = offset;
+    while (pos < end) {
+      const block = Math.floor(pos / B);
+      const blockStart = block * B;
+      if (pos === blockStart && end - pos >= B) {
+        // Whole blocks: one pwrite for the aligned middle of the request.
+        const blocks = Math.floor((end - pos) / B);
+        const bytes = blocks * B;
+        head.writeAt(data.subarray(pos - offset, pos - offset + bytes), pos);
+        this.held(block, block + blocks);
+        pos += bytes;
+        continue;
+      }
+      const pieceEnd = Math.min(end, blockStart + B);
+      const piece = data.subarray(pos - offset, pieceEnd - offset);
+      const owner = this.index.ownerOf(block);
+      if (owner === head) {
+        head.writeAt(piece, pos);
+      } else {
+        // Copy-on-write of a partial block: the rest of it comes from whoever answers for it now.
+        const full = Buffer.alloc(B);
+        owner?.readInto(full, 0, B, blockStart);
+        full.set(piece, pos - blockStart);
+        head.writeAt(full, blockStart);
+      }
+      this.held(block, block + 1);
+      pos = pieceEnd;
+    }
+  }
+
+  /** Trims a range: whole blocks become zeros recorded as trims, partial edges are overwritten with zeros. */
+  trim(offset: number, length: number): void {
+    const B = this.blockSize;
+    const end = offset + length;
+    const firstWhole = Math.ceil(offset / B);
+    const endWhole = Math.floor(end / B);
+    if (firstWhole >= endWhole) {
+      this.write(offset, new Uint8Array(length));
+      return;
+    }
+    if (offset < firstWhole * B) this.write(offset, new Uint8Array(firstWhole * B - offset));
+    if (end > endWhole * B) this.write(endWhole * B, new Uint8Array(end - endWhole * B));
+    this.top.markTrimmed(firstWhole, endWhole);
+    this.index.assign(firstWhole, endWhole, null);
+  }
+
+  /** The head now holds blocks [first, end) as data: its bits and the index say so together. */
+  private held(first: number, end: number): void {
+    this.top.markWritten(first, end);
+    this.index.assign(first, end, this.top);
+  }
+}
