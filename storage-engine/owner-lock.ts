@@ -14,7 +14,7 @@ export function takeOwnership(dir: string): () => void {
   const file = path.join(dir, OWNER_FILE);
   for (let attempt = 0; attempt < 3; attempt++) {
     try {
-      fs.writeFileSync(file, `${process.pid}\n`, { flag: 'wx' });
+      fs.writeFileSync(file, `${process.pid}\n`, { flag: 'wx', mode: 0o600 });
       return () => {
         try {
           if (ownerOf(file) === process.pid) fs.rmSync(file, { force: true });
