@@ -18,11 +18,14 @@ let imageDir: string;
 let mountPoint: string;
 
 /** Fills the filesystem at `dir` until a write of even one byte fails with ENOSPC. */
+let fillRound = 0;
+
 function fill(dir: string): string[] {
   const fillers: string[] = [];
+  fillRound++;
   for (const chunk of [1 * MiB, 64 * 1024, 4096, 1]) {
     for (let i = 0; ; i++) {
-      const file = path.join(dir, `filler-${chunk}-${i}`);
+      const file = path.join(dir, `filler-${fillRound}-${chunk}-${i}`);
       try {
         const fd = fs.openSync(file, 'w');
         fillers.push(file);
@@ -92,6 +95,8 @@ dataPlaneSuite('node plugin on a full state filesystem', () => {
     await e.node.call('nodeUnpublishVolume', { volumeId: fsVol, targetPath: fTarget });
     expect(isMounted(rw) || isMounted(ro) || isMounted(fTarget)).toBe(false);
 
+    // Taking down freed the blocks of its records: fill those too.
+    fillers.push(...fill(mountPoint));
     // Recording a new staging or publication needs space: RESOURCE_EXHAUSTED, and nothing is left half done.
     expect(await codeOf(e.node.call('nodeStageVolume', { volumeId: later, stagingTargetPath: lStaging, volumeCapability: blockCap() }))).toBe(
       status.RESOURCE_EXHAUSTED,

@@ -381,7 +381,8 @@ dataPlaneSuite('CSI Node service', () => {
         await call;
       } catch (err) {
         const e = err as { code: number; details: string };
-        return { code: e.code, details: e.details };
+        // grpc-js leaves the percent-encoding of grpc-message's reserved characters ("/" is %2F) in details.
+        return { code: e.code, details: decodeURIComponent(e.details) };
       }
       return { code: status.OK, details: '' };
     }
