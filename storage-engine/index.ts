@@ -6,3 +6,4 @@ export * from './errors.js';
 export type * from './types.js';
 export { isSnapshotId, isVolumeId } from './ids.js';
 export { MAX_BLOCK_SIZE, MIN_BLOCK_SIZE, MAX_BLOCKS } from './validate.js';
+export { KeyedMutex } from './keyed-mutex.js';

@@ -311,8 +311,9 @@ export function controllerService(ctx: DriverContext): ServiceImpl<typeof Contro
         throw rpcError(Code.InvalidArgument, 'capacity_range needs required_bytes or limit_bytes');
       }
       if (req.volumeCapability) requireSupportedCapabilities([req.volumeCapability], 'volume_capability');
-      // Block volumes are used raw: there is no filesystem for the node to grow.
-      const nodeExpansionRequired = req.volumeCapability?.accessType.case !== 'block';
+      // The node always has work: the loop devices (block and filesystem volumes alike) keep their old size
+      // until NodeExpandVolume refreshes them, and kubelets skip that call when this says false.
+      const nodeExpansionRequired = true;
       const volume = store.getVolume(req.volumeId);
       const done = (v: VolumeInfo) => ({ capacityBytes: BigInt(v.capacityBytes), nodeExpansionRequired });
       // Already as large as asked (a retry, or a request to shrink): nothing to do.

@@ -7,7 +7,8 @@ import path from 'node:path';
 import { create } from '@bufbuild/protobuf';
 import { Code, type ServiceImpl } from '@connectrpc/connect';
 import { CommandError } from '../dataplane/command.js';
-import { NodeError, type NodeErrorKind, type NodeVolumes } from '../dataplane/node-volumes.js';
+import { NodeError, isNoSpace, type NodeErrorKind } from '../dataplane/node-errors.js';
+import type { NodeVolumes } from '../dataplane/node-volumes.js';
 import type { StagedAccess } from '../dataplane/stage-records.js';
 import {
   type Node,
@@ -42,6 +43,7 @@ const NODE_CODES: Record<NodeErrorKind, Code> = {
   'already-exists': Code.AlreadyExists,
   'failed-precondition': Code.FailedPrecondition,
   'out-of-range': Code.OutOfRange,
+  'resource-exhausted': Code.ResourceExhausted,
 };
 
 export function nodeService(ctx: DriverContext, volumes: NodeVolumes): ServiceImpl<typeof Node> {
@@ -227,6 +229,8 @@ async function translate<T>(call: () => Promise<T>): Promise<T> {
     return await call();
   } catch (err) {
     if (err instanceof NodeError) throw rpcError(NODE_CODES[err.kind], err.message);
+    // Whatever else ran out of space (a target directory on the CO's disk): the spec's code for it.
+    if (isNoSpace(err)) throw rpcError(Code.ResourceExhausted, `no space left on device: ${(err as Error).message}`);
     // The tool's own words (mount, mkfs, losetup) are what an operator needs to act on.
     if (err instanceof CommandError) throw rpcError(Code.Internal, err.message);
     throw err;

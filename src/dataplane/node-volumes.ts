@@ -12,46 +12,17 @@
  */
 import fs from 'node:fs';
 import path from 'node:path';
-import { NotFoundError, type BlockStore } from '../../storage-engine/index.js';
+import { KeyedMutex, NotFoundError, type BlockStore } from '../../storage-engine/index.js';
 import type { Logger } from '../logging.js';
-import {
-  bindMount,
-  filesystemUsage,
-  growExt4Offline,
-  growFilesystem,
-  isFilesystemType,
-  isResizeRefused,
-  isMountPoint,
-  makeFilesystem,
-  mountFilesystem,
-  probeDevice,
-  unmountAll,
-  type FilesystemType,
-  type FilesystemUsage,
-} from './filesystems.js';
-import {
-  attachLoopDevice,
-  detachLoopDevice,
-  listLoopDevices,
-  loopDevice,
-  refreshLoopCapacity,
-  type LoopDevice,
-} from './loop-devices.js';
+import { isFilesystemType, type FilesystemType, type FilesystemUsage } from './filesystems.js';
+import { realHostOps, type HostOps, type VolumeFilesHost } from './host-ops.js';
+import type { LoopDevice } from './loop-devices.js';
+import { NodeError } from './node-errors.js';
+import { NodePaths, type Created } from './node-paths.js';
 import { StageRecords, type DeviceRecord, type PublishRecord, type StageRecord, type StagedAccess } from './stage-records.js';
 import { VolumeExporter } from './volume-exporter.js';
 
-/** Why a node request cannot be done, in terms the Node service turns into CSI status codes. */
-export type NodeErrorKind = 'invalid-argument' | 'not-found' | 'already-exists' | 'failed-precondition' | 'out-of-range';
-
-export class NodeError extends Error {
-  constructor(
-    readonly kind: NodeErrorKind,
-    message: string,
-  ) {
-    super(message);
-    this.name = 'NodeError';
-  }
-}
+export { NodeError, type NodeErrorKind } from './node-errors.js';
 
 export interface StageRequest {
   volumeId: string;
@@ -96,33 +67,40 @@ export interface NodeVolumesOptions {
   /** The driver's state directory: the FUSE mount is <stateDir>/fuse, records are in <stateDir>/node. */
   stateDir: string;
   logger: Logger;
+  /** Mounts, loop devices, filesystems: the real host unless a test gives another. */
+  host?: HostOps;
+  /** The volume files loop devices are attached to: a FUSE mount at <stateDir>/fuse unless a test gives another. */
+  files?: VolumeFilesHost;
 }
 
 export class NodeVolumes {
   private readonly store: BlockStore;
   private readonly logger: Logger;
+  private readonly host: HostOps;
   private readonly records: StageRecords;
-  readonly exporter: VolumeExporter;
-  private readonly locks = new Map<string, Promise<unknown>>();
+  private readonly paths: NodePaths;
+  readonly exporter: VolumeFilesHost;
+  /** One volume's node operations at a time. */
+  private readonly mutex = new KeyedMutex();
 
   constructor(options: NodeVolumesOptions) {
     this.store = options.store;
     this.logger = options.logger;
+    this.host = options.host ?? realHostOps;
     this.records = new StageRecords(path.join(options.stateDir, 'node'));
-    this.exporter = new VolumeExporter(options.store, path.join(options.stateDir, 'fuse'), options.logger);
+    this.paths = new NodePaths(options.stateDir);
+    this.exporter = options.files ?? new VolumeExporter(options.store, path.join(options.stateDir, 'fuse'), options.logger);
   }
 
   /**
-   * Recovers after a restart: removes the dead FUSE mount of the earlier instance, holds every staged
-   * volume again, and checks that recorded loop devices are still the ones attached to our files (after a
-   * reboot they are gone, and their numbers may belong to someone else).
+   * Recovers after a restart: removes the dead FUSE mount of the earlier instance and holds every staged
+   * volume again. Writes nothing (a full state disk must not stop a restart): recorded loop devices are
+   * checked against the kernel's list whenever one is about to be detached.
    */
   async start(): Promise<void> {
     await this.exporter.cleanStale();
     const records = this.records.list((file, err) => this.logger.warn({ file, err: String(err) }, 'unreadable stage record skipped'));
     if (records.length === 0) return;
-    const attached = await listLoopDevices();
-    const mountDir = this.exporter.mountDir;
     for (const rec of records) {
       try {
         this.store.hold(rec.volumeId, STAGED_HOLDER);
@@ -130,11 +108,6 @@ export class NodeVolumes {
         if (!(err instanceof NotFoundError)) throw err;
         this.logger.warn({ volumeId: rec.volumeId }, 'a staged volume is no longer in the store');
       }
-      const ours = (name: string | undefined) => name !== undefined && isOurDevice(name, rec.volumeId, mountDir, attached);
-      if (rec.device && !ours(rec.device.name)) rec.device = undefined;
-      rec.retiredDevices = rec.retiredDevices.filter((d) => ours(d.name));
-      for (const pub of Object.values(rec.publishes)) if (!ours(pub.device)) delete pub.device;
-      this.records.put(rec);
     }
     this.logger.warn(
       { volumes: records.map((r) => r.volumeId) },
@@ -150,8 +123,9 @@ export class NodeVolumes {
   // ------------------------------------------------------------------ stage
 
   stage(req: StageRequest): Promise<void> {
-    return this.locked(req.volumeId, async () => {
+    return this.mutex.run(req.volumeId, async () => {
       this.store.getVolume(req.volumeId);
+      const real = await this.paths.resolve(req.stagingPath, 'staging_target_path');
       let rec = this.records.get(req.volumeId);
       if (rec) {
         if (rec.stagingPath !== req.stagingPath) {
@@ -162,9 +136,13 @@ export class NodeVolumes {
         }
         if (await this.isStaged(rec)) return;
       } else {
+        // Checked before anything is recorded or attached: a refused path leaves nothing behind.
+        const state = await this.checkStagingPath(real, req.stagingPath, req.access);
         rec = {
           volumeId: req.volumeId,
           stagingPath: req.stagingPath,
+          stagingRealPath: real,
+          stagingCreated: state === 'absent' ? 'directory' : 'nothing',
           access: req.access,
           accessMode: req.accessMode,
           capabilityKey: req.capabilityKey,
@@ -173,7 +151,7 @@ export class NodeVolumes {
           retiredDevices: [],
           publishes: {},
         };
-        // Recorded before anything is attached: whatever a crash leaves half done, unstage can find.
+        // Recorded before anything is attached or created: whatever a crash leaves half done, unstage can find.
         this.records.put(rec);
         this.store.hold(req.volumeId, STAGED_HOLDER);
       }
@@ -181,33 +159,59 @@ export class NodeVolumes {
     });
   }
 
+  /**
+   * A block volume puts nothing at the staging path (it must be a directory if it exists); a filesystem
+   * is mounted there, so it must be absent (the driver creates it) or an empty directory.
+   */
+  private async checkStagingPath(real: string, requested: string, access: StagedAccess): Promise<'absent' | 'usable'> {
+    if (access.kind === 'mount') return this.paths.inspect(real, requested, 'staging_target_path', 'directory');
+    try {
+      const st = await fs.promises.lstat(real);
+      if (!st.isDirectory()) {
+        throw new NodeError('failed-precondition', `staging_target_path ${requested} exists and is not a directory`);
+      }
+      return 'usable';
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code === 'ENOENT') return 'usable';
+      throw err;
+    }
+  }
+
   /** Whether every part of the staging is in place on the live mount. */
   private async isStaged(rec: StageRecord): Promise<boolean> {
     if (!rec.device || rec.device.generation !== this.exporter.generation) return false;
-    return rec.access.kind === 'block' || (await isMountPoint(rec.stagingPath));
+    return rec.access.kind === 'block' || (await this.host.isMountPoint(stagingReal(rec)));
   }
 
   /** Attaches a device of the live mount (retiring a dead one) and mounts the filesystem. */
   private async bringUp(rec: StageRecord): Promise<void> {
     const exposed = await this.exporter.expose(rec.volumeId);
     if (!rec.device || rec.device.generation !== exposed.generation) {
-      if (rec.access.kind === 'mount') await unmountAll(rec.stagingPath, { lazy: true });
+      if (rec.access.kind === 'mount') await this.host.unmountAll(stagingReal(rec), { lazy: true });
       if (rec.device) {
         // A target may still name the dead device: keep its number taken until unstage.
         if (Object.keys(rec.publishes).length > 0) rec.retiredDevices.push(rec.device);
-        else await detachLoopDevice(rec.device.name);
+        else await this.detachOurs(rec.volumeId, [rec.device.name]);
         rec.device = undefined;
         this.records.put(rec);
       }
-      const name = await attachLoopDevice(exposed.path, { readOnly: rec.readOnly });
-      rec.device = await deviceRecord(name, exposed.generation);
+      const name = await this.host.attachLoopDevice(exposed.path, { readOnly: rec.readOnly });
+      rec.device = await this.deviceRecord(name, exposed.generation);
       this.records.put(rec);
       this.logger.info({ volumeId: rec.volumeId, device: name }, 'loop device attached');
     }
-    if (rec.access.kind === 'mount' && !(await isMountPoint(rec.stagingPath))) {
+    const real = stagingReal(rec);
+    if (rec.access.kind === 'mount' && !(await this.host.isMountPoint(real))) {
+      const state = await this.paths.inspect(real, rec.stagingPath, 'staging_target_path', 'directory');
       const fsType = await this.prepareFilesystem(rec, rec.device.name);
-      await fs.promises.mkdir(rec.stagingPath, { recursive: true });
-      await mountFilesystem(rec.device.name, rec.stagingPath, fsType, rec.access.mountFlags, rec.readOnly);
+      if (state === 'absent') {
+        if (rec.stagingCreated !== 'directory') {
+          rec.stagingCreated = 'directory';
+          this.records.put(rec);
+        }
+        await this.paths.create(real, rec.stagingPath, 'staging_target_path', 'directory');
+      }
+      await this.host.mountFilesystem(rec.device.name, real, fsType, rec.access.mountFlags, rec.readOnly);
       rec.access = { ...rec.access, fsType };
       this.records.put(rec);
     }
@@ -217,13 +221,13 @@ export class NodeVolumes {
   private async prepareFilesystem(rec: StageRecord, device: string): Promise<FilesystemType> {
     if (rec.access.kind !== 'mount') throw new Error('not a mount volume');
     const wanted = rec.access.fsType;
-    const found = await probeDevice(device);
+    const found = await this.host.probeDevice(device);
     if (found.type === undefined && found.partitionTable === undefined) {
       if (rec.readOnly) {
         throw new NodeError('failed-precondition', `volume ${rec.volumeId} has no filesystem and cannot be formatted read-only`);
       }
       const type: FilesystemType = wanted === '' ? 'ext4' : (wanted as FilesystemType);
-      await makeFilesystem(device, type);
+      await this.host.makeFilesystem(device, type);
       this.logger.info({ volumeId: rec.volumeId, fsType: type }, 'filesystem made');
       return type;
     }
@@ -239,8 +243,9 @@ export class NodeVolumes {
     return found.type;
   }
 
+  /** Takes the staging down. Writes nothing but unlinks: works on a full state disk. */
   unstage(volumeId: string, stagingPath: string): Promise<void> {
-    return this.locked(volumeId, async () => {
+    return this.mutex.run(volumeId, async () => {
       const rec = this.records.get(volumeId);
       if (!rec) {
         this.store.getVolume(volumeId); // unknown volume: NOT_FOUND; known but not staged: done
@@ -252,13 +257,15 @@ export class NodeVolumes {
         throw new NodeError('failed-precondition', `volume ${volumeId} is still published at ${targets.join(', ')}`);
       }
       const live = rec.device !== undefined && rec.device.generation === this.exporter.generation;
+      const real = stagingReal(rec);
       if (rec.access.kind === 'mount') {
         // A filesystem on a dead device cannot flush; detaching it is all that can be done.
-        await unmountAll(stagingPath, { lazy: !live });
+        await this.host.unmountAll(real, { lazy: !live });
       }
-      for (const d of [...rec.retiredDevices, ...(rec.device ? [rec.device] : [])]) await detachLoopDevice(d.name);
+      await this.detachOurs(volumeId, [...rec.retiredDevices, ...(rec.device ? [rec.device] : [])].map((d) => d.name));
       await this.exporter.hide(volumeId);
       this.store.release(volumeId, STAGED_HOLDER);
+      await this.removeCreated(volumeId, rec.stagingPath, real, rec.stagingCreated ?? 'nothing', 'staging_target_path');
       this.records.delete(volumeId);
       this.logger.info({ volumeId }, 'volume unstaged');
     });
@@ -267,8 +274,9 @@ export class NodeVolumes {
   // ------------------------------------------------------------------ publish
 
   publish(req: PublishRequest): Promise<void> {
-    return this.locked(req.volumeId, async () => {
+    return this.mutex.run(req.volumeId, async () => {
       this.store.getVolume(req.volumeId);
+      const real = await this.paths.resolve(req.targetPath, 'target_path');
       const rec = this.records.get(req.volumeId);
       if (!rec || rec.stagingPath !== req.stagingPath) {
         throw new NodeError('failed-precondition', `volume ${req.volumeId} is not staged at staging_target_path`);
@@ -281,7 +289,7 @@ export class NodeVolumes {
         if (existing.capabilityKey !== req.capabilityKey || existing.readonly !== req.readonly) {
           throw new NodeError('already-exists', `volume ${req.volumeId} is published at target_path with a different capability or readonly flag`);
         }
-        if (existing.generation === this.exporter.generation && (await isMountPoint(req.targetPath))) return;
+        if (existing.generation === this.exporter.generation && (await this.host.isMountPoint(publishedReal(req.targetPath, existing)))) return;
       } else {
         const others = Object.entries(rec.publishes);
         if (others.length > 0 && (req.exclusive || others.some(([, p]) => p.exclusive))) {
@@ -294,82 +302,116 @@ export class NodeVolumes {
           `volume ${req.volumeId} was staged by an earlier instance of the driver and its device is dead: unstage and stage it again`,
         );
       }
-      // A publication being repaired (dead device) is taken down first.
-      if (existing) await this.takeDown(req.targetPath, existing);
+      // A publication being repaired (dead device, or its mount gone) is taken down first.
+      if (existing) {
+        await this.takeDown(req.volumeId, req.targetPath, existing);
+        this.records.deletePublish(req.volumeId, req.targetPath);
+      }
+      const use = rec.access.kind === 'block' ? 'file' : 'directory';
+      const state = await this.paths.inspect(real, req.targetPath, 'target_path', use);
       const pub: PublishRecord = {
         readonly: req.readonly,
         capabilityKey: req.capabilityKey,
         accessMode: req.accessMode,
         exclusive: req.exclusive,
         generation: rec.device.generation,
+        realPath: real,
+        created: state === 'absent' ? use : 'nothing',
       };
-      rec.publishes[req.targetPath] = pub;
-      this.records.put(rec);
+      // Recorded before anything is created or attached, so a crash leaves nothing unpublish cannot find.
+      this.records.putPublish(req.volumeId, req.targetPath, pub);
       try {
+        if (state === 'absent') await this.paths.create(real, req.targetPath, 'target_path', use);
         if (rec.access.kind === 'block') {
           let device = rec.device.name;
           if (req.readonly && !rec.readOnly) {
             // A read-only bind mount does not stop writes to a device node; a read-only loop device does.
-            device = await attachLoopDevice(this.exporter.filePath(req.volumeId), { readOnly: true });
+            device = await this.host.attachLoopDevice(this.exporter.filePath(req.volumeId), { readOnly: true });
             pub.device = device;
-            this.records.put(rec);
+            this.records.putPublish(req.volumeId, req.targetPath, pub);
           }
-          await makeDeviceTarget(req.targetPath);
-          await bindMount(device, req.targetPath, req.readonly);
+          await this.host.bindMount(device, real, req.readonly);
         } else {
-          await fs.promises.mkdir(req.targetPath, { recursive: true });
-          await bindMount(rec.stagingPath, req.targetPath, req.readonly);
+          await this.host.bindMount(stagingReal(rec), real, req.readonly);
         }
       } catch (err) {
-        await this.takeDown(req.targetPath, pub).catch(() => undefined);
-        delete rec.publishes[req.targetPath];
-        this.records.put(rec);
+        await this.takeDown(req.volumeId, req.targetPath, pub).catch((e: unknown) =>
+          this.logger.warn({ volumeId: req.volumeId, targetPath: req.targetPath, err: String(e) }, 'undoing a failed publish failed'),
+        );
+        this.records.deletePublish(req.volumeId, req.targetPath);
         throw err;
       }
       this.logger.info({ volumeId: req.volumeId, readonly: req.readonly }, 'volume published');
     });
   }
 
+  /**
+   * Takes a publication down. A target with no publication recorded is not the driver's: OK, untouched.
+   * Writes nothing but an unlink: works on a full state disk.
+   */
   unpublish(volumeId: string, targetPath: string): Promise<void> {
-    return this.locked(volumeId, async () => {
+    return this.mutex.run(volumeId, async () => {
       const rec = this.records.get(volumeId);
-      const pub = rec?.publishes[targetPath];
-      if (!rec) this.store.getVolume(volumeId); // unknown volume: NOT_FOUND
-      if (!pub) {
-        // Not ours (any more), or a crash came between creating the target and recording it.
-        if (await isMountPoint(targetPath)) return;
-        await removeTarget(targetPath, true);
+      if (!rec) {
+        this.store.getVolume(volumeId); // unknown volume: NOT_FOUND
         return;
       }
-      await this.takeDown(targetPath, pub);
-      delete rec!.publishes[targetPath];
-      this.records.put(rec!);
+      const pub = rec.publishes[targetPath];
+      if (!pub) return;
+      await this.takeDown(volumeId, targetPath, pub);
+      this.records.deletePublish(volumeId, targetPath);
       this.logger.info({ volumeId }, 'volume unpublished');
     });
   }
 
-  /** Unmounts a target, removes what we created there, detaches its own device. */
-  private async takeDown(targetPath: string, pub: PublishRecord): Promise<void> {
+  /** Unmounts a target, removes what the driver created there, detaches its own device. */
+  private async takeDown(volumeId: string, targetPath: string, pub: PublishRecord): Promise<void> {
     const live = pub.generation === this.exporter.generation;
-    await unmountAll(targetPath, { lazy: !live });
-    await removeTarget(targetPath, false);
-    if (pub.device) {
-      await detachLoopDevice(pub.device);
-      delete pub.device;
+    const real = publishedReal(targetPath, pub);
+    await this.host.unmountAll(real, { lazy: !live });
+    // Records of earlier versions did not say what was created: they always created an empty file or directory.
+    const created: Created = pub.created ?? ((await isDirectory(real)) ? 'directory' : 'file');
+    await this.removeCreated(volumeId, targetPath, real, created, 'target_path');
+    if (pub.device) await this.detachOurs(volumeId, [pub.device]);
+  }
+
+  /** Removes what the driver created at a path; what it must leave is logged, never an error. */
+  private async removeCreated(volumeId: string, requested: string, real: string, created: Created, field: string): Promise<void> {
+    const outcome = await this.paths.removeCreated(real, created);
+    if (outcome.left) {
+      this.logger.warn(
+        { volumeId, [field]: requested, reason: outcome.left },
+        `${field} left in place: ${outcome.left}; the driver removes only what it created, and only while it is empty`,
+      );
+    }
+  }
+
+  /**
+   * Detaches loop devices the records name, each only if the kernel still has it on this volume's file
+   * (after a reboot the number may belong to someone else).
+   */
+  private async detachOurs(volumeId: string, names: readonly string[]): Promise<void> {
+    if (names.length === 0) return;
+    const attached = await this.host.listLoopDevices();
+    for (const name of names) {
+      if (isOurDevice(name, volumeId, this.exporter.mountDir, attached)) await this.host.detachLoopDevice(name);
+      else if (attached.some((a) => a.name === name)) {
+        this.logger.warn({ volumeId, device: name }, 'a recorded loop device now serves another file; left attached');
+      }
     }
   }
 
   // ------------------------------------------------------------------ stats, expand
 
   stats(volumeId: string, volumePath: string): Promise<VolumeStats> {
-    return this.locked(volumeId, async () => {
+    return this.mutex.run(volumeId, async () => {
       const volume = this.store.getVolume(volumeId);
       const rec = this.records.get(volumeId);
       const where = rec && whereIs(rec, volumePath);
       if (!rec || !where) throw new NodeError('not-found', `volume ${volumeId} is not staged or published at volume_path`);
       const condition = await this.condition(rec, volumePath);
       let usage: FilesystemUsage | undefined;
-      if (rec.access.kind === 'mount' && !condition.abnormal) usage = await filesystemUsage(volumePath);
+      if (rec.access.kind === 'mount' && !condition.abnormal) usage = await this.host.filesystemUsage(realOf(rec, volumePath));
       return { kind: rec.access.kind, capacityBytes: volume.capacityBytes, usage, condition };
     });
   }
@@ -384,17 +426,19 @@ export class NodeVolumes {
       };
     }
     const mounted = rec.access.kind === 'mount' || pub !== undefined;
-    if (mounted && !(await isMountPoint(volumePath))) return { abnormal: true, message: `nothing is mounted at ${volumePath}` };
-    if (!(await loopDevice(rec.device.name))) return { abnormal: true, message: `loop device ${rec.device.name} is gone` };
-    return { abnormal: false, message: `served by ${rec.device.name} through the block store` };
+    if (mounted && !(await this.host.isMountPoint(realOf(rec, volumePath)))) return { abnormal: true, message: `nothing is mounted at ${volumePath}` };
+    const device = rec.device.name;
+    if (!(await this.host.listLoopDevices()).some((d) => d.name === device)) return { abnormal: true, message: `loop device ${device} is gone` };
+    return { abnormal: false, message: `served by ${device} through the block store` };
   }
 
   /**
    * Brings the node's view up to the volume's capacity (ControllerExpandVolume grew it): the file's size,
-   * the loop devices' capacity, then the filesystem. Returns the capacity.
+   * the capacity of every loop device of the volume (the staged one and each read-only target's), then the
+   * filesystem. Returns the capacity.
    */
   expand(volumeId: string, volumePath: string, requiredBytes: number): Promise<number> {
-    return this.locked(volumeId, async () => {
+    return this.mutex.run(volumeId, async () => {
       const volume = this.store.getVolume(volumeId);
       const rec = this.records.get(volumeId);
       if (!rec || !whereIs(rec, volumePath)) throw new NodeError('not-found', `volume ${volumeId} is not staged or published at volume_path`);
@@ -408,17 +452,18 @@ export class NodeVolumes {
         throw new NodeError('failed-precondition', `volume ${volumeId} was staged by an earlier instance of the driver: unstage and stage it again`);
       }
       await this.exporter.grow(volumeId, volume.capacityBytes);
-      await refreshLoopCapacity(rec.device.name);
-      for (const pub of Object.values(rec.publishes)) if (pub.device) await refreshLoopCapacity(pub.device);
+      await this.host.refreshLoopCapacity(rec.device.name);
+      for (const pub of Object.values(rec.publishes)) if (pub.device) await this.host.refreshLoopCapacity(pub.device);
       if (rec.access.kind === 'mount' && !rec.readOnly) {
         const fsType = rec.access.fsType;
         if (!isFilesystemType(fsType)) throw new Error(`staged filesystem type ${fsType} is unknown`);
+        const staging = stagingReal(rec);
         try {
-          await growFilesystem(rec.device.name, rec.stagingPath, fsType);
+          await this.host.growFilesystem(rec.device.name, staging, fsType);
         } catch (err) {
           // Online ext4 growth needs CAP_SYS_RESOURCE, which some containers drop. Unpublished, the staging
           // mount is the filesystem's only user and can be grown offline; published, a pod is using it.
-          if (!isResizeRefused(err)) throw err;
+          if (!this.host.isResizeRefused(err)) throw err;
           if (Object.keys(rec.publishes).length > 0) {
             throw new NodeError(
               'failed-precondition',
@@ -426,9 +471,9 @@ export class NodeVolumes {
             );
           }
           this.logger.warn({ volumeId }, 'online ext4 resize refused; growing it unmounted');
-          await unmountAll(rec.stagingPath);
-          await growExt4Offline(rec.device.name);
-          await mountFilesystem(rec.device.name, rec.stagingPath, fsType, rec.access.mountFlags, rec.readOnly);
+          await this.host.unmountAll(staging);
+          await this.host.growExt4Offline(rec.device.name);
+          await this.host.mountFilesystem(rec.device.name, staging, fsType, rec.access.mountFlags, rec.readOnly);
         }
       }
       this.logger.info({ volumeId, capacityBytes: volume.capacityBytes }, 'volume expanded on the node');
@@ -436,16 +481,9 @@ export class NodeVolumes {
     });
   }
 
-  /** Runs `fn` after every earlier call for the same volume has finished. */
-  private locked<T>(volumeId: string, fn: () => Promise<T>): Promise<T> {
-    const previous = this.locks.get(volumeId) ?? Promise.resolve();
-    const run = previous.then(fn, fn);
-    const tail = run.catch(() => undefined);
-    this.locks.set(volumeId, tail);
-    void tail.then(() => {
-      if (this.locks.get(volumeId) === tail) this.locks.delete(volumeId);
-    });
-    return run;
+  private async deviceRecord(name: string, generation: string): Promise<DeviceRecord> {
+    if (!(await this.host.listLoopDevices()).some((d) => d.name === name)) throw new Error(`loop device ${name} vanished right after it was attached`);
+    return { name, generation };
   }
 }
 
@@ -455,9 +493,23 @@ function whereIs(rec: StageRecord, volumePath: string): 'staging' | 'target' | u
   return rec.publishes[volumePath] ? 'target' : undefined;
 }
 
-async function deviceRecord(name: string, generation: string): Promise<DeviceRecord> {
-  if (!(await loopDevice(name))) throw new Error(`loop device ${name} vanished right after it was attached`);
-  return { name, generation };
+/** Where the staging is mounted (records of earlier versions did not resolve it). */
+function stagingReal(rec: StageRecord): string {
+  return rec.stagingRealPath ?? rec.stagingPath;
+}
+
+function publishedReal(targetPath: string, pub: PublishRecord): string {
+  return pub.realPath ?? targetPath;
+}
+
+/** The resolved place of a path the record has (staging path or target). */
+function realOf(rec: StageRecord, volumePath: string): string {
+  const pub = rec.publishes[volumePath];
+  return pub ? publishedReal(volumePath, pub) : stagingReal(rec);
+}
+
+async function isDirectory(p: string): Promise<boolean> {
+  return (await fs.promises.lstat(p).catch(() => undefined))?.isDirectory() ?? false;
 }
 
 /**
@@ -469,29 +521,4 @@ async function deviceRecord(name: string, generation: string): Promise<DeviceRec
 function isOurDevice(name: string, volumeId: string, mountDir: string, attached: readonly LoopDevice[]): boolean {
   const paths = [path.join(mountDir, volumeId), `/${volumeId}`];
   return attached.some((a) => a.name === name && paths.some((p) => a.backFile === p || a.backFile === `${p} (deleted)`));
-}
-
-/** The file a block device is bind-mounted onto. An empty directory there (some COs make one) is replaced. */
-async function makeDeviceTarget(target: string): Promise<void> {
-  const st = await fs.promises.lstat(target).catch(() => undefined);
-  if (st?.isDirectory()) await fs.promises.rmdir(target);
-  else if (st && !st.isFile()) throw new NodeError('failed-precondition', 'target_path exists and is neither a file nor a directory');
-  const handle = await fs.promises.open(target, 'a', 0o600);
-  await handle.close();
-}
-
-/**
- * Removes a target we created: an empty directory or a file. With `onlyEmpty`, a regular file is only
- * removed if it is empty (a bind-mount target is), so nothing with content is deleted on a guess.
- */
-async function removeTarget(target: string, onlyEmpty: boolean): Promise<void> {
-  const st = await fs.promises.lstat(target).catch(() => undefined);
-  if (!st) return;
-  if (st.isDirectory()) {
-    await fs.promises.rmdir(target).catch((err: NodeJS.ErrnoException) => {
-      if (err.code !== 'ENOENT') throw err;
-    });
-  } else if (!onlyEmpty || (st.isFile() && st.size === 0)) {
-    await fs.promises.rm(target, { force: true });
-  }
 }

@@ -1315,7 +1315,7 @@ describe('ControllerExpandVolume', () => {
     expect(BigInt(d.driver.store.getVolume(vol.volumeId).capacityBytes)).toBe(vol.capacityBytes);
   });
 
-  test('ControllerExpandVolume: node_expansion_required is false for block access and true for mount access (or when not told)', async () => {
+  test('ControllerExpandVolume: node_expansion_required is true for block and mount access (or when not told): the node must refresh the loop devices (issue 15 item 7)', async () => {
     const vol = await createVolume({ capacityRange: { requiredBytes: BigInt(MiB) } });
     let size = BigInt(MiB);
     const expand = async (volumeCapability?: CapabilityInit) => {
@@ -1326,7 +1326,7 @@ describe('ControllerExpandVolume', () => {
         ...(volumeCapability ? { volumeCapability } : {}),
       });
     };
-    expect((await expand(block())).nodeExpansionRequired).toBe(false);
+    expect((await expand(block())).nodeExpansionRequired).toBe(true);
     expect((await expand(mount())).nodeExpansionRequired).toBe(true);
     expect((await expand()).nodeExpansionRequired).toBe(true);
   });

@@ -367,6 +367,198 @@ dataPlaneSuite('CSI Node service', () => {
     });
   });
 
+  describe('paths the driver does not own (issue 15 item 1)', () => {
+    /** A volume staged at a CO-made staging directory, ready to publish. */
+    async function staged(name: string, cap: ReturnType<typeof mountCap> | ReturnType<typeof blockCap>): Promise<{ vol: string; staging: string }> {
+      const vol = await createVolume(16 * MiB);
+      const staging = stagingDir(name);
+      await env.node.call('nodeStageVolume', { volumeId: vol, stagingTargetPath: staging, volumeCapability: cap });
+      return { vol, staging };
+    }
+
+    async function errorOf(call: Promise<unknown>): Promise<{ code: number; details: string }> {
+      try {
+        await call;
+      } catch (err) {
+        const e = err as { code: number; details: string };
+        // grpc-js leaves the percent-encoding of grpc-message's reserved characters ("/" is %2F) in details.
+        return { code: e.code, details: decodeURIComponent(e.details) };
+      }
+      return { code: status.OK, details: '' };
+    }
+
+    it('NodePublishVolume (block): an existing non-empty file, a directory or a FIFO at target_path is FAILED_PRECONDITION naming the path; the file is not covered and survives unpublish', async () => {
+      const { vol, staging } = await staged('own-block', blockCap());
+      const file = targetPath('own-block-file');
+      fs.writeFileSync(file, 'somebody else\'s data');
+      const dir = targetPath('own-block-dir');
+      fs.mkdirSync(dir);
+      const fifo = targetPath('own-block-fifo');
+      sh('mkfifo', [fifo]);
+      for (const target of [file, dir, fifo]) {
+        const res = await errorOf(env.node.call('nodePublishVolume', { volumeId: vol, stagingTargetPath: staging, targetPath: target, volumeCapability: blockCap() }));
+        expect(res.code, target).toBe(status.FAILED_PRECONDITION);
+        expect(res.details).toContain(target);
+        expect(isMounted(target)).toBe(false);
+        await env.node.call('nodeUnpublishVolume', { volumeId: vol, targetPath: target });
+      }
+      expect(fs.readFileSync(file, 'utf8')).toBe('somebody else\'s data');
+      expect(fs.statSync(dir).isDirectory() && fs.statSync(fifo).isFIFO()).toBe(true);
+      await env.node.call('nodeUnstageVolume', { volumeId: vol, stagingTargetPath: staging });
+    });
+
+    it('NodePublishVolume (block): an existing empty file at target_path is used and left in place at unpublish (the driver did not create it)', async () => {
+      const { vol, staging } = await staged('own-block-empty', blockCap());
+      const target = targetPath('own-block-empty');
+      fs.writeFileSync(target, '');
+      await env.node.call('nodePublishVolume', { volumeId: vol, stagingTargetPath: staging, targetPath: target, volumeCapability: blockCap() });
+      expect(fs.statSync(target).isBlockDevice()).toBe(true);
+      await env.node.call('nodeUnpublishVolume', { volumeId: vol, targetPath: target });
+      expect(isMounted(target)).toBe(false);
+      expect(fs.lstatSync(target).isFile()).toBe(true);
+      await env.node.call('nodeUnstageVolume', { volumeId: vol, stagingTargetPath: staging });
+    });
+
+    it('NodePublishVolume (mount): a non-empty directory or a file at target_path is FAILED_PRECONDITION naming the path; nothing is mounted over it', async () => {
+      const { vol, staging } = await staged('own-mount', mountCap());
+      const dir = targetPath('own-mount-dir');
+      fs.mkdirSync(dir);
+      fs.writeFileSync(`${dir}/keep`, 'keep me');
+      const file = targetPath('own-mount-file');
+      fs.writeFileSync(file, '');
+      for (const target of [dir, file]) {
+        const res = await errorOf(env.node.call('nodePublishVolume', { volumeId: vol, stagingTargetPath: staging, targetPath: target, volumeCapability: mountCap() }));
+        expect(res.code, target).toBe(status.FAILED_PRECONDITION);
+        expect(res.details).toContain(target);
+        expect(isMounted(target)).toBe(false);
+      }
+      expect(fs.readFileSync(`${dir}/keep`, 'utf8')).toBe('keep me');
+      // An empty directory the CO made is used, and left in place at unpublish.
+      const made = targetPath('own-mount-made');
+      fs.mkdirSync(made);
+      await env.node.call('nodePublishVolume', { volumeId: vol, stagingTargetPath: staging, targetPath: made, volumeCapability: mountCap() });
+      expect(isMounted(made)).toBe(true);
+      await env.node.call('nodeUnpublishVolume', { volumeId: vol, targetPath: made });
+      expect(isMounted(made)).toBe(false);
+      expect(fs.statSync(made).isDirectory()).toBe(true);
+      await env.node.call('nodeUnstageVolume', { volumeId: vol, stagingTargetPath: staging });
+    });
+
+    it('NodePublishVolume and NodeStageVolume: a path inside the state directory, directly or through a symlinked parent, is INVALID_ARGUMENT naming the path; the store keeps working', async () => {
+      const { vol, staging } = await staged('own-state', blockCap());
+      const link = env.path('link-to-state');
+      fs.symlinkSync(env.stateDir, link);
+      // A layer file of the store: publishing onto it and unpublishing deleted the volume's data.
+      const layerFile = (fs.readdirSync(env.stateDir, { recursive: true }) as string[])
+        .map((rel) => `${env.stateDir}/${rel}`)
+        .find((p) => p.includes('/layers/') && fs.lstatSync(p).isFile());
+      expect(layerFile).toBeDefined();
+      const layerBytes = fs.statSync(layerFile!).size;
+      const candidates = [`${env.stateDir}/published-here`, `${link}/published-here`, layerFile!];
+      for (const target of candidates) {
+        const res = await errorOf(env.node.call('nodePublishVolume', { volumeId: vol, stagingTargetPath: staging, targetPath: target, volumeCapability: blockCap() }));
+        expect(res.code, target).toBe(status.INVALID_ARGUMENT);
+        expect(res.details).toContain(target);
+        await env.node.call('nodeUnpublishVolume', { volumeId: vol, targetPath: target });
+      }
+      expect(fs.existsSync(`${env.stateDir}/published-here`)).toBe(false);
+      expect(fs.statSync(layerFile!).size).toBe(layerBytes);
+      const other = await createVolume(16 * MiB);
+      for (const stagingPath of [`${env.stateDir}/staged-here`, `${link}/staged-here`]) {
+        const res = await errorOf(env.node.call('nodeStageVolume', { volumeId: other, stagingTargetPath: stagingPath, volumeCapability: mountCap() }));
+        expect(res.code, stagingPath).toBe(status.INVALID_ARGUMENT);
+        expect(res.details).toContain(stagingPath);
+        expect(isMounted(stagingPath)).toBe(false);
+      }
+      await env.node.call('nodeUnstageVolume', { volumeId: vol, stagingTargetPath: staging });
+      await env.controller.call('deleteVolume', { volumeId: vol });
+      expect(await codeOf(env.controller.call('createVolume', { name: `after-state-${n}`, capacityRange: { requiredBytes: BigInt(MiB) }, volumeCapabilities: [mountCap()] }))).toBe(status.OK);
+    });
+
+    it('NodePublishVolume and NodeStageVolume: a symlink at target_path or staging_target_path is refused naming the path and never followed', async () => {
+      const { vol, staging } = await staged('own-link', mountCap());
+      const elsewhere = env.path('link-points-here');
+      fs.mkdirSync(elsewhere);
+      const target = targetPath('own-link');
+      fs.symlinkSync(elsewhere, target);
+      const res = await errorOf(env.node.call('nodePublishVolume', { volumeId: vol, stagingTargetPath: staging, targetPath: target, volumeCapability: mountCap() }));
+      expect([status.INVALID_ARGUMENT, status.FAILED_PRECONDITION]).toContain(res.code);
+      expect(res.details).toContain(target);
+      expect(isMounted(elsewhere) || isMounted(target)).toBe(false);
+      await env.node.call('nodeUnpublishVolume', { volumeId: vol, targetPath: target });
+      expect(fs.lstatSync(target).isSymbolicLink()).toBe(true);
+      await env.node.call('nodeUnstageVolume', { volumeId: vol, stagingTargetPath: staging });
+
+      const other = await createVolume(16 * MiB);
+      const stagingLink = env.path('staging', 'own-link-staging');
+      fs.symlinkSync(elsewhere, stagingLink);
+      const st = await errorOf(env.node.call('nodeStageVolume', { volumeId: other, stagingTargetPath: stagingLink, volumeCapability: mountCap() }));
+      expect([status.INVALID_ARGUMENT, status.FAILED_PRECONDITION]).toContain(st.code);
+      expect(st.details).toContain(stagingLink);
+      expect(isMounted(elsewhere) || isMounted(stagingLink)).toBe(false);
+      expect(await codeOf(env.controller.call('deleteVolume', { volumeId: vol }))).toBe(status.OK);
+    });
+
+    it('NodeUnpublishVolume: a target the volume was never published at is OK and left untouched (empty file, empty directory)', async () => {
+      const { vol, staging } = await staged('own-unknown', mountCap());
+      const emptyFile = targetPath('own-unknown-file');
+      fs.writeFileSync(emptyFile, '');
+      const emptyDir = targetPath('own-unknown-dir');
+      fs.mkdirSync(emptyDir);
+      for (const target of [emptyFile, emptyDir]) await env.node.call('nodeUnpublishVolume', { volumeId: vol, targetPath: target });
+      expect(fs.existsSync(emptyFile) && fs.existsSync(emptyDir)).toBe(true);
+      await env.node.call('nodeUnstageVolume', { volumeId: vol, stagingTargetPath: staging });
+      // Not staged at all: the same.
+      for (const target of [emptyFile, emptyDir]) await env.node.call('nodeUnpublishVolume', { volumeId: vol, targetPath: target });
+      expect(fs.existsSync(emptyFile) && fs.existsSync(emptyDir)).toBe(true);
+    });
+
+    it('NodeUnpublishVolume: a target that still holds files after the unmount is unpublished (OK), the files are left alone, and unstage and DeleteVolume still work', async () => {
+      const { vol, staging } = await staged('own-leftover', mountCap());
+      const target = targetPath('own-leftover');
+      await env.node.call('nodePublishVolume', { volumeId: vol, stagingTargetPath: staging, targetPath: target, volumeCapability: mountCap() });
+      // Something else takes the mount down and writes into the bare directory.
+      sh('umount', [target]);
+      fs.writeFileSync(`${target}/left-behind`, 'not the driver\'s');
+      await env.node.call('nodeUnpublishVolume', { volumeId: vol, targetPath: target });
+      expect(fs.readFileSync(`${target}/left-behind`, 'utf8')).toBe('not the driver\'s');
+      await env.node.call('nodeUnpublishVolume', { volumeId: vol, targetPath: target });
+      await env.node.call('nodeUnstageVolume', { volumeId: vol, stagingTargetPath: staging });
+      await env.controller.call('deleteVolume', { volumeId: vol });
+    });
+
+    it('NodeStageVolume (mount): a non-empty staging directory or a file is FAILED_PRECONDITION naming the path, and nothing is mounted over it', async () => {
+      const vol = await createVolume(16 * MiB);
+      const dir = stagingDir('own-staging-full');
+      fs.writeFileSync(`${dir}/keep`, 'keep me');
+      const file = env.path('staging', 'own-staging-file');
+      fs.writeFileSync(file, '');
+      for (const stagingPath of [dir, file]) {
+        const res = await errorOf(env.node.call('nodeStageVolume', { volumeId: vol, stagingTargetPath: stagingPath, volumeCapability: mountCap() }));
+        expect(res.code, stagingPath).toBe(status.FAILED_PRECONDITION);
+        expect(res.details).toContain(stagingPath);
+        expect(isMounted(stagingPath)).toBe(false);
+      }
+      expect(fs.readFileSync(`${dir}/keep`, 'utf8')).toBe('keep me');
+      // Refused stages leave nothing staged: the volume can be deleted.
+      await env.controller.call('deleteVolume', { volumeId: vol });
+    });
+
+    it('NodeStageVolume (mount): an absent staging path is created and removed at unstage; a directory the CO made is left in place', async () => {
+      const vol = await createVolume(16 * MiB);
+      fs.mkdirSync(env.path('staging'), { recursive: true });
+      const absent = env.path('staging', 'own-staging-absent');
+      await env.node.call('nodeStageVolume', { volumeId: vol, stagingTargetPath: absent, volumeCapability: mountCap() });
+      expect(isMounted(absent)).toBe(true);
+      await env.node.call('nodeUnstageVolume', { volumeId: vol, stagingTargetPath: absent });
+      expect(fs.existsSync(absent)).toBe(false);
+      const made = stagingDir('own-staging-made');
+      await env.node.call('nodeStageVolume', { volumeId: vol, stagingTargetPath: made, volumeCapability: mountCap() });
+      await env.node.call('nodeUnstageVolume', { volumeId: vol, stagingTargetPath: made });
+      expect(fs.statSync(made).isDirectory()).toBe(true);
+    });
+  });
+
   describe('NodeGetVolumeStats', () => {
     it('NodeGetVolumeStats (mount): bytes and inodes of the filesystem at the staging path and the target, and a normal condition', async () => {
       const vol = await createVolume(64 * MiB);

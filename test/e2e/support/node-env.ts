@@ -63,9 +63,14 @@ export interface NodeEnv {
   cleanup(): Promise<void>;
 }
 
-export async function startNodeEnv(extraArgs: string[] = []): Promise<NodeEnv> {
+export interface NodeEnvOptions {
+  /** The driver's state directory (e.g. on a small filesystem the test made); default <dir>/state. */
+  stateDir?: string;
+}
+
+export async function startNodeEnv(extraArgs: string[] = [], options: NodeEnvOptions = {}): Promise<NodeEnv> {
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'cbt-node-'));
-  const stateDir = path.join(dir, 'state');
+  const stateDir = options.stateDir ?? path.join(dir, 'state');
   const socket = path.join(dir, 'csi.sock');
   const args = ['--endpoint', `unix://${socket}`, '--state-dir', stateDir, '--node-id', 'test-node', '--log-level', process.env['CBT_TEST_LOG'] ?? 'warn', ...extraArgs];
   const env: NodeEnv = {
