@@ -79,12 +79,14 @@ export class LocationIndex<T extends object> {
   /** Records that blocks [first, end) are now held by `owner` (null: they read as zeros). */
   assign(first: number, end: number, owner: T | null): void {
     if (!(first < end)) return;
+    let emptied = false;
     for (let c = this.chunkFor(first); c < this.chunks.length; c++) {
       const chunk = this.chunks[c]!;
       if (chunk.starts[0]! >= end) break;
       this.cut(chunk, first, end);
+      if (chunk.starts.length === 0) emptied = true;
     }
-    this.chunks = this.chunks.filter((c) => c.starts.length > 0);
+    if (emptied) this.chunks = this.chunks.filter((c) => c.starts.length > 0);
     if (owner !== null) this.insert(first, end, owner);
   }
 
@@ -173,16 +175,37 @@ export class LocationIndex<T extends object> {
     const { starts, ends, owners } = chunk;
     // Runs i..j-1 overlap [first, end): ends[i] > first and starts[j - 1] < end.
     const i = firstAbove(ends, first);
-    const j = firstAtOrAbove(starts, end);
+    let j = firstAtOrAbove(starts, end);
     if (i >= j) return;
-    const pieces: Array<[number, number, T]> = [];
-    if (starts[i]! < first) pieces.push([starts[i]!, first, owners[i]!]);
-    if (ends[j - 1]! > end) pieces.push([end, ends[j - 1]!, owners[j - 1]!]);
+    const leftOwner = owners[i]!;
+    const rightOwner = owners[j - 1]!;
+    const keepLeft = starts[i]! < first;
+    const keepRight = ends[j - 1]! > end;
+    const rightEnd = ends[j - 1]!;
+    // Usual case, one block rewritten inside or over one run: adjust in place, no splice.
+    if (j - i === 1 && keepLeft !== keepRight) {
+      if (keepLeft) ends[i] = first;
+      else starts[i] = end;
+      return;
+    }
     for (let k = i; k < j; k++) this.count(owners[k]!, -1);
-    for (const p of pieces) this.count(p[2], 1);
-    starts.splice(i, j - i, ...pieces.map((p) => p[0]));
-    ends.splice(i, j - i, ...pieces.map((p) => p[1]));
-    owners.splice(i, j - i, ...pieces.map((p) => p[2]));
+    let at = i;
+    if (keepLeft) {
+      ends[at] = first;
+      this.count(leftOwner, 1);
+      at++;
+    }
+    if (keepRight) {
+      starts.splice(at, 0, end);
+      ends.splice(at, 0, rightEnd);
+      owners.splice(at, 0, rightOwner);
+      this.count(rightOwner, 1);
+      at++;
+      j++;
+    }
+    starts.splice(at, j - at);
+    ends.splice(at, j - at);
+    owners.splice(at, j - at);
   }
 
   /** Inserts a run over a range no run covers, joining a neighbour of the same owner that touches it. */
