@@ -23,11 +23,14 @@ import { Catalog } from './catalog.js';
 import { allocatedBlocks, chainOf, changedBlocks, indexChain } from './chain.js';
 import { type CompactionHost, Compactor } from './compaction.js';
 import {
+  HistoryGoneError,
   InvalidArgumentError,
   NotFoundError,
   StoreClosedError,
   UnrelatedSnapshotsError,
 } from './errors.js';
+import { Bitmap, clipBelow, decodeBitmap } from './bitmap.js';
+import { DEFAULT_TOMBSTONE_RETENTION, type Tombstone, Tombstones } from './tombstones.js';
 import { DEFAULT_BATCH_SIZE, type ExtentStream, extentStream } from './extent-stream.js';
 import { newSnapshotId, newVolumeId } from './ids.js';
 import { KeyedMutex } from './keyed-mutex.js';
@@ -75,6 +78,8 @@ export class BlockStore {
   private readonly catalog: Catalog;
   private readonly files: LayerFiles;
   private readonly records: Records;
+  /** Change records of deleted snapshots, so deltas from them stay exact (invariant 8). */
+  private readonly tombstones: Tombstones;
   private readonly layers = new Map<number, Layer>();
   /** Each volume's reads and writes, through its chain's location index. */
   private readonly volumeIo = new Map<string, BlockIo>();
@@ -102,6 +107,10 @@ export class BlockStore {
     this.capacityLimitBytes = options.capacityLimitBytes;
     this.autoCompact = options.autoCompact ?? true;
     this.records = new Records(this.capacityLimitBytes);
+    this.tombstones = new Tombstones({
+      maxAgeMs: options.deletedSnapshotRetention?.maxAgeMs ?? DEFAULT_TOMBSTONE_RETENTION.maxAgeMs,
+      maxPerVolume: options.deletedSnapshotRetention?.maxPerVolume ?? DEFAULT_TOMBSTONE_RETENTION.maxPerVolume,
+    });
     makePrivateDir(dir);
     this.releaseOwnership = takeOwnership(dir);
     try {
@@ -140,6 +149,17 @@ export class BlockStore {
     }
     for (const row of this.catalog.allVolumes()) this.records.addVolume(volumeFromRow(row));
     for (const row of this.catalog.allSnapshots()) this.records.addSnapshot(snapshotFromRow(row));
+    for (const row of this.catalog.allTombstones()) {
+      this.tombstones.add({
+        snapshotId: row.snapshot_id,
+        sourceVolumeId: row.source_volume_id,
+        anchorLayerId: row.anchor_layer_id,
+        changed: row.expired === 1 ? null : decodeBitmap(row.changed),
+        capacityBytes: row.capacity_bytes,
+        blockSize: row.block_size,
+        deletedAtMs: row.deleted_at_ms,
+      });
+    }
     for (const vol of this.records.volumes.values()) {
       const head = this.layer(vol.headId);
       this.volumeIo.set(vol.id, new BlockIo(head, indexChain(chainOf(head.id, this.layers)), vol.blockSize));
@@ -450,13 +470,48 @@ export class BlockStore {
     return wanted.map(snapshotInfo);
   }
 
-  /** Drops the snapshot's record; its layer is merged away by compaction once nothing needs it. */
+  /**
+   * Drops the snapshot's record; its layer is merged away by compaction once nothing needs it. Its change
+   * record stays behind as a tombstone, so a delta from it stays exact until retention ends (invariant 8).
+   */
   async deleteSnapshot(id: string): Promise<void> {
     this.checkOpen();
-    this.records.snapshot(id);
-    this.catalog.deleteSnapshot(id);
+    const snap = this.records.snapshot(id);
+    const tombstone: Tombstone = {
+      snapshotId: snap.id,
+      sourceVolumeId: snap.sourceVolumeId,
+      anchorLayerId: snap.layerId,
+      changed: new Bitmap(),
+      capacityBytes: snap.capacityBytes,
+      blockSize: snap.blockSize,
+      deletedAtMs: Date.now(),
+    };
+    this.tombstones.add(tombstone);
+    let expiring: Tombstone[];
+    try {
+      // The oldest records of this volume past the count limit expire in the same transaction.
+      expiring = this.tombstones.overCount(snap.sourceVolumeId);
+      this.catalog.transaction(() => {
+        this.catalog.deleteSnapshot(id);
+        this.catalog.insertTombstone({
+          snapshot_id: snap.id,
+          source_volume_id: snap.sourceVolumeId,
+          anchor_layer_id: snap.layerId,
+          changed: null,
+          expired: 0,
+          capacity_bytes: snap.capacityBytes,
+          block_size: snap.blockSize,
+          deleted_at_ms: tombstone.deletedAtMs,
+        });
+        for (const t of expiring) this.catalog.moveTombstone(t.snapshotId, t.anchorLayerId, null);
+      });
+    } catch (err) {
+      this.tombstones.remove(snap.id);
+      throw err;
+    }
     this.records.removeSnapshot(id);
     this.snapshotIo.delete(id);
+    for (const t of expiring) this.tombstones.applyMove(t, t.anchorLayerId, null);
     this.afterDelete();
   }
 
@@ -493,17 +548,28 @@ export class BlockStore {
     return extentStream(blocks, { ...query, capacityBytes: snap.capacityBytes, blockSize: snap.blockSize });
   }
 
-  /** Blocks written or trimmed after `base` up to and including `target`; base must be in target's chain. */
+  /**
+   * Blocks written or trimmed after `base` up to and including `target`; base must be in target's chain.
+   * A deleted base answers from its change record while retention lasts (HistoryGoneError after).
+   */
   delta(baseSnapshotId: string, targetSnapshotId: string, options: ExtentQueryOptions = {}): ExtentStream {
     this.checkOpen();
-    const base = this.records.snapshot(baseSnapshotId);
     const target = this.records.snapshot(targetSnapshotId);
+    const live = this.records.snapshots.get(baseSnapshotId);
+    const tombstone = live ? undefined : this.tombstones.get(baseSnapshotId);
+    if (!live && !tombstone) this.records.snapshot(baseSnapshotId);
     const query = extentQuery(options, target.capacityBytes);
+    if (tombstone && !this.tombstones.usable(tombstone, Date.now())) {
+      throw new HistoryGoneError(
+        `base snapshot ${baseSnapshotId} was deleted and its change record has expired: take a full backup`,
+      );
+    }
+    const baseLayerId = live ? live.layerId : tombstone!.anchorLayerId;
     // Only the layers between the two are visited: cost follows what changed, not the chain below the base.
     const between: Layer[] = [];
     let found = false;
     for (let id: number | null = target.layerId; id !== null; ) {
-      if (id === base.layerId) {
+      if (id === baseLayerId) {
         found = true;
         break;
       }
@@ -512,14 +578,16 @@ export class BlockStore {
       id = layer.parentId;
     }
     if (!found) {
-      const reversed = chainOf(base.layerId, this.layers).some((l) => l.id === target.layerId);
+      const reversed = chainOf(baseLayerId, this.layers).some((l) => l.id === target.layerId);
       throw new UnrelatedSnapshotsError(
         reversed
-          ? `snapshot ${base.id} was taken after ${target.id}: the base must be the earlier snapshot`
-          : `snapshots ${base.id} and ${target.id} do not share a history (neither volume was made from the other)`,
+          ? `snapshot ${baseSnapshotId} was taken after ${target.id}: the base must be the earlier snapshot`
+          : `snapshots ${baseSnapshotId} and ${target.id} do not share a history (neither volume was made from the other)`,
       );
     }
     const blocks = changedBlocks(between, target.capacityBytes / target.blockSize);
+    if (tombstone?.changed) blocks.orInPlace(tombstone.changed);
+    clipBelow(blocks, target.capacityBytes / target.blockSize);
     return extentStream(blocks, { ...query, capacityBytes: target.capacityBytes, blockSize: target.blockSize });
   }
 
@@ -619,6 +687,24 @@ export class BlockStore {
       layers: this.layers,
       referencedLayers: () => this.records.referencedLayers(),
       forgetLayer: (layer) => this.forgetLayer(layer),
+      layerLeaving: (leaving, into) => {
+        const anchored = this.tombstones.anchoredAt(leaving.id);
+        if (anchored.length === 0) return () => undefined;
+        if (!into) {
+          // Nothing is above a dropped layer, so no later snapshot can be the target of these deltas.
+          for (const t of anchored) this.catalog.deleteTombstone(t.snapshotId);
+          return () => {
+            for (const t of anchored) this.tombstones.remove(t.snapshotId);
+          };
+        }
+        // The upper layer's own bits, before the merge adds the lower layer's: the changes after the anchor.
+        const upperChanged = Bitmap.or(into.written, into.trimmed);
+        const moves = this.tombstones.planMerge(leaving.id, upperChanged);
+        for (const m of moves) this.catalog.moveTombstone(m.tombstone.snapshotId, into.id, m.changed);
+        return () => {
+          for (const m of moves) this.tombstones.applyMove(m.tombstone, into.id, m.changed);
+        };
+      },
       merged: (lower, upper) => {
         // Every index that had the lower layer's blocks now finds them in the upper one.
         for (const io of this.volumeIo.values()) io.index.relabel(lower, upper);

@@ -8,7 +8,8 @@ import Database from 'better-sqlite3';
 import type { Bitmap } from './bitmap.js';
 import { decodeBitmap, encodeBitmap } from './bitmap.js';
 
-const SCHEMA_VERSION = 1;
+/** 2 added tombstones; a version-1 catalog is upgraded in place (the table is new, nothing else changed). */
+const SCHEMA_VERSION = 2;
 
 /** Journal rows a layer may accumulate before they are folded into its full bitmaps. */
 export const JOURNAL_FOLD_THRESHOLD = 64;
@@ -39,6 +40,17 @@ export interface VolumeRow {
   source_id: string | null;
   attributes: string;
   created_at_ms: number;
+}
+
+export interface TombstoneRow {
+  snapshot_id: string;
+  source_volume_id: string;
+  anchor_layer_id: number;
+  changed: Buffer | null;
+  expired: number;
+  capacity_bytes: number;
+  block_size: number;
+  deleted_at_ms: number;
 }
 
 export interface SnapshotRow {
@@ -117,6 +129,13 @@ export class Catalog {
       ),
       deleteSnapshot: db.prepare('DELETE FROM snapshots WHERE id = ?'),
       allSnapshots: db.prepare('SELECT * FROM snapshots ORDER BY rowid'),
+      insertTombstone: db.prepare(
+        `INSERT INTO tombstones (snapshot_id, source_volume_id, anchor_layer_id, changed, expired, capacity_bytes, block_size, deleted_at_ms)
+         VALUES (@snapshot_id, @source_volume_id, @anchor_layer_id, @changed, @expired, @capacity_bytes, @block_size, @deleted_at_ms)`,
+      ),
+      moveTombstone: db.prepare('UPDATE tombstones SET anchor_layer_id = ?, changed = ?, expired = ? WHERE snapshot_id = ?'),
+      deleteTombstone: db.prepare('DELETE FROM tombstones WHERE snapshot_id = ?'),
+      allTombstones: db.prepare('SELECT * FROM tombstones ORDER BY deleted_at_ms'),
     };
   }
 
@@ -160,12 +179,24 @@ export class Catalog {
         attributes TEXT NOT NULL,
         created_at_ms INTEGER NOT NULL
       );
+      CREATE TABLE IF NOT EXISTS tombstones (
+        snapshot_id TEXT PRIMARY KEY,
+        source_volume_id TEXT NOT NULL,
+        anchor_layer_id INTEGER NOT NULL,
+        changed BLOB,
+        expired INTEGER NOT NULL DEFAULT 0,
+        capacity_bytes INTEGER NOT NULL,
+        block_size INTEGER NOT NULL,
+        deleted_at_ms INTEGER NOT NULL
+      );
     `);
     const row = this.db.prepare("SELECT value FROM meta WHERE key = 'schema_version'").get() as
       | { value: string }
       | undefined;
     if (!row) {
       this.db.prepare("INSERT INTO meta (key, value) VALUES ('schema_version', ?)").run(String(SCHEMA_VERSION));
+    } else if (Number(row.value) === 1) {
+      this.db.prepare("UPDATE meta SET value = ? WHERE key = 'schema_version'").run(String(SCHEMA_VERSION));
     } else if (Number(row.value) !== SCHEMA_VERSION) {
       throw new Error(`catalog schema version ${row.value} is not supported (expected ${SCHEMA_VERSION})`);
     }
@@ -274,6 +305,23 @@ export class Catalog {
 
   allSnapshots(): SnapshotRow[] {
     return this.stmt.allSnapshots.all() as SnapshotRow[];
+  }
+
+  insertTombstone(row: TombstoneRow): void {
+    this.stmt.insertTombstone.run(row);
+  }
+
+  /** Moves a tombstone's anchor (a merge) or expires it (`changed` null). */
+  moveTombstone(snapshotId: string, anchorLayerId: number, changed: Bitmap | null): void {
+    this.stmt.moveTombstone.run(anchorLayerId, changed === null ? null : encodeBitmap(changed), changed === null ? 1 : 0, snapshotId);
+  }
+
+  deleteTombstone(snapshotId: string): void {
+    this.stmt.deleteTombstone.run(snapshotId);
+  }
+
+  allTombstones(): TombstoneRow[] {
+    return this.stmt.allTombstones.all() as TombstoneRow[];
   }
 
   close(): void {

@@ -24,6 +24,11 @@ export interface CompactionHost {
   forgetLayer(layer: Layer): void;
   /** A merge committed: whatever read `lower`'s blocks now reads them from `upper`. */
   merged(lower: Layer, upper: Layer): void;
+  /**
+   * Inside a merge's or a drop's transaction, before any bits change: records what must move with the layer
+   * (change records anchored at it). Returns what to apply in memory once the transaction committed.
+   */
+  layerLeaving(leaving: Layer, into: Layer | undefined): () => void;
 }
 
 /** Blocks copied between yields to the event loop, so writes keep flowing during a large merge. */
@@ -117,7 +122,11 @@ export class Compactor {
   }
 
   private drop(layer: Layer): void {
-    this.host.catalog.deleteLayer(layer.id);
+    const applied = this.host.catalog.transaction(() => {
+      this.host.catalog.deleteLayer(layer.id);
+      return this.host.layerLeaving(layer, undefined);
+    });
+    applied();
     this.host.forgetLayer(layer);
   }
 
@@ -167,8 +176,10 @@ export class Compactor {
     const held = Bitmap.or(upper.written, upper.trimmed);
     const mergedWritten = Bitmap.andNot(lower.written, held);
     const mergedTrimmed = Bitmap.andNot(lower.trimmed, held);
+    let moved: () => void = () => undefined;
     try {
       catalog.transaction(() => {
+        moved = this.host.layerLeaving(lower, upper);
         if (user) {
           catalog.appendJournal(upper.id, user.setWritten, user.setTrimmed);
           catalog.appendJournal(upper.id, mergedWritten, mergedTrimmed);
@@ -182,6 +193,7 @@ export class Compactor {
       user?.restore();
       throw err;
     }
+    moved();
     upper.absorb(mergedWritten, mergedTrimmed, lower.parentId);
     this.host.merged(lower, upper);
     this.host.forgetLayer(lower);

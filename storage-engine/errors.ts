@@ -12,6 +12,7 @@ export type EngineErrorCode =
   | 'NO_SPACE'
   | 'BUSY'
   | 'UNRELATED'
+  | 'HISTORY_GONE'
   | 'CLOSED';
 
 /** Base class of every error the engine throws on purpose. */
@@ -71,6 +72,13 @@ export class BusyError extends EngineError {
 export class UnrelatedSnapshotsError extends EngineError {
   constructor(message: string) {
     super('UNRELATED', message);
+  }
+}
+
+/** The base of a delta was deleted and its change record has expired: only a full backup can follow. */
+export class HistoryGoneError extends EngineError {
+  constructor(message: string) {
+    super('HISTORY_GONE', message);
   }
 }
 

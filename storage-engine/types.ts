@@ -99,6 +99,11 @@ export interface StoreOptions {
   capacityLimitBytes?: number;
   /** Merge hidden layers in the background after deletes. Default true; tests may call compact() instead. */
   autoCompact?: boolean;
+  /**
+   * How long a deleted snapshot stays usable as the base of a delta (its change record, bits only).
+   * Defaults: 30 days, 256 per source volume.
+   */
+  deletedSnapshotRetention?: { maxAgeMs?: number; maxPerVolume?: number };
 }
 
 /** What one `compact()` pass did. */

@@ -52,7 +52,7 @@ export function snapshotMetadataService(ctx: DriverContext): ServiceImpl<typeof 
       if (!req.baseSnapshotId) throw rpcError(Code.InvalidArgument, 'base_snapshot_id is required');
       if (!req.targetSnapshotId) throw rpcError(Code.InvalidArgument, 'target_snapshot_id is required');
       const size = batchSize(req.maxResults);
-      store.getSnapshot(req.baseSnapshotId);
+      // The base may be a deleted snapshot: the engine answers from its change record (or FAILED_PRECONDITION).
       const target = store.getSnapshot(req.targetSnapshotId);
       const startingOffset = checkedOffset(req.startingOffset, target.capacityBytes);
       const stream = store.delta(req.baseSnapshotId, target.id, {

@@ -15,6 +15,8 @@ const ENGINE_CODES: Record<EngineErrorCode, Code> = {
   BUSY: Code.FailedPrecondition,
   // Snapshots of unrelated volumes, or in the wrong order: the request's arguments are what is wrong.
   UNRELATED: Code.InvalidArgument,
+  // CSI 1.12: the plugin cannot compute the delta (the base's change record is gone): take a full backup.
+  HISTORY_GONE: Code.FailedPrecondition,
   CLOSED: Code.Unavailable,
 };
 
