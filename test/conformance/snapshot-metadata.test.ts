@@ -351,13 +351,21 @@ describe('GetMetadataDelta errors', () => {
     expect(await codeOf(delta({ baseSnapshotId: base.id, targetSnapshotId: '/etc/passwd' }))).toBe(status.NOT_FOUND);
   });
 
-  test('GetMetadataDelta: a deleted base snapshot is NOT_FOUND', async () => {
-    const vol = await ModelVolume.create(store, { blocks: 8 });
+  test('GetMetadataDelta: a deleted base snapshot answers from its change record, exactly (invariant 8)', async () => {
+    const vol = await ModelVolume.create(store, { blocks: 8, style: 'FIXED' });
     const s1 = await vol.snapshot();
-    vol.writeBlocks([1]);
+    vol.writeBlocks([1, 5]);
     const s2 = await vol.snapshot();
     await store.deleteSnapshot(s1.id);
-    expect(await codeOf(delta({ baseSnapshotId: s1.id, targetSnapshotId: s2.id }))).toBe(status.NOT_FOUND);
+    await store.compact();
+    const tuples = tuplesOf(await delta({ baseSnapshotId: s1.id, targetSnapshotId: s2.id }));
+    expect(tuples.map((t) => t.offset / vol.blockSize)).toEqual([1, 5]);
+  });
+
+  test('GetMetadataDelta: a base that never existed is NOT_FOUND', async () => {
+    const vol = await ModelVolume.create(store, { blocks: 8 });
+    const s2 = await vol.snapshot();
+    expect(await codeOf(delta({ baseSnapshotId: 'snap-0123456789abcdef', targetSnapshotId: s2.id }))).toBe(status.NOT_FOUND);
   });
 
   test('GetMetadataDelta: a negative starting_offset is OUT_OF_RANGE', async () => {

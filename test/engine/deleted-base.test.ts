@@ -73,7 +73,7 @@ describe('deltas from deleted base snapshots (invariant 8)', () => {
   it('answers HistoryGoneError once more deleted snapshots of the volume exist than retention keeps', async () => {
     const { store } = open({ deletedSnapshotRetention: { maxPerVolume: 2 } });
     const v = await store.createVolume({ capacityBytes: 64 * B });
-    const snaps = [];
+    const snaps: Array<{ id: string }> = [];
     for (let i = 0; i < 4; i++) {
       writeBlocks(store, v.id, [i], i + 1);
       snaps.push(await store.createSnapshot({ volumeId: v.id }));
