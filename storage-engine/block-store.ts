@@ -12,6 +12,7 @@
 import fs from 'node:fs';
 import path from 'node:path';
 import { Bitmap } from './bitmap.js';
+import { checkAddressable, probeFileSystem, storeCapacity, type FileSystemLimits, type StoreCapacity } from './capacity.js';
 import { Catalog, type SnapshotRow, type VolumeRow } from './catalog.js';
 import { allocatedBlocks, changedBlocks, readThrough, readThroughInto } from './chain.js';
 import { Compactor, type CompactionHost } from './compaction.js';
@@ -92,6 +93,8 @@ export class BlockStore {
   private readonly releaseOwnership: () => void;
   private readonly pendingUnlinks = new Set<Promise<void>>();
   private closing: Promise<void> | undefined;
+  /** The largest file the state filesystem holds, probed once at open: it bounds every volume's size. */
+  private readonly fileSystem: FileSystemLimits;
 
   private constructor(
     readonly dir: string,
@@ -108,6 +111,7 @@ export class BlockStore {
     fs.mkdirSync(path.join(dir, LAYER_DIR), { recursive: true });
     this.releaseOwnership = takeOwnership(dir);
     try {
+      this.fileSystem = probeFileSystem(dir);
       this.catalog = new Catalog(path.join(dir, 'catalog.db'));
     } catch (err) {
       this.releaseOwnership();
@@ -214,6 +218,7 @@ export class BlockStore {
     }
     blockSize ??= this.defaultBlockSize;
     const capacityBytes = checkCapacity(req.capacityBytes, blockSize);
+    checkAddressable(this.fileSystem, capacityBytes, blockSize);
     if (capacityBytes < minimumCapacity) {
       throw new InvalidArgumentError(
         `capacity ${capacityBytes} is smaller than the source's ${minimumCapacity} bytes`,
@@ -384,6 +389,7 @@ export class BlockStore {
     this.checkOpen();
     const vol = this.volumeOrThrow(id);
     checkCapacity(capacityBytes, vol.blockSize);
+    checkAddressable(this.fileSystem, capacityBytes, vol.blockSize);
     return this.volumeLocks.run(id, () => {
       this.checkOpen();
       const current = this.volumeOrThrow(id);
@@ -541,9 +547,10 @@ export class BlockStore {
     if (req === null || typeof req !== 'object') throw new InvalidArgumentError('a snapshot request is required');
     const name = checkName(req.name, 'snapshot');
     const attributes = checkAttributes(req.attributes);
-    this.volumeOrThrow(req.volumeId);
+    // By name first: a retry must get its snapshot even if the source volume was deleted after the cut.
     const existing = this.sameNameSnapshot(name, req.volumeId);
     if (existing) return existing;
+    this.volumeOrThrow(req.volumeId);
     return this.volumeLocks.run(req.volumeId, async () => {
       const vol = this.volumeOrThrow(req.volumeId);
       const head = this.layer(vol.headId);
@@ -698,6 +705,13 @@ export class BlockStore {
       layers: this.layers.size,
       hiddenLayers,
     };
+  }
+
+  /** Room left for volumes of `blockSize`-byte blocks, and the largest one the store can hold now. */
+  capacity(blockSize: number): StoreCapacity {
+    this.checkOpen();
+    const state = { capacityLimitBytes: this.capacityLimitBytes, provisionedBytes: this.provisionedBytes() };
+    return storeCapacity(this.fileSystem, state, checkBlockSize(blockSize));
   }
 
   /** Flushes every volume, stops compaction and closes the catalog. Later calls throw StoreClosedError. */
