@@ -62,3 +62,33 @@ export function mountSmallExt4(options: { sizeBytes: number; blockSize: 1024 | 2
     },
   };
 }
+
+/**
+ * The largest file `dir`'s filesystem accepts, asked of the kernel directly (ftruncate of a scratch file,
+ * bisected up to 2^52 bytes): what tests compute expected volume limits from, independently of the engine.
+ */
+export function largestFileBytes(dir: string): number {
+  const file = path.join(dir, `largest-file-check-${process.pid}`);
+  const fd = fs.openSync(file, 'w', 0o600);
+  const fits = (bytes: number): boolean => {
+    try {
+      fs.ftruncateSync(fd, bytes);
+      return true;
+    } catch {
+      return false;
+    }
+  };
+  try {
+    let low = 0;
+    let high = 2 ** 52 + 1;
+    while (high - low > 1) {
+      const mid = low + Math.floor((high - low) / 2);
+      if (fits(mid)) low = mid;
+      else high = mid;
+    }
+    return low;
+  } finally {
+    fs.closeSync(fd);
+    fs.rmSync(file, { force: true });
+  }
+}
