@@ -9,7 +9,7 @@ import fs from 'node:fs';
 import http2 from 'node:http2';
 import path from 'node:path';
 import net, { type AddressInfo } from 'node:net';
-import { Code, type ConnectRouter } from '@connectrpc/connect';
+import type { ConnectRouter } from '@connectrpc/connect';
 import { connectNodeAdapter } from '@connectrpc/connect-node';
 import { BlockStore } from '../storage-engine/index.js';
 import { formatEndpoint, type DriverConfig, type Endpoint } from './config.js';
@@ -23,7 +23,8 @@ import { Controller, Identity, Node, SnapshotMetadata } from './gen/csi/v1/csi_p
 import type { Logger } from './logging.js';
 import { DriverMetrics } from './metrics.js';
 import { observeRpcs } from './rpc/interceptors.js';
-import { isUndecodableRequest } from './rpc/status.js';
+import { correctUndecodableStatus, unimplementedMethodHeaders } from './rpc/status.js';
+import { tupleCount } from './csi/block-metadata-wire.js';
 
 /** A running driver. */
 export interface RunningDriver {
@@ -75,15 +76,12 @@ export async function startDriver(config: DriverConfig, logger: Logger): Promise
     // requests are still read.
     compressMinBytes: Number.POSITIVE_INFINITY,
     shutdownSignal: shutdown.signal,
-    interceptors: [observeRpcs(logger, metrics)],
+    // SnapshotMetadata responses count their BlockMetadata tuples for the logs and metrics.
+    interceptors: [observeRpcs(logger, metrics, { countItems: tupleCount })],
     // A service we do not serve (e.g. Node in the controller role) must still get a gRPC status, not a bare
     // HTTP 404: headers-only, ended on the HEADERS frame, as grpc-go expects.
     fallback: (req, res) => {
-      const headers = {
-        'content-type': 'application/grpc',
-        'grpc-status': '12',
-        'grpc-message': encodeURIComponent(`no such method: ${req.url ?? ''}`),
-      };
+      const headers = unimplementedMethodHeaders(req.url ?? '');
       if ('stream' in res) res.stream.respond({ ':status': 200, ...headers }, { endStream: true });
       else res.writeHead(200, headers).end();
     },
@@ -154,22 +152,10 @@ export async function startDriver(config: DriverConfig, logger: Logger): Promise
   return { endpoint, metricsUrl: metricsServer?.url, store, stop };
 }
 
-/**
- * connect decodes a unary request before any interceptor runs, so toConnectError never sees a body that
- * fails to decode; its INTERNAL status is corrected here, in the trailers on their way out.
- */
+/** connect's INTERNAL for a body it cannot decode is corrected in the trailers on their way out (status.ts). */
 function answerUndecodableAsInvalid(res: http2.Http2ServerResponse): void {
   const addTrailers = res.addTrailers.bind(res);
-  res.addTrailers = (trailers: http2.OutgoingHttpHeaders) => {
-    let message = String(trailers['grpc-message'] ?? '');
-    try {
-      message = decodeURIComponent(message);
-    } catch {
-      // Not percent-encoded by connect, so not one of its messages.
-    }
-    const undecodable = isUndecodableRequest(Number(trailers['grpc-status']), message);
-    addTrailers(undecodable ? { ...trailers, 'grpc-status': String(Code.InvalidArgument) } : trailers);
-  };
+  res.addTrailers = (trailers: http2.OutgoingHttpHeaders) => addTrailers(correctUndecodableStatus(trailers));
 }
 
 /**

@@ -1,11 +1,15 @@
 /**
- * The one place where errors become gRPC statuses. Services throw engine errors (typed by cause) or
- * `rpcError(...)` for protocol-level checks; everything else is an internal error whose details are
- * logged but not sent.
+ * The one place where errors become gRPC statuses. Services throw engine errors (typed by cause), node
+ * data-plane errors (typed by kind), or `rpcError(...)` for protocol-level checks; everything else is an
+ * internal error whose details are logged but not sent. Codes are written as `Code.*`, never as numbers.
  */
+import type http2 from 'node:http2';
 import { Code, ConnectError } from '@connectrpc/connect';
 import { EngineError, type EngineErrorCode } from '../../storage-engine/index.js';
+import { CommandError } from '../dataplane/command.js';
+import { NodeError, type NodeErrorKind } from '../dataplane/node-volumes.js';
 
+/** The engine's refusals, by cause. */
 const ENGINE_CODES: Record<EngineErrorCode, Code> = {
   NOT_FOUND: Code.NotFound,
   ALREADY_EXISTS: Code.AlreadyExists,
@@ -16,6 +20,15 @@ const ENGINE_CODES: Record<EngineErrorCode, Code> = {
   // Snapshots of unrelated volumes, or in the wrong order: the request's arguments are what is wrong.
   UNRELATED: Code.InvalidArgument,
   CLOSED: Code.Unavailable,
+};
+
+/** The node data plane's refusals, by kind (a new kind must be given its code here before it compiles). */
+export const NODE_CODES: Record<NodeErrorKind, Code> = {
+  'invalid-argument': Code.InvalidArgument,
+  'not-found': Code.NotFound,
+  'already-exists': Code.AlreadyExists,
+  'failed-precondition': Code.FailedPrecondition,
+  'out-of-range': Code.OutOfRange,
 };
 
 /** An error with a chosen gRPC code, for checks the CSI layer makes itself. */
@@ -64,6 +77,11 @@ export function toConnectError(err: unknown): ConnectError {
       : err;
   } else if (err instanceof EngineError) {
     mapped = new ConnectError(err.message, ENGINE_CODES[err.code], undefined, undefined, err);
+  } else if (err instanceof NodeError) {
+    mapped = new ConnectError(err.message, NODE_CODES[err.kind], undefined, undefined, err);
+  } else if (err instanceof CommandError) {
+    // The tool's own words (mount, mkfs, losetup) are what an operator needs to act on.
+    mapped = new ConnectError(err.message, Code.Internal, undefined, undefined, err);
   } else {
     return new ConnectError('internal error', Code.Internal, undefined, undefined, err);
   }
@@ -79,4 +97,42 @@ export function codeName(code: Code | 0): string {
   // connect spells code 1 "Canceled"; gRPC's canonical name is CANCELLED.
   if (code === Code.Canceled) return 'CANCELLED';
   return Code[code].replace(/[A-Z]/g, (c, i: number) => (i ? '_' : '') + c).toUpperCase();
+}
+
+/** Runs a node data-plane call, turning its NodeErrors (and failed tools) into statuses. */
+export async function translateNodeErrors<T>(call: () => Promise<T>): Promise<T> {
+  try {
+    return await call();
+  } catch (err) {
+    if (err instanceof NodeError || err instanceof CommandError) throw toConnectError(err);
+    throw err;
+  }
+}
+
+/**
+ * Headers of a headers-only gRPC response (ended on the HEADERS frame, as grpc-go expects) for a method
+ * this server does not serve: UNIMPLEMENTED, never a bare HTTP 404.
+ */
+export function unimplementedMethodHeaders(url: string): http2.OutgoingHttpHeaders {
+  return {
+    'content-type': 'application/grpc',
+    'grpc-status': String(Code.Unimplemented),
+    'grpc-message': encodeURIComponent(`no such method: ${url}`),
+  };
+}
+
+/**
+ * Trailers on their way out, with connect's INTERNAL for a request it could not decode corrected to
+ * INVALID_ARGUMENT (connect decodes a unary request before any interceptor runs, so toConnectError never
+ * sees it).
+ */
+export function correctUndecodableStatus(trailers: http2.OutgoingHttpHeaders): http2.OutgoingHttpHeaders {
+  let message = String(trailers['grpc-message'] ?? '');
+  try {
+    message = decodeURIComponent(message);
+  } catch {
+    // Not percent-encoded by connect, so not one of its messages.
+  }
+  const undecodable = isUndecodableRequest(Number(trailers['grpc-status']), message);
+  return undecodable ? { ...trailers, 'grpc-status': String(Code.InvalidArgument) } : trailers;
 }
