@@ -13,6 +13,7 @@ import type { ConnectRouter } from '@connectrpc/connect';
 import { connectNodeAdapter } from '@connectrpc/connect-node';
 import { BlockStore } from '../storage-engine/index.js';
 import { formatEndpoint, type DriverConfig, type Endpoint } from './config.js';
+import { SOCKET_MODE, makePrivateDirectory, withSocketUmask } from './file-modes.js';
 import { controllerService } from './csi/controller-service.js';
 import { NodeVolumes } from './dataplane/node-volumes.js';
 import { nodeService } from './csi/node-service.js';
@@ -43,7 +44,7 @@ export const DEFAULT_DRAIN_TIMEOUT_MS = 25_000;
 const READ_MAX_BYTES = 4 * 1024 * 1024;
 
 export async function startDriver(config: DriverConfig, logger: Logger): Promise<RunningDriver> {
-  fs.mkdirSync(config.stateDir, { recursive: true });
+  makePrivateDirectory(config.stateDir);
   const store = BlockStore.open(path.join(config.stateDir, 'store'), {
     defaultBlockSize: config.defaultBlockSize,
     // The engine enforces the limit after its last await, so concurrent creates cannot overshoot it.
@@ -174,7 +175,7 @@ function releaseWritesOnReset(res: http2.Http2ServerResponse): void {
 /** Binds the server; a stale unix socket left by a killed process is replaced, a live one is an error. */
 async function listen(server: http2.Http2Server, endpoint: Endpoint): Promise<Endpoint> {
   if (endpoint.kind === 'unix') {
-    fs.mkdirSync(path.dirname(endpoint.path), { recursive: true });
+    makePrivateDirectory(path.dirname(endpoint.path));
     const existing = fs.lstatSync(endpoint.path, { throwIfNoEntry: false });
     if (existing) {
       // Only ever remove a socket: an endpoint mistyped onto a real file must not delete it.
@@ -185,8 +186,18 @@ async function listen(server: http2.Http2Server, endpoint: Endpoint): Promise<En
   }
   await new Promise<void>((resolve, reject) => {
     server.once('error', reject);
-    if (endpoint.kind === 'unix') server.listen(endpoint.path, () => resolve());
-    else server.listen(endpoint.port, endpoint.host, () => resolve());
+    if (endpoint.kind === 'unix') {
+      withSocketUmask(() =>
+        server.listen(endpoint.path, () => {
+          try {
+            fs.chmodSync(endpoint.path, SOCKET_MODE);
+            resolve();
+          } catch (err) {
+            reject(err as Error);
+          }
+        }),
+      );
+    } else server.listen(endpoint.port, endpoint.host, () => resolve());
   });
   if (endpoint.kind === 'tcp') return { ...endpoint, port: (server.address() as AddressInfo).port };
   return endpoint;
