@@ -44,7 +44,7 @@ export function rpcError(code: Code, message: string): ConnectError {
 const UNDECODABLE_REQUEST = ['parse binary: ', 'received compressed envelope, but do not know how to decompress'];
 
 /** Whether a status is connect's INTERNAL for a request it could not decode (answered as INVALID_ARGUMENT instead). */
-export function isUndecodableRequest(code: number, message: string): boolean {
+function isUndecodableRequest(code: number, message: string): boolean {
   return code === Code.Internal && UNDECODABLE_REQUEST.some((prefix) => message.startsWith(prefix));
 }
 
@@ -53,7 +53,7 @@ export function isUndecodableRequest(code: number, message: string): boolean {
  * anything; percent-encoded into the grpc-message trailer such a quote outgrows the HTTP/2 header block
  * (node sends RST_STREAM FRAME_SIZE_ERROR, and the client sees INTERNAL instead of the real status).
  */
-export const MAX_STATUS_MESSAGE_BYTES = 2048;
+const MAX_STATUS_MESSAGE_BYTES = 2048;
 
 /** Cuts a message to MAX_STATUS_MESSAGE_BYTES on a character boundary, marking the cut. */
 function capMessage(message: string): string {

@@ -12,7 +12,7 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { afterAll, afterEach, beforeAll, describe, expect, test } from 'vitest';
-import { BlockStore, MAX_BLOCKS, OutOfRangeError } from '../../storage-engine/index.js';
+import { MAX_BLOCKS, OutOfRangeError } from '../../storage-engine/index.js';
 import {
   MAX_ADDRESSABLE_BYTES,
   PROBE_FILE,
