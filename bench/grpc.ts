@@ -18,7 +18,8 @@ import type { Readable, Writable } from 'node:stream';
 import { fileURLToPath, pathToFileURL } from 'node:url';
 import { Controller, SnapshotMetadata, VolumeCapability_AccessMode_Mode } from '../src/gen/csi/v1/csi_pb.js';
 import type { GetMetadataDeltaResponse } from '../src/gen/csi/v1/csi_pb.js';
-import { packageVersion, type DriverConfig, type MetadataStyle } from '../src/config.js';
+import type { ExtentStyle } from '../storage-engine/index.js';
+import { packageVersion, type DriverConfig } from '../src/config.js';
 import { createLogger } from '../src/logging.js';
 import { startDriver } from '../src/server.js';
 import { decodeMetadataResponse } from '../src/csi/block-metadata-wire.js';
@@ -204,7 +205,7 @@ async function driverChildMain(config: ChildConfig): Promise<void> {
 // ---------------------------------------------------------------------------------------------------------------
 // Client-side helpers.
 
-async function createVolume(d: DriverChild, name: string, capacityBytes: number, style: MetadataStyle): Promise<string> {
+async function createVolume(d: DriverChild, name: string, capacityBytes: number, style: ExtentStyle): Promise<string> {
   const res = await d.controller.call('createVolume', {
     name,
     capacityRange: { requiredBytes: BigInt(capacityBytes) },
@@ -281,7 +282,7 @@ async function deltaE2e(ctx: SuiteContext, d: DriverChild): Promise<void> {
   const reps = ctx.quick ? 3 : 9;
   const large = ctx.quick ? 64 * GiB : TiB;
   const small = ctx.quick ? 64 * MiB : GiB;
-  const styles: MetadataStyle[] = ['VARIABLE', 'FIXED'];
+  const styles: ExtentStyle[] = ['VARIABLE', 'FIXED'];
   const medians = new Map<string, number>();
 
   for (const capacityBytes of [large, small]) {

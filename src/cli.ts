@@ -3,7 +3,8 @@
 import os from 'node:os';
 import path from 'node:path';
 import { Command, InvalidArgumentError, Option } from 'commander';
-import { DRIVER_ROLES, LOG_LEVELS, formatEndpoint, packageVersion, parseEndpoint, type DriverConfig, type DriverRole, type LogLevel, type MetadataStyle } from './config.js';
+import { DRIVER_ROLES, LOG_LEVELS, formatEndpoint, packageVersion, parseEndpoint, type DriverConfig, type DriverRole, type LogLevel } from './config.js';
+import type { ExtentStyle } from '../storage-engine/index.js';
 import { createLogger } from './logging.js';
 import { startDriver } from './server.js';
 import { parseBlockSize } from './csi/volume-parameters.js';
@@ -77,7 +78,7 @@ interface ServeFlags {
   nodeId: string;
   driverName: string;
   defaultBlockSize: number;
-  metadataStyle: MetadataStyle;
+  metadataStyle: ExtentStyle;
   capacity?: number;
   defaultMaxResults: number;
   logLevel: LogLevel;

@@ -2,11 +2,10 @@
 import fs from 'node:fs';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
+import type { ExtentStyle } from '../storage-engine/index.js';
 
 /** Where the gRPC server listens. */
 export type Endpoint = { kind: 'unix'; path: string } | { kind: 'tcp'; host: string; port: number };
-
-export type MetadataStyle = 'FIXED' | 'VARIABLE';
 
 /**
  * Which services a process serves. `all`: everything, one process (hostpath-style, and one process a
@@ -31,7 +30,7 @@ export interface DriverConfig {
   /** Block size of volumes whose StorageClass names none. */
   defaultBlockSize: number;
   /** BlockMetadata style of volumes whose StorageClass names none. */
-  defaultMetadataStyle: MetadataStyle;
+  defaultMetadataStyle: ExtentStyle;
   /** Provisioning limit reported by GetCapacity; undefined means the free space of the state directory's disk. */
   capacityBytes: number | undefined;
   /** Tuples per SnapshotMetadata response when the request's max_results is 0. */

@@ -9,10 +9,11 @@ import fs from 'node:fs';
 import http2 from 'node:http2';
 import path from 'node:path';
 import net, { type AddressInfo } from 'node:net';
-import { Code, type ConnectRouter } from '@connectrpc/connect';
+import type { ConnectRouter } from '@connectrpc/connect';
 import { connectNodeAdapter } from '@connectrpc/connect-node';
 import { BlockStore } from '../storage-engine/index.js';
 import { formatEndpoint, type DriverConfig, type Endpoint } from './config.js';
+import { SOCKET_MODE, makePrivateDirectory, withSocketUmask } from './file-modes.js';
 import { controllerService } from './csi/controller-service.js';
 import { NodeVolumes } from './dataplane/node-volumes.js';
 import { nodeService } from './csi/node-service.js';
@@ -23,7 +24,8 @@ import { Controller, Identity, Node, SnapshotMetadata } from './gen/csi/v1/csi_p
 import type { Logger } from './logging.js';
 import { DriverMetrics } from './metrics.js';
 import { observeRpcs } from './rpc/interceptors.js';
-import { isUndecodableRequest } from './rpc/status.js';
+import { correctUndecodableStatus, unimplementedMethodHeaders } from './rpc/status.js';
+import { tupleCount } from './csi/block-metadata-wire.js';
 
 /** A running driver. */
 export interface RunningDriver {
@@ -42,7 +44,7 @@ export const DEFAULT_DRAIN_TIMEOUT_MS = 25_000;
 const READ_MAX_BYTES = 4 * 1024 * 1024;
 
 export async function startDriver(config: DriverConfig, logger: Logger): Promise<RunningDriver> {
-  fs.mkdirSync(config.stateDir, { recursive: true });
+  makePrivateDirectory(config.stateDir);
   const store = BlockStore.open(path.join(config.stateDir, 'store'), {
     defaultBlockSize: config.defaultBlockSize,
     // The engine enforces the limit after its last await, so concurrent creates cannot overshoot it.
@@ -75,15 +77,12 @@ export async function startDriver(config: DriverConfig, logger: Logger): Promise
     // requests are still read.
     compressMinBytes: Number.POSITIVE_INFINITY,
     shutdownSignal: shutdown.signal,
-    interceptors: [observeRpcs(logger, metrics)],
+    // SnapshotMetadata responses count their BlockMetadata tuples for the logs and metrics.
+    interceptors: [observeRpcs(logger, metrics, { countItems: tupleCount })],
     // A service we do not serve (e.g. Node in the controller role) must still get a gRPC status, not a bare
     // HTTP 404: headers-only, ended on the HEADERS frame, as grpc-go expects.
     fallback: (req, res) => {
-      const headers = {
-        'content-type': 'application/grpc',
-        'grpc-status': '12',
-        'grpc-message': encodeURIComponent(`no such method: ${req.url ?? ''}`),
-      };
+      const headers = unimplementedMethodHeaders(req.url ?? '');
       if ('stream' in res) res.stream.respond({ ':status': 200, ...headers }, { endStream: true });
       else res.writeHead(200, headers).end();
     },
@@ -154,22 +153,10 @@ export async function startDriver(config: DriverConfig, logger: Logger): Promise
   return { endpoint, metricsUrl: metricsServer?.url, store, stop };
 }
 
-/**
- * connect decodes a unary request before any interceptor runs, so toConnectError never sees a body that
- * fails to decode; its INTERNAL status is corrected here, in the trailers on their way out.
- */
+/** connect's INTERNAL for a body it cannot decode is corrected in the trailers on their way out (status.ts). */
 function answerUndecodableAsInvalid(res: http2.Http2ServerResponse): void {
   const addTrailers = res.addTrailers.bind(res);
-  res.addTrailers = (trailers: http2.OutgoingHttpHeaders) => {
-    let message = String(trailers['grpc-message'] ?? '');
-    try {
-      message = decodeURIComponent(message);
-    } catch {
-      // Not percent-encoded by connect, so not one of its messages.
-    }
-    const undecodable = isUndecodableRequest(Number(trailers['grpc-status']), message);
-    addTrailers(undecodable ? { ...trailers, 'grpc-status': String(Code.InvalidArgument) } : trailers);
-  };
+  res.addTrailers = (trailers: http2.OutgoingHttpHeaders) => addTrailers(correctUndecodableStatus(trailers));
 }
 
 /**
@@ -188,7 +175,7 @@ function releaseWritesOnReset(res: http2.Http2ServerResponse): void {
 /** Binds the server; a stale unix socket left by a killed process is replaced, a live one is an error. */
 async function listen(server: http2.Http2Server, endpoint: Endpoint): Promise<Endpoint> {
   if (endpoint.kind === 'unix') {
-    fs.mkdirSync(path.dirname(endpoint.path), { recursive: true });
+    makePrivateDirectory(path.dirname(endpoint.path));
     const existing = fs.lstatSync(endpoint.path, { throwIfNoEntry: false });
     if (existing) {
       // Only ever remove a socket: an endpoint mistyped onto a real file must not delete it.
@@ -199,8 +186,18 @@ async function listen(server: http2.Http2Server, endpoint: Endpoint): Promise<En
   }
   await new Promise<void>((resolve, reject) => {
     server.once('error', reject);
-    if (endpoint.kind === 'unix') server.listen(endpoint.path, () => resolve());
-    else server.listen(endpoint.port, endpoint.host, () => resolve());
+    if (endpoint.kind === 'unix') {
+      withSocketUmask(() =>
+        server.listen(endpoint.path, () => {
+          try {
+            fs.chmodSync(endpoint.path, SOCKET_MODE);
+            resolve();
+          } catch (err) {
+            reject(err as Error);
+          }
+        }),
+      );
+    } else server.listen(endpoint.port, endpoint.host, () => resolve());
   });
   if (endpoint.kind === 'tcp') return { ...endpoint, port: (server.address() as AddressInfo).port };
   return endpoint;

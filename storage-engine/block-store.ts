@@ -19,6 +19,7 @@
 import fs from 'node:fs';
 import path from 'node:path';
 import { BlockIo } from './block-io.js';
+import { checkAddressable, probeFileSystem, storeCapacity, type FileSystemLimits, type StoreCapacity } from './capacity.js';
 import { Catalog } from './catalog.js';
 import { allocatedBlocks, chainOf, changedBlocks, indexChain } from './chain.js';
 import { type CompactionHost, Compactor } from './compaction.js';
@@ -93,6 +94,8 @@ export class BlockStore {
   private closed = false;
   private readonly releaseOwnership: () => void;
   private closing: Promise<void> | undefined;
+  /** The largest file the state filesystem holds, probed once at open: it bounds every volume's size. */
+  private readonly fileSystem: FileSystemLimits;
 
   private constructor(
     readonly dir: string,
@@ -115,6 +118,7 @@ export class BlockStore {
     this.releaseOwnership = takeOwnership(dir);
     try {
       this.files = new LayerFiles(dir);
+      this.fileSystem = probeFileSystem(dir);
       this.catalog = openCatalog(path.join(dir, CATALOG_FILE));
     } catch (err) {
       this.releaseOwnership();
@@ -195,6 +199,7 @@ export class BlockStore {
     }
     blockSize ??= this.defaultBlockSize;
     const capacityBytes = checkCapacity(req.capacityBytes, blockSize);
+    checkAddressable(this.fileSystem, capacityBytes, blockSize);
     if (capacityBytes < minimumCapacity) {
       throw new InvalidArgumentError(`capacity ${capacityBytes} is smaller than the source's ${minimumCapacity} bytes`);
     }
@@ -322,6 +327,7 @@ export class BlockStore {
     this.checkOpen();
     const vol = this.records.volume(id);
     checkCapacity(capacityBytes, vol.blockSize);
+    checkAddressable(this.fileSystem, capacityBytes, vol.blockSize);
     return this.volumeLocks.run(id, () => {
       this.checkOpen();
       const current = this.records.volume(id);
@@ -410,9 +416,10 @@ export class BlockStore {
     if (req === null || typeof req !== 'object') throw new InvalidArgumentError('a snapshot request is required');
     const name = checkName(req.name, 'snapshot');
     const attributes = checkAttributes(req.attributes);
-    this.records.volume(req.volumeId);
+    // By name first: a retry must get its snapshot even if the source volume was deleted after the cut.
     const existing = this.records.sameNameSnapshot(name, req.volumeId);
     if (existing) return snapshotInfo(existing);
+    this.records.volume(req.volumeId);
     return this.volumeLocks.run(req.volumeId, async () => {
       const vol = this.records.volume(req.volumeId);
       const head = this.layer(vol.headId);
@@ -627,6 +634,13 @@ export class BlockStore {
       layers: this.layers.size,
       hiddenLayers,
     };
+  }
+
+  /** Room left for volumes of `blockSize`-byte blocks, and the largest one the store can hold now. */
+  capacity(blockSize: number): StoreCapacity {
+    this.checkOpen();
+    const state = { capacityLimitBytes: this.capacityLimitBytes, provisionedBytes: this.records.provisionedBytes() };
+    return storeCapacity(this.fileSystem, state, checkBlockSize(blockSize));
   }
 
   /** Flushes every volume, stops compaction and closes the catalog. Later calls throw StoreClosedError. */

@@ -5,5 +5,6 @@ export { DEFAULT_BATCH_SIZE } from './extent-stream.js';
 export * from './errors.js';
 export type * from './types.js';
 export { isSnapshotId, isVolumeId } from './ids.js';
-export { MAX_BLOCK_SIZE, MIN_BLOCK_SIZE, MAX_BLOCKS } from './validate.js';
+export { MAX_BLOCK_SIZE, MIN_BLOCK_SIZE, MAX_BLOCKS, checkBlockSize } from './validate.js';
 export { KeyedMutex } from './keyed-mutex.js';
+export type { StoreCapacity } from './capacity.js';

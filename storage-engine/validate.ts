@@ -23,6 +23,10 @@ export function checkBlockSize(blockSize: unknown): number {
 
 /** A capacity must be a positive whole number of blocks, and addressable. */
 export function checkCapacity(capacityBytes: unknown, blockSize: number): number {
+  if (typeof capacityBytes === 'number' && Number.isInteger(capacityBytes) && capacityBytes > Number.MAX_SAFE_INTEGER) {
+    // A well-formed size, just far past anything addressable (e.g. a request rounded up past 2^53).
+    throw new OutOfRangeError(`capacity ${capacityBytes} is more than any volume can address`);
+  }
   if (typeof capacityBytes !== 'number' || !Number.isSafeInteger(capacityBytes) || capacityBytes <= 0) {
     throw new InvalidArgumentError(`capacity must be a positive integer number of bytes, got ${String(capacityBytes)}`);
   }

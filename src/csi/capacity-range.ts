@@ -1,9 +1,9 @@
 /**
  * CSI CapacityRange arithmetic: validating a range, choosing a new volume's size from it, and deciding
  * whether an existing size satisfies it. Sizes are whole blocks, so requests round up to the block size.
+ * How large a volume may be is the engine's rule (storage-engine/capacity.ts), not decided here.
  */
 import { Code } from '@connectrpc/connect';
-import { MAX_BLOCKS } from '../../storage-engine/index.js';
 import type { CapacityRange } from '../gen/csi/v1/csi_pb.js';
 import { rpcError } from '../rpc/status.js';
 
@@ -47,11 +47,6 @@ export function fitsRange(bytes: number, range: ByteRange): boolean {
   return bytes >= range.requiredBytes && (range.limitBytes === 0 || bytes <= range.limitBytes);
 }
 
-/** The largest volume the engine can address at this block size. */
-export function maxVolumeBytes(blockSize: number): number {
-  return MAX_BLOCKS * blockSize;
-}
-
 export function roundUp(bytes: number, blockSize: number): number {
   return Math.ceil(bytes / blockSize) * blockSize;
 }
@@ -83,16 +78,5 @@ export function newVolumeBytes(range: ByteRange, blockSize: number, sourceBytes:
       `no size satisfies capacity_range [${range.requiredBytes}, ${range.limitBytes || 'unlimited'}]: ${why}`,
     );
   }
-  checkAddressable(bytes, blockSize);
   return bytes;
-}
-
-/** OUT_OF_RANGE past the engine's 2^32 blocks a volume. */
-export function checkAddressable(bytes: number, blockSize: number): void {
-  if (bytes > maxVolumeBytes(blockSize)) {
-    throw rpcError(
-      Code.OutOfRange,
-      `${bytes} bytes is more than the ${maxVolumeBytes(blockSize)} bytes a volume of ${blockSize}-byte blocks can address`,
-    );
-  }
 }

@@ -1,11 +1,12 @@
 /**
  * CSI Controller: volumes and snapshots as the block store holds them. A thin adapter: it checks what
- * the spec makes the plugin's job (required fields, capabilities, capacity ranges, topology, idempotency
- * by name) and leaves storage to the engine, whose typed errors status.ts maps to gRPC codes.
+ * the spec makes the plugin's job (required fields, capabilities, capacity ranges, topology, whether an
+ * existing volume answers a request) and leaves every storage rule to the engine (block sizes, how large
+ * a volume can be, the provisioning limit, free space, same-name snapshots), whose typed errors
+ * status.ts maps to gRPC codes.
  *
  * Secrets in requests are accepted and ignored; nothing here logs a request.
  */
-import fs from 'node:fs';
 import { create } from '@bufbuild/protobuf';
 import { Code, type ServiceImpl } from '@connectrpc/connect';
 import {
@@ -26,16 +27,7 @@ import {
 } from '../gen/csi/v1/csi_pb.js';
 import { rpcError } from '../rpc/status.js';
 import { requireSupportedCapabilities, unsupportedCapability } from './capabilities.js';
-import {
-  type ByteRange,
-  checkAddressable,
-  checkCapacityRange,
-  fitsRange,
-  maxVolumeBytes,
-  newVolumeBytes,
-  roundDown,
-  roundUp,
-} from './capacity-range.js';
+import { type ByteRange, checkCapacityRange, fitsRange, newVolumeBytes, roundUp } from './capacity-range.js';
 import { snapshotMessage, volumeCondition, volumeContext, volumeMessage, volumeMetadataStyle } from './csi-objects.js';
 import type { DriverContext } from './driver-context.js';
 import { paginate } from './page-token.js';
@@ -84,23 +76,11 @@ export function controllerService(ctx: DriverContext): ServiceImpl<typeof Contro
   const defaults: VolumeParameters = { blockSize: config.defaultBlockSize, metadataStyle: config.defaultMetadataStyle };
 
   /**
-   * The configured provisioning limit, which GetCapacity reports against. Callers run it right before
-   * the engine call with no await between, so concurrent calls cannot both pass it, except for clones
-   * of a volume, where the engine awaits a flush before inserting (its own capacityLimitBytes, if the
-   * store is opened with one, closes that gap).
+   * Why an existing volume does not answer the request, or undefined if it does. This is CSI's rule, not a
+   * second copy of the engine's: the engine repeats a create whose arguments are identical, but a CSI
+   * request is a capacity range with optional parameters and topology, which only this adapter sees
+   * (a retry with a wider range, or without a blockSize, must get the volume it made the first time).
    */
-  const checkProvisioning = (addedBytes: number): void => {
-    if (config.capacityBytes === undefined) return;
-    const provisioned = store.spaceUsage().provisionedBytes;
-    if (provisioned + addedBytes > config.capacityBytes) {
-      throw rpcError(
-        Code.ResourceExhausted,
-        `${addedBytes} more bytes would provision ${provisioned + addedBytes} of the driver's ${config.capacityBytes} bytes`,
-      );
-    }
-  };
-
-  /** Why an existing volume does not answer the request, or undefined if it does. */
   const incompatibility = (volume: VolumeInfo, wish: VolumeWish): string | undefined => {
     if (sourceKey(volume.source) !== sourceKey(wish.source)) return 'it has a different volume_content_source';
     if (!fitsRange(volume.capacityBytes, wish.range)) return `its ${volume.capacityBytes} bytes are outside capacity_range`;
@@ -143,29 +123,20 @@ export function controllerService(ctx: DriverContext): ServiceImpl<typeof Contro
           `volumes can only be provisioned on node ${config.nodeId}, which accessibility_requirements.requisite does not include`,
         );
       }
-      let sourceBlockSize: number | undefined;
-      let sourceBytes: number | undefined;
-      if (wish.source) {
-        const src =
-          wish.source.kind === 'snapshot' ? store.getSnapshot(wish.source.snapshotId) : store.getVolume(wish.source.volumeId);
-        sourceBlockSize = src.blockSize;
-        sourceBytes = src.capacityBytes;
-        if (wish.explicit.blockSize && wish.params.blockSize !== src.blockSize) {
-          throw rpcError(
-            Code.InvalidArgument,
-            `${PARAM_BLOCK_SIZE} ${wish.params.blockSize} differs from the source's ${src.blockSize}: a new volume shares its source's blocks`,
-          );
-        }
-      }
-      const blockSize = sourceBlockSize ?? wish.params.blockSize;
-      const capacityBytes = newVolumeBytes(wish.range, blockSize, sourceBytes);
-      checkProvisioning(capacityBytes);
+      // The source's size and block size decide the new volume's; a blockSize parameter that differs from
+      // the source's is passed on for the engine to refuse.
+      const src = !wish.source
+        ? undefined
+        : wish.source.kind === 'snapshot'
+          ? store.getSnapshot(wish.source.snapshotId)
+          : store.getVolume(wish.source.volumeId);
+      const capacityBytes = newVolumeBytes(wish.range, src?.blockSize ?? wish.params.blockSize, src?.capacityBytes);
       let volume: VolumeInfo;
       try {
         volume = await store.createVolume({
           name: wish.name,
           capacityBytes,
-          blockSize,
+          ...(src === undefined || wish.explicit.blockSize ? { blockSize: wish.params.blockSize } : {}),
           ...(wish.source?.kind === 'snapshot' ? { sourceSnapshotId: wish.source.snapshotId } : {}),
           ...(wish.source?.kind === 'volume' ? { sourceVolumeId: wish.source.volumeId } : {}),
           attributes: { [ATTR_METADATA_STYLE]: wish.params.metadataStyle },
@@ -224,29 +195,19 @@ export function controllerService(ctx: DriverContext): ServiceImpl<typeof Contro
       };
     },
 
-    async getCapacity(req) {
+    getCapacity(req) {
       const unsupported = unsupportedCapability(req.volumeCapabilities);
       const params = parseVolumeParameters(req.parameters, defaults);
       const topology = req.accessibleTopology;
       const elsewhere = topology !== undefined && Object.keys(topology.segments).length > 0 && !isThisNode(topology, config);
       // Valid requests this driver cannot provision for have no capacity, rather than an error.
       if (unsupported !== undefined || elsewhere) return { availableCapacity: 0n };
-      const blockSize = params.blockSize;
-      let available: number;
-      if (config.capacityBytes !== undefined) {
-        available = Math.max(0, config.capacityBytes - store.spaceUsage().provisionedBytes);
-      } else {
-        // Volumes are thin: free space on the state directory's disk is what writes can still fill.
-        const stats = await fs.promises.statfs(config.stateDir);
-        available = stats.bavail * stats.bsize;
-      }
-      available = roundDown(available, blockSize);
-      const largest =
-        config.capacityBytes !== undefined ? Math.min(available, maxVolumeBytes(blockSize)) : maxVolumeBytes(blockSize);
+      // The engine knows the provisioning limit, the free space and the largest volume its filesystem holds.
+      const capacity = store.capacity(params.blockSize);
       return {
-        availableCapacity: BigInt(available),
-        maximumVolumeSize: BigInt(largest),
-        minimumVolumeSize: BigInt(blockSize),
+        availableCapacity: BigInt(capacity.availableBytes),
+        maximumVolumeSize: BigInt(capacity.maximumVolumeBytes),
+        minimumVolumeSize: BigInt(params.blockSize),
       };
     },
 
@@ -260,17 +221,16 @@ export function controllerService(ctx: DriverContext): ServiceImpl<typeof Contro
       if (!req.sourceVolumeId) throw rpcError(Code.InvalidArgument, 'source_volume_id is required');
       checkName(req.name, 'name');
       checkSnapshotParameters(req.parameters);
-      // By name first: a retry must succeed even if the source volume was deleted after the cut.
-      const existing = store.findSnapshotByName(req.name);
-      if (existing) return { snapshot: sameSnapshot(existing, req.sourceVolumeId, req.name) };
-      const volume = store.getVolume(req.sourceVolumeId);
+      // Same-name snapshots are the engine's to answer, even when the source volume was deleted after the cut
+      // (then there is no volume to read a style from, and the engine returns the snapshot it has).
+      const volume = findVolume(req.sourceVolumeId);
       const snapshot = await store.createSnapshot({
-        volumeId: volume.id,
+        volumeId: req.sourceVolumeId,
         name: req.name,
         // The SnapshotMetadata service answers in the style of the volume the snapshot was taken of.
-        attributes: { [ATTR_METADATA_STYLE]: volumeMetadataStyle(volume, config) },
+        attributes: volume ? { [ATTR_METADATA_STYLE]: volumeMetadataStyle(volume, config) } : {},
       });
-      ctx.logger.info({ snapshotId: snapshot.id, name: req.name, volumeId: volume.id }, 'snapshot ready');
+      ctx.logger.info({ snapshotId: snapshot.id, name: req.name, volumeId: snapshot.sourceVolumeId }, 'snapshot ready');
       return { snapshot: snapshotMessage(snapshot) };
     },
 
@@ -325,8 +285,6 @@ export function controllerService(ctx: DriverContext): ServiceImpl<typeof Contro
           `no size satisfies capacity_range [${range.requiredBytes}, ${range.limitBytes}]: volumes are whole ${volume.blockSize}-byte blocks`,
         );
       }
-      checkAddressable(target, volume.blockSize);
-      checkProvisioning(target - volume.capacityBytes);
       try {
         return done(await store.growVolume(volume.id, target));
       } catch (err) {
@@ -348,6 +306,15 @@ export function controllerService(ctx: DriverContext): ServiceImpl<typeof Contro
       throw unimplemented('ControllerModifyVolume', 'there are no mutable parameters');
     },
   };
+
+  function findVolume(id: string): VolumeInfo | undefined {
+    try {
+      return store.getVolume(id);
+    } catch (err) {
+      if (err instanceof NotFoundError) return undefined;
+      throw err;
+    }
+  }
 
   function findSnapshot(id: string): SnapshotInfo | undefined {
     try {
@@ -418,16 +385,6 @@ function checkSnapshotParameters(parameters: Readonly<Record<string, string>>): 
       throw rpcError(Code.InvalidArgument, `unknown snapshot parameter ${JSON.stringify(key.slice(0, 128))}`);
     }
   }
-}
-
-function sameSnapshot(existing: SnapshotInfo, sourceVolumeId: string, name: string) {
-  if (existing.sourceVolumeId !== sourceVolumeId) {
-    throw rpcError(
-      Code.AlreadyExists,
-      `snapshot ${JSON.stringify(name)} exists for volume ${existing.sourceVolumeId}, not ${sourceVolumeId.slice(0, 128)}`,
-    );
-  }
-  return snapshotMessage(existing);
 }
 
 /** A volume_context given to ValidateVolumeCapabilities must be the volume's own. */

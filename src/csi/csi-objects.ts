@@ -2,7 +2,8 @@
 import { create } from '@bufbuild/protobuf';
 import { timestampFromMs } from '@bufbuild/protobuf/wkt';
 import type { SnapshotInfo, VolumeInfo } from '../../storage-engine/index.js';
-import type { DriverConfig, MetadataStyle } from '../config.js';
+import type { ExtentStyle } from '../../storage-engine/index.js';
+import type { DriverConfig } from '../config.js';
 import {
   type Snapshot,
   SnapshotSchema,
@@ -14,12 +15,11 @@ import {
   VolumeSchema,
 } from '../gen/csi/v1/csi_pb.js';
 import { nodeTopology } from './topology.js';
-import { ATTR_METADATA_STYLE, PARAM_BLOCK_SIZE, PARAM_METADATA_STYLE, parseMetadataStyle } from './volume-parameters.js';
+import { PARAM_BLOCK_SIZE, PARAM_METADATA_STYLE, storedMetadataStyle } from './volume-parameters.js';
 
 /** The metadata style a volume was created with (volumes from before the attribute existed: the default). */
-export function volumeMetadataStyle(volume: VolumeInfo, config: DriverConfig): MetadataStyle {
-  const stored = volume.attributes[ATTR_METADATA_STYLE];
-  return stored ? parseMetadataStyle(stored) : config.defaultMetadataStyle;
+export function volumeMetadataStyle(volume: VolumeInfo, config: DriverConfig): ExtentStyle {
+  return storedMetadataStyle(volume.attributes, config.defaultMetadataStyle);
 }
 
 /**

@@ -6,8 +6,6 @@
 import path from 'node:path';
 import { create } from '@bufbuild/protobuf';
 import { Code, type ServiceImpl } from '@connectrpc/connect';
-import { CommandError } from '../dataplane/command.js';
-import { NodeError, isNoSpace, type NodeErrorKind } from '../dataplane/node-errors.js';
 import type { NodeVolumes } from '../dataplane/node-volumes.js';
 import type { StagedAccess } from '../dataplane/stage-records.js';
 import {
@@ -19,7 +17,7 @@ import {
   VolumeUsage_Unit,
   VolumeUsageSchema,
 } from '../gen/csi/v1/csi_pb.js';
-import { rpcError } from '../rpc/status.js';
+import { rpcError, translateNodeErrors as translate } from '../rpc/status.js';
 import { capabilityProblem } from './capabilities.js';
 import { checkCapacityRange } from './capacity-range.js';
 import type { DriverContext } from './driver-context.js';
@@ -36,15 +34,6 @@ export const NODE_CAPABILITIES: readonly RpcType[] = [
 
 /** Longest path accepted: Linux's PATH_MAX (the spec asks for at least 128 bytes). */
 const MAX_PATH_BYTES = 4096;
-
-const NODE_CODES: Record<NodeErrorKind, Code> = {
-  'invalid-argument': Code.InvalidArgument,
-  'not-found': Code.NotFound,
-  'already-exists': Code.AlreadyExists,
-  'failed-precondition': Code.FailedPrecondition,
-  'out-of-range': Code.OutOfRange,
-  'resource-exhausted': Code.ResourceExhausted,
-};
 
 export function nodeService(ctx: DriverContext, volumes: NodeVolumes): ServiceImpl<typeof Node> {
   const { config } = ctx;
@@ -221,18 +210,4 @@ function requireCapability(cap: VolumeCapability | undefined, field: string, uns
   }
   const key = JSON.stringify(access.kind === 'mount' ? ['mount', access.fsType, access.mountFlags, mode] : ['block', mode]);
   return { access, mode, key };
-}
-
-/** Runs a data-plane call, turning its NodeErrors (and failed tools) into statuses. */
-async function translate<T>(call: () => Promise<T>): Promise<T> {
-  try {
-    return await call();
-  } catch (err) {
-    if (err instanceof NodeError) throw rpcError(NODE_CODES[err.kind], err.message);
-    // Whatever else ran out of space (a target directory on the CO's disk): the spec's code for it.
-    if (isNoSpace(err)) throw rpcError(Code.ResourceExhausted, `no space left on device: ${(err as Error).message}`);
-    // The tool's own words (mount, mkfs, losetup) are what an operator needs to act on.
-    if (err instanceof CommandError) throw rpcError(Code.Internal, err.message);
-    throw err;
-  }
 }

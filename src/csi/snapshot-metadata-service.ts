@@ -6,8 +6,7 @@
  */
 import type { HandlerContext, ServiceImpl } from '@connectrpc/connect';
 import { Code, ConnectError } from '@connectrpc/connect';
-import type { Extent, ExtentStream, SnapshotInfo } from '../../storage-engine/index.js';
-import type { MetadataStyle } from '../config.js';
+import type { Extent, ExtentStream, ExtentStyle, SnapshotInfo } from '../../storage-engine/index.js';
 import {
   BlockMetadataType,
   type GetMetadataAllocatedResponse,
@@ -17,7 +16,7 @@ import {
 import { rpcError } from '../rpc/status.js';
 import { encodeBlockMetadataField, noteTuples } from './block-metadata-wire.js';
 import type { DriverContext } from './driver-context.js';
-import { ATTR_METADATA_STYLE, parseMetadataStyle } from './volume-parameters.js';
+import { storedMetadataStyle } from './volume-parameters.js';
 
 /** The most tuples we put in one message, whatever the client asks: bounds a message to a few hundred KiB. */
 export const MAX_TUPLES_PER_MESSAGE = 16384;
@@ -33,10 +32,8 @@ export function snapshotMetadataService(ctx: DriverContext): ServiceImpl<typeof 
     return Math.min(maxResults === 0 ? ctx.config.defaultMaxResults : maxResults, MAX_TUPLES_PER_MESSAGE);
   };
 
-  const styleOf = (snapshot: SnapshotInfo): MetadataStyle => {
-    const stored = snapshot.attributes[ATTR_METADATA_STYLE];
-    return stored ? parseMetadataStyle(stored) : ctx.config.defaultMetadataStyle;
-  };
+  /** Snapshots answer in the style of the volume they were taken of, stored with them at creation. */
+  const styleOf = (snapshot: SnapshotInfo): ExtentStyle => storedMetadataStyle(snapshot.attributes, ctx.config.defaultMetadataStyle);
 
   return {
     async *getMetadataAllocated(req, handler) {

@@ -2,8 +2,14 @@
  * StorageClass parameters this driver understands, validated strictly: a typo in a StorageClass should
  * fail provisioning loudly, not silently give a default.
  */
-import { InvalidArgumentError } from '../../storage-engine/index.js';
-import type { MetadataStyle } from '../config.js';
+import {
+  EngineError,
+  InvalidArgumentError,
+  MAX_BLOCK_SIZE,
+  MIN_BLOCK_SIZE,
+  checkBlockSize,
+  type ExtentStyle,
+} from '../../storage-engine/index.js';
 
 /** Parameter keys (StorageClass `parameters`). */
 export const PARAM_BLOCK_SIZE = 'blockSize';
@@ -17,24 +23,32 @@ export const ATTR_METADATA_STYLE = 'metadataStyle';
 
 export interface VolumeParameters {
   blockSize: number;
-  metadataStyle: MetadataStyle;
+  metadataStyle: ExtentStyle;
 }
 
-/** Parses "4096", "4Ki", "64KiB", "1Mi" into bytes; must be a power of two from 4 KiB to 1 MiB. */
+/** Parses "4096", "4Ki", "64KiB", "1Mi" into bytes; which sizes are allowed is the engine's rule (checkBlockSize). */
 export function parseBlockSize(value: string): number {
   const m = /^(\d+)(|Ki|KiB|Mi|MiB)$/.exec(value.trim());
   if (!m) throw new InvalidArgumentError(`${PARAM_BLOCK_SIZE} ${JSON.stringify(value)} is not a size such as 4096, 64Ki or 1Mi`);
   const unit = m[2]!.startsWith('Ki') ? 1024 : m[2]!.startsWith('Mi') ? 1024 * 1024 : 1;
-  const bytes = Number(m[1]) * unit;
-  if (!Number.isSafeInteger(bytes) || bytes < 4096 || bytes > 1024 * 1024 || (bytes & (bytes - 1)) !== 0) {
+  try {
+    return checkBlockSize(Number(m[1]) * unit);
+  } catch (err) {
+    if (!(err instanceof EngineError)) throw err;
+    // Restated with the parameter's name and units, as a StorageClass author wrote it.
     throw new InvalidArgumentError(
-      `${PARAM_BLOCK_SIZE} ${JSON.stringify(value)} must be a power of two from 4096 (4Ki) to 1048576 (1Mi) bytes`,
+      `${PARAM_BLOCK_SIZE} ${JSON.stringify(value)} must be a power of two from ${MIN_BLOCK_SIZE} (${MIN_BLOCK_SIZE / 1024}Ki) to ${MAX_BLOCK_SIZE} (${MAX_BLOCK_SIZE / 1024 / 1024}Mi) bytes`,
     );
   }
-  return bytes;
 }
 
-export function parseMetadataStyle(value: string): MetadataStyle {
+/** The metadata style stored with a volume or snapshot; objects from before the attribute existed get the default. */
+export function storedMetadataStyle(attributes: Readonly<Record<string, string>>, defaultStyle: ExtentStyle): ExtentStyle {
+  const stored = attributes[ATTR_METADATA_STYLE];
+  return stored ? parseMetadataStyle(stored) : defaultStyle;
+}
+
+export function parseMetadataStyle(value: string): ExtentStyle {
   const v = value.trim().toUpperCase().replace(/_LENGTH$/, '');
   if (v !== 'FIXED' && v !== 'VARIABLE') {
     throw new InvalidArgumentError(

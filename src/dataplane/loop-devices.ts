@@ -3,8 +3,6 @@
  * direct I/O on: the loop driver then submits the pod's I/O straight to the FUSE file (no second page
  * cache), so an fsync through the device reaches the block store as an fsync.
  */
-import fs from 'node:fs';
-import path from 'node:path';
 import { CommandError, runCommand } from './command.js';
 
 /** What losetup reports of one attached loop device. */
@@ -90,21 +88,8 @@ export async function loopDevice(device: string): Promise<LoopDevice | undefined
   return (await listLoopDevices()).find((d) => d.name === device);
 }
 
-/** Loop devices whose backing file path is `file` (as the kernel reports it). */
-export async function loopDevicesOf(file: string): Promise<LoopDevice[]> {
-  const target = path.resolve(file);
-  return (await listLoopDevices()).filter((d) => d.backFile === target || d.backFile === `${target} (deleted)`);
-}
-
 /** Re-reads the backing file's size (`losetup -c`), after the file grew. */
 export async function refreshLoopCapacity(device: string): Promise<void> {
   checkDevice(device);
   await runCommand('losetup', ['--set-capacity', device]);
-}
-
-/** The device's size in bytes, from sysfs (no I/O on the device). */
-export async function loopDeviceBytes(device: string): Promise<number> {
-  checkDevice(device);
-  const sectors = await fs.promises.readFile(`/sys/block/${path.basename(device)}/size`, 'utf8');
-  return Number(sectors.trim()) * 512;
 }

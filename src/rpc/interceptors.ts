@@ -3,14 +3,19 @@
  * sample per RPC when it ends (for streams, when the last message is sent or the stream fails).
  */
 import type { Interceptor, StreamResponse, UnaryResponse } from '@connectrpc/connect';
-import { ConnectError } from '@connectrpc/connect';
+import { Code, ConnectError } from '@connectrpc/connect';
 import { toJson } from '@bufbuild/protobuf';
-import { tupleCount } from '../csi/block-metadata-wire.js';
 import type { Logger } from '../logging.js';
 import type { DriverMetrics } from '../metrics.js';
 import { codeName, toConnectError } from './status.js';
 
-export function observeRpcs(logger: Logger, metrics: DriverMetrics): Interceptor {
+export interface ObserveOptions {
+  /** Items a streamed response message carries (e.g. BlockMetadata tuples), counted in logs and metrics; none if absent. */
+  countItems?: (message: object) => number;
+}
+
+export function observeRpcs(logger: Logger, metrics: DriverMetrics, options: ObserveOptions = {}): Interceptor {
+  const countItems = options.countItems ?? (() => 0);
   return (next) => async (req) => {
     const method = req.method.name;
     const started = process.hrtime.bigint();
@@ -31,7 +36,7 @@ export function observeRpcs(logger: Logger, metrics: DriverMetrics): Interceptor
         ...(tuples > 0 ? { tuples } : {}),
         ...(mapped ? { error: mapped.rawMessage } : {}),
       };
-      if (mapped && code === 13 /* INTERNAL */) logger.error({ ...line, cause: String(mapped.cause) }, 'rpc');
+      if (mapped && code === Code.Internal) logger.error({ ...line, cause: String(mapped.cause) }, 'rpc');
       else logger.info(line, 'rpc');
       if (!req.stream && logger.isLevelEnabled('debug')) {
         // JSON form: int64 fields as strings; the logger redacts `secrets` wherever it appears.
@@ -53,7 +58,7 @@ export function observeRpcs(logger: Logger, metrics: DriverMetrics): Interceptor
     async function* observed() {
       try {
         for await (const message of inner) {
-          tuples += tupleCount(message);
+          tuples += countItems(message as object);
           yield message;
         }
       } catch (err) {

@@ -38,7 +38,7 @@ function tempDir(): string {
   return dir;
 }
 
-async function serve(args: string[], options: { cwd?: string; env?: NodeJS.ProcessEnv } = {}) {
+async function serve(args: string[], options: { cwd?: string; env?: NodeJS.ProcessEnv; umask?: number } = {}) {
   const running = await spawnDriver(args, { ...options, env: { CSI_ENDPOINT: undefined, ...options.env } });
   children.push(running.child);
   return running;
@@ -130,6 +130,33 @@ describe('cbt-csi serve', () => {
     expect(fs.statSync(socket).isSocket()).toBe(true);
     const info = await clientsFor(socket).identity.call('getPluginInfo', {});
     expect(info).toMatchObject({ name: 'cbt.csi.dev', vendorVersion: pkg.version });
+  });
+
+  test('under umask 000 the CSI socket is 0600, and the state and socket directories it creates are 0700', async () => {
+    const dir = tempDir();
+    const socket = path.join(dir, 'sockets', 'nested', 'csi.sock');
+    const stateDir = path.join(dir, 'state', 'nested');
+    fs.chmodSync(dir, 0o755);
+    const { child } = await serve(['--endpoint', `unix://${socket}`, '--state-dir', stateDir], { umask: 0 });
+    // The child really runs under umask 000 (a file it would create plainly is 0666).
+    expect(fs.readFileSync(`/proc/${child.pid}/status`, 'utf8')).toMatch(/^Umask:\s+0000$/m);
+    const mode = (p: string) => fs.statSync(p).mode & 0o777;
+    expect(fs.statSync(socket).isSocket()).toBe(true);
+    expect(mode(socket)).toBe(0o600);
+    for (const d of [stateDir, path.dirname(stateDir), path.dirname(socket), path.dirname(path.dirname(socket))]) {
+      expect(mode(d), d).toBe(0o700);
+    }
+    // A directory that existed before is not ours to change.
+    expect(mode(dir)).toBe(0o755);
+    expect((await clientsFor(socket).identity.call('probe', {})).ready).toBe(true);
+  });
+
+  test('under umask 022 the CSI socket is 0600 too (not 0755, which lets any local user connect)', async () => {
+    const dir = tempDir();
+    const socket = path.join(dir, 'csi.sock');
+    await serve(['--endpoint', `unix://${socket}`, '--state-dir', path.join(dir, 'state')], { umask: 0o022 });
+    expect(fs.statSync(socket).mode & 0o777).toBe(0o600);
+    expect(fs.statSync(path.join(dir, 'state')).mode & 0o777).toBe(0o700);
   });
 
   test('the endpoint can come from CSI_ENDPOINT, as the CSI spec suggests', async () => {

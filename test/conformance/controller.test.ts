@@ -27,6 +27,7 @@ import {
 import { createLogger } from '../../src/logging.js';
 import { startDriver } from '../../src/server.js';
 import { codeOf, ServiceClient } from '../support/csi-client.js';
+import { largestFileBytes, mountSmallExt4, smallFileSystemSuite, type SmallFileSystem } from '../support/small-filesystem.js';
 import { startTestDriver, testConfig, type TestDriver } from '../support/test-driver.js';
 
 type CapabilityInit = MessageInitShape<typeof VolumeCapabilitySchema>;
@@ -84,6 +85,14 @@ async function createVolume(init: Partial<CreateInit> = {}, driver: TestDriver =
   const request = { name: uniq('vol'), volumeCapabilities: [mount()], ...init } as CreateInit;
   const res = await driver.controller.call('createVolume', request);
   return res.volume!;
+}
+
+/**
+ * The largest volume a store in `dir` can hold: 2^32 blocks, and its last block inside the largest file the
+ * filesystem accepts (asked of the kernel here, not of the driver).
+ */
+function largestVolumeBytes(dir: string, blockSize: number): number {
+  return Math.min(MAX_BLOCKS * blockSize, Math.floor(largestFileBytes(dir) / blockSize) * blockSize);
 }
 
 async function createSnapshot(volumeId: string, name = uniq('snap'), driver: TestDriver = d) {
@@ -364,10 +373,25 @@ describe('CreateVolume: capacity_range', () => {
     }
   });
 
-  test('CreateVolume: the largest addressable size (2^32 blocks) is accepted (volumes are thin)', async () => {
-    const vol = await createVolume({ capacityRange: { requiredBytes: BigInt(MAX_BLOCKS) * BigInt(BLOCK) } });
-    expect(vol.capacityBytes).toBe(BigInt(MAX_BLOCKS) * BigInt(BLOCK));
+  test('CreateVolume: the largest size the state filesystem holds (2^32 blocks, or its largest file) is accepted (volumes are thin), and its last block works', async () => {
+    const largest = largestVolumeBytes(d.driver.store.dir, BLOCK);
+    const vol = await createVolume({ capacityRange: { requiredBytes: BigInt(largest) } });
+    expect(vol.capacityBytes).toBe(BigInt(largest));
+    const data = Buffer.alloc(BLOCK, 0x5a);
+    d.driver.store.write(vol.volumeId, largest - BLOCK, data);
+    await d.driver.store.flush(vol.volumeId);
+    expect(d.driver.store.read(vol.volumeId, largest - BLOCK, BLOCK)).toEqual(data);
     await d.controller.call('deleteVolume', { volumeId: vol.volumeId });
+  });
+
+  test('CreateVolume: one block past the largest size the state filesystem holds is OUT_OF_RANGE', async () => {
+    const largest = largestVolumeBytes(d.driver.store.dir, BLOCK);
+    const call = d.controller.call('createVolume', {
+      name: uniq('past-largest'),
+      volumeCapabilities: [block()],
+      capacityRange: { requiredBytes: BigInt(largest + BLOCK) },
+    });
+    expect(await codeOf(call)).toBe(status.OUT_OF_RANGE);
   });
 });
 
@@ -968,11 +992,11 @@ describe('GetCapacity', () => {
     expect(Number(res.availableCapacity) % BLOCK).toBe(0);
   });
 
-  test('GetCapacity: minimum_volume_size is one block and maximum_volume_size is 2^32 blocks of the requested block size', async () => {
+  test("GetCapacity: minimum_volume_size is one block and maximum_volume_size is 2^32 blocks of the requested block size, or fewer where the state filesystem's largest file is smaller", async () => {
     for (const blockSize of [4096, 65536, 1048576]) {
       const res = await d.controller.call('getCapacity', { parameters: { blockSize: String(blockSize) } });
       expect(res.minimumVolumeSize).toBe(BigInt(blockSize));
-      expect(res.maximumVolumeSize).toBe(BigInt(MAX_BLOCKS) * BigInt(blockSize));
+      expect(res.maximumVolumeSize).toBe(BigInt(largestVolumeBytes(d.driver.store.dir, blockSize)));
     }
   });
 
@@ -1510,5 +1534,66 @@ describe('Secrets', () => {
     expect(log).toContain('rpc request');
     expect(log).toContain('secret-vol');
     expect(log).not.toContain(secret);
+  });
+});
+
+smallFileSystemSuite('volume sizes on a small state filesystem (ext4 with 1 KiB blocks: largest file 4 TiB - 1 KiB)', () => {
+  let small: SmallFileSystem;
+  let own: TestDriver;
+  beforeAll(async () => {
+    small = mountSmallExt4({ sizeBytes: 64 * MiB, blockSize: 1024 });
+    own = await startTestDriver({ stateDir: path.join(small.dir, 'state') });
+  });
+  afterAll(async () => {
+    await own?.stop();
+    small?.remove();
+  });
+  const TiB = 1024 * GiB;
+  const maximumVolumeSize = async (): Promise<bigint> => {
+    const max = (await own.controller.call('getCapacity', {})).maximumVolumeSize;
+    expect(max).toBeDefined();
+    return max!;
+  };
+
+  test('GetCapacity: maximum_volume_size is what the filesystem can hold in one file, in whole blocks (4 TiB - 4 KiB at 4 KiB, 4 TiB - 1 MiB at 1 MiB), not 2^32 blocks', async () => {
+    const at4k = await own.controller.call('getCapacity', { parameters: { blockSize: '4096' } });
+    expect(at4k.maximumVolumeSize).toBe(BigInt(4 * TiB - 4 * KiB));
+    const at1m = await own.controller.call('getCapacity', { parameters: { blockSize: '1Mi' } });
+    expect(at1m.maximumVolumeSize).toBe(BigInt(4 * TiB - MiB));
+  });
+
+  test("GetCapacity: available_capacity is the free space of the state directory's filesystem", async () => {
+    const stats = fs.statfsSync(small.dir);
+    const res = await own.controller.call('getCapacity', {});
+    expect(res.availableCapacity).toBe(BigInt(Math.floor((stats.bavail * stats.bsize) / BLOCK) * BLOCK));
+  });
+
+  test('CreateVolume: maximum_volume_size is accepted; one block more is OUT_OF_RANGE with a message naming the filesystem', async () => {
+    const max = await maximumVolumeSize();
+    const vol = await createVolume({ capacityRange: { requiredBytes: max } }, own);
+    expect(vol.capacityBytes).toBe(max);
+    let message = '';
+    const code = await codeOf(
+      own.controller
+        .call('createVolume', { name: 'past-max', volumeCapabilities: [block()], capacityRange: { requiredBytes: max + BigInt(BLOCK) } })
+        .catch((err: { details?: string }) => {
+          message = err.details ?? '';
+          throw err;
+        }),
+    );
+    expect(code).toBe(status.OUT_OF_RANGE);
+    expect(message).toContain('ext4');
+    expect(own.driver.store.findVolumeByName('past-max')).toBeUndefined();
+    await own.controller.call('deleteVolume', { volumeId: vol.volumeId });
+  });
+
+  test('ControllerExpandVolume: past what the filesystem holds (4 TiB at 4 KiB blocks) is OUT_OF_RANGE and the volume keeps its size; up to maximum_volume_size is OK', async () => {
+    const max = await maximumVolumeSize();
+    const vol = await createVolume({ capacityRange: { requiredBytes: BigInt(MiB) } }, own);
+    const past = own.controller.call('controllerExpandVolume', { volumeId: vol.volumeId, capacityRange: { requiredBytes: BigInt(4 * TiB) } });
+    expect(await codeOf(past)).toBe(status.OUT_OF_RANGE);
+    expect(own.driver.store.getVolume(vol.volumeId).capacityBytes).toBe(MiB);
+    const ok = await own.controller.call('controllerExpandVolume', { volumeId: vol.volumeId, capacityRange: { requiredBytes: max } });
+    expect(ok.capacityBytes).toBe(max);
   });
 });

@@ -158,12 +158,8 @@ describe('createVolume capacity and block size', () => {
     );
   });
 
-  test('a capacity of exactly 2^32 blocks is accepted (the limit is inclusive)', async () => {
-    const f = await fixture();
-    const v = await f.store.createVolume({ capacityBytes: TWO_POW_32 * BLOCK });
-    expect(v.capacityBytes).toBe(TWO_POW_32 * BLOCK);
-    expectSameBytes(f.store.read(v.id, 0, BLOCK), Buffer.alloc(BLOCK), 'first block of a new volume');
-  });
+  // That exactly 2^32 blocks is accepted (the bound is inclusive) needs a filesystem that holds a 16 TiB file,
+  // which the temp directory's ext4 does not: capacity.test.ts checks it on a tmpfs, to the last block.
 
   test('a refused named create does not reserve the name', async () => {
     const f = await fixture();
@@ -502,6 +498,15 @@ describe('idempotent creation by name', () => {
     const prior = before as { snapshots: SnapshotInfo[]; contents: Record<string, string> };
     expect(after.snapshots).toEqual(prior.snapshots);
     expect(after.contents[f.s2.id]).toBe(prior.contents[f.s2.id]);
+  });
+
+  test('a snapshot name repeated after its source volume was deleted returns the same snapshot (a retry after the cut)', async () => {
+    const f = await fixture();
+    const snap = await f.store.createSnapshot({ volumeId: f.other.id, name: 'last-of-other' });
+    await f.store.deleteVolume(f.other.id);
+    const again = await f.store.createSnapshot({ volumeId: f.other.id, name: 'last-of-other' });
+    expect(again).toEqual(snap);
+    await expectEngineError(() => f.store.createSnapshot({ volumeId: f.other.id, name: 'new' }), NotFoundError, 'NOT_FOUND');
   });
 });
 

@@ -73,12 +73,20 @@ export async function startTestDriver(overrides: Partial<DriverConfig> = {}): Pr
   };
 }
 
-/** Runs `cbt-csi serve` as a child process (through tsx) and resolves once its socket answers. */
+/**
+ * Runs `cbt-csi serve` as a child process (through tsx) and resolves once its socket answers. With `umask`,
+ * the child starts under that umask (set by a shell that then execs node), as a container runtime may.
+ */
 export async function spawnDriver(
   args: string[],
-  options: { cwd?: string; env?: NodeJS.ProcessEnv } = {},
+  options: { cwd?: string; env?: NodeJS.ProcessEnv; umask?: number } = {},
 ): Promise<{ child: ChildProcess; stderr: () => string; stdout: () => string }> {
-  const child = spawn(process.execPath, ['--import', TSX_LOADER, path.join(REPO_ROOT, 'src/cli.ts'), 'serve', ...args], {
+  const command = [process.execPath, '--import', TSX_LOADER, path.join(REPO_ROOT, 'src/cli.ts'), 'serve', ...args];
+  const [file, argv] =
+    options.umask === undefined
+      ? [command[0]!, command.slice(1)]
+      : ['/bin/sh', ['-c', `umask ${options.umask.toString(8).padStart(3, '0')} && exec "$@"`, 'sh', ...command]];
+  const child = spawn(file, argv, {
     cwd: options.cwd ?? REPO_ROOT,
     env: { ...process.env, ...options.env },
     stdio: ['ignore', 'pipe', 'pipe'],

@@ -12,8 +12,6 @@ export const FUSE_KERNEL_VERSION = 7;
 /** Highest minor version whose struct layouts this file describes. */
 export const FUSE_KERNEL_MINOR_VERSION = 38;
 export const FUSE_ROOT_ID = 1;
-/** The kernel refuses reads into smaller buffers. */
-export const FUSE_MIN_READ_BUFFER = 8192;
 
 export const Opcode = {
   LOOKUP: 1,
@@ -331,11 +329,6 @@ export function decodeBatchForgetIn(body: Buffer): Array<{ nodeid: number; nlook
 export function decodeAccessIn(body: Buffer): { mask: number } {
   need(body, 4, 'ACCESS');
   return { mask: body.readUInt32LE(0) };
-}
-
-export function decodeInterruptIn(body: Buffer): { unique: bigint } {
-  need(body, 8, 'INTERRUPT');
-  return { unique: body.readBigUInt64LE(0) };
 }
 
 // ------------------------------------------------------------------ replies
