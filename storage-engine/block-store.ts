@@ -30,6 +30,7 @@ import { isSnapshotId, isVolumeId, newSnapshotId, newVolumeId } from './ids.js';
 import { KeyedMutex } from './keyed-mutex.js';
 import { Layer } from './layer.js';
 import { takeOwnership } from './owner-lock.js';
+import { SpaceReserve } from './space-reserve.js';
 import type {
   Attributes,
   CompactionReport,
@@ -85,6 +86,7 @@ export class BlockStore {
   private readonly volumeLocks = new KeyedMutex();
   private readonly holds = new Map<string, Set<string>>();
   private readonly compactor: Compactor;
+  private readonly space: SpaceReserve;
   private readonly defaultBlockSize: number;
   private readonly capacityLimitBytes: number | undefined;
   private readonly autoCompact: boolean;
@@ -108,6 +110,7 @@ export class BlockStore {
     fs.mkdirSync(path.join(dir, LAYER_DIR), { recursive: true });
     this.releaseOwnership = takeOwnership(dir);
     try {
+      this.space = new SpaceReserve(dir, options);
       this.catalog = new Catalog(path.join(dir, 'catalog.db'));
     } catch (err) {
       this.releaseOwnership();
@@ -120,7 +123,11 @@ export class BlockStore {
       this.releaseOwnership();
       throw err;
     }
-    this.compactor = new Compactor(this.compactionHost());
+    this.compactor = new Compactor(this.compactionHost(), {
+      retry: this.autoCompact ? (options.compactionRetry ?? {}) : undefined,
+      onEvent: options.onEvent,
+      space: this.space,
+    });
     if (this.autoCompact) this.compactor.schedule();
   }
 
@@ -223,6 +230,7 @@ export class BlockStore {
     const existing = this.sameNameVolume(wanted);
     if (existing) return existing;
     this.checkProvisioning(capacityBytes, 0);
+    this.space.checkRoomToCreate('creating a volume');
 
     if (source?.kind === 'volume') {
       const srcId = source.volumeId;
@@ -367,10 +375,12 @@ export class BlockStore {
       await head.exclusive(() => {
         this.checkOpen();
         this.checkNotHeld(id);
-        this.catalog.transaction(() => {
-          this.catalog.deleteVolume(id);
-          this.catalog.deleteLayer(head.id);
-        });
+        this.space.freeing(`deleting volume ${id}`, () =>
+          this.catalog.transaction(() => {
+            this.catalog.deleteVolume(id);
+            this.catalog.deleteLayer(head.id);
+          }),
+        );
         this.volumes.delete(id);
         this.forgetLayer(head);
       });
@@ -544,6 +554,7 @@ export class BlockStore {
     this.volumeOrThrow(req.volumeId);
     const existing = this.sameNameSnapshot(name, req.volumeId);
     if (existing) return existing;
+    this.space.checkRoomToCreate('creating a snapshot');
     return this.volumeLocks.run(req.volumeId, async () => {
       const vol = this.volumeOrThrow(req.volumeId);
       const head = this.layer(vol.headId);
@@ -618,7 +629,7 @@ export class BlockStore {
   async deleteSnapshot(id: string): Promise<void> {
     this.checkOpen();
     this.snapshotOrThrow(id);
-    this.catalog.deleteSnapshot(id);
+    this.space.freeing(`deleting snapshot ${id}`, () => this.catalog.deleteSnapshot(id));
     this.snapshots.delete(id);
     this.afterDelete();
   }
@@ -852,6 +863,7 @@ export class BlockStore {
   }
 
   private afterDelete(): void {
+    this.space.restore();
     if (this.autoCompact) this.compactor.schedule();
   }
 

@@ -7,6 +7,7 @@
 import Database from 'better-sqlite3';
 import type { Bitmap } from './bitmap.js';
 import { decodeBitmap, encodeBitmap } from './bitmap.js';
+import { translateIoError } from './errors.js';
 
 const SCHEMA_VERSION = 1;
 
@@ -162,9 +163,13 @@ export class Catalog {
     }
   }
 
-  /** Runs `fn` in one transaction (nested calls join the outer one). */
+  /** Runs `fn` in one transaction (nested calls join the outer one); a full disk is NoSpaceError. */
   transaction<T>(fn: () => T): T {
-    return this.db.transaction(fn)();
+    try {
+      return this.db.transaction(fn)();
+    } catch (err) {
+      return translateIoError(err, 'committing to the catalog');
+    }
   }
 
   insertLayer(parentId: number | null, blockSize: number, nowMs: number): number {
@@ -172,8 +177,10 @@ export class Catalog {
   }
 
   deleteLayer(id: number): void {
-    this.stmt.deleteJournal.run(id);
-    this.stmt.deleteLayer.run(id);
+    this.transaction(() => {
+      this.stmt.deleteJournal.run(id);
+      this.stmt.deleteLayer.run(id);
+    });
   }
 
   setLayerParent(id: number, parentId: number | null): void {
@@ -228,7 +235,7 @@ export class Catalog {
   }
 
   setVolumeCapacity(id: string, capacityBytes: number): void {
-    this.stmt.setVolumeCapacity.run(capacityBytes, id);
+    this.transaction(() => this.stmt.setVolumeCapacity.run(capacityBytes, id));
   }
 
   allVolumes(): VolumeRow[] {
@@ -240,7 +247,7 @@ export class Catalog {
   }
 
   deleteSnapshot(id: string): void {
-    this.stmt.deleteSnapshot.run(id);
+    this.transaction(() => this.stmt.deleteSnapshot.run(id));
   }
 
   allSnapshots(): SnapshotRow[] {
