@@ -723,7 +723,8 @@ export class BlockStore {
     await this.volumeLocks.drain();
     for (const vol of this.volumes.values()) {
       const head = this.layer(vol.headId);
-      await head.exclusive(() => this.flushInner(head));
+      // On a full disk, committing writes already on disk may spend the reserve, so that close completes.
+      await this.space.freeingAsync(`flushing volume ${vol.id}`, () => head.exclusive(() => this.flushInner(head)));
     }
     this.closed = true;
     for (const layer of this.layers.values()) layer.close();

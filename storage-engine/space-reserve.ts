@@ -48,11 +48,14 @@ export class SpaceReserve {
     return this.isHeld;
   }
 
-  /** Free bytes on the disk under the store, as this process may use them (root may use the root reserve). */
+  /**
+   * Free bytes on the disk under the store, as `df` shows them (Available). Root could also use blocks the
+   * filesystem keeps for root, but ext4 refuses writes before its free count reaches zero, so the
+   * conservative figure is the one that predicts ENOSPC.
+   */
   freeBytes(): number {
     const s = fs.statfsSync(this.dir);
-    const blocks = process.getuid?.() === 0 ? s.bfree : s.bavail;
-    return blocks * s.bsize;
+    return s.bavail * s.bsize;
   }
 
   /** Takes the reserve again if the disk has room for it and the headroom; returns whether it is held. */
@@ -77,6 +80,20 @@ export class SpaceReserve {
     }
     try {
       return fn();
+    } catch (err) {
+      return translateIoError(err, what);
+    }
+  }
+
+  /** `freeing` for an asynchronous commit of space already spent (a flush at close, when the disk is full). */
+  async freeingAsync<T>(what: string, fn: () => Promise<T>): Promise<T> {
+    try {
+      return await fn();
+    } catch (err) {
+      if (!isNoSpace(err) || !this.release(what)) return translateIoError(err, what);
+    }
+    try {
+      return await fn();
     } catch (err) {
       return translateIoError(err, what);
     }
