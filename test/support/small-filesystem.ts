@@ -52,7 +52,14 @@ export function mountSmallExt4(sizeMiB: number): SmallFilesystem {
       return s.bavail * s.bsize;
     },
     remove() {
-      if (mounted) execFileSync('umount', [mountPoint], { stdio: 'pipe' });
+      if (mounted) {
+        try {
+          execFileSync('umount', [mountPoint], { stdio: 'pipe' });
+        } catch {
+          // Still busy (a store that failed to close keeps files open): detach it now, free it when released.
+          execFileSync('umount', ['--lazy', mountPoint], { stdio: 'pipe' });
+        }
+      }
       mounted = false;
       fs.rmSync(dir, { recursive: true, force: true });
     },
