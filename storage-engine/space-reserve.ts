@@ -39,6 +39,8 @@ export class SpaceReserve {
     this.bytes = bytes;
     this.file = path.join(dir, RESERVE_FILE);
     this.emit = eventSink(options.onEvent);
+    // A reserve being written when the process was killed: never complete, so never worth keeping.
+    fs.rmSync(`${this.file}.tmp`, { force: true });
     this.isHeld = this.bytes === 0 || this.complete();
     if (!this.isHeld) this.restore();
   }

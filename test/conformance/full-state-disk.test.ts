@@ -90,7 +90,10 @@ async function failure(call: Promise<unknown>): Promise<RpcError | undefined> {
 
 const cleanup: (() => Promise<void> | void)[] = [];
 afterEach(async () => {
-  for (const fn of cleanup.splice(0).reverse()) await fn();
+  // Every step runs even if one fails (a driver that cannot stop must not leave the filesystem mounted).
+  const errors: unknown[] = [];
+  for (const fn of cleanup.splice(0).reverse()) await Promise.resolve().then(fn).catch((err: unknown) => errors.push(err));
+  if (errors.length > 0) throw errors[0];
 });
 
 describe.skipIf(missing !== undefined && !mustRun)(`full state disk${missing ? ` (skipped: ${missing})` : ''}`, () => {
