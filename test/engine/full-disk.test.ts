@@ -162,6 +162,21 @@ describe.skipIf(missing !== undefined && !mustRun)(`a full disk under the store$
     expectUnchanged(f);
   });
 
+  it("SQLite's 'database or disk is full' is NoSpaceError; a refused commit changes nothing and succeeds once space is back", async () => {
+    const f = await fullStore({ spaceReserveBytes: 0 }, 12);
+    expect(fs.existsSync(path.join(f.dir, RESERVE_FILE))).toBe(false);
+    f.store.trim(f.b, 0, 4096);
+    await expectEngineError(() => f.store.flush(f.b), NoSpaceError, 'NO_SPACE');
+    // With no reserve to give back, even a delete cannot commit: it is refused and the snapshot stays.
+    await expectEngineError(() => f.store.deleteSnapshot(f.s1), NoSpaceError, 'NO_SPACE');
+    expect(f.store.listSnapshots().map((s) => s.id)).toContain(f.s1);
+    expectUnchanged(f);
+    fs.rmSync(f.ballast);
+    await f.store.flush(f.b);
+    await f.store.deleteSnapshot(f.s1);
+    expect(f.store.listSnapshots().map((s) => s.id)).not.toContain(f.s1);
+  });
+
   it('layers nothing references are dropped before any merge, so space comes back even when a merge cannot run', async () => {
     const small = mountSmallExt4(64);
     const dir = path.join(small.mountPoint, 'store');
