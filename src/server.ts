@@ -20,6 +20,7 @@ import { nodeService } from './csi/node-service.js';
 import type { DriverContext } from './csi/driver-context.js';
 import { identityService } from './csi/identity-service.js';
 import { snapshotMetadataService } from './csi/snapshot-metadata-service.js';
+import { storeEventReporter } from './store-events.js';
 import { Controller, Identity, Node, SnapshotMetadata } from './gen/csi/v1/csi_pb.js';
 import type { Logger } from './logging.js';
 import { DriverMetrics } from './metrics.js';
@@ -45,10 +46,12 @@ const READ_MAX_BYTES = 4 * 1024 * 1024;
 
 export async function startDriver(config: DriverConfig, logger: Logger): Promise<RunningDriver> {
   makePrivateDirectory(config.stateDir);
+  const metrics = new DriverMetrics();
   const store = BlockStore.open(path.join(config.stateDir, 'store'), {
     defaultBlockSize: config.defaultBlockSize,
     // The engine enforces the limit after its last await, so concurrent creates cannot overshoot it.
     capacityLimitBytes: config.capacityBytes,
+    onEvent: storeEventReporter(logger, metrics.registry),
   });
   const role = config.role ?? 'all';
   // The node data plane shares this process's store: a store is opened once, by one process.
@@ -62,7 +65,6 @@ export async function startDriver(config: DriverConfig, logger: Logger): Promise
   }
   let ready = false;
   const ctx: DriverContext = { store, config, logger, isReady: () => ready };
-  const metrics = new DriverMetrics();
   const shutdown = new AbortController();
   // Every in-flight call listens on the shutdown signal; many concurrent calls are normal, not a leak.
   setMaxListeners(0, shutdown.signal);

@@ -50,6 +50,7 @@ import {
   volumeInfo,
   volumeRow,
 } from './records.js';
+import { SpaceReserve } from './space-reserve.js';
 import type {
   CompactionReport,
   CreateSnapshotRequest,
@@ -88,6 +89,7 @@ export class BlockStore {
   private readonly snapshotIo = new Map<string, BlockIo>();
   private readonly volumeLocks = new KeyedMutex();
   private readonly compactor: Compactor;
+  private readonly space: SpaceReserve;
   private readonly defaultBlockSize: number;
   private readonly capacityLimitBytes: number | undefined;
   private readonly autoCompact: boolean;
@@ -119,6 +121,7 @@ export class BlockStore {
     try {
       this.files = new LayerFiles(dir);
       this.fileSystem = probeFileSystem(dir);
+      this.space = new SpaceReserve(dir, options);
       this.catalog = openCatalog(path.join(dir, CATALOG_FILE));
     } catch (err) {
       this.releaseOwnership();
@@ -131,7 +134,11 @@ export class BlockStore {
       this.releaseOwnership();
       throw err;
     }
-    this.compactor = new Compactor(this.compactionHost());
+    this.compactor = new Compactor(this.compactionHost(), {
+      retry: this.autoCompact ? (options.compactionRetry ?? {}) : undefined,
+      onEvent: options.onEvent,
+      space: this.space,
+    });
     if (this.autoCompact) this.compactor.schedule();
   }
 
@@ -207,6 +214,7 @@ export class BlockStore {
     const existing = this.records.sameNameVolume(wanted);
     if (existing) return volumeInfo(existing);
     this.records.checkProvisioning(capacityBytes, 0);
+    this.space.checkRoomToCreate('creating a volume');
 
     if (source?.kind === 'volume') {
       const srcId = source.volumeId;
@@ -309,10 +317,12 @@ export class BlockStore {
       await head.exclusive(() => {
         this.checkOpen();
         this.records.checkNotHeld(id);
-        this.catalog.transaction(() => {
-          this.catalog.deleteVolume(id);
-          this.catalog.deleteLayer(head.id);
-        });
+        this.space.freeing(`deleting volume ${id}`, () =>
+          this.catalog.transaction(() => {
+            this.catalog.deleteVolume(id);
+            this.catalog.deleteLayer(head.id);
+          }),
+        );
         this.records.removeVolume(id);
         this.volumeIo.delete(id);
         this.forgetLayer(head);
@@ -420,6 +430,7 @@ export class BlockStore {
     const existing = this.records.sameNameSnapshot(name, req.volumeId);
     if (existing) return snapshotInfo(existing);
     this.records.volume(req.volumeId);
+    this.space.checkRoomToCreate('creating a snapshot');
     return this.volumeLocks.run(req.volumeId, async () => {
       const vol = this.records.volume(req.volumeId);
       const head = this.layer(vol.headId);
@@ -655,7 +666,8 @@ export class BlockStore {
     await this.volumeLocks.drain();
     for (const vol of this.records.volumes.values()) {
       const head = this.layer(vol.headId);
-      await head.exclusive(() => this.commitHead(head));
+      // On a full disk, committing writes already on disk may spend the reserve, so that close completes.
+      await this.space.freeingAsync(`flushing volume ${vol.id}`, () => head.exclusive(() => this.commitHead(head)));
     }
     this.closed = true;
     for (const layer of this.layers.values()) layer.close();
@@ -692,6 +704,7 @@ export class BlockStore {
   }
 
   private afterDelete(): void {
+    this.space.restore();
     if (this.autoCompact) this.compactor.schedule();
   }
 

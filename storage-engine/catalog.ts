@@ -7,6 +7,7 @@
 import Database from 'better-sqlite3';
 import type { Bitmap } from './bitmap.js';
 import { decodeBitmap, encodeBitmap } from './bitmap.js';
+import { translateIoError } from './errors.js';
 
 /** 2 added tombstones; a version-1 catalog is upgraded in place (the table is new, nothing else changed). */
 const SCHEMA_VERSION = 2;
@@ -202,9 +203,13 @@ export class Catalog {
     }
   }
 
-  /** Runs `fn` in one transaction (nested calls join the outer one). */
+  /** Runs `fn` in one transaction (nested calls join the outer one); a full disk is NoSpaceError. */
   transaction<T>(fn: () => T): T {
-    return this.db.transaction(fn)();
+    try {
+      return this.db.transaction(fn)();
+    } catch (err) {
+      return translateIoError(err, 'committing to the catalog');
+    }
   }
 
   insertLayer(parentId: number | null, blockSize: number, nowMs: number): number {
@@ -212,8 +217,10 @@ export class Catalog {
   }
 
   deleteLayer(id: number): void {
-    this.stmt.deleteJournal.run(id);
-    this.stmt.deleteLayer.run(id);
+    this.transaction(() => {
+      this.stmt.deleteJournal.run(id);
+      this.stmt.deleteLayer.run(id);
+    });
   }
 
   setLayerParent(id: number, parentId: number | null): void {
@@ -288,7 +295,7 @@ export class Catalog {
   }
 
   setVolumeCapacity(id: string, capacityBytes: number): void {
-    this.stmt.setVolumeCapacity.run(capacityBytes, id);
+    this.transaction(() => this.stmt.setVolumeCapacity.run(capacityBytes, id));
   }
 
   allVolumes(): VolumeRow[] {
@@ -300,7 +307,7 @@ export class Catalog {
   }
 
   deleteSnapshot(id: string): void {
-    this.stmt.deleteSnapshot.run(id);
+    this.transaction(() => this.stmt.deleteSnapshot.run(id));
   }
 
   allSnapshots(): SnapshotRow[] {

@@ -11,8 +11,11 @@
  */
 import { Bitmap } from './bitmap.js';
 import type { Catalog } from './catalog.js';
+import { isNoSpace } from './errors.js';
+import { eventSink, type EmitEvent } from './events.js';
 import type { Layer } from './layer.js';
-import type { CompactionReport } from './types.js';
+import type { SpaceReserve } from './space-reserve.js';
+import type { CompactionReport, StoreOptions } from './types.js';
 
 /** What compaction needs of the store. */
 export interface CompactionHost {
@@ -37,16 +40,40 @@ const COPY_CHUNK_BLOCKS = 256;
 /** Merges abandoned in a row (the tree changed under them) before a pass gives up until the next schedule. */
 const MAX_RETRIES = 8;
 
+/** Default delays between retries of a failed background pass: doubling from 1 s up to 5 min. */
+const DEFAULT_RETRY = { firstMs: 1000, maxMs: 5 * 60_000 };
+
+/** How compaction reports failures and makes room; all optional. */
+export interface CompactorOptions {
+  /** Retry failed passes in the background with these delays; undefined: only explicit runs (tests). */
+  retry?: StoreOptions['compactionRetry'];
+  onEvent?: StoreOptions['onEvent'];
+  /** Protects the store's space reserve from merge copies and lets drops use it. */
+  space?: SpaceReserve;
+}
+
 export class Compactor {
   private running: Promise<CompactionReport> | undefined;
   private again = false;
   private stopped = false;
+  /** Failed passes in a row; a pass that completes resets it. */
+  private failures = 0;
+  private retryTimer: NodeJS.Timeout | undefined;
+  private readonly emit: EmitEvent;
+  private readonly retry: { firstMs: number; maxMs: number } | undefined;
 
-  constructor(private readonly host: CompactionHost) {}
+  constructor(
+    private readonly host: CompactionHost,
+    private readonly options: CompactorOptions = {},
+  ) {
+    this.emit = eventSink(options.onEvent);
+    this.retry = options.retry && { ...DEFAULT_RETRY, ...options.retry };
+  }
 
-  /** Starts a pass in the background (errors are kept for the next explicit run to surface). */
+  /** Starts a pass in the background now (replacing a pending retry); a failure is reported and retried. */
   schedule(): void {
     if (this.stopped) return;
+    this.cancelRetry();
     void this.run().catch(() => undefined);
   }
 
@@ -59,6 +86,7 @@ export class Compactor {
     this.running = (async () => {
       const total: CompactionReport = { merged: 0, dropped: 0, blocksCopied: 0 };
       try {
+        this.options.space?.restore();
         do {
           this.again = false;
           await new Promise<void>((resolve) => setImmediate(resolve));
@@ -77,8 +105,15 @@ export class Compactor {
             total.blocksCopied += step.blocksCopied;
           }
         } while (this.again && !this.stopped);
+      } catch (err) {
+        this.failed(err);
+        throw err;
       } finally {
         this.running = undefined;
+      }
+      if (this.failures > 0 && !this.stopped) {
+        this.emit({ type: 'compaction-recovered', failures: this.failures });
+        this.failures = 0;
       }
       return total;
     })();
@@ -88,7 +123,33 @@ export class Compactor {
   /** Stops after the merge in progress; no further passes start. */
   async stop(): Promise<void> {
     this.stopped = true;
+    this.cancelRetry();
     await this.running?.catch(() => undefined);
+  }
+
+  /**
+   * A failed pass is never forgotten: the layers it left are still hidden and still take space. It is
+   * reported and, in the background, tried again after a delay that doubles with each failure in a row.
+   */
+  private failed(err: unknown): void {
+    this.failures++;
+    const retryInMs =
+      this.retry && !this.stopped ? Math.min(this.retry.maxMs, this.retry.firstMs * 2 ** Math.min(this.failures - 1, 30)) : undefined;
+    const error = err instanceof Error ? err : new Error(String(err));
+    this.emit({ type: 'compaction-failed', error, noSpace: isNoSpace(err), failures: this.failures, retryInMs });
+    if (retryInMs === undefined) return;
+    this.cancelRetry();
+    this.retryTimer = setTimeout(() => {
+      this.retryTimer = undefined;
+      this.schedule();
+    }, retryInMs);
+    // A pending retry must not keep a finished process alive.
+    this.retryTimer.unref();
+  }
+
+  private cancelRetry(): void {
+    if (this.retryTimer) clearTimeout(this.retryTimer);
+    this.retryTimer = undefined;
   }
 
   /**
@@ -106,15 +167,22 @@ export class Compactor {
       if (list) list.push(layer);
       else children.set(layer.parentId, [layer]);
     }
-    for (const layer of layers.values()) {
-      if (referenced.has(layer.id) || !layer.frozen) continue;
-      const above = children.get(layer.id) ?? [];
-      if (above.length === 0) {
+    const hidden = [...layers.values()].filter((layer) => !referenced.has(layer.id) && layer.frozen);
+    // Drops first: they need no space and give back a whole file, which a merge may then need.
+    for (const layer of hidden) {
+      if (!children.has(layer.id)) {
         this.drop(layer);
         return { merged: 0, dropped: 1, blocksCopied: 0 };
       }
+    }
+    for (const layer of hidden) {
+      const above = children.get(layer.id)!;
       if (above.length === 1) {
-        const copied = await this.merge(layer, above[0]!);
+        const upper = above[0]!;
+        // A copy the disk cannot hold fails before it starts, and never eats the space reserve.
+        const toCopy = Bitmap.andNot(layer.written, Bitmap.or(upper.written, upper.trimmed)).size * layer.blockSize;
+        this.options.space?.checkRoomToCopy(toCopy, `merging layer ${layer.id} into layer ${upper.id}`);
+        const copied = await this.merge(layer, upper);
         return copied === undefined ? 'retry' : { merged: 1, dropped: 0, blocksCopied: copied };
       }
     }
@@ -122,10 +190,16 @@ export class Compactor {
   }
 
   private drop(layer: Layer): void {
-    const applied = this.host.catalog.transaction(() => {
-      this.host.catalog.deleteLayer(layer.id);
-      return this.host.layerLeaving(layer, undefined);
-    });
+    const { catalog } = this.host;
+    const space = this.options.space;
+    // One transaction drops the layer and what was anchored at it (change records of deleted snapshots).
+    const commit = () =>
+      catalog.transaction(() => {
+        catalog.deleteLayer(layer.id);
+        return this.host.layerLeaving(layer, undefined);
+      });
+    // A drop frees space, so it may spend the reserve to commit on a full disk.
+    const applied = space ? space.freeing(`dropping layer ${layer.id}`, commit) : commit();
     applied();
     this.host.forgetLayer(layer);
   }

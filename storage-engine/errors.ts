@@ -89,11 +89,22 @@ export class StoreClosedError extends EngineError {
   }
 }
 
-/** Turns an operating-system error from file I/O into an engine error where one fits (ENOSPC), else rethrows. */
+/**
+ * Whether an error says the disk under the store is full: ENOSPC or EDQUOT from file I/O, SQLite's
+ * SQLITE_FULL ("database or disk is full", which is how it reports ENOSPC on a write), or our NoSpaceError.
+ */
+export function isNoSpace(err: unknown): boolean {
+  if (err instanceof NoSpaceError) return true;
+  const code = (err as { code?: unknown } | null | undefined)?.code;
+  return code === 'ENOSPC' || code === 'EDQUOT' || code === 'SQLITE_FULL';
+}
+
+/**
+ * The one place where a full disk becomes NoSpaceError, from file I/O and from the catalog alike; any
+ * other error is rethrown unchanged.
+ */
 export function translateIoError(err: unknown, what: string): never {
-  const code = (err as NodeJS.ErrnoException | undefined)?.code;
-  if (code === 'ENOSPC' || code === 'EDQUOT') {
-    throw new NoSpaceError(`${what}: the disk under the store is full`);
-  }
+  if (err instanceof EngineError) throw err;
+  if (isNoSpace(err)) throw new NoSpaceError(`${what}: the disk under the store is full`);
   throw err;
 }

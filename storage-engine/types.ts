@@ -104,7 +104,32 @@ export interface StoreOptions {
    * Defaults: 30 days, 256 per source volume.
    */
   deletedSnapshotRetention?: { maxAgeMs?: number; maxPerVolume?: number };
+  /**
+   * Bytes kept in reserve (a preallocated file in the store) so that deletes can commit on a full disk;
+   * given back when a delete needs it and taken again when space is back. Default 4 MiB; 0 turns it off.
+   */
+  spaceReserveBytes?: number;
+  /** Delays between retries of a failed background compaction: doubling from `firstMs` up to `maxMs`. */
+  compactionRetry?: { firstMs?: number; maxMs?: number };
+  /** Told of things an operator should see (failed compaction, the reserve given back). Must not throw. */
+  onEvent?: (event: StoreEvent) => void;
 }
+
+/** Something the store tells its host about, for logs and metrics (the engine itself logs nothing). */
+export type StoreEvent =
+  | {
+      type: 'compaction-failed';
+      error: Error;
+      /** The disk under the store is full. */
+      noSpace: boolean;
+      /** Failures in a row, this one included. */
+      failures: number;
+      /** When the next attempt runs, or undefined if none is scheduled (background compaction is off). */
+      retryInMs: number | undefined;
+    }
+  | { type: 'compaction-recovered'; failures: number }
+  | { type: 'space-reserve-released'; bytes: number; for: string }
+  | { type: 'space-reserve-restored'; bytes: number };
 
 /** What one `compact()` pass did. */
 export interface CompactionReport {

@@ -314,7 +314,7 @@ async function extentBlocks(stream: ExtentStream, capacityBytes: number, what: s
   return blocks;
 }
 
-const CATALOG_FILES = ['catalog.db', 'catalog.db-wal', 'catalog.db-shm', 'owner.pid'];
+const CATALOG_FILES = ['catalog.db', 'catalog.db-wal', 'catalog.db-shm', 'store.lock', 'space.reserve'];
 
 /**
  * Layer file names the catalog references. Reads a private copy of the database (and its WAL, which the

@@ -12,6 +12,8 @@ import { describe, it } from 'vitest';
 export interface SmallFileSystem {
   /** The mount point. */
   dir: string;
+  /** Free bytes as `df` shows them (Available). */
+  freeBytes(): number;
   /** Unmounts (which detaches the loop device) and removes the image. */
   remove(): void;
 }
@@ -41,23 +43,40 @@ export function smallFileSystemSuite(name: string, body: () => void, mkfs = 'mkf
   } else describe.skip(`${name} — skipped: ${missing}`, body);
 }
 
-/** Makes an ext4 image of `sizeBytes` with `blockSize`-byte filesystem blocks and mounts it. */
-export function mountSmallExt4(options: { sizeBytes: number; blockSize: 1024 | 2048 | 4096 }): SmallFileSystem {
+/**
+ * Makes an ext4 image of `sizeBytes` with `blockSize`-byte filesystem blocks and mounts it. No blocks are
+ * reserved for root (`-m 0`), so full means full for the root-run driver too.
+ */
+export function mountSmallExt4(options: { sizeBytes: number; blockSize?: 1024 | 2048 | 4096 }): SmallFileSystem {
   const base = fs.mkdtempSync(path.join(os.tmpdir(), 'cbt-smallfs-'));
   const image = path.join(base, 'fs.img');
   const dir = path.join(base, 'mnt');
   fs.mkdirSync(dir);
   fs.closeSync(fs.openSync(image, 'w'));
   fs.truncateSync(image, options.sizeBytes);
-  execFileSync('mkfs.ext4', ['-q', '-F', '-b', String(options.blockSize), image], { stdio: 'pipe' });
-  execFileSync('mount', ['-o', 'loop', image, dir], { stdio: 'pipe' });
+  try {
+    execFileSync('mkfs.ext4', ['-q', '-F', '-m', '0', '-b', String(options.blockSize ?? 4096), image], { stdio: 'pipe' });
+    execFileSync('mount', ['-o', 'loop', image, dir], { stdio: 'pipe' });
+  } catch (err) {
+    fs.rmSync(base, { recursive: true, force: true });
+    throw err;
+  }
   let removed = false;
   return {
     dir,
+    freeBytes() {
+      const s = fs.statfsSync(dir);
+      return s.bavail * s.bsize;
+    },
     remove() {
       if (removed) return;
       removed = true;
-      execFileSync('umount', [dir], { stdio: 'pipe' });
+      try {
+        execFileSync('umount', [dir], { stdio: 'pipe' });
+      } catch {
+        // Still busy (a store that failed to close keeps files open): detach it now, freed when released.
+        execFileSync('umount', ['--lazy', dir], { stdio: 'pipe' });
+      }
       fs.rmSync(base, { recursive: true, force: true });
     },
   };
