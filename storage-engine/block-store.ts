@@ -20,12 +20,14 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { BlockIo } from './block-io.js';
 import { checkAddressable, probeFileSystem, storeCapacity, type FileSystemLimits, type StoreCapacity } from './capacity.js';
-import { Catalog } from './catalog.js';
+import { Catalog, type TombstoneRow } from './catalog.js';
 import { allocatedBlocks, chainOf, changedBlocks, indexChain } from './chain.js';
 import { type CompactionHost, Compactor } from './compaction.js';
 import {
+  BusyError,
   HistoryGoneError,
   InvalidArgumentError,
+  NoSpaceError,
   NotFoundError,
   StoreClosedError,
   UnrelatedSnapshotsError,
@@ -33,12 +35,13 @@ import {
 import { Bitmap, clipBelow, decodeBitmap } from './bitmap.js';
 import { DEFAULT_TOMBSTONE_RETENTION, type Tombstone, Tombstones } from './tombstones.js';
 import { DEFAULT_BATCH_SIZE, type ExtentStream, extentStream } from './extent-stream.js';
-import { newSnapshotId, newVolumeId } from './ids.js';
+import { newGroupId, newSnapshotId, newVolumeId } from './ids.js';
 import { KeyedMutex } from './keyed-mutex.js';
 import { Layer } from './layer.js';
 import { FILE_MODE, LayerFiles, makePrivateDir } from './layer-files.js';
 import { takeOwnership } from './owner-lock.js';
 import {
+  type GroupRecord,
   Records,
   type SnapshotRecord,
   type VolumeRecord,
@@ -52,7 +55,10 @@ import {
 } from './records.js';
 import { SpaceReserve } from './space-reserve.js';
 import type {
+  Attributes,
   CompactionReport,
+  CreateGroupSnapshotRequest,
+  GroupSnapshotInfo,
   CreateSnapshotRequest,
   CreateVolumeRequest,
   ExtentQueryOptions,
@@ -160,6 +166,9 @@ export class BlockStore {
     }
     for (const row of this.catalog.allVolumes()) this.records.addVolume(volumeFromRow(row));
     for (const row of this.catalog.allSnapshots()) this.records.addSnapshot(snapshotFromRow(row));
+    for (const row of this.catalog.allGroups()) {
+      this.records.addGroup({ id: row.id, name: row.name ?? undefined, snapshotIds: row.snapshot_ids, createdAtMs: row.created_at_ms });
+    }
     for (const row of this.catalog.allTombstones()) {
       this.tombstones.add({
         snapshotId: row.snapshot_id,
@@ -431,42 +440,166 @@ export class BlockStore {
     if (existing) return snapshotInfo(existing);
     this.records.volume(req.volumeId);
     this.space.checkRoomToCreate('creating a snapshot');
-    return this.volumeLocks.run(req.volumeId, async () => {
-      const vol = this.records.volume(req.volumeId);
-      const head = this.layer(vol.headId);
-      return head.exclusive(async () => {
-        const syncRest = await head.prepareFreeze();
-        this.checkOpen();
-        const again = this.records.sameNameSnapshot(name, vol.id);
-        if (again) return snapshotInfo(again);
-        syncRest();
-        const record: SnapshotRecord = {
-          id: newSnapshotId(),
-          name,
-          sourceVolumeId: vol.id,
-          layerId: head.id,
-          capacityBytes: vol.capacityBytes,
-          blockSize: vol.blockSize,
-          attributes,
-          createdAtMs: Date.now(),
-        };
-        const newHead = this.files.withNewLayers(this.insertLayerRow, (newLayer) =>
-          this.catalog.transaction(() => {
-            this.catalog.freezeLayer(head.id, head.written, head.trimmed);
-            const layer = newLayer(head.id, vol.blockSize);
-            this.catalog.setVolumeHead(vol.id, layer.id);
-            this.catalog.insertSnapshot(snapshotRow(record));
-            return layer;
-          }),
-        );
-        head.freeze();
-        this.layers.set(newHead.id, newHead);
-        vol.headId = newHead.id;
-        this.io(vol.id).replaceHead(newHead);
-        this.records.addSnapshot(record);
-        return snapshotInfo(record);
-      });
+    return this.withHeadsFrozen([req.volumeId], () => {
+      const again = this.records.sameNameSnapshot(name, req.volumeId);
+      if (again) return snapshotInfo(again);
+      const [record] = this.cut([{ volumeId: req.volumeId, name, attributes }], undefined);
+      return snapshotInfo(record!);
     });
+  }
+
+  /**
+   * Snapshots several volumes at one point in time (invariant 9): every head is synced, then all are frozen
+   * in one catalog transaction with no await in between, so no write lands in some members and not others.
+   * Idempotent by name (same volumes: the existing group; other volumes: ALREADY_EXISTS).
+   */
+  async createGroupSnapshot(req: CreateGroupSnapshotRequest): Promise<GroupSnapshotInfo> {
+    this.checkOpen();
+    if (req === null || typeof req !== 'object') throw new InvalidArgumentError('a group snapshot request is required');
+    const name = checkName(req.name, 'group snapshot');
+    if (!Array.isArray(req.members) || req.members.length === 0) {
+      throw new InvalidArgumentError('a group snapshot needs at least one volume');
+    }
+    const members = req.members.map((m) => ({ volumeId: m.volumeId, attributes: checkAttributes(m.attributes) }));
+    const volumeIds = members.map((m) => m.volumeId);
+    if (new Set(volumeIds).size !== volumeIds.length) throw new InvalidArgumentError('a volume is named twice in the group');
+    const existing = this.records.sameNameGroup(name, volumeIds);
+    if (existing) return this.groupInfo(existing);
+    for (const id of volumeIds) this.records.volume(id);
+    this.space.checkRoomToCreate('creating a group snapshot');
+    return this.withHeadsFrozen(volumeIds, () => {
+      const again = this.records.sameNameGroup(name, volumeIds);
+      if (again) return this.groupInfo(again);
+      const group: GroupRecord = { id: newGroupId(), name, snapshotIds: [], createdAtMs: Date.now() };
+      this.cut(
+        members.map((m) => ({ ...m, name: undefined })),
+        group,
+      );
+      return this.groupInfo(this.records.group(group.id));
+    });
+  }
+
+  getGroupSnapshot(id: string): GroupSnapshotInfo {
+    this.checkOpen();
+    return this.groupInfo(this.records.group(id));
+  }
+
+  /** Group snapshots in creation order. */
+  listGroupSnapshots(): GroupSnapshotInfo[] {
+    this.checkOpen();
+    return [...this.records.groups.values()].map((g) => this.groupInfo(g));
+  }
+
+  /** Deletes a group and its member snapshots in one transaction (each leaves its change record). */
+  async deleteGroupSnapshot(id: string): Promise<void> {
+    this.checkOpen();
+    const group = this.records.group(id);
+    const members = group.snapshotIds.map((s) => this.records.snapshot(s));
+    const tombstones = members.map((snap) => this.newTombstone(snap));
+    try {
+      this.catalog.transaction(() => {
+        this.catalog.deleteGroup(id);
+        for (const [i, snap] of members.entries()) {
+          this.catalog.deleteSnapshot(snap.id);
+          this.catalog.insertTombstone(tombstoneRow(tombstones[i]!));
+        }
+      });
+      for (const t of tombstones) this.tombstones.add(t);
+    } catch (err) {
+      if (!(err instanceof NoSpaceError)) throw err;
+      // On a full disk the delete goes through without change records (see deleteSnapshot).
+      this.space.freeing(`deleting group snapshot ${id}`, () =>
+        this.catalog.transaction(() => {
+          this.catalog.deleteGroup(id);
+          for (const snap of members) this.catalog.deleteSnapshot(snap.id);
+        }),
+      );
+    }
+    this.records.removeGroup(id);
+    for (const snap of members) this.snapshotIo.delete(snap.id);
+    this.afterDelete();
+  }
+
+  private groupInfo(group: GroupRecord): GroupSnapshotInfo {
+    return {
+      id: group.id,
+      name: group.name,
+      snapshots: group.snapshotIds.map((s) => snapshotInfo(this.records.snapshot(s))),
+      createdAtMs: group.createdAtMs,
+    };
+  }
+
+  /**
+   * Runs `fn` with every named volume's structural work and head commits held, after each head's data was
+   * made durable; `fn` runs synchronously after the last await, so it sees one point in time of all of them.
+   */
+  private withHeadsFrozen<T>(volumeIds: readonly string[], fn: () => T): Promise<T> {
+    // A fixed order (sorted) so two groups over the same volumes cannot wait on each other.
+    const sorted = [...volumeIds].sort();
+    const lockVolumes = (i: number): Promise<T> =>
+      i === sorted.length ? lockHeads(0, sorted.map((id) => this.layer(this.records.volume(id).headId))) : this.volumeLocks.run(sorted[i]!, () => lockVolumes(i + 1));
+    const lockHeads = (i: number, heads: Layer[]): Promise<T> =>
+      i === heads.length
+        ? (async () => {
+            const syncRests = await Promise.all(heads.map((h) => h.prepareFreeze()));
+            // Decisions from here on are taken after the last await.
+            this.checkOpen();
+            for (const rest of syncRests) rest();
+            return fn();
+          })()
+        : heads[i]!.exclusive(() => lockHeads(i + 1, heads));
+    return lockVolumes(0);
+  }
+
+  /**
+   * Freezes each volume's head as a snapshot and starts a new head, in one transaction (with the group's row
+   * if a group is given). Call only inside withHeadsFrozen. Returns the new snapshots in member order.
+   */
+  private cut(
+    members: ReadonlyArray<{ volumeId: string; name: string | undefined; attributes: Attributes }>,
+    group: GroupRecord | undefined,
+  ): SnapshotRecord[] {
+    const now = Date.now();
+    const plan = members.map((m) => {
+      const vol = this.records.volume(m.volumeId);
+      const head = this.layer(vol.headId);
+      const record: SnapshotRecord = {
+        id: newSnapshotId(),
+        name: m.name,
+        sourceVolumeId: vol.id,
+        layerId: head.id,
+        capacityBytes: vol.capacityBytes,
+        blockSize: vol.blockSize,
+        attributes: m.attributes,
+        createdAtMs: now,
+      };
+      return { vol, head, record };
+    });
+    if (group) group.snapshotIds = plan.map((p) => p.record.id);
+    const newHeads = this.files.withNewLayers(this.insertLayerRow, (newLayer) =>
+      this.catalog.transaction(() =>
+        plan.map(({ vol, head, record }) => {
+          this.catalog.freezeLayer(head.id, head.written, head.trimmed);
+          const layer = newLayer(head.id, vol.blockSize);
+          this.catalog.setVolumeHead(vol.id, layer.id);
+          this.catalog.insertSnapshot(snapshotRow(record));
+          if (group && record === plan[plan.length - 1]!.record) {
+            this.catalog.insertGroup({ id: group.id, name: group.name ?? null, created_at_ms: group.createdAtMs, snapshot_ids: group.snapshotIds });
+          }
+          return layer;
+        }),
+      ),
+    );
+    plan.forEach(({ vol, head, record }, i) => {
+      const newHead = newHeads[i]!;
+      head.freeze();
+      this.layers.set(newHead.id, newHead);
+      vol.headId = newHead.id;
+      this.io(vol.id).replaceHead(newHead);
+      this.records.addSnapshot(record);
+    });
+    if (group) this.records.addGroup(group);
+    return plan.map((p) => p.record);
   }
 
   getSnapshot(id: string): SnapshotInfo {
@@ -495,7 +628,38 @@ export class BlockStore {
   async deleteSnapshot(id: string): Promise<void> {
     this.checkOpen();
     const snap = this.records.snapshot(id);
-    const tombstone: Tombstone = {
+    if (snap.groupId !== undefined) {
+      throw new BusyError(`snapshot ${id} belongs to group snapshot ${snap.groupId}: delete the group instead`);
+    }
+    const tombstone = this.newTombstone(snap);
+    this.tombstones.add(tombstone);
+    let expiring: Tombstone[] = [];
+    try {
+      // The oldest records of this volume past the count limit expire in the same transaction.
+      expiring = this.tombstones.overCount(snap.sourceVolumeId);
+      // Not on the reserve: that is kept for the delete itself (below) if this does not fit.
+      this.catalog.transaction(() => {
+        this.catalog.deleteSnapshot(id);
+        this.catalog.insertTombstone(tombstoneRow(tombstone));
+        for (const t of expiring) this.catalog.moveTombstone(t.snapshotId, t.anchorLayerId, null);
+      });
+    } catch (err) {
+      this.tombstones.remove(snap.id);
+      if (!(err instanceof NoSpaceError)) throw err;
+      // A delete must work on a full disk; the change record is what gives way (a later delta from this
+      // base answers NOT_FOUND: take a full backup).
+      expiring = [];
+      this.space.freeing(`deleting snapshot ${id}`, () => this.catalog.deleteSnapshot(id));
+    }
+    this.records.removeSnapshot(id);
+    this.snapshotIo.delete(id);
+    for (const t of expiring) this.tombstones.applyMove(t, t.anchorLayerId, null);
+    this.afterDelete();
+  }
+
+  /** A deleted snapshot's change record: anchored at its own layer, nothing changed after it yet. */
+  private newTombstone(snap: SnapshotRecord): Tombstone {
+    return {
       snapshotId: snap.id,
       sourceVolumeId: snap.sourceVolumeId,
       anchorLayerId: snap.layerId,
@@ -504,33 +668,6 @@ export class BlockStore {
       blockSize: snap.blockSize,
       deletedAtMs: Date.now(),
     };
-    this.tombstones.add(tombstone);
-    let expiring: Tombstone[];
-    try {
-      // The oldest records of this volume past the count limit expire in the same transaction.
-      expiring = this.tombstones.overCount(snap.sourceVolumeId);
-      this.catalog.transaction(() => {
-        this.catalog.deleteSnapshot(id);
-        this.catalog.insertTombstone({
-          snapshot_id: snap.id,
-          source_volume_id: snap.sourceVolumeId,
-          anchor_layer_id: snap.layerId,
-          changed: null,
-          expired: 0,
-          capacity_bytes: snap.capacityBytes,
-          block_size: snap.blockSize,
-          deleted_at_ms: tombstone.deletedAtMs,
-        });
-        for (const t of expiring) this.catalog.moveTombstone(t.snapshotId, t.anchorLayerId, null);
-      });
-    } catch (err) {
-      this.tombstones.remove(snap.id);
-      throw err;
-    }
-    this.records.removeSnapshot(id);
-    this.snapshotIo.delete(id);
-    for (const t of expiring) this.tombstones.applyMove(t, t.anchorLayerId, null);
-    this.afterDelete();
   }
 
   /** Reads a snapshot's bytes. */
@@ -739,6 +876,19 @@ export class BlockStore {
       },
     };
   }
+}
+
+function tombstoneRow(t: Tombstone): TombstoneRow {
+  return {
+    snapshot_id: t.snapshotId,
+    source_volume_id: t.sourceVolumeId,
+    anchor_layer_id: t.anchorLayerId,
+    changed: null,
+    expired: 0,
+    capacity_bytes: t.capacityBytes,
+    block_size: t.blockSize,
+    deleted_at_ms: t.deletedAtMs,
+  };
 }
 
 /** Opens the catalog with its file private to the store's owner (the WAL and shared-memory files follow its mode). */

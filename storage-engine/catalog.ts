@@ -11,6 +11,7 @@ import { translateIoError } from './errors.js';
 
 /** 2 added tombstones; a version-1 catalog is upgraded in place (the table is new, nothing else changed). */
 const SCHEMA_VERSION = 2;
+// 2 also added snapshot groups (snapshot_groups, snapshot_group_members).
 
 /** Journal rows a layer may accumulate before they are folded into its full bitmaps. */
 export const JOURNAL_FOLD_THRESHOLD = 64;
@@ -41,6 +42,14 @@ export interface VolumeRow {
   source_id: string | null;
   attributes: string;
   created_at_ms: number;
+}
+
+export interface GroupRow {
+  id: string;
+  name: string | null;
+  created_at_ms: number;
+  /** Member snapshots in request order. */
+  snapshot_ids: string[];
 }
 
 export interface TombstoneRow {
@@ -137,6 +146,12 @@ export class Catalog {
       moveTombstone: db.prepare('UPDATE tombstones SET anchor_layer_id = ?, changed = ?, expired = ? WHERE snapshot_id = ?'),
       deleteTombstone: db.prepare('DELETE FROM tombstones WHERE snapshot_id = ?'),
       allTombstones: db.prepare('SELECT * FROM tombstones ORDER BY deleted_at_ms'),
+      insertGroup: db.prepare('INSERT INTO snapshot_groups (id, name, created_at_ms) VALUES (?, ?, ?)'),
+      insertGroupMember: db.prepare('INSERT INTO snapshot_group_members (snapshot_id, group_id, position) VALUES (?, ?, ?)'),
+      deleteGroup: db.prepare('DELETE FROM snapshot_groups WHERE id = ?'),
+      deleteGroupMembers: db.prepare('DELETE FROM snapshot_group_members WHERE group_id = ?'),
+      allGroups: db.prepare('SELECT * FROM snapshot_groups ORDER BY rowid'),
+      allGroupMembers: db.prepare('SELECT * FROM snapshot_group_members ORDER BY group_id, position'),
     };
   }
 
@@ -179,6 +194,16 @@ export class Catalog {
         block_size INTEGER NOT NULL,
         attributes TEXT NOT NULL,
         created_at_ms INTEGER NOT NULL
+      );
+      CREATE TABLE IF NOT EXISTS snapshot_groups (
+        id TEXT PRIMARY KEY,
+        name TEXT UNIQUE,
+        created_at_ms INTEGER NOT NULL
+      );
+      CREATE TABLE IF NOT EXISTS snapshot_group_members (
+        snapshot_id TEXT PRIMARY KEY,
+        group_id TEXT NOT NULL,
+        position INTEGER NOT NULL
       );
       CREATE TABLE IF NOT EXISTS tombstones (
         snapshot_id TEXT PRIMARY KEY,
@@ -325,6 +350,27 @@ export class Catalog {
 
   deleteTombstone(snapshotId: string): void {
     this.stmt.deleteTombstone.run(snapshotId);
+  }
+
+  insertGroup(row: GroupRow): void {
+    this.stmt.insertGroup.run(row.id, row.name, row.created_at_ms);
+    row.snapshot_ids.forEach((snapshotId, i) => this.stmt.insertGroupMember.run(snapshotId, row.id, i));
+  }
+
+  deleteGroup(id: string): void {
+    this.stmt.deleteGroupMembers.run(id);
+    this.stmt.deleteGroup.run(id);
+  }
+
+  allGroups(): GroupRow[] {
+    const groups = new Map<string, GroupRow>();
+    for (const g of this.stmt.allGroups.all() as Array<{ id: string; name: string | null; created_at_ms: number }>) {
+      groups.set(g.id, { ...g, snapshot_ids: [] });
+    }
+    for (const m of this.stmt.allGroupMembers.all() as Array<{ snapshot_id: string; group_id: string }>) {
+      groups.get(m.group_id)?.snapshot_ids.push(m.snapshot_id);
+    }
+    return [...groups.values()];
   }
 
   allTombstones(): TombstoneRow[] {

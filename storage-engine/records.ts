@@ -5,7 +5,7 @@
  */
 import type { SnapshotRow, VolumeRow } from './catalog.js';
 import { AlreadyExistsError, BusyError, NoSpaceError, NotFoundError } from './errors.js';
-import { isSnapshotId, isVolumeId } from './ids.js';
+import { isGroupId, isSnapshotId, isVolumeId } from './ids.js';
 import type { Attributes, SnapshotInfo, VolumeInfo } from './types.js';
 
 export interface VolumeRecord {
@@ -22,11 +22,20 @@ export interface VolumeRecord {
 export interface SnapshotRecord {
   id: string;
   name: string | undefined;
+  /** Set once the snapshot is a group's member (see Records.addGroup). */
+  groupId?: string;
   sourceVolumeId: string;
   layerId: number;
   capacityBytes: number;
   blockSize: number;
   attributes: Attributes;
+  createdAtMs: number;
+}
+
+export interface GroupRecord {
+  id: string;
+  name: string | undefined;
+  snapshotIds: string[];
   createdAtMs: number;
 }
 
@@ -45,6 +54,8 @@ export class Records {
   private readonly volumeNames = new Map<string, VolumeRecord>();
   private readonly snapshotNames = new Map<string, SnapshotRecord>();
   private readonly holds = new Map<string, Set<string>>();
+  readonly groups = new Map<string, GroupRecord>();
+  private readonly groupNames = new Map<string, GroupRecord>();
 
   constructor(private readonly capacityLimitBytes: number | undefined) {}
 
@@ -126,6 +137,45 @@ export class Records {
     return existing;
   }
 
+  // ---------------------------------------------------------------- group snapshots
+
+  /** Records a group; its member snapshots must be added first. */
+  addGroup(record: GroupRecord): void {
+    this.groups.set(record.id, record);
+    if (record.name !== undefined) this.groupNames.set(record.name, record);
+    for (const id of record.snapshotIds) {
+      const member = this.snapshots.get(id);
+      if (member) member.groupId = record.id;
+    }
+  }
+
+  removeGroup(id: string): void {
+    const record = this.groups.get(id);
+    if (!record) return;
+    this.groups.delete(id);
+    if (record.name !== undefined) this.groupNames.delete(record.name);
+    for (const snapshotId of record.snapshotIds) this.removeSnapshot(snapshotId);
+  }
+
+  group(id: string): GroupRecord {
+    const group = isGroupId(id) ? this.groups.get(id) : undefined;
+    if (!group) throw new NotFoundError(`group snapshot ${JSON.stringify(String(id).slice(0, 128))} does not exist`);
+    return group;
+  }
+
+  /** The existing group of the same name if it is of the same volumes; ALREADY_EXISTS if not. */
+  sameNameGroup(name: string | undefined, volumeIds: readonly string[]): GroupRecord | undefined {
+    if (name === undefined) return undefined;
+    const existing = this.groupNames.get(name);
+    if (!existing) return undefined;
+    const theirs = existing.snapshotIds.map((id) => this.snapshots.get(id)?.sourceVolumeId ?? '').sort();
+    const ours = [...volumeIds].sort();
+    if (theirs.length !== ours.length || theirs.some((v, i) => v !== ours[i])) {
+      throw new AlreadyExistsError(`a group snapshot named ${JSON.stringify(name)} exists of other volumes`);
+    }
+    return existing;
+  }
+
   // ---------------------------------------------------------------- holds and limits
 
   hold(volumeId: string, holder: string): void {
@@ -198,6 +248,7 @@ export function snapshotInfo(s: SnapshotRecord): SnapshotInfo {
   return {
     id: s.id,
     name: s.name,
+    groupId: s.groupId,
     sourceVolumeId: s.sourceVolumeId,
     capacityBytes: s.capacityBytes,
     blockSize: s.blockSize,

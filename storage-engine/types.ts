@@ -43,6 +43,8 @@ export interface VolumeInfo {
 export interface SnapshotInfo {
   id: string;
   name: string | undefined;
+  /** The group snapshot it was taken in, if any (it is then deleted with its group, not alone). */
+  groupId: string | undefined;
   /** The volume it was taken of (which may since have been deleted). */
   sourceVolumeId: string;
   /** The volume's capacity when the snapshot was taken. */
@@ -65,6 +67,22 @@ export interface CreateVolumeRequest {
   /** Start from another volume's current content (freezes it into a shared hidden layer). */
   sourceVolumeId?: string;
   attributes?: Attributes;
+}
+
+/** What the store knows of a group snapshot: member snapshots taken at one point in time. */
+export interface GroupSnapshotInfo {
+  id: string;
+  name: string | undefined;
+  /** In the order of the request that created the group. */
+  snapshots: SnapshotInfo[];
+  createdAtMs: number;
+}
+
+/** Arguments of `createGroupSnapshot()`. */
+export interface CreateGroupSnapshotRequest {
+  name?: string;
+  /** One entry a volume (no volume twice), with the attributes of its member snapshot. */
+  members: ReadonlyArray<{ volumeId: string; attributes?: Attributes }>;
 }
 
 /** Arguments of `createSnapshot()`. */
