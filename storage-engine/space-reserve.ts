@@ -42,6 +42,8 @@ export class SpaceReserve {
     // A reserve being written when the process was killed: never complete, so never worth keeping.
     fs.rmSync(`${this.file}.tmp`, { force: true });
     this.isHeld = this.bytes === 0 || this.complete();
+    // A store made readable (an earlier version, a careless copy): the reserve is a store file, 0600 too.
+    if (this.bytes > 0 && this.isHeld) fs.chmodSync(this.file, 0o600);
     if (!this.isHeld) this.restore();
   }
 
