@@ -15,13 +15,14 @@ import { BlockStore } from '../storage-engine/index.js';
 import { formatEndpoint, type DriverConfig, type Endpoint } from './config.js';
 import { SOCKET_MODE, makePrivateDirectory, withSocketUmask } from './file-modes.js';
 import { controllerService } from './csi/controller-service.js';
+import { groupControllerService } from './csi/group-controller-service.js';
 import { NodeVolumes } from './dataplane/node-volumes.js';
 import { nodeService } from './csi/node-service.js';
 import type { DriverContext } from './csi/driver-context.js';
 import { identityService } from './csi/identity-service.js';
 import { snapshotMetadataService } from './csi/snapshot-metadata-service.js';
 import { storeEventReporter } from './store-events.js';
-import { Controller, Identity, Node, SnapshotMetadata } from './gen/csi/v1/csi_pb.js';
+import { Controller, GroupController, Identity, Node, SnapshotMetadata } from './gen/csi/v1/csi_pb.js';
 import type { Logger } from './logging.js';
 import { DriverMetrics } from './metrics.js';
 import { observeRpcs } from './rpc/interceptors.js';
@@ -92,6 +93,7 @@ export async function startDriver(config: DriverConfig, logger: Logger): Promise
       router.service(Identity, identityService(ctx));
       if (role !== 'node') {
         router.service(Controller, controllerService(ctx));
+        router.service(GroupController, groupControllerService(ctx));
         router.service(SnapshotMetadata, snapshotMetadataService(ctx));
       }
       if (nodeVolumes) router.service(Node, nodeService(ctx, nodeVolumes));

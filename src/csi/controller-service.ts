@@ -28,6 +28,7 @@ import {
 import { rpcError } from '../rpc/status.js';
 import { requireSupportedCapabilities, unsupportedCapability } from './capabilities.js';
 import { type ByteRange, checkCapacityRange, fitsRange, newVolumeBytes, roundUp } from './capacity-range.js';
+import { checkName, checkSnapshotParameters, snapshotAttributes } from './snapshot-requests.js';
 import { snapshotMessage, volumeCondition, volumeContext, volumeMessage, volumeMetadataStyle } from './csi-objects.js';
 import type { DriverContext } from './driver-context.js';
 import { paginate } from './page-token.js';
@@ -36,7 +37,6 @@ import {
   ATTR_METADATA_STYLE,
   PARAM_BLOCK_SIZE,
   PARAM_METADATA_STYLE,
-  SIDECAR_PREFIX,
   parseVolumeParameters,
   type VolumeParameters,
 } from './volume-parameters.js';
@@ -57,8 +57,6 @@ export const CONTROLLER_CAPABILITIES: readonly RpcType[] = [
   // is judged by, rejects any capability it does not know, and no sidecar needs the advertisement yet.
 ];
 
-/** Control characters the spec bans from volume and snapshot names. */
-const BANNED_NAME_CHARS = /[\u0000-\u0008\u000B\u000C\u000E-\u001F\u007F-\u009F]/;
 
 /** What a CreateVolume request asks for, once validated. */
 interface VolumeWish {
@@ -228,7 +226,7 @@ export function controllerService(ctx: DriverContext): ServiceImpl<typeof Contro
         volumeId: req.sourceVolumeId,
         name: req.name,
         // The SnapshotMetadata service answers in the style of the volume the snapshot was taken of.
-        attributes: volume ? { [ATTR_METADATA_STYLE]: volumeMetadataStyle(volume, config) } : {},
+        attributes: snapshotAttributes(volume, config),
       });
       ctx.logger.info({ snapshotId: snapshot.id, name: req.name, volumeId: snapshot.sourceVolumeId }, 'snapshot ready');
       return { snapshot: snapshotMessage(snapshot) };
@@ -371,20 +369,6 @@ function volumeWish(req: CreateVolumeRequest, defaults: VolumeParameters, ctx: D
 function sourceKey(source: VolumeInfo['source']): string {
   if (!source) return '';
   return source.kind === 'snapshot' ? `snapshot:${source.snapshotId}` : `volume:${source.volumeId}`;
-}
-
-function checkName(name: string, field: string): void {
-  if (!name) throw rpcError(Code.InvalidArgument, `${field} is required`);
-  if (BANNED_NAME_CHARS.test(name)) throw rpcError(Code.InvalidArgument, `${field} contains control characters`);
-}
-
-/** Snapshots take no parameters of their own; an unknown key is a mistake worth reporting. */
-function checkSnapshotParameters(parameters: Readonly<Record<string, string>>): void {
-  for (const key of Object.keys(parameters)) {
-    if (!key.startsWith(SIDECAR_PREFIX)) {
-      throw rpcError(Code.InvalidArgument, `unknown snapshot parameter ${JSON.stringify(key.slice(0, 128))}`);
-    }
-  }
 }
 
 /** A volume_context given to ValidateVolumeCapabilities must be the volume's own. */

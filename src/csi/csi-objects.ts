@@ -75,6 +75,7 @@ export function snapshotMessage(snapshot: SnapshotInfo): Snapshot {
     creationTime: timestampFromMs(snapshot.createdAtMs),
     // Cutting is the whole job: the frozen layer is usable as a source the moment the call returns.
     readyToUse: true,
-    groupSnapshotId: '',
+    // A member of a group is deleted with its group, never alone: the spec has the SP say so here.
+    groupSnapshotId: snapshot.groupId ?? '',
   });
 }

@@ -22,6 +22,7 @@ export function identityService(ctx: DriverContext): ServiceImpl<typeof Identity
           service(PluginCapability_Service_Type.CONTROLLER_SERVICE),
           service(PluginCapability_Service_Type.VOLUME_ACCESSIBILITY_CONSTRAINTS),
           service(PluginCapability_Service_Type.SNAPSHOT_METADATA_SERVICE),
+          service(PluginCapability_Service_Type.GROUP_CONTROLLER_SERVICE),
           create(PluginCapabilitySchema, {
             type: { case: 'volumeExpansion', value: { type: PluginCapability_VolumeExpansion_Type.ONLINE } },
           }),
