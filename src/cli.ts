@@ -21,6 +21,18 @@ function nonNegativeSeconds(value: string): number {
   return n;
 }
 
+function nonNegativeDays(value: string): number {
+  const n = Number(value);
+  if (value.trim() === '' || !Number.isFinite(n) || n < 0) throw new InvalidArgumentError('expected a number of days, 0 or more');
+  return n;
+}
+
+function nonNegativeInteger(value: string): number {
+  const n = Number(value);
+  if (value.trim() === '' || !Number.isSafeInteger(n) || n < 0) throw new InvalidArgumentError('expected a whole number, 0 or more');
+  return n;
+}
+
 function byteSize(value: string): number {
   const m = /^(\d+)\s*(|k|ki|m|mi|g|gi|t|ti)b?$/i.exec(value.trim());
   if (!m) throw new InvalidArgumentError('expected bytes, e.g. 4096, 64Ki, 100Gi');
@@ -57,6 +69,13 @@ export function buildProgram(): Command {
         .default('all'),
     )
     .option('--max-volumes-per-node <n>', 'max_volumes_per_node reported by NodeGetInfo (default: the CO decides)', positiveInteger)
+    .option(
+      '--deleted-snapshot-retention <days>',
+      'how long a deleted snapshot stays usable as GetMetadataDelta base (its change record), then FAILED_PRECONDITION',
+      nonNegativeDays,
+      30,
+    )
+    .option('--deleted-snapshot-max <n>', 'deleted snapshots per volume kept usable as delta bases (oldest expire first)', nonNegativeInteger, 256)
     .option('--drain-timeout <seconds>', 'on SIGTERM, how long in-flight calls may take before they are reset', nonNegativeSeconds, 25)
     .action(async (opts: ServeFlags) => {
       await serve(opts);
@@ -86,6 +105,9 @@ interface ServeFlags {
   drainTimeout: number;
   role: DriverRole;
   maxVolumesPerNode?: number;
+  /** Days (fractions allowed). */
+  deletedSnapshotRetention: number;
+  deletedSnapshotMax: number;
 }
 
 async function serve(flags: ServeFlags): Promise<void> {
@@ -105,6 +127,8 @@ async function serve(flags: ServeFlags): Promise<void> {
     drainTimeoutMs: Math.round(flags.drainTimeout * 1000),
     role: flags.role,
     maxVolumesPerNode: flags.maxVolumesPerNode,
+    deletedSnapshotMaxAgeMs: Math.round(flags.deletedSnapshotRetention * 24 * 3600 * 1000),
+    deletedSnapshotMaxPerVolume: flags.deletedSnapshotMax,
   };
   const logger = createLogger(config.logLevel);
   const driver = await startDriver(config, logger);

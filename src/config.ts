@@ -42,6 +42,10 @@ export interface DriverConfig {
   role?: DriverRole;
   /** max_volumes_per_node reported by NodeGetInfo; 0 or undefined lets the CO decide. */
   maxVolumesPerNode?: number;
+  /** How long a deleted snapshot stays usable as a delta base (its change record); engine default if unset. */
+  deletedSnapshotMaxAgeMs?: number;
+  /** How many deleted snapshots per volume stay usable as delta bases; engine default if unset. */
+  deletedSnapshotMaxPerVolume?: number;
   /** How long shutdown waits for in-flight calls before resetting them; default DEFAULT_DRAIN_TIMEOUT_MS (server.ts). */
   drainTimeoutMs?: number;
 }

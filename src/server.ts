@@ -53,6 +53,7 @@ export async function startDriver(config: DriverConfig, logger: Logger): Promise
     // The engine enforces the limit after its last await, so concurrent creates cannot overshoot it.
     capacityLimitBytes: config.capacityBytes,
     onEvent: storeEventReporter(logger, metrics.registry),
+    deletedSnapshotRetention: { maxAgeMs: config.deletedSnapshotMaxAgeMs, maxPerVolume: config.deletedSnapshotMaxPerVolume },
   });
   const role = config.role ?? 'all';
   // The node data plane shares this process's store: a store is opened once, by one process.

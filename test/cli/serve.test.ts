@@ -399,6 +399,8 @@ describe('cbt-csi serve refuses bad flags', () => {
     ['--log-level loud', ['--log-level', 'loud'], /loud/],
     ['--default-max-results -1', ['--default-max-results', '-1'], /positive integer/],
     ['--metrics-address nope', ['--metrics-address', 'nope'], /metrics address/],
+    ['--deleted-snapshot-retention -1', ['--deleted-snapshot-retention', '-1'], /number of days/],
+    ['--deleted-snapshot-max 1.5', ['--deleted-snapshot-max', '1.5'], /whole number/],
   ];
   for (const [name, args, message] of cases) {
     test(`${name}: exits non-zero with a message naming the problem, and leaves no socket behind`, async () => {
