@@ -175,11 +175,13 @@ export class BlockStore {
         sourceVolumeId: row.source_volume_id,
         anchorLayerId: row.anchor_layer_id,
         changed: row.expired === 1 ? null : decodeBitmap(row.changed),
+        excluded: row.expired === 1 || row.counts_anchor !== 1 ? null : decodeBitmap(row.excluded),
         capacityBytes: row.capacity_bytes,
         blockSize: row.block_size,
         deletedAtMs: row.deleted_at_ms,
       });
     }
+    for (const layer of this.layers.values()) if (!layer.frozen) this.watchIfAnchor(layer);
     for (const vol of this.records.volumes.values()) {
       const head = this.layer(vol.headId);
       this.volumeIo.set(vol.id, new BlockIo(head, indexChain(chainOf(head.id, this.layers)), vol.blockSize));
@@ -279,6 +281,7 @@ export class BlockStore {
     const [srcHead, cloneHead] = this.files.withNewLayers(this.insertLayerRow, (newLayer) =>
       this.catalog.transaction(() => {
         this.catalog.freezeLayer(head.id, head.written, head.trimmed);
+        this.persistAnchoredAt(head.id);
         const a = newLayer(head.id, src.blockSize);
         const b = newLayer(head.id, src.blockSize);
         this.catalog.setVolumeHead(src.id, a.id);
@@ -326,12 +329,15 @@ export class BlockStore {
       await head.exclusive(() => {
         this.checkOpen();
         this.records.checkNotHeld(id);
-        this.space.freeing(`deleting volume ${id}`, () =>
+        const applied = this.space.freeing(`deleting volume ${id}`, () =>
           this.catalog.transaction(() => {
             this.catalog.deleteVolume(id);
             this.catalog.deleteLayer(head.id);
+            // A head has nothing above it: change records anchored at it can never answer again.
+            return this.changeRecordsLeave(head, undefined);
           }),
         );
+        applied();
         this.records.removeVolume(id);
         this.volumeIo.delete(id);
         this.forgetLayer(head);
@@ -424,7 +430,14 @@ export class BlockStore {
   }
 
   private commitHead(head: Layer): Promise<void> {
-    return head.commit(this.catalog, () => this.layers.get(head.id) === head);
+    const journal = {
+      appendJournal: (layerId: number, setWritten: Bitmap, setTrimmed: Bitmap) =>
+        this.catalog.transaction(() => {
+          this.catalog.appendJournal(layerId, setWritten, setTrimmed);
+          this.persistAnchoredAt(layerId);
+        }),
+    };
+    return head.commit(journal, () => this.layers.get(head.id) === head);
   }
 
   // ---------------------------------------------------------------- snapshots
@@ -580,6 +593,7 @@ export class BlockStore {
       this.catalog.transaction(() =>
         plan.map(({ vol, head, record }) => {
           this.catalog.freezeLayer(head.id, head.written, head.trimmed);
+          this.persistAnchoredAt(head.id);
           const layer = newLayer(head.id, vol.blockSize);
           this.catalog.setVolumeHead(vol.id, layer.id);
           this.catalog.insertSnapshot(snapshotRow(record));
@@ -641,7 +655,7 @@ export class BlockStore {
       this.catalog.transaction(() => {
         this.catalog.deleteSnapshot(id);
         this.catalog.insertTombstone(tombstoneRow(tombstone));
-        for (const t of expiring) this.catalog.moveTombstone(t.snapshotId, t.anchorLayerId, null);
+        for (const t of expiring) this.catalog.moveTombstone(t.snapshotId, t.anchorLayerId, null, null);
       });
     } catch (err) {
       this.tombstones.remove(snap.id);
@@ -653,7 +667,7 @@ export class BlockStore {
     }
     this.records.removeSnapshot(id);
     this.snapshotIo.delete(id);
-    for (const t of expiring) this.tombstones.applyMove(t, t.anchorLayerId, null);
+    for (const t of expiring) this.tombstones.applyMove(t, t.anchorLayerId, null, null);
     this.afterDelete();
   }
 
@@ -664,6 +678,7 @@ export class BlockStore {
       sourceVolumeId: snap.sourceVolumeId,
       anchorLayerId: snap.layerId,
       changed: new Bitmap(),
+      excluded: null,
       capacityBytes: snap.capacityBytes,
       blockSize: snap.blockSize,
       deletedAtMs: Date.now(),
@@ -742,6 +757,10 @@ export class BlockStore {
     }
     const blocks = changedBlocks(between, target.capacityBytes / target.blockSize);
     if (tombstone?.changed) blocks.orInPlace(tombstone.changed);
+    if (tombstone?.excluded) {
+      const anchor = this.layer(tombstone.anchorLayerId);
+      blocks.orInPlace(Bitmap.andNot(Bitmap.or(anchor.written, anchor.trimmed), tombstone.excluded));
+    }
     clipBelow(blocks, target.capacityBytes / target.blockSize);
     return extentStream(blocks, { ...query, capacityBytes: target.capacityBytes, blockSize: target.blockSize });
   }
@@ -801,6 +820,7 @@ export class BlockStore {
     if (this.closed) return;
     await this.compactor.stop();
     await this.volumeLocks.drain();
+    for (const layer of this.layers.values()) if (!layer.frozen) this.watchIfAnchor(layer);
     for (const vol of this.records.volumes.values()) {
       const head = this.layer(vol.headId);
       // On a full disk, committing writes already on disk may spend the reserve, so that close completes.
@@ -831,6 +851,46 @@ export class BlockStore {
     return io;
   }
 
+  /**
+   * A layer leaves the store (dropped, merged into `into`, or a deleted volume's head): inside that
+   * transaction, the change records anchored at it are deleted or moved. Returns the in-memory half.
+   */
+  private changeRecordsLeave(leaving: Layer, into: Layer | undefined): () => void {
+    const anchored = this.tombstones.anchoredAt(leaving.id);
+    if (!into) {
+      if (anchored.length === 0) return () => undefined;
+      // Nothing is above a dropped layer, so no later snapshot can be the target of these deltas.
+      for (const t of anchored) this.catalog.deleteTombstone(t.snapshotId);
+      return () => {
+        for (const t of anchored) this.tombstones.remove(t.snapshotId);
+      };
+    }
+    // Inside the merge's transaction, before the upper layer absorbs the lower one's blocks.
+    const lowerBits = Bitmap.or(leaving.written, leaving.trimmed);
+    const broughtIn = Bitmap.andNot(lowerBits, Bitmap.or(into.written, into.trimmed));
+    const moves = anchored.length === 0 ? [] : this.tombstones.planMerge(leaving.id, lowerBits, broughtIn);
+    for (const m of moves) this.catalog.moveTombstone(m.tombstone.snapshotId, into.id, m.changed, m.excluded);
+    // Writes the live upper layer took since its last commit are committed by this merge too.
+    this.persistAnchoredAt(into.id);
+    return () => {
+      for (const m of moves) this.tombstones.applyMove(m.tombstone, into.id, m.changed, m.excluded);
+      if (!into.frozen) this.watchIfAnchor(into);
+    };
+  }
+
+  /** A live head anchoring change records: its writes to excluded blocks are changes (tombstones.ts). */
+  private watchIfAnchor(layer: Layer): void {
+    if (!this.tombstones.anchoredAt(layer.id).some((t) => t.excluded !== null)) return;
+    layer.onTouched = (first, end) => this.tombstones.touched(layer.id, first, end);
+  }
+
+  /** Stores the change records anchored at a layer, inside the transaction that commits its bits. */
+  private persistAnchoredAt(layerId: number): void {
+    for (const t of this.tombstones.anchoredAt(layerId)) {
+      if (t.excluded !== null) this.catalog.moveTombstone(t.snapshotId, t.anchorLayerId, t.changed, t.excluded);
+    }
+  }
+
   private readonly insertLayerRow = (parentId: number | null, blockSize: number): number =>
     this.catalog.insertLayer(parentId, blockSize, Date.now());
 
@@ -851,24 +911,7 @@ export class BlockStore {
       layers: this.layers,
       referencedLayers: () => this.records.referencedLayers(),
       forgetLayer: (layer) => this.forgetLayer(layer),
-      layerLeaving: (leaving, into) => {
-        const anchored = this.tombstones.anchoredAt(leaving.id);
-        if (anchored.length === 0) return () => undefined;
-        if (!into) {
-          // Nothing is above a dropped layer, so no later snapshot can be the target of these deltas.
-          for (const t of anchored) this.catalog.deleteTombstone(t.snapshotId);
-          return () => {
-            for (const t of anchored) this.tombstones.remove(t.snapshotId);
-          };
-        }
-        // The upper layer's own bits, before the merge adds the lower layer's: the changes after the anchor.
-        const upperChanged = Bitmap.or(into.written, into.trimmed);
-        const moves = this.tombstones.planMerge(leaving.id, upperChanged);
-        for (const m of moves) this.catalog.moveTombstone(m.tombstone.snapshotId, into.id, m.changed);
-        return () => {
-          for (const m of moves) this.tombstones.applyMove(m.tombstone, into.id, m.changed);
-        };
-      },
+      layerLeaving: (leaving, into) => this.changeRecordsLeave(leaving, into),
       merged: (lower, upper) => {
         // Every index that had the lower layer's blocks now finds them in the upper one.
         for (const io of this.volumeIo.values()) io.index.relabel(lower, upper);
@@ -885,6 +928,8 @@ function tombstoneRow(t: Tombstone): TombstoneRow {
     anchor_layer_id: t.anchorLayerId,
     changed: null,
     expired: 0,
+    counts_anchor: 0,
+    excluded: null,
     capacity_bytes: t.capacityBytes,
     block_size: t.blockSize,
     deleted_at_ms: t.deletedAtMs,

@@ -58,6 +58,9 @@ export interface TombstoneRow {
   anchor_layer_id: number;
   changed: Buffer | null;
   expired: number;
+  /** 1 when the anchor's own bits count (except `excluded`). */
+  counts_anchor: number;
+  excluded: Buffer | null;
   capacity_bytes: number;
   block_size: number;
   deleted_at_ms: number;
@@ -140,10 +143,12 @@ export class Catalog {
       deleteSnapshot: db.prepare('DELETE FROM snapshots WHERE id = ?'),
       allSnapshots: db.prepare('SELECT * FROM snapshots ORDER BY rowid'),
       insertTombstone: db.prepare(
-        `INSERT INTO tombstones (snapshot_id, source_volume_id, anchor_layer_id, changed, expired, capacity_bytes, block_size, deleted_at_ms)
-         VALUES (@snapshot_id, @source_volume_id, @anchor_layer_id, @changed, @expired, @capacity_bytes, @block_size, @deleted_at_ms)`,
+        `INSERT INTO tombstones (snapshot_id, source_volume_id, anchor_layer_id, changed, expired, counts_anchor, excluded, capacity_bytes, block_size, deleted_at_ms)
+         VALUES (@snapshot_id, @source_volume_id, @anchor_layer_id, @changed, @expired, @counts_anchor, @excluded, @capacity_bytes, @block_size, @deleted_at_ms)`,
       ),
-      moveTombstone: db.prepare('UPDATE tombstones SET anchor_layer_id = ?, changed = ?, expired = ? WHERE snapshot_id = ?'),
+      moveTombstone: db.prepare(
+        'UPDATE tombstones SET anchor_layer_id = ?, changed = ?, expired = ?, counts_anchor = ?, excluded = ? WHERE snapshot_id = ?',
+      ),
       deleteTombstone: db.prepare('DELETE FROM tombstones WHERE snapshot_id = ?'),
       allTombstones: db.prepare('SELECT * FROM tombstones ORDER BY deleted_at_ms'),
       insertGroup: db.prepare('INSERT INTO snapshot_groups (id, name, created_at_ms) VALUES (?, ?, ?)'),
@@ -211,6 +216,8 @@ export class Catalog {
         anchor_layer_id INTEGER NOT NULL,
         changed BLOB,
         expired INTEGER NOT NULL DEFAULT 0,
+        counts_anchor INTEGER NOT NULL DEFAULT 0,
+        excluded BLOB,
         capacity_bytes INTEGER NOT NULL,
         block_size INTEGER NOT NULL,
         deleted_at_ms INTEGER NOT NULL
@@ -343,9 +350,17 @@ export class Catalog {
     this.stmt.insertTombstone.run(row);
   }
 
-  /** Moves a tombstone's anchor (a merge) or expires it (`changed` null). */
-  moveTombstone(snapshotId: string, anchorLayerId: number, changed: Bitmap | null): void {
-    this.stmt.moveTombstone.run(anchorLayerId, changed === null ? null : encodeBitmap(changed), changed === null ? 1 : 0, snapshotId);
+  /** Stores a tombstone's anchor and bits (after a merge, or a write to a live anchor), or expires it (`changed` null). */
+  moveTombstone(snapshotId: string, anchorLayerId: number, changed: Bitmap | null, excluded: Bitmap | null): void {
+    const expired = changed === null;
+    this.stmt.moveTombstone.run(
+      anchorLayerId,
+      expired ? null : encodeBitmap(changed),
+      expired ? 1 : 0,
+      !expired && excluded !== null ? 1 : 0,
+      !expired && excluded !== null ? encodeBitmap(excluded) : null,
+      snapshotId,
+    );
   }
 
   deleteTombstone(snapshotId: string): void {

@@ -36,6 +36,8 @@ export class Layer {
   /** Tail of this layer's commit queue (see `exclusive`). */
   #commitTail: Promise<unknown> = Promise.resolve();
   #fd: number | undefined;
+  /** Told of every write and trim (the store watches live heads that anchor change records). */
+  onTouched: ((first: number, end: number) => void) | undefined;
 
   constructor(
     readonly id: number,
@@ -119,6 +121,7 @@ export class Layer {
     this.trimmed.removeRange(first, end);
     this.#dirty.addRange(first, end);
     this.#writeSeq++;
+    this.onTouched?.(first, end);
   }
 
   /** Marks blocks [first, end) as trimmed (zeros) here (a live layer only). */
@@ -128,6 +131,7 @@ export class Layer {
     this.written.removeRange(first, end);
     this.#dirty.addRange(first, end);
     this.#writeSeq++;
+    this.onTouched?.(first, end);
   }
 
   // ---------------------------------------------------------------- the durability protocol (invariant 3)

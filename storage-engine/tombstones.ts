@@ -3,14 +3,19 @@
  * later merges its layer into the one above; a backup tool that kept only the snapshot's ID must still be
  * able to ask "what changed since then". A tombstone keeps exactly that, as bits and no data:
  *
- *   changed  the blocks written or trimmed after the deleted snapshot, up to and including `anchor`
- *   anchor   a layer still in the store; layers above it answer for changes after it as usual
+ *   anchor    a layer still in the store; layers above it answer for changes after it as usual
+ *   changed   blocks changed after the deleted snapshot that no longer show in the anchor's or later bits
+ *   excluded  null: none of the anchor's own bits count (it is the deleted snapshot's layer, or older);
+ *             else the anchor's bits count except these (blocks a merge brought in from below)
  *
- * so delta(deleted, target) = changed ∪ (bits of the layers between anchor and target). A tombstone starts
- * at the deleted snapshot's own layer with nothing changed. When compaction merges the anchor into the layer
- * above, that layer's own bits (before the merge) are added and the anchor moves up: the answer stays
- * exact. When the anchor is dropped (nothing is above it), no later snapshot can name it, and the tombstone
- * goes. Past retention (age, or count per volume) its bits are dropped and the answer is "take a full backup".
+ * so delta(deleted, target) = changed ∪ (anchor's bits − excluded) ∪ (bits of the layers above the anchor up
+ * to the target). A tombstone starts at the deleted snapshot's own layer (excluded null, nothing changed).
+ * When compaction merges the anchor into the layer above, the counted part of the anchor moves into
+ * `changed`, the anchor moves up, and the blocks the merge brings in are excluded. If the new anchor is a
+ * live head, a later write to an excluded block is a change: the store removes it from `excluded` as it is
+ * written, and persists that with the head's next commit. When the anchor is dropped (nothing is above it),
+ * no later snapshot can name it, and the tombstone goes. Past retention (age, or count per volume) its bits
+ * are dropped and the answer is "take a full backup".
  */
 import { Bitmap } from './bitmap.js';
 
@@ -18,8 +23,10 @@ export interface Tombstone {
   snapshotId: string;
   sourceVolumeId: string;
   anchorLayerId: number;
-  /** Changes in (deleted snapshot, anchor]; null once expired. */
+  /** Changes not visible in the anchor's counted bits or above; null once expired. */
   changed: Bitmap | null;
+  /** Which of the anchor's own bits do not count: null for all of them (see the file comment). */
+  excluded: Bitmap | null;
   capacityBytes: number;
   blockSize: number;
   deletedAtMs: number;
@@ -79,19 +86,26 @@ export class Tombstones {
   }
 
   /**
-   * The anchors' moves for a merge of `lower` into `upper`, whose own bits before the merge are
-   * `upperChanged`: each tombstone anchored at `lower` gains them and moves to `upper`. Returns the
-   * tombstones to persist; apply them with `applyMove` once the transaction committed.
+   * The anchors' moves for a merge of layer `lower` (its bits `lowerBits`) into the layer above, which gains
+   * the blocks `broughtIn`: the counted part of `lower` joins `changed`, and the brought-in blocks are
+   * excluded at the new anchor. Apply them with `applyMove` once the transaction committed.
    */
-  planMerge(lower: number, upperChanged: Bitmap): Array<{ tombstone: Tombstone; changed: Bitmap | null }> {
-    return this.anchoredAt(lower).map((t) => ({
-      tombstone: t,
-      changed: t.changed === null ? null : Bitmap.or(t.changed, upperChanged),
-    }));
+  planMerge(lower: number, lowerBits: Bitmap, broughtIn: Bitmap): Array<{ tombstone: Tombstone; changed: Bitmap | null; excluded: Bitmap | null }> {
+    return this.anchoredAt(lower).map((t) => {
+      if (t.changed === null) return { tombstone: t, changed: null, excluded: null };
+      const counted = t.excluded === null ? undefined : Bitmap.andNot(lowerBits, t.excluded);
+      return { tombstone: t, changed: counted ? Bitmap.or(t.changed, counted) : t.changed, excluded: broughtIn.clone() };
+    });
   }
 
-  applyMove(t: Tombstone, anchorLayerId: number, changed: Bitmap | null): void {
+  applyMove(t: Tombstone, anchorLayerId: number, changed: Bitmap | null, excluded: Bitmap | null): void {
     t.anchorLayerId = anchorLayerId;
     t.changed = changed;
+    t.excluded = changed === null ? null : excluded;
+  }
+
+  /** Blocks [first, end) of a live anchor were written or trimmed: they now count as changed. */
+  touched(layerId: number, first: number, end: number): void {
+    for (const t of this.anchoredAt(layerId)) t.excluded?.removeRange(first, end);
   }
 }

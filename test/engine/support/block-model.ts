@@ -38,6 +38,8 @@ export class BlockModel {
   readonly volumes: ModelVolume[] = [];
   /** Live snapshots in creation order. */
   readonly snapshots: ModelSnapshot[] = [];
+  /** Deleted snapshots: their lineage stays, and deltas from them must stay exact (invariant 8). */
+  readonly deletedSnapshots: ModelSnapshot[] = [];
 
   constructor(readonly blockSize: number) {}
 
@@ -126,6 +128,7 @@ export class BlockModel {
 
   deleteSnapshot(snap: ModelSnapshot): void {
     this.snapshots.splice(this.snapshots.indexOf(snap), 1);
+    this.deletedSnapshots.push(snap);
   }
 
   /**
