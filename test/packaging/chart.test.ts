@@ -394,8 +394,6 @@ describe('sidecars', () => {
     const source = templates.get('snapshot-metadata.yaml')!;
     expect(source).toContain('apiVersion: cbt.storage.k8s.io/v1beta1');
     expect(source).toMatch(/caCert: \{\{ \$caPem \| b64enc \}\}/);
-    expect(source).toMatch(/audience: \{\{ \$sm\.audience \}\}/);
-    expect(podSpec).toContain('--audience={{ .Values.snapshotMetadata.audience }}');
   });
 
   test('the driver container is privileged, with kubelet dir and state dir mounted Bidirectional, and /dev', () => {
@@ -404,6 +402,242 @@ describe('sidecars', () => {
     expect(block).toMatch(/mountPath: \{\{ \.Values\.kubeletDir \}\}\n\s+mountPropagation: Bidirectional/);
     expect(block).toMatch(/mountPath: \{\{ \.Values\.driver\.stateDir \}\}\n\s+mountPropagation: Bidirectional/);
     expect(block).toMatch(/mountPath: \/dev\n/);
+  });
+});
+
+// ------------------------------------------------------------------ RBAC
+
+/** An RBAC rule as the API server reads it. */
+interface Rule {
+  apiGroups: string[];
+  resources: string[];
+  verbs: string[];
+  resourceNames?: string[];
+}
+interface RbacObject {
+  kind: string;
+  metadata: { name: string; namespace?: string };
+  rules?: Rule[];
+  roleRef?: { kind: string; name: string };
+  subjects?: { kind: string; name: string; namespace?: string }[];
+}
+
+/** Stand-ins for what the RBAC templates interpolate: release name, namespace, one backup client. */
+const RELEASE = 'rel-cbt-csi';
+const NAMESPACE = 'storage';
+const CLIENT = { namespace: 'backup', name: 'backup-app' };
+
+/**
+ * The objects of an RBAC template with every branch taken (mode single, every sidecar on, one entry in
+ * each range): the most the chart can grant. Control lines are dropped and the few interpolations
+ * these templates use are substituted; any other interpolation is an error, so the stand-in cannot
+ * silently drift from the template.
+ */
+function renderRbacTemplate(file: string): RbacObject[] {
+  const source = templates.get(file)!.replace(/\{\{-?\s*\/\*[\s\S]*?\*\/\s*-?\}\}/g, '');
+  const substitutions: Record<string, string> = {
+    '$fullname': RELEASE,
+    'include "cbt-csi.fullname" .': RELEASE,
+    '.Release.Namespace': NAMESPACE,
+    '.namespace': CLIENT.namespace,
+    '.name': CLIENT.name,
+    '.name | quote': JSON.stringify(CLIENT.name),
+    '$bindingName': `${RELEASE}-backup-client-${CLIENT.namespace}-${CLIENT.name}`,
+    '$tokenRole': `${RELEASE}-backup-client-token-${CLIENT.name}`,
+  };
+  const lines = source
+    .split('\n')
+    .filter((line) => !/^\s*\{\{-?\s*(if|else|end|range|with|\$\w+\s*:=|include "cbt-csi\.labels")[^}]*\}\}\s*$/.test(line))
+    .map((line) =>
+      line.replace(/\{\{-?\s*(.*?)\s*-?\}\}/g, (_, expr: string) => {
+        const value = substitutions[expr];
+        if (value === undefined) throw new Error(`${file}: no stand-in for {{ ${expr} }}`);
+        return value;
+      }),
+    );
+  return parseAllDocuments(lines.join('\n'))
+    .map((doc) => doc.toJS() as RbacObject | null)
+    .filter((o): o is RbacObject => o !== null && o.kind !== 'ServiceAccount');
+}
+
+const rbacFiles = templateFiles.filter((f) => templates.get(f)!.includes('apiVersion: rbac.authorization.k8s.io/v1'));
+const rbacObjects = rbacFiles.flatMap(renderRbacTemplate);
+const roles = rbacObjects.filter((o) => o.kind === 'ClusterRole' || o.kind === 'Role');
+const bindings = rbacObjects.filter((o) => o.kind === 'ClusterRoleBinding' || o.kind === 'RoleBinding');
+
+const matches = (granted: string[], wanted: string) => granted.includes(wanted) || granted.includes('*');
+/** Whether a rule grants `verb` on group/resource (any object of it when resourceNames is empty). */
+const grants = (rule: Rule, group: string, resource: string, verb: string) =>
+  matches(rule.apiGroups, group) && matches(rule.resources, resource) && matches(rule.verbs, verb);
+
+/** A need: verbs on a resource, cluster-wide or only in the release's namespace. */
+interface Need {
+  group: string;
+  resource: string;
+  verbs: string[];
+  scope: 'cluster' | 'namespace';
+}
+const need = (group: string, resource: string, verbs: string[], scope: Need['scope'] = 'cluster'): Need => ({ group, resource, verbs, scope });
+const EVENTS = need('', 'events', ['list', 'watch', 'create', 'update', 'patch']);
+const LEASES = need('coordination.k8s.io', 'leases', ['get', 'watch', 'list', 'delete', 'update', 'create'], 'namespace');
+
+/**
+ * What each sidecar needs from the API server, with where that comes from. Each sidecar's roles
+ * (<release>-<sidecar>) must hold all of it on their own.
+ */
+const SIDECAR_NEEDS: Record<string, { source: string; needs: Need[] }> = {
+  provisioner: {
+    // kubernetes-csi/external-provisioner v6.3.0, deploy/kubernetes/rbac.yaml (ClusterRole and Role).
+    source: 'external-provisioner v6.3.0 deploy/kubernetes/rbac.yaml',
+    needs: [
+      need('', 'persistentvolumes', ['get', 'list', 'watch', 'create', 'patch', 'delete']),
+      need('', 'persistentvolumeclaims', ['get', 'list', 'watch', 'update']),
+      need('storage.k8s.io', 'storageclasses', ['get', 'list', 'watch']),
+      EVENTS,
+      need('snapshot.storage.k8s.io', 'volumesnapshots', ['get', 'list', 'watch', 'update']),
+      need('snapshot.storage.k8s.io', 'volumesnapshotcontents', ['get', 'list']),
+      need('storage.k8s.io', 'csinodes', ['get', 'list', 'watch']),
+      need('', 'nodes', ['get', 'list', 'watch']),
+      need('storage.k8s.io', 'volumeattachments', ['get', 'list', 'watch']),
+      LEASES,
+      need('storage.k8s.io', 'csistoragecapacities', ['get', 'list', 'watch', 'create', 'update', 'patch', 'delete'], 'namespace'),
+      need('', 'pods', ['get'], 'namespace'),
+      need('apps', 'replicasets', ['get'], 'namespace'),
+    ],
+  },
+  snapshotter: {
+    // kubernetes-csi/external-snapshotter v8.6.0, deploy/kubernetes/csi-snapshotter/rbac-csi-snapshotter.yaml.
+    source: 'external-snapshotter v8.6.0 deploy/kubernetes/csi-snapshotter/rbac-csi-snapshotter.yaml',
+    needs: [
+      EVENTS,
+      need('snapshot.storage.k8s.io', 'volumesnapshotclasses', ['get', 'list', 'watch']),
+      need('snapshot.storage.k8s.io', 'volumesnapshotcontents', ['get', 'list', 'watch', 'update', 'patch']),
+      need('snapshot.storage.k8s.io', 'volumesnapshotcontents/status', ['update', 'patch']),
+      need('groupsnapshot.storage.k8s.io', 'volumegroupsnapshotclasses', ['get', 'list', 'watch']),
+      need('groupsnapshot.storage.k8s.io', 'volumegroupsnapshotcontents', ['get', 'list', 'watch', 'update', 'patch']),
+      need('groupsnapshot.storage.k8s.io', 'volumegroupsnapshotcontents/status', ['update', 'patch']),
+      LEASES,
+    ],
+  },
+  resizer: {
+    // kubernetes-csi/external-resizer v2.2.1, deploy/kubernetes/rbac.yaml.
+    source: 'external-resizer v2.2.1 deploy/kubernetes/rbac.yaml',
+    needs: [
+      need('', 'persistentvolumes', ['get', 'list', 'watch', 'patch']),
+      need('', 'persistentvolumeclaims', ['get', 'list', 'watch']),
+      need('', 'pods', ['get', 'list', 'watch']),
+      need('', 'persistentvolumeclaims/status', ['patch']),
+      EVENTS,
+      need('storage.k8s.io', 'volumeattributesclasses', ['get', 'list', 'watch']),
+      LEASES,
+    ],
+  },
+  'snapshot-metadata': {
+    // kubernetes-csi/external-snapshot-metadata v1.1.0, deploy/snapshot-metadata-cluster-role.yaml, plus
+    // the VolumeSnapshotClass get (named class) and list (default class) of every call in
+    // pkg/internal/server/grpc/snapshotter_secret.go, which that role lacks.
+    source: 'external-snapshot-metadata v1.1.0 deploy/snapshot-metadata-cluster-role.yaml + snapshotter_secret.go',
+    needs: [
+      need('cbt.storage.k8s.io', 'snapshotmetadataservices', ['get', 'list', 'watch', 'create', 'update', 'patch', 'delete']),
+      need('authentication.k8s.io', 'tokenreviews', ['create', 'get']),
+      need('authorization.k8s.io', 'subjectaccessreviews', ['create', 'get']),
+      need('snapshot.storage.k8s.io', 'volumesnapshots', ['get', 'list']),
+      need('snapshot.storage.k8s.io', 'volumesnapshotcontents', ['get', 'list']),
+      need('snapshot.storage.k8s.io', 'volumesnapshotclasses', ['get', 'list']),
+    ],
+  },
+};
+
+/** The roles bound to a ServiceAccount: ClusterRoles by ClusterRoleBinding (everywhere), Roles and ClusterRoles by RoleBinding (their namespace). */
+function rolesBoundTo(sa: { name: string; namespace: string }, roleNames?: Set<string>) {
+  const bound: { role: RbacObject; scope: 'cluster' | string }[] = [];
+  for (const b of bindings) {
+    if (!b.subjects?.some((s) => s.kind === 'ServiceAccount' && s.name === sa.name && s.namespace === sa.namespace)) continue;
+    const role = roles.find((r) => r.kind === b.roleRef!.kind && r.metadata.name === b.roleRef!.name && (r.kind === 'ClusterRole' || r.metadata.namespace === b.metadata.namespace));
+    if (!role || (roleNames && !roleNames.has(role.metadata.name))) continue;
+    bound.push({ role, scope: b.kind === 'ClusterRoleBinding' ? 'cluster' : b.metadata.namespace! });
+  }
+  return bound;
+}
+
+describe('RBAC', () => {
+  test('the plugin pod runs as the ServiceAccount the sidecar roles are bound to', () => {
+    expect(podSpec).toContain('serviceAccountName: {{ include "cbt-csi.fullname" . }}');
+    expect(templates.get('rbac.yaml')).toMatch(/kind: ServiceAccount\nmetadata:\n\s+name: \{\{ \$fullname \}\}\n\s+namespace: \{\{ \.Release\.Namespace \}\}/);
+  });
+
+  test.each(Object.entries(SIDECAR_NEEDS).map(([sidecar, { source, needs }]) => [sidecar, source, needs] as const))(
+    'the %s roles alone grant everything that sidecar needs (%s)',
+    (sidecar, _source, needs) => {
+    // Only this sidecar's own roles count, though the pod's containers share one ServiceAccount.
+    const own = rolesBoundTo({ name: RELEASE, namespace: NAMESPACE }, new Set([`${RELEASE}-${sidecar}`]));
+    expect(own.length).toBeGreaterThan(0);
+    const missing: string[] = [];
+    for (const n of needs) {
+      for (const verb of n.verbs) {
+        const ok = own.some(
+          ({ role, scope }) =>
+            (scope === 'cluster' || (n.scope === 'namespace' && scope === NAMESPACE)) &&
+            role.rules!.some((rule) => !rule.resourceNames?.length && grants(rule, n.group, n.resource, verb)),
+        );
+        if (!ok) missing.push(`${verb} ${n.group || 'core'}/${n.resource} (${n.scope})`);
+      }
+    }
+    expect(missing).toEqual([]);
+    },
+  );
+
+  test('no ClusterRole grants serviceaccounts/token create (it would mint tokens for any ServiceAccount)', () => {
+    const offenders = roles
+      .filter((r) => r.kind === 'ClusterRole')
+      .filter((r) => r.rules!.some((rule) => grants(rule, '', 'serviceaccounts/token', 'create')))
+      .map((r) => r.metadata.name);
+    expect(offenders).toEqual([]);
+  });
+
+  test("a backup client may request tokens only for itself, in its own namespace, and read snapshots cluster-wide", () => {
+    const bound = rolesBoundTo(CLIENT);
+    const tokenGrants = bound.flatMap(({ role, scope }) =>
+      role.rules!.filter((rule) => grants(rule, '', 'serviceaccounts/token', 'create')).map((rule) => ({ scope, names: rule.resourceNames ?? [] })),
+    );
+    expect(tokenGrants).toEqual([{ scope: CLIENT.namespace, names: [CLIENT.name] }]);
+    const clusterRules = bound.filter((b) => b.scope === 'cluster').flatMap(({ role }) => role.rules!);
+    const reads: [string, string, string][] = [
+      ['snapshot.storage.k8s.io', 'volumesnapshots', 'get'],
+      ['snapshot.storage.k8s.io', 'volumesnapshots', 'list'],
+      ['snapshot.storage.k8s.io', 'volumesnapshotcontents', 'get'],
+      ['cbt.storage.k8s.io', 'snapshotmetadataservices', 'get'],
+      ['cbt.storage.k8s.io', 'snapshotmetadataservices', 'list'],
+    ];
+    for (const [g, r, v] of reads) expect(clusterRules.some((rule) => grants(rule, g, r, v)), `${v} ${g}/${r}`).toBe(true);
+    // Read only: nothing cluster-wide that writes.
+    const writes = clusterRules.filter((rule) => rule.verbs.some((v) => !['get', 'list', 'watch'].includes(v)));
+    expect(writes).toEqual([]);
+  });
+
+  test('NOTES.txt binds backup clients cluster-wide only to the read-only role, and tokens with a Role in their namespace', () => {
+    const notes = templates.get('NOTES.txt')!;
+    const clusterBindings = [...notes.matchAll(/kubectl create clusterrolebinding .*--clusterrole=(\{\{.*?\}\}|\S+)/g)].map((m) => m[1]!);
+    expect(clusterBindings).toEqual(['{{ $role }}']);
+    expect(notes).toContain('{{- $role := printf "%s-backup-client" (include "cbt-csi.fullname" .) }}');
+    expect(notes).toMatch(/kubectl -n <ns> create role <sa>-token --verb=create --resource=serviceaccounts\/token --resource-name=<sa>/);
+    expect(notes).toMatch(/kubectl -n <ns> create rolebinding <sa>-token --role=<sa>-token --serviceaccount=<ns>:<sa>/);
+  });
+});
+
+describe('the snapshot-metadata audience', () => {
+  const audienceHelper = 'include "cbt-csi.snapshotMetadataAudience" .';
+
+  test('the SnapshotMetadataService audience and the sidecar --audience come from one helper', () => {
+    expect(templates.get('snapshot-metadata.yaml')).toContain(`audience: {{ ${audienceHelper} }}`);
+    expect(podSpec).toContain(`--audience={{ ${audienceHelper} }}`);
+  });
+
+  test('the audience value is read in one place only, the helper', () => {
+    const readers = [...templates].filter(([, source]) => source.includes('.Values.snapshotMetadata.audience')).map(([file]) => file);
+    expect(readers).toEqual(['_helpers.tpl']);
+    expect(templates.get('_helpers.tpl')!.match(/\.Values\.snapshotMetadata\.audience/g)).toHaveLength(1);
+    expect(templates.get('_helpers.tpl')).toMatch(/define "cbt-csi\.snapshotMetadataAudience" -\}\}\n\{\{- \.Values\.snapshotMetadata\.audience -\}\}/);
   });
 });
 
