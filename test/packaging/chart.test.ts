@@ -390,6 +390,20 @@ describe('sidecars', () => {
     expect(atLeast(image.tag, minimum[name]!), `${name} ${image.tag} < ${minimum[name]}`).toBe(true);
   });
 
+  test('every sidecar image is the version pinned in scripts/ecosystem/versions.json (what CI builds and tests)', () => {
+    const pins = (JSON.parse(read(path.join(REPO_ROOT, 'scripts/ecosystem/versions.json'))) as {
+      components: Record<string, { version: string; images?: Record<string, string> }>;
+    }).components;
+    const pinned = Object.values(pins).flatMap((c) => Object.entries(c.images ?? {}).map(([valuesPath, repository]) => ({ valuesPath, repository, tag: c.version })));
+    // Every image in values.yaml has a pin, and every pin is an image in values.yaml.
+    expect(pinned.map((p) => p.valuesPath).sort()).toEqual(
+      Object.keys(images)
+        .map((k) => (k === 'snapshotMetadata' ? 'snapshotMetadata.image' : `sidecars.${k}.image`))
+        .sort(),
+    );
+    for (const p of pinned) expect(at(values, p.valuesPath), p.valuesPath).toEqual({ repository: p.repository, tag: p.tag });
+  });
+
   test('the SnapshotMetadataService uses the API version the pinned sidecar serves (v1beta1 from v1.0.0)', () => {
     const source = templates.get('snapshot-metadata.yaml')!;
     expect(source).toContain('apiVersion: cbt.storage.k8s.io/v1beta1');
