@@ -14,7 +14,8 @@ export interface Component {
   version: string;
   localVersion?: string;
   binaries: Record<string, string>;
-  crdModule?: string;
+  /** The module (and version) whose directory `dir` holds the component's CRDs. */
+  crds?: { module: string; version: string; dir: string };
   images?: Record<string, string>;
   buildable?: boolean;
 }
