@@ -13,7 +13,8 @@ here="$(cd "$(dirname "$0")" && pwd)"
 versions="$here/versions.json"
 cache="${CBT_CSI_ECOSYSTEM_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/cbt-csi-ecosystem}"
 jobs="${ECOSYSTEM_BUILD_JOBS:-2}"
-DEFAULT=(csi-sanity helm etcd kubernetes)
+# The longest build first, so the others fill the second slot beside it.
+DEFAULT=(kubernetes helm csi-sanity etcd)
 
 export GOTOOLCHAIN=local GOFLAGS=-buildvcs=false CGO_ENABLED=0
 
@@ -27,7 +28,8 @@ field() {
     const c = JSON.parse(require("fs").readFileSync(file, "utf8")).components[name];
     if (!c) { console.error(`unknown component ${name}`); process.exit(2); }
     const v = c[key];
-    if (key === "binaries") for (const [bin, pkg] of Object.entries(v ?? {})) console.log(`${bin} ${pkg}`);
+    if (key === "spec") console.log(JSON.stringify(c));
+    else if (key === "binaries") for (const [bin, pkg] of Object.entries(v ?? {})) console.log(`${bin} ${pkg}`);
     else console.log(String(v ?? "").replaceAll("{version}", c.version));
   ' "$versions" "$1" "$2"
 }
@@ -44,7 +46,8 @@ build_one() {
     echo "$name $version: not built ($(field "$name" why))"
     return 0
   fi
-  if [ -f "$dir/complete" ]; then
+  # Reused only if built from this very entry of versions.json (same packages, flags, replaces).
+  if [ -f "$dir/complete" ] && [ "$(cat "$dir/spec.json" 2>/dev/null)" = "$(field "$name" spec)" ]; then
     echo "$name $version: reused $dir/bin"
     return 0
   fi
@@ -79,6 +82,7 @@ build_one() {
     return 1
   }
   rm -rf "$work"
+  field "$name" spec >"$dir/spec.json"
   printf '%s %s built in %d s with %s\n' "$name" "$version" "$((SECONDS - start))" "$(go version)" >"$dir/complete"
   echo "$name $version: built in $((SECONDS - start)) s -> $dir/bin"
 }

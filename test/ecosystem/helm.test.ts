@@ -8,7 +8,7 @@ import { spawnSync } from 'node:child_process';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { parseAllDocuments } from 'yaml';
+import { parseAllDocuments, stringify } from 'yaml';
 import { afterAll, beforeAll, describe, expect, test } from 'vitest';
 import { REPO_ROOT } from '../support/test-driver.js';
 import { SIDECAR_NEEDS } from '../packaging/sidecar-needs.js';
@@ -38,6 +38,9 @@ const MATRIX: [string, () => Values][] = [
 ];
 
 let dir = '';
+
+/** Objects as one multi-document YAML stream, for kubectl. */
+const toYaml = (objects: object[]) => objects.map((o) => stringify(o)).join('---\n');
 
 function helm(args: string[]): { status: number; stdout: string; stderr: string } {
   const r = spawnSync(tool('helm'), args, { encoding: 'utf8', env: { ...process.env, HELM_CACHE_HOME: path.join(dir, 'helm-cache'), HELM_CONFIG_HOME: path.join(dir, 'helm-config'), HELM_DATA_HOME: path.join(dir, 'helm-data') } });
@@ -149,7 +152,7 @@ suiteUnless(missingTools(['helm', 'etcd', 'kube-apiserver', 'kubectl']), `chart 
     // one object left to the client-side checks above.
     const kept = objects.filter((o) => o.apiVersion !== 'cert-manager.io/v1');
     expect(objects.length - kept.length).toBe(name.includes('cert-manager') ? 1 : 0);
-    const input = kept.map((o) => JSON.stringify(o)).join('\n');
+    const input = toYaml(kept);
     const r = cp.kubectl(['apply', '--dry-run=server', '-f', '-'], { input, allowFail: true });
     expect(r.status, `${r.stderr}\n(render: ${file})`).toBe(0);
     expect(r.stdout.trim().split('\n')).toHaveLength(kept.length);
@@ -158,7 +161,7 @@ suiteUnless(missingTools(['helm', 'etcd', 'kube-apiserver', 'kubectl']), `chart 
   test("each sidecar's roles alone, applied for real, let the API server allow everything in its table", () => {
     const { objects } = render('rbac', { backupClientRole: { serviceAccounts: [CLIENT] } });
     const rbac = objects.filter((o) => ['ServiceAccount', 'ClusterRole', 'Role', 'ClusterRoleBinding', 'RoleBinding'].includes(o.kind));
-    cp.kubectl(['apply', '-f', '-'], { input: rbac.map((o) => JSON.stringify(o)).join('\n') });
+    cp.kubectl(['apply', '-f', '-'], { input: toYaml(rbac) });
     // One ServiceAccount per sidecar, bound to that sidecar's roles only.
     const probes: Obj[] = [];
     for (const sidecar of Object.keys(SIDECAR_NEEDS)) {
@@ -170,7 +173,7 @@ suiteUnless(missingTools(['helm', 'etcd', 'kube-apiserver', 'kubectl']), `chart 
         probes.push({ apiVersion: 'rbac.authorization.k8s.io/v1', kind: 'RoleBinding', metadata: { name: `probe-${sidecar}`, namespace: NAMESPACE }, roleRef: { apiGroup: 'rbac.authorization.k8s.io', kind: 'Role', name: role }, subjects: subject });
       }
     }
-    cp.kubectl(['apply', '-f', '-'], { input: probes.map((o) => JSON.stringify(o)).join('\n') });
+    cp.kubectl(['apply', '-f', '-'], { input: toYaml(probes) });
 
     const questions: { label: string; expected: boolean; user: string; attrs: Record<string, string> }[] = [];
     const sa = (ns: string, name: string) => `system:serviceaccount:${ns}:${name}`;
