@@ -55,11 +55,15 @@ build_one() {
   rm -rf "$dir"
   work="$dir/module"
   mkdir -p "$work" "$dir/bin"
+  # Not inside `||`: there bash ignores set -e, and a failed step would go unnoticed.
+  set +e
   (
+    set -euo pipefail
     cd "$work"
     go mod init "cbt-csi-ecosystem/$name" >/dev/null 2>&1
     go mod edit -require="$module@$version"
-    upstream_gomod="$(go mod download -json "$module@$version" | node -pe 'JSON.parse(require("fs").readFileSync(0, "utf8")).GoMod')"
+    download="$(go mod download -json "$module@$version")" || { echo "$download"; exit 1; }
+    upstream_gomod="$(node -pe 'JSON.parse(process.argv[1]).GoMod' "$download")"
     # Replace lines of the upstream go.mod: versioned ones as they are; local ones (to a directory of the
     # same repository) pinned to the release, for modules upstream requires.
     go mod edit -json "$upstream_gomod" | node -e '
@@ -76,11 +80,14 @@ build_one() {
     while read -r bin pkg; do
       go build -trimpath -ldflags="$ldflags" -o "$dir/bin/$bin" "$pkg"
     done < <(field "$name" binaries)
-  ) >"$dir/build.log" 2>&1 || {
+  ) >"$dir/build.log" 2>&1
+  local status=$?
+  set -e
+  if [ "$status" -ne 0 ]; then
     echo "$name $version: BUILD FAILED after $((SECONDS - start)) s; last lines of $dir/build.log:" >&2
     tail -20 "$dir/build.log" >&2
     return 1
-  }
+  fi
   rm -rf "$work"
   field "$name" spec >"$dir/spec.json"
   printf '%s %s built in %d s with %s\n' "$name" "$version" "$((SECONDS - start))" "$(go version)" >"$dir/complete"
