@@ -26,6 +26,7 @@ import {
   VolumeCapability_AccessMode_Mode as Mode,
 } from '../../src/gen/csi/v1/csi_pb.js';
 import { REPO_ROOT } from '../support/test-driver.js';
+import { SIDECAR_NEEDS } from './sidecar-needs.js';
 
 const CHART = path.join(REPO_ROOT, 'charts/cbt-csi');
 const TEMPLATES = path.join(CHART, 'templates');
@@ -390,12 +391,24 @@ describe('sidecars', () => {
     expect(atLeast(image.tag, minimum[name]!), `${name} ${image.tag} < ${minimum[name]}`).toBe(true);
   });
 
+  test('every sidecar image is the version pinned in scripts/ecosystem/versions.json (what CI builds and tests)', () => {
+    const pins = (JSON.parse(read(path.join(REPO_ROOT, 'scripts/ecosystem/versions.json'))) as {
+      components: Record<string, { version: string; images?: Record<string, string> }>;
+    }).components;
+    const pinned = Object.values(pins).flatMap((c) => Object.entries(c.images ?? {}).map(([valuesPath, repository]) => ({ valuesPath, repository, tag: c.version })));
+    // Every image in values.yaml has a pin, and every pin is an image in values.yaml.
+    expect(pinned.map((p) => p.valuesPath).sort()).toEqual(
+      Object.keys(images)
+        .map((k) => (k === 'snapshotMetadata' ? 'snapshotMetadata.image' : `sidecars.${k}.image`))
+        .sort(),
+    );
+    for (const p of pinned) expect(at(values, p.valuesPath), p.valuesPath).toEqual({ repository: p.repository, tag: p.tag });
+  });
+
   test('the SnapshotMetadataService uses the API version the pinned sidecar serves (v1beta1 from v1.0.0)', () => {
     const source = templates.get('snapshot-metadata.yaml')!;
     expect(source).toContain('apiVersion: cbt.storage.k8s.io/v1beta1');
     expect(source).toMatch(/caCert: \{\{ \$caPem \| b64enc \}\}/);
-    expect(source).toMatch(/audience: \{\{ \$sm\.audience \}\}/);
-    expect(podSpec).toContain('--audience={{ .Values.snapshotMetadata.audience }}');
   });
 
   test('the driver container is privileged, with kubelet dir and state dir mounted Bidirectional, and /dev', () => {
@@ -404,6 +417,164 @@ describe('sidecars', () => {
     expect(block).toMatch(/mountPath: \{\{ \.Values\.kubeletDir \}\}\n\s+mountPropagation: Bidirectional/);
     expect(block).toMatch(/mountPath: \{\{ \.Values\.driver\.stateDir \}\}\n\s+mountPropagation: Bidirectional/);
     expect(block).toMatch(/mountPath: \/dev\n/);
+  });
+});
+
+// ------------------------------------------------------------------ RBAC
+
+/** An RBAC rule as the API server reads it. */
+interface Rule {
+  apiGroups: string[];
+  resources: string[];
+  verbs: string[];
+  resourceNames?: string[];
+}
+interface RbacObject {
+  kind: string;
+  metadata: { name: string; namespace?: string };
+  rules?: Rule[];
+  roleRef?: { kind: string; name: string };
+  subjects?: { kind: string; name: string; namespace?: string }[];
+}
+
+/** Stand-ins for what the RBAC templates interpolate: release name, namespace, one backup client. */
+const RELEASE = 'rel-cbt-csi';
+const NAMESPACE = 'storage';
+const CLIENT = { namespace: 'backup', name: 'backup-app' };
+
+/**
+ * The objects of an RBAC template with every branch taken (mode single, every sidecar on, one entry in
+ * each range): the most the chart can grant. Control lines are dropped and the few interpolations
+ * these templates use are substituted; any other interpolation is an error, so the stand-in cannot
+ * silently drift from the template.
+ */
+function renderRbacTemplate(file: string): RbacObject[] {
+  const source = templates.get(file)!.replace(/\{\{-?\s*\/\*[\s\S]*?\*\/\s*-?\}\}/g, '');
+  const substitutions: Record<string, string> = {
+    '$fullname': RELEASE,
+    'include "cbt-csi.fullname" .': RELEASE,
+    '.Release.Namespace': NAMESPACE,
+    '.namespace': CLIENT.namespace,
+    '.name': CLIENT.name,
+    '.name | quote': JSON.stringify(CLIENT.name),
+    '$bindingName': `${RELEASE}-backup-client-${CLIENT.namespace}-${CLIENT.name}`,
+    '$tokenRole': `${RELEASE}-backup-client-token-${CLIENT.name}`,
+  };
+  const lines = source
+    .split('\n')
+    .filter((line) => !/^\s*\{\{-?\s*(if|else|end|range|with|\$\w+\s*:=|include "cbt-csi\.labels")[^}]*\}\}\s*$/.test(line))
+    .map((line) =>
+      line.replace(/\{\{-?\s*(.*?)\s*-?\}\}/g, (_, expr: string) => {
+        const value = substitutions[expr];
+        if (value === undefined) throw new Error(`${file}: no stand-in for {{ ${expr} }}`);
+        return value;
+      }),
+    );
+  return parseAllDocuments(lines.join('\n'))
+    .map((doc) => doc.toJS() as RbacObject | null)
+    .filter((o): o is RbacObject => o !== null && o.kind !== 'ServiceAccount');
+}
+
+const rbacFiles = templateFiles.filter((f) => templates.get(f)!.includes('apiVersion: rbac.authorization.k8s.io/v1'));
+const rbacObjects = rbacFiles.flatMap(renderRbacTemplate);
+const roles = rbacObjects.filter((o) => o.kind === 'ClusterRole' || o.kind === 'Role');
+const bindings = rbacObjects.filter((o) => o.kind === 'ClusterRoleBinding' || o.kind === 'RoleBinding');
+
+const matches = (granted: string[], wanted: string) => granted.includes(wanted) || granted.includes('*');
+/** Whether a rule grants `verb` on group/resource (any object of it when resourceNames is empty). */
+const grants = (rule: Rule, group: string, resource: string, verb: string) =>
+  matches(rule.apiGroups, group) && matches(rule.resources, resource) && matches(rule.verbs, verb);
+
+/** The roles bound to a ServiceAccount: ClusterRoles by ClusterRoleBinding (everywhere), Roles and ClusterRoles by RoleBinding (their namespace). */
+function rolesBoundTo(sa: { name: string; namespace: string }, roleNames?: Set<string>) {
+  const bound: { role: RbacObject; scope: 'cluster' | string }[] = [];
+  for (const b of bindings) {
+    if (!b.subjects?.some((s) => s.kind === 'ServiceAccount' && s.name === sa.name && s.namespace === sa.namespace)) continue;
+    const role = roles.find((r) => r.kind === b.roleRef!.kind && r.metadata.name === b.roleRef!.name && (r.kind === 'ClusterRole' || r.metadata.namespace === b.metadata.namespace));
+    if (!role || (roleNames && !roleNames.has(role.metadata.name))) continue;
+    bound.push({ role, scope: b.kind === 'ClusterRoleBinding' ? 'cluster' : b.metadata.namespace! });
+  }
+  return bound;
+}
+
+describe('RBAC', () => {
+  test('the plugin pod runs as the ServiceAccount the sidecar roles are bound to', () => {
+    expect(podSpec).toContain('serviceAccountName: {{ include "cbt-csi.fullname" . }}');
+    expect(templates.get('rbac.yaml')).toMatch(/kind: ServiceAccount\nmetadata:\n\s+name: \{\{ \$fullname \}\}\n\s+namespace: \{\{ \.Release\.Namespace \}\}/);
+  });
+
+  test.each(Object.entries(SIDECAR_NEEDS).map(([sidecar, { source, needs }]) => [sidecar, source, needs] as const))(
+    'the %s roles alone grant everything that sidecar needs (%s)',
+    (sidecar, _source, needs) => {
+    // Only this sidecar's own roles count, though the pod's containers share one ServiceAccount.
+    const own = rolesBoundTo({ name: RELEASE, namespace: NAMESPACE }, new Set([`${RELEASE}-${sidecar}`]));
+    expect(own.length).toBeGreaterThan(0);
+    const missing: string[] = [];
+    for (const n of needs) {
+      for (const verb of n.verbs) {
+        const ok = own.some(
+          ({ role, scope }) =>
+            (scope === 'cluster' || (n.scope === 'namespace' && scope === NAMESPACE)) &&
+            role.rules!.some((rule) => !rule.resourceNames?.length && grants(rule, n.group, n.resource, verb)),
+        );
+        if (!ok) missing.push(`${verb} ${n.group || 'core'}/${n.resource} (${n.scope})`);
+      }
+    }
+    expect(missing).toEqual([]);
+    },
+  );
+
+  test('no ClusterRole grants serviceaccounts/token create (it would mint tokens for any ServiceAccount)', () => {
+    const offenders = roles
+      .filter((r) => r.kind === 'ClusterRole')
+      .filter((r) => r.rules!.some((rule) => grants(rule, '', 'serviceaccounts/token', 'create')))
+      .map((r) => r.metadata.name);
+    expect(offenders).toEqual([]);
+  });
+
+  test("a backup client may request tokens only for itself, in its own namespace, and read snapshots cluster-wide", () => {
+    const bound = rolesBoundTo(CLIENT);
+    const tokenGrants = bound.flatMap(({ role, scope }) =>
+      role.rules!.filter((rule) => grants(rule, '', 'serviceaccounts/token', 'create')).map((rule) => ({ scope, names: rule.resourceNames ?? [] })),
+    );
+    expect(tokenGrants).toEqual([{ scope: CLIENT.namespace, names: [CLIENT.name] }]);
+    const clusterRules = bound.filter((b) => b.scope === 'cluster').flatMap(({ role }) => role.rules!);
+    const reads: [string, string, string][] = [
+      ['snapshot.storage.k8s.io', 'volumesnapshots', 'get'],
+      ['snapshot.storage.k8s.io', 'volumesnapshots', 'list'],
+      ['snapshot.storage.k8s.io', 'volumesnapshotcontents', 'get'],
+      ['cbt.storage.k8s.io', 'snapshotmetadataservices', 'get'],
+      ['cbt.storage.k8s.io', 'snapshotmetadataservices', 'list'],
+    ];
+    for (const [g, r, v] of reads) expect(clusterRules.some((rule) => grants(rule, g, r, v)), `${v} ${g}/${r}`).toBe(true);
+    // Read only: nothing cluster-wide that writes.
+    const writes = clusterRules.filter((rule) => rule.verbs.some((v) => !['get', 'list', 'watch'].includes(v)));
+    expect(writes).toEqual([]);
+  });
+
+  test('NOTES.txt binds backup clients cluster-wide only to the read-only role, and tokens with a Role in their namespace', () => {
+    const notes = templates.get('NOTES.txt')!;
+    const clusterBindings = [...notes.matchAll(/kubectl create clusterrolebinding .*--clusterrole=(\{\{.*?\}\}|\S+)/g)].map((m) => m[1]!);
+    expect(clusterBindings).toEqual(['{{ $role }}']);
+    expect(notes).toContain('{{- $role := printf "%s-backup-client" (include "cbt-csi.fullname" .) }}');
+    expect(notes).toMatch(/kubectl -n <ns> create role <sa>-token --verb=create --resource=serviceaccounts\/token --resource-name=<sa>/);
+    expect(notes).toMatch(/kubectl -n <ns> create rolebinding <sa>-token --role=<sa>-token --serviceaccount=<ns>:<sa>/);
+  });
+});
+
+describe('the snapshot-metadata audience', () => {
+  const audienceHelper = 'include "cbt-csi.snapshotMetadataAudience" .';
+
+  test('the SnapshotMetadataService audience and the sidecar --audience come from one helper', () => {
+    expect(templates.get('snapshot-metadata.yaml')).toContain(`audience: {{ ${audienceHelper} }}`);
+    expect(podSpec).toContain(`--audience={{ ${audienceHelper} }}`);
+  });
+
+  test('the audience value is read in one place only, the helper', () => {
+    const readers = [...templates].filter(([, source]) => source.includes('.Values.snapshotMetadata.audience')).map(([file]) => file);
+    expect(readers).toEqual(['_helpers.tpl']);
+    expect(templates.get('_helpers.tpl')!.match(/\.Values\.snapshotMetadata\.audience/g)).toHaveLength(1);
+    expect(templates.get('_helpers.tpl')).toMatch(/define "cbt-csi\.snapshotMetadataAudience" -\}\}\n\{\{- \.Values\.snapshotMetadata\.audience -\}\}/);
   });
 });
 

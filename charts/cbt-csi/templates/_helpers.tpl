@@ -49,6 +49,14 @@ app.kubernetes.io/component: plugin
 {{- printf "%s-snapshot-metadata" (include "cbt-csi.fullname" .) | trunc 63 | trimSuffix "-" -}}
 {{- end -}}
 
+{{/*
+The audience backup clients' tokens must name. The one source of both the SnapshotMetadataService's
+spec.audience (which csi-snapshot-metadata v1.1.0 authenticates against) and the sidecar's --audience.
+*/}}
+{{- define "cbt-csi.snapshotMetadataAudience" -}}
+{{- .Values.snapshotMetadata.audience -}}
+{{- end -}}
+
 {{- define "cbt-csi.snapshotMetadataTLSSecret" -}}
 {{- if eq .Values.snapshotMetadata.tls.mode "secret" -}}
 {{- required "snapshotMetadata.tls.existingSecret is required when tls.mode is secret" .Values.snapshotMetadata.tls.existingSecret -}}

@@ -228,7 +228,7 @@ spec:
         - --http-endpoint=:{{ .Values.snapshotMetadata.httpPort }}
         - --tls-cert=/tmp/certificates/tls.crt
         - --tls-key=/tmp/certificates/tls.key
-        - --audience={{ .Values.snapshotMetadata.audience }}
+        - --audience={{ include "cbt-csi.snapshotMetadataAudience" . }}
         - --max-streaming-duration-min={{ .Values.snapshotMetadata.maxStreamingDurationMinutes }}
       ports:
         - name: snapshot-meta

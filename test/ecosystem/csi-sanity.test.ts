@@ -1,0 +1,90 @@
+/**
+ * csi-sanity (kubernetes-csi/csi-test, the pinned version) against `cbt-csi serve` with every service,
+ * node service included, once per volume access type. One test a mode: it fails on any failed spec, and
+ * prints the passed/failed/pending/skipped counts from csi-sanity's own JSON report.
+ * Needs root, /dev/fuse and loop devices (the Node specs stage and publish real loop devices), and
+ * csi-sanity built by scripts/ecosystem/build.sh.
+ */
+import { spawn } from 'node:child_process';
+import fs from 'node:fs';
+import { afterEach, expect, test } from 'vitest';
+import { missingDataPlane, startNodeEnv, type NodeEnv } from '../e2e/support/node-env.js';
+import { COMPONENTS, missingTools, suiteUnless, tool } from './tools.js';
+
+const GiB = 2 ** 30;
+
+interface SpecReport {
+  LeafNodeType: string;
+  State: string;
+  LeafNodeText: string;
+  ContainerHierarchyTexts: string[] | null;
+  Failure?: { Message: string };
+}
+
+/** Counts of the It specs of a ginkgo JSON report (suite setup nodes are not specs). */
+function countSpecs(reportFile: string) {
+  const suites = JSON.parse(fs.readFileSync(reportFile, 'utf8')) as { SpecReports: SpecReport[] | null }[];
+  const specs = suites.flatMap((s) => s.SpecReports ?? []).filter((s) => s.LeafNodeType === 'It');
+  const count = (state: string) => specs.filter((s) => s.State === state).length;
+  const failures = specs
+    .filter((s) => !['passed', 'skipped', 'pending'].includes(s.State))
+    .map((s) => `${s.State}: ${[...(s.ContainerHierarchyTexts ?? []), s.LeafNodeText].join(' ')}: ${s.Failure?.Message ?? ''}`);
+  return { passed: count('passed'), failed: specs.length - count('passed') - count('skipped') - count('pending'), pending: count('pending'), skipped: count('skipped'), failures };
+}
+
+/** Runs csi-sanity to completion; resolves with its exit code and output. */
+function runSanity(args: string[], logFile: string): Promise<{ code: number | null; output: string }> {
+  return new Promise((resolve, reject) => {
+    const child = spawn(tool('csi-sanity'), args, { stdio: ['ignore', 'pipe', 'pipe'] });
+    let output = '';
+    const log = fs.createWriteStream(logFile);
+    for (const stream of [child.stdout!, child.stderr!]) {
+      stream.on('data', (d: Buffer) => {
+        output += d.toString();
+        log.write(d);
+      });
+    }
+    child.once('error', reject);
+    child.once('exit', (code) => log.end(() => resolve({ code, output })));
+  });
+}
+
+let env: NodeEnv | undefined;
+afterEach(async () => {
+  await env?.cleanup();
+  env = undefined;
+});
+
+suiteUnless(missingDataPlane() ?? missingTools(['csi-sanity']), `csi-sanity ${COMPONENTS['csi-sanity']!.version}`, () => {
+  test.each(['mount', 'block'])(
+    '--csi.testvolumeaccesstype=%s: every spec passes or is skipped for a capability the driver does not advertise',
+    async (mode) => {
+      // A fresh driver and state directory per mode: csi-sanity reuses volume names within a run.
+      env = await startNodeEnv();
+      const report = env.path('sanity-report.json');
+      const { code, output } = await runSanity(
+        [
+          `--csi.endpoint=${env.target.replace(/^unix:\/\//, '')}`,
+          `--csi.testvolumeaccesstype=${mode}`,
+          `--csi.testvolumesize=${GiB}`,
+          `--csi.testvolumeexpandsize=${2 * GiB}`,
+          // csi-sanity creates these itself and they must not exist yet.
+          `--csi.mountdir=${env.path('sanity-mnt')}`,
+          `--csi.stagingdir=${env.path('sanity-stg')}`,
+          `--ginkgo.json-report=${report}`,
+          '--ginkgo.no-color',
+          '--ginkgo.timeout=8m',
+        ],
+        env.path('csi-sanity.log'),
+      );
+      expect(fs.existsSync(report), `csi-sanity wrote no report (exit ${code}):\n${output.slice(-3000)}`).toBe(true);
+      const counts = countSpecs(report);
+      console.log(`csi-sanity ${mode}: ${counts.passed} passed, ${counts.failed} failed, ${counts.pending} pending, ${counts.skipped} skipped`);
+      expect(counts.failures, output.slice(-3000)).toEqual([]);
+      expect(code, output.slice(-3000)).toBe(0);
+      // The driver advertises controller, node, snapshot, clone and expansion: most specs must run.
+      expect(counts.passed).toBeGreaterThanOrEqual(60);
+    },
+    600_000,
+  );
+});
