@@ -7,6 +7,7 @@ import { DRIVER_ROLES, LOG_LEVELS, formatEndpoint, packageVersion, parseEndpoint
 import { createLogger } from './logging.js';
 import { startDriver } from './server.js';
 import { parseBlockSize } from './csi/volume-parameters.js';
+import { METADATA_PROFILES, type MetadataProfileName } from './csi/metadata-profiles.js';
 
 function positiveInteger(value: string): number {
   const n = Number(value);
@@ -46,6 +47,11 @@ export function buildProgram(): Command {
         .choices(['FIXED', 'VARIABLE'])
         .default('VARIABLE'),
     )
+    .addOption(
+      new Option('--metadata-profile <profile>', 'SnapshotMetadata behaviour of volumes whose StorageClass names no metadataProfile')
+        .choices(METADATA_PROFILES as string[])
+        .default('exact'),
+    )
     .option('--capacity <bytes>', 'provisioning limit reported by GetCapacity (default: free disk)', byteSize)
     .option('--default-max-results <n>', 'metadata tuples per response when max_results is 0', positiveInteger, 4096)
     .addOption(new Option('--log-level <level>', 'log level').choices(LOG_LEVELS as string[]).default('info'))
@@ -78,6 +84,7 @@ interface ServeFlags {
   driverName: string;
   defaultBlockSize: number;
   metadataStyle: MetadataStyle;
+  metadataProfile: MetadataProfileName;
   capacity?: number;
   defaultMaxResults: number;
   logLevel: LogLevel;
@@ -97,6 +104,7 @@ async function serve(flags: ServeFlags): Promise<void> {
     nodeId: flags.nodeId,
     defaultBlockSize: flags.defaultBlockSize,
     defaultMetadataStyle: flags.metadataStyle,
+    defaultMetadataProfile: flags.metadataProfile,
     capacityBytes: flags.capacity,
     defaultMaxResults: flags.defaultMaxResults,
     logLevel: flags.logLevel,

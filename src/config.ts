@@ -2,6 +2,7 @@
 import fs from 'node:fs';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
+import type { MetadataProfileName } from './csi/metadata-profiles.js';
 
 /** Where the gRPC server listens. */
 export type Endpoint = { kind: 'unix'; path: string } | { kind: 'tcp'; host: string; port: number };
@@ -32,6 +33,8 @@ export interface DriverConfig {
   defaultBlockSize: number;
   /** BlockMetadata style of volumes whose StorageClass names none. */
   defaultMetadataStyle: MetadataStyle;
+  /** SnapshotMetadata behaviour profile of volumes whose StorageClass names none (metadata-profiles.ts); default exact. */
+  defaultMetadataProfile?: MetadataProfileName;
   /** Provisioning limit reported by GetCapacity; undefined means the free space of the state directory's disk. */
   capacityBytes: number | undefined;
   /** Tuples per SnapshotMetadata response when the request's max_results is 0. */

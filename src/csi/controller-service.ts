@@ -48,6 +48,7 @@ import {
   parseVolumeParameters,
   type VolumeParameters,
 } from './volume-parameters.js';
+import { inheritedProfileAttributes, profileAttributes } from './metadata-profiles.js';
 
 /** What ControllerGetCapabilities advertises; each one is implemented below. */
 export const CONTROLLER_CAPABILITIES: readonly RpcType[] = [
@@ -168,7 +169,10 @@ export function controllerService(ctx: DriverContext): ServiceImpl<typeof Contro
           blockSize,
           ...(wish.source?.kind === 'snapshot' ? { sourceSnapshotId: wish.source.snapshotId } : {}),
           ...(wish.source?.kind === 'volume' ? { sourceVolumeId: wish.source.volumeId } : {}),
-          attributes: { [ATTR_METADATA_STYLE]: wish.params.metadataStyle },
+          attributes: {
+            [ATTR_METADATA_STYLE]: wish.params.metadataStyle,
+            ...profileAttributes(req.parameters, config.defaultMetadataProfile ?? 'exact'),
+          },
         });
       } catch (err) {
         // A concurrent call of the same name won; it may still answer this request (e.g. a wider range).
@@ -268,7 +272,7 @@ export function controllerService(ctx: DriverContext): ServiceImpl<typeof Contro
         volumeId: volume.id,
         name: req.name,
         // The SnapshotMetadata service answers in the style of the volume the snapshot was taken of.
-        attributes: { [ATTR_METADATA_STYLE]: volumeMetadataStyle(volume, config) },
+        attributes: { [ATTR_METADATA_STYLE]: volumeMetadataStyle(volume, config), ...inheritedProfileAttributes(volume.attributes) },
       });
       ctx.logger.info({ snapshotId: snapshot.id, name: req.name, volumeId: volume.id }, 'snapshot ready');
       return { snapshot: snapshotMessage(snapshot) };
