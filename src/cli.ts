@@ -7,6 +7,7 @@ import { DRIVER_ROLES, LOG_LEVELS, formatEndpoint, packageVersion, parseEndpoint
 import { createLogger } from './logging.js';
 import { startDriver } from './server.js';
 import { parseBlockSize } from './csi/volume-parameters.js';
+import { loadFaultFile, registerVendorCommands } from './vendor/commands.js';
 import { METADATA_PROFILES, type MetadataProfileName } from './csi/metadata-profiles.js';
 
 function positiveInteger(value: string): number {
@@ -62,10 +63,13 @@ export function buildProgram(): Command {
         .default('all'),
     )
     .option('--max-volumes-per-node <n>', 'max_volumes_per_node reported by NodeGetInfo (default: the CO decides)', positiveInteger)
+    .option('--faults <file>', 'vendor bench: fault rules (YAML) in force from the start; none unless given')
+    .option('--admin-endpoint <path>', 'vendor bench: unix socket (0600) for `cbt-csi faults`; off unless given')
     .option('--drain-timeout <seconds>', 'on SIGTERM, how long in-flight calls may take before they are reset', nonNegativeSeconds, 25)
     .action(async (opts: ServeFlags) => {
       await serve(opts);
     });
+  registerVendorCommands(program);
   return program;
 }
 
@@ -92,6 +96,8 @@ interface ServeFlags {
   drainTimeout: number;
   role: DriverRole;
   maxVolumesPerNode?: number;
+  faults?: string;
+  adminEndpoint?: string;
 }
 
 async function serve(flags: ServeFlags): Promise<void> {
@@ -112,6 +118,8 @@ async function serve(flags: ServeFlags): Promise<void> {
     drainTimeoutMs: Math.round(flags.drainTimeout * 1000),
     role: flags.role,
     maxVolumesPerNode: flags.maxVolumesPerNode,
+    faults: flags.faults ? loadFaultFile(flags.faults) : [],
+    adminEndpoint: flags.adminEndpoint ? path.resolve(flags.adminEndpoint) : undefined,
   };
   const logger = createLogger(config.logLevel);
   const driver = await startDriver(config, logger);

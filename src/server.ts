@@ -24,6 +24,8 @@ import type { Logger } from './logging.js';
 import { DriverMetrics } from './metrics.js';
 import { observeRpcs } from './rpc/interceptors.js';
 import { isUndecodableRequest } from './rpc/status.js';
+import { FaultInjector } from './vendor/fault-injector.js';
+import { startAdminEndpoint, type AdminEndpoint } from './vendor/admin-endpoint.js';
 
 /** A running driver. */
 export interface RunningDriver {
@@ -31,6 +33,8 @@ export interface RunningDriver {
   readonly endpoint: Endpoint;
   readonly metricsUrl: string | undefined;
   readonly store: BlockStore;
+  /** Injected fault rules (vendor bench); empty unless configured. */
+  readonly faults: FaultInjector;
   /** Drains calls, closes the store, removes the socket. Idempotent. */
   stop(): Promise<void>;
 }
@@ -61,6 +65,7 @@ export async function startDriver(config: DriverConfig, logger: Logger): Promise
   let ready = false;
   const ctx: DriverContext = { store, config, logger, isReady: () => ready };
   const metrics = new DriverMetrics();
+  const faults = new FaultInjector({ logger, metrics, volumeOfSnapshot: (id) => snapshotVolume(store, id) }, config.faults ?? []);
   const shutdown = new AbortController();
   // Every in-flight call listens on the shutdown signal; many concurrent calls are normal, not a leak.
   setMaxListeners(0, shutdown.signal);
@@ -75,7 +80,7 @@ export async function startDriver(config: DriverConfig, logger: Logger): Promise
     // requests are still read.
     compressMinBytes: Number.POSITIVE_INFINITY,
     shutdownSignal: shutdown.signal,
-    interceptors: [observeRpcs(logger, metrics)],
+    interceptors: [observeRpcs(logger, metrics), faults.interceptor()],
     // A service we do not serve (e.g. Node in the controller role) must still get a gRPC status, not a bare
     // HTTP 404: headers-only, ended on the HEADERS frame, as grpc-go expects.
     fallback: (req, res) => {
@@ -110,11 +115,14 @@ export async function startDriver(config: DriverConfig, logger: Logger): Promise
 
   // Metrics first: a bad --metrics-address must fail before the CSI socket exists, so nothing is left behind.
   let metricsServer: Awaited<ReturnType<DriverMetrics['serve']>> | undefined;
+  let admin: AdminEndpoint | undefined;
   let endpoint = config.endpoint;
   try {
     metricsServer = config.metricsAddress ? await metrics.serve(config.metricsAddress) : undefined;
+    admin = config.adminEndpoint ? await startAdminEndpoint(config.adminEndpoint, faults, logger) : undefined;
     endpoint = await listen(server, config.endpoint);
   } catch (err) {
+    await admin?.close();
     if (metricsServer) await new Promise<void>((resolve) => metricsServer!.server.close(() => resolve()));
     await nodeVolumes?.stop();
     await store.close();
@@ -144,6 +152,7 @@ export async function startDriver(config: DriverConfig, logger: Logger): Promise
         await closed;
       }
       await new Promise<void>((resolve) => (metricsServer ? metricsServer.server.close(() => resolve()) : resolve()));
+      await admin?.close();
       // Devices still attached to volume files fail from here on (documented in docs/node-data-plane.md).
       await nodeVolumes?.stop().catch((err: unknown) => logger.error({ err: String(err) }, 'unmounting the volume files failed'));
       await store.close();
@@ -151,7 +160,16 @@ export async function startDriver(config: DriverConfig, logger: Logger): Promise
       logger.info('stopped');
     })());
 
-  return { endpoint, metricsUrl: metricsServer?.url, store, stop };
+  return { endpoint, metricsUrl: metricsServer?.url, store, faults, stop };
+}
+
+/** The volume a snapshot was taken of, for fault rules that name a volume. */
+function snapshotVolume(store: BlockStore, snapshotId: string): string | undefined {
+  try {
+    return store.getSnapshot(snapshotId).sourceVolumeId;
+  } catch {
+    return undefined;
+  }
 }
 
 /**

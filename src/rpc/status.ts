@@ -80,3 +80,12 @@ export function codeName(code: Code | 0): string {
   if (code === Code.Canceled) return 'CANCELLED';
   return Code[code].replace(/[A-Z]/g, (c, i: number) => (i ? '_' : '') + c).toUpperCase();
 }
+
+/** The code whose canonical gRPC name (e.g. UNAVAILABLE, CANCELLED) is given, or undefined; for configured faults. */
+export function codeFromName(name: string): Code | 0 | undefined {
+  if (name === 'OK') return 0;
+  for (let code = 1; code <= 16; code++) {
+    if (codeName(code as Code) === name) return code as Code;
+  }
+  return undefined;
+}
