@@ -6,6 +6,7 @@ import fs from 'node:fs';
 import { Command, InvalidArgumentError, Option } from 'commander';
 import { parse as parseYaml } from 'yaml';
 import { adminRequest, type ActiveFault } from './admin-endpoint.js';
+import { registerKnownAnswerCommands } from './known-answer-commands.js';
 import { FAULT_ACTIONS, FAULT_RPCS, FaultRuleError, parseFaultRule, parseFaultRules, type FaultRule } from './fault-rules.js';
 
 /** Reads a rules file (YAML or JSON) for `serve --faults`; errors name the file and the field. */
@@ -122,4 +123,5 @@ export function registerVendorCommands(program: Command): void {
       const res = (await adminRequest(endpointOf(flags), 'DELETE', id === undefined ? '/faults' : `/faults/${id}`)) as { removed: number };
       process.stdout.write(`removed ${res.removed} rule${res.removed === 1 ? '' : 's'}\n`);
     });
+  registerKnownAnswerCommands(program);
 }
