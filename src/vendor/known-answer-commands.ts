@@ -32,9 +32,12 @@ function objectSizeArg(value: string): number {
   }
 }
 
-/** A time as milliseconds since the epoch, an ISO 8601 string, or RFC 3339 as kubectl prints it. */
+/**
+ * A time: milliseconds since the epoch, nanoseconds (17 digits or more: a VolumeSnapshotContent's
+ * status.creationTime), or an ISO 8601 / RFC 3339 string.
+ */
 function timeArg(value: string): number {
-  const ms = /^\d+$/.test(value) ? Number(value) : Date.parse(value);
+  const ms = /^\d{17,}$/.test(value) ? Number(BigInt(value) / 1_000_000n) : /^\d+$/.test(value) ? Number(value) : Date.parse(value);
   if (!Number.isFinite(ms)) throw new InvalidArgumentError('expected milliseconds since the epoch or an ISO 8601 time');
   return ms;
 }
@@ -102,7 +105,7 @@ export function registerKnownAnswerCommands(program: Command): void {
     .addOption(new Option('--profile <profile>', "the snapshot's metadataProfile: how much coarser than exact it may answer").choices(METADATA_PROFILES as string[]).default('exact'))
     .option('--object-size <bytes>', 'ceph-rbd profile: its objectSize', objectSizeArg, CEPH_RBD_DEFAULT_OBJECT_SIZE)
     .option('--granularity <bytes>', 'override: bytes within which extra reporting is allowed (e.g. the volume block size)', integerArg(4096))
-    .option('--created-at <time>', "when --snapshot was cut (ms or ISO 8601); default: ask the driver")
+    .option('--created-at <time>', "when --snapshot was cut (ms, ns, or ISO 8601); default: ask the driver")
     .option('--base-created-at <time>', 'when --base was cut; default: ask the driver')
     .option('--no-metadata', 'skip the driver comparison; check only --restored (needs --created-at)')
     .option('--json', 'print the full report as JSON')

@@ -7,7 +7,8 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { afterAll, afterEach, beforeAll, describe, expect, test } from 'vitest';
 import { status } from '@grpc/grpc-js';
-import { startTestDriver, type TestDriver } from '../support/test-driver.js';
+import { parse as parseYaml } from 'yaml';
+import { REPO_ROOT, startTestDriver, type TestDriver } from '../support/test-driver.js';
 import type { RpcError } from '../support/csi-client.js';
 import { adminRequest } from '../../src/vendor/admin-endpoint.js';
 import { FaultRuleError, parseFaultRule, parseFaultRules } from '../../src/vendor/fault-rules.js';
@@ -122,10 +123,13 @@ describe('fault kinds', () => {
   test('deadline: a slow stream ends with DEADLINE_EXCEEDED at the deadline, as the sidecar cuts it', async () => {
     await addFault({ rpc: 'GetMetadataDelta', action: 'deadline', deadlineMs: 1000, times: 1 });
     expect(await readDelta()).toMatchObject({ messages: 10, code: 0 }); // fast enough: the deadline never hits
-    // Paced at 100 ms a message, a 450 ms deadline falls after the 4th message.
+    // Paced at 100 ms a message, a 450 ms deadline falls after the 4th message (fewer on a loaded machine,
+    // where each message comes a little later; never more, and never before the deadline).
     await addFault({ rpc: 'GetMetadataDelta', action: 'deadline', deadlineMs: 450, delayMs: 100, times: 1 });
     const cut = await readDelta();
-    expect(cut).toMatchObject({ messages: 4, code: status.DEADLINE_EXCEEDED });
+    expect(cut.code).toBe(status.DEADLINE_EXCEEDED);
+    expect(cut.messages).toBeGreaterThanOrEqual(1);
+    expect(cut.messages).toBeLessThanOrEqual(4);
     expect(cut.ms).toBeGreaterThanOrEqual(440);
     expect(cut.ms).toBeLessThan(900);
     expect(cut.details).toMatch(/context deadline exceeded/);
@@ -236,6 +240,14 @@ describe('rules and the admin endpoint', () => {
     const left = ((await adminRequest(admin, 'GET', '/faults')) as { faults: { rpc: string }[] }).faults;
     expect(left.map((r) => r.rpc)).toEqual(['DeleteSnapshot']);
     expect((await readDelta()).code).toBe(0);
+  });
+
+  test('the faults.yaml example in docs/for-backup-vendors.md is a valid rules file', () => {
+    const doc = fs.readFileSync(path.join(REPO_ROOT, 'docs/for-backup-vendors.md'), 'utf8');
+    const block = /```text\n(# faults\.yaml[^\n]*\n[\s\S]*?)```/.exec(doc)?.[1];
+    expect(block).toBeDefined();
+    const rules = parseFaultRules(parseYaml(block!));
+    expect(rules.map((r) => r.action)).toEqual(['fail-after', 'failed-precondition', 'deadline', 'flaky']);
   });
 
   test('the admin socket is mode 0600 whatever the umask', () => {
