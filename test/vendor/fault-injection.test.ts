@@ -28,7 +28,7 @@ beforeAll(async () => {
   // The admin socket lives in its own directory; the driver's temp dir is made by startTestDriver.
   const dir = fs.mkdtempSync(path.join(fs.realpathSync('/tmp'), 'cbt-admin-'));
   admin = path.join(dir, 'admin.sock');
-  t = await startTestDriver({ adminEndpoint: admin });
+  t = await startTestDriver({ adminEndpoint: admin, metricsAddress: '127.0.0.1:0' });
   const store = t.driver.store;
   const vol = await store.createVolume({ capacityBytes: 64 * MiB });
   volumeId = vol.id;
@@ -71,10 +71,9 @@ async function readDelta(maxResults = 10): Promise<{ messages: number; code: num
   }
 }
 
+/** The driver's /metrics page, as Prometheus scrapes it. */
 async function metricsText(): Promise<string> {
-  // The registry is per driver; read it straight, as /metrics would serve it.
-  const registry = (t.driver as unknown as { faults: { deps: { metrics: { registry: { metrics(): Promise<string> } } } } }).faults.deps.metrics.registry;
-  return registry.metrics();
+  return (await fetch(t.driver.metricsUrl!)).text();
 }
 
 describe('fault kinds', () => {
