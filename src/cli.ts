@@ -8,6 +8,8 @@ import type { ExtentStyle } from '../storage-engine/index.js';
 import { createLogger } from './logging.js';
 import { startDriver } from './server.js';
 import { parseBlockSize } from './csi/volume-parameters.js';
+import { loadFaultFile, registerVendorCommands } from './vendor/commands.js';
+import { METADATA_PROFILES, type MetadataProfileName } from './csi/metadata-profiles.js';
 
 function positiveInteger(value: string): number {
   const n = Number(value);
@@ -59,6 +61,11 @@ export function buildProgram(): Command {
         .choices(['FIXED', 'VARIABLE'])
         .default('VARIABLE'),
     )
+    .addOption(
+      new Option('--metadata-profile <profile>', 'SnapshotMetadata behaviour of volumes whose StorageClass names no metadataProfile')
+        .choices(METADATA_PROFILES as string[])
+        .default('exact'),
+    )
     .option('--capacity <bytes>', 'provisioning limit reported by GetCapacity (default: free disk)', byteSize)
     .option('--default-max-results <n>', 'metadata tuples per response when max_results is 0', positiveInteger, 4096)
     .addOption(new Option('--log-level <level>', 'log level').choices(LOG_LEVELS as string[]).default('info'))
@@ -76,10 +83,13 @@ export function buildProgram(): Command {
       30,
     )
     .option('--deleted-snapshot-max <n>', 'deleted snapshots per volume kept usable as delta bases (oldest expire first)', nonNegativeInteger, 256)
+    .option('--faults <file>', 'vendor bench: fault rules (YAML) in force from the start; none unless given')
+    .option('--admin-endpoint <path>', 'vendor bench: unix socket (0600) for `cbt-csi faults`; off unless given')
     .option('--drain-timeout <seconds>', 'on SIGTERM, how long in-flight calls may take before they are reset', nonNegativeSeconds, 25)
     .action(async (opts: ServeFlags) => {
       await serve(opts);
     });
+  registerVendorCommands(program);
   return program;
 }
 
@@ -98,6 +108,7 @@ interface ServeFlags {
   driverName: string;
   defaultBlockSize: number;
   metadataStyle: ExtentStyle;
+  metadataProfile: MetadataProfileName;
   capacity?: number;
   defaultMaxResults: number;
   logLevel: LogLevel;
@@ -108,6 +119,8 @@ interface ServeFlags {
   /** Days (fractions allowed). */
   deletedSnapshotRetention: number;
   deletedSnapshotMax: number;
+  faults?: string;
+  adminEndpoint?: string;
 }
 
 async function serve(flags: ServeFlags): Promise<void> {
@@ -120,6 +133,7 @@ async function serve(flags: ServeFlags): Promise<void> {
     nodeId: flags.nodeId,
     defaultBlockSize: flags.defaultBlockSize,
     defaultMetadataStyle: flags.metadataStyle,
+    defaultMetadataProfile: flags.metadataProfile,
     capacityBytes: flags.capacity,
     defaultMaxResults: flags.defaultMaxResults,
     logLevel: flags.logLevel,
@@ -129,6 +143,8 @@ async function serve(flags: ServeFlags): Promise<void> {
     maxVolumesPerNode: flags.maxVolumesPerNode,
     deletedSnapshotMaxAgeMs: Math.round(flags.deletedSnapshotRetention * 24 * 3600 * 1000),
     deletedSnapshotMaxPerVolume: flags.deletedSnapshotMax,
+    faults: flags.faults ? loadFaultFile(flags.faults) : [],
+    adminEndpoint: flags.adminEndpoint ? path.resolve(flags.adminEndpoint) : undefined,
   };
   const logger = createLogger(config.logLevel);
   const driver = await startDriver(config, logger);

@@ -3,6 +3,8 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import type { ExtentStyle } from '../storage-engine/index.js';
+import type { MetadataProfileName } from './csi/metadata-profiles.js';
+import type { FaultRule } from './vendor/fault-rules.js';
 
 /** Where the gRPC server listens. */
 export type Endpoint = { kind: 'unix'; path: string } | { kind: 'tcp'; host: string; port: number };
@@ -31,6 +33,12 @@ export interface DriverConfig {
   defaultBlockSize: number;
   /** BlockMetadata style of volumes whose StorageClass names none. */
   defaultMetadataStyle: ExtentStyle;
+  /** SnapshotMetadata behaviour profile of volumes whose StorageClass names none (metadata-profiles.ts); default exact. */
+  defaultMetadataProfile?: MetadataProfileName;
+  /** Fault rules in force from the start (serve --faults); none unless configured. */
+  faults?: readonly FaultRule[];
+  /** Unix socket path of the admin endpoint (cbt-csi faults); undefined: no admin endpoint. */
+  adminEndpoint?: string;
   /** Provisioning limit reported by GetCapacity; undefined means the free space of the state directory's disk. */
   capacityBytes: number | undefined;
   /** Tuples per SnapshotMetadata response when the request's max_results is 0. */

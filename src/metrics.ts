@@ -23,6 +23,12 @@ export class DriverMetrics {
     labelNames: ['method'] as const,
     registers: [this.registry],
   });
+  readonly faultsFired = new Counter({
+    name: 'cbt_csi_faults_fired_total',
+    help: 'Injected faults that fired (vendor bench: serve --faults, cbt-csi faults add), by RPC and action',
+    labelNames: ['rpc', 'action'] as const,
+    registers: [this.registry],
+  });
 
   constructor() {
     collectDefaultMetrics({ register: this.registry, prefix: 'cbt_csi_' });

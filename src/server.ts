@@ -28,6 +28,8 @@ import { DriverMetrics } from './metrics.js';
 import { observeRpcs } from './rpc/interceptors.js';
 import { correctUndecodableStatus, unimplementedMethodHeaders } from './rpc/status.js';
 import { tupleCount } from './csi/block-metadata-wire.js';
+import { FaultInjector } from './vendor/fault-injector.js';
+import { startAdminEndpoint, type AdminEndpoint } from './vendor/admin-endpoint.js';
 
 /** A running driver. */
 export interface RunningDriver {
@@ -35,6 +37,8 @@ export interface RunningDriver {
   readonly endpoint: Endpoint;
   readonly metricsUrl: string | undefined;
   readonly store: BlockStore;
+  /** Injected fault rules (vendor bench); empty unless configured. */
+  readonly faults: FaultInjector;
   /** Drains calls, closes the store, removes the socket. Idempotent. */
   stop(): Promise<void>;
 }
@@ -67,6 +71,7 @@ export async function startDriver(config: DriverConfig, logger: Logger): Promise
   }
   let ready = false;
   const ctx: DriverContext = { store, config, logger, isReady: () => ready };
+  const faults = new FaultInjector({ logger, metrics, volumeOfSnapshot: (id) => snapshotVolume(store, id) }, config.faults ?? []);
   const shutdown = new AbortController();
   // Every in-flight call listens on the shutdown signal; many concurrent calls are normal, not a leak.
   setMaxListeners(0, shutdown.signal);
@@ -82,7 +87,7 @@ export async function startDriver(config: DriverConfig, logger: Logger): Promise
     compressMinBytes: Number.POSITIVE_INFINITY,
     shutdownSignal: shutdown.signal,
     // SnapshotMetadata responses count their BlockMetadata tuples for the logs and metrics.
-    interceptors: [observeRpcs(logger, metrics, { countItems: tupleCount })],
+    interceptors: [observeRpcs(logger, metrics, { countItems: tupleCount }), faults.interceptor()],
     // A service we do not serve (e.g. Node in the controller role) must still get a gRPC status, not a bare
     // HTTP 404: headers-only, ended on the HEADERS frame, as grpc-go expects.
     fallback: (req, res) => {
@@ -114,11 +119,14 @@ export async function startDriver(config: DriverConfig, logger: Logger): Promise
 
   // Metrics first: a bad --metrics-address must fail before the CSI socket exists, so nothing is left behind.
   let metricsServer: Awaited<ReturnType<DriverMetrics['serve']>> | undefined;
+  let admin: AdminEndpoint | undefined;
   let endpoint = config.endpoint;
   try {
     metricsServer = config.metricsAddress ? await metrics.serve(config.metricsAddress) : undefined;
+    admin = config.adminEndpoint ? await startAdminEndpoint(config.adminEndpoint, faults, logger) : undefined;
     endpoint = await listen(server, config.endpoint);
   } catch (err) {
+    await admin?.close();
     if (metricsServer) await new Promise<void>((resolve) => metricsServer!.server.close(() => resolve()));
     await nodeVolumes?.stop();
     await store.close();
@@ -148,6 +156,7 @@ export async function startDriver(config: DriverConfig, logger: Logger): Promise
         await closed;
       }
       await new Promise<void>((resolve) => (metricsServer ? metricsServer.server.close(() => resolve()) : resolve()));
+      await admin?.close();
       // Devices still attached to volume files fail from here on (documented in docs/node-data-plane.md).
       await nodeVolumes?.stop().catch((err: unknown) => logger.error({ err: String(err) }, 'unmounting the volume files failed'));
       await store.close();
@@ -155,7 +164,16 @@ export async function startDriver(config: DriverConfig, logger: Logger): Promise
       logger.info('stopped');
     })());
 
-  return { endpoint, metricsUrl: metricsServer?.url, store, stop };
+  return { endpoint, metricsUrl: metricsServer?.url, store, faults, stop };
+}
+
+/** The volume a snapshot was taken of, for fault rules that name a volume. */
+function snapshotVolume(store: BlockStore, snapshotId: string): string | undefined {
+  try {
+    return store.getSnapshot(snapshotId).sourceVolumeId;
+  } catch {
+    return undefined;
+  }
 }
 
 /** connect's INTERNAL for a body it cannot decode is corrected in the trailers on their way out (status.ts). */

@@ -40,6 +40,7 @@ import {
   parseVolumeParameters,
   type VolumeParameters,
 } from './volume-parameters.js';
+import { profileAttributes } from './metadata-profiles.js';
 
 /** What ControllerGetCapabilities advertises; each one is implemented below. */
 export const CONTROLLER_CAPABILITIES: readonly RpcType[] = [
@@ -137,7 +138,10 @@ export function controllerService(ctx: DriverContext): ServiceImpl<typeof Contro
           ...(src === undefined || wish.explicit.blockSize ? { blockSize: wish.params.blockSize } : {}),
           ...(wish.source?.kind === 'snapshot' ? { sourceSnapshotId: wish.source.snapshotId } : {}),
           ...(wish.source?.kind === 'volume' ? { sourceVolumeId: wish.source.volumeId } : {}),
-          attributes: { [ATTR_METADATA_STYLE]: wish.params.metadataStyle },
+          attributes: {
+            [ATTR_METADATA_STYLE]: wish.params.metadataStyle,
+            ...profileAttributes(req.parameters, config.defaultMetadataProfile ?? 'exact'),
+          },
         });
       } catch (err) {
         // A concurrent call of the same name won; it may still answer this request (e.g. a wider range).

@@ -6,7 +6,7 @@
  */
 import type { HandlerContext, ServiceImpl } from '@connectrpc/connect';
 import { Code, ConnectError } from '@connectrpc/connect';
-import type { Extent, ExtentStream, ExtentStyle, SnapshotInfo } from '../../storage-engine/index.js';
+import { NotFoundError, type Extent, type ExtentStream, type ExtentStyle, type SnapshotInfo } from '../../storage-engine/index.js';
 import {
   BlockMetadataType,
   type GetMetadataAllocatedResponse,
@@ -17,6 +17,15 @@ import { rpcError } from '../rpc/status.js';
 import { encodeBlockMetadataField, noteTuples } from './block-metadata-wire.js';
 import type { DriverContext } from './driver-context.js';
 import { storedMetadataStyle } from './volume-parameters.js';
+import {
+  missingBaseMessage,
+  profileBatchSize,
+  profileOf,
+  profileStyle,
+  sendsEmptyMessage,
+  shapeExtents,
+  type MetadataProfile,
+} from './metadata-profiles.js';
 
 /** The most tuples we put in one message, whatever the client asks: bounds a message to a few hundred KiB. */
 export const MAX_TUPLES_PER_MESSAGE = 16384;
@@ -26,11 +35,14 @@ type MetadataResponse = GetMetadataAllocatedResponse | GetMetadataDeltaResponse;
 export function snapshotMetadataService(ctx: DriverContext): ServiceImpl<typeof SnapshotMetadata> {
   const { store } = ctx;
 
-  /** max_results: 0 means "plugin decides"; negative is invalid. */
-  const batchSize = (maxResults: number): number => {
+  /** max_results: 0 means "plugin decides" (the profile's default); negative is invalid. */
+  const checkMaxResults = (maxResults: number): void => {
     if (maxResults < 0) throw rpcError(Code.InvalidArgument, `max_results must not be negative, got ${maxResults}`);
-    return Math.min(maxResults === 0 ? ctx.config.defaultMaxResults : maxResults, MAX_TUPLES_PER_MESSAGE);
   };
+  const batchSize = (profile: MetadataProfile, maxResults: number): number =>
+    profileBatchSize(profile, maxResults, ctx.config.defaultMaxResults, MAX_TUPLES_PER_MESSAGE);
+  const profileFor = (snapshot: SnapshotInfo): MetadataProfile =>
+    profileOf(snapshot.attributes, ctx.config.defaultMetadataProfile ?? 'exact');
 
   /** Snapshots answer in the style of the volume they were taken of, stored with them at creation. */
   const styleOf = (snapshot: SnapshotInfo): ExtentStyle => storedMetadataStyle(snapshot.attributes, ctx.config.defaultMetadataStyle);
@@ -38,26 +50,32 @@ export function snapshotMetadataService(ctx: DriverContext): ServiceImpl<typeof 
   return {
     async *getMetadataAllocated(req, handler) {
       if (!req.snapshotId) throw rpcError(Code.InvalidArgument, 'snapshot_id is required');
-      const size = batchSize(req.maxResults);
+      checkMaxResults(req.maxResults);
       const snapshot = store.getSnapshot(req.snapshotId);
+      const profile = profileFor(snapshot);
+      const size = batchSize(profile, req.maxResults);
       const startingOffset = checkedOffset(req.startingOffset, snapshot.capacityBytes);
-      const stream = store.allocated(snapshot.id, { startingOffset, style: styleOf(snapshot), batchSize: size });
-      yield* respond<GetMetadataAllocatedResponse>('csi.v1.GetMetadataAllocatedResponse', stream, handler);
+      const style = profileStyle(profile, styleOf(snapshot));
+      const stream = store.allocated(snapshot.id, { startingOffset, style: engineStyle(profile, style), batchSize: size });
+      yield* respond<GetMetadataAllocatedResponse>('csi.v1.GetMetadataAllocatedResponse', profile, style, stream, size, handler);
     },
 
     async *getMetadataDelta(req, handler) {
       if (!req.baseSnapshotId) throw rpcError(Code.InvalidArgument, 'base_snapshot_id is required');
       if (!req.targetSnapshotId) throw rpcError(Code.InvalidArgument, 'target_snapshot_id is required');
-      const size = batchSize(req.maxResults);
-      // The base may be a deleted snapshot: the engine answers from its change record (or FAILED_PRECONDITION).
+      checkMaxResults(req.maxResults);
       const target = store.getSnapshot(req.targetSnapshotId);
+      const profile = profileFor(target);
+      checkBase(store.getSnapshot.bind(store), req.baseSnapshotId, profile);
+      const size = batchSize(profile, req.maxResults);
       const startingOffset = checkedOffset(req.startingOffset, target.capacityBytes);
+      const style = profileStyle(profile, styleOf(target));
       const stream = store.delta(req.baseSnapshotId, target.id, {
         startingOffset,
-        style: styleOf(target),
+        style: engineStyle(profile, style),
         batchSize: size,
       });
-      yield* respond<GetMetadataDeltaResponse>('csi.v1.GetMetadataDeltaResponse', stream, handler);
+      yield* respond<GetMetadataDeltaResponse>('csi.v1.GetMetadataDeltaResponse', profile, style, stream, size, handler);
     },
   };
 }
@@ -73,15 +91,38 @@ function checkedOffset(offset: bigint, capacityBytes: number): number {
   return Number(offset);
 }
 
+/** Profiles other than exact reshape merged runs themselves. */
+function engineStyle(profile: MetadataProfile, style: ExtentStyle): ExtentStyle {
+  return profile.name === 'exact' ? style : 'VARIABLE';
+}
+
+/**
+ * Profiles that mimic another driver need the base to exist and answer its absence with that driver's
+ * message. `exact` lets the engine answer: a deleted base answers from its change record (invariant 8),
+ * or FAILED_PRECONDITION once that expired; an unknown one is NOT_FOUND.
+ */
+function checkBase(getSnapshot: (id: string) => SnapshotInfo, baseSnapshotId: string, profile: MetadataProfile): void {
+  try {
+    getSnapshot(baseSnapshotId);
+  } catch (err) {
+    if (!(err instanceof NotFoundError)) throw err;
+    const message = missingBaseMessage(profile, baseSnapshotId, err.message);
+    if (message !== undefined) throw rpcError(Code.NotFound, message);
+  }
+}
+
 async function* respond<T extends MetadataResponse>(
   typeName: T['$typeName'],
+  profile: MetadataProfile,
+  style: ExtentStyle,
   stream: ExtentStream,
+  batchSize: number,
   handler: HandlerContext,
 ): AsyncGenerator<T> {
-  const blockMetadataType = stream.style === 'FIXED' ? BlockMetadataType.FIXED_LENGTH : BlockMetadataType.VARIABLE_LENGTH;
+  const blockMetadataType = style === 'FIXED' ? BlockMetadataType.FIXED_LENGTH : BlockMetadataType.VARIABLE_LENGTH;
   const volumeCapacityBytes = BigInt(stream.capacityBytes);
-  let sent = false;
-  for await (const batch of stream) {
+  let sent = !sendsEmptyMessage(profile);
+  for await (const batch of shapeExtents(profile, stream, { batchSize, capacityBytes: stream.capacityBytes })) {
     // A clean end of stream tells the client it has everything, so an aborted call (client gone,
     // deadline passed, server shutting down) must end in an error instead.
     if (handler.signal.aborted) throw abortError(handler.signal);

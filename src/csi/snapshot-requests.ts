@@ -7,6 +7,7 @@ import type { VolumeInfo } from '../../storage-engine/index.js';
 import type { DriverConfig } from '../config.js';
 import { rpcError } from '../rpc/status.js';
 import { volumeMetadataStyle } from './csi-objects.js';
+import { inheritedProfileAttributes } from './metadata-profiles.js';
 import { ATTR_METADATA_STYLE, SIDECAR_PREFIX } from './volume-parameters.js';
 
 /** Control characters the spec bans from volume and snapshot names. */
@@ -27,7 +28,8 @@ export function checkSnapshotParameters(parameters: Readonly<Record<string, stri
   }
 }
 
-/** What a snapshot remembers of its volume: the SnapshotMetadata service answers in the volume's style. */
+/** What a snapshot remembers of its volume: the SnapshotMetadata service answers in its style and profile. */
 export function snapshotAttributes(volume: VolumeInfo | undefined, config: DriverConfig): Record<string, string> {
-  return volume ? { [ATTR_METADATA_STYLE]: volumeMetadataStyle(volume, config) } : {};
+  if (!volume) return {};
+  return { [ATTR_METADATA_STYLE]: volumeMetadataStyle(volume, config), ...inheritedProfileAttributes(volume.attributes) };
 }

@@ -10,6 +10,7 @@ import {
   checkBlockSize,
   type ExtentStyle,
 } from '../../storage-engine/index.js';
+import { PARAM_METADATA_PROFILE, PARAM_OBJECT_SIZE, parseMetadataProfile, parseObjectSize } from './metadata-profiles.js';
 
 /** Parameter keys (StorageClass `parameters`). */
 export const PARAM_BLOCK_SIZE = 'blockSize';
@@ -67,9 +68,12 @@ export function parseVolumeParameters(
   for (const [key, value] of Object.entries(parameters)) {
     if (key === PARAM_BLOCK_SIZE) result.blockSize = parseBlockSize(value);
     else if (key === PARAM_METADATA_STYLE) result.metadataStyle = parseMetadataStyle(value);
+    // Validated here, stored by profileAttributes() (metadata-profiles.ts).
+    else if (key === PARAM_METADATA_PROFILE) parseMetadataProfile(value);
+    else if (key === PARAM_OBJECT_SIZE) parseObjectSize(value);
     else if (!key.startsWith(SIDECAR_PREFIX)) {
       throw new InvalidArgumentError(
-        `unknown parameter ${JSON.stringify(key.slice(0, 128))}; this driver accepts ${PARAM_BLOCK_SIZE} and ${PARAM_METADATA_STYLE}`,
+        `unknown parameter ${JSON.stringify(key.slice(0, 128))}; this driver accepts ${PARAM_BLOCK_SIZE}, ${PARAM_METADATA_STYLE}, ${PARAM_METADATA_PROFILE} and ${PARAM_OBJECT_SIZE}`,
       );
     }
   }

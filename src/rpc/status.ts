@@ -141,3 +141,12 @@ export function correctUndecodableStatus(trailers: http2.OutgoingHttpHeaders): h
   const undecodable = isUndecodableRequest(Number(trailers['grpc-status']), message);
   return undecodable ? { ...trailers, 'grpc-status': String(Code.InvalidArgument) } : trailers;
 }
+
+/** The code whose canonical gRPC name (e.g. UNAVAILABLE, CANCELLED) is given, or undefined; for configured faults. */
+export function codeFromName(name: string): Code | 0 | undefined {
+  if (name === 'OK') return 0;
+  for (let code = 1; code <= 16; code++) {
+    if (codeName(code as Code) === name) return code as Code;
+  }
+  return undefined;
+}

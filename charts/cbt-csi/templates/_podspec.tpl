@@ -57,9 +57,13 @@ spec:
         - --state-dir={{ .Values.driver.stateDir }}
         - --default-block-size={{ .Values.driver.defaultBlockSize }}
         - --metadata-style={{ .Values.driver.metadataStyle }}
+        - --metadata-profile={{ .Values.driver.metadataProfile }}
         - --default-max-results={{ .Values.driver.defaultMaxResults }}
         - --log-level={{ .Values.driver.logLevel }}
         - --drain-timeout={{ .Values.driver.drainTimeoutSeconds }}
+        {{- with .Values.driver.adminEndpoint }}
+        - --admin-endpoint={{ . }}
+        {{- end }}
         {{- with .Values.driver.capacity }}
         - --capacity={{ . }}
         {{- end }}
