@@ -8,12 +8,13 @@ import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, test } from 'vitest';
 import { status } from '@grpc/grpc-js';
 import {
+  GroupController,
   ControllerServiceCapability_RPC_Type,
   PluginCapability_Service_Type,
   PluginCapability_VolumeExpansion_Type,
   type PluginCapability,
 } from '../../src/gen/csi/v1/csi_pb.js';
-import { codeOf } from '../support/csi-client.js';
+import { codeOf, ServiceClient } from '../support/csi-client.js';
 import { REPO_ROOT, startTestDriver, type TestDriver } from '../support/test-driver.js';
 
 /** package.json read directly, so the expectation does not share code with the driver. */
@@ -24,6 +25,7 @@ const DOCUMENTED_CAPABILITIES = [
   `service:${PluginCapability_Service_Type.CONTROLLER_SERVICE}`,
   `service:${PluginCapability_Service_Type.VOLUME_ACCESSIBILITY_CONSTRAINTS}`,
   `service:${PluginCapability_Service_Type.SNAPSHOT_METADATA_SERVICE}`,
+  `service:${PluginCapability_Service_Type.GROUP_CONTROLLER_SERVICE}`,
   `volumeExpansion:${PluginCapability_VolumeExpansion_Type.ONLINE}`,
 ].sort();
 
@@ -82,16 +84,21 @@ describe('GetPluginInfo', () => {
 });
 
 describe('GetPluginCapabilities', () => {
-  test('GetPluginCapabilities: returns exactly the documented set (CONTROLLER_SERVICE, VOLUME_ACCESSIBILITY_CONSTRAINTS, SNAPSHOT_METADATA_SERVICE, ONLINE expansion), each once', async () => {
+  test('GetPluginCapabilities: returns exactly the documented set (CONTROLLER_SERVICE, VOLUME_ACCESSIBILITY_CONSTRAINTS, SNAPSHOT_METADATA_SERVICE, GROUP_CONTROLLER_SERVICE, ONLINE expansion), each once', async () => {
     const { capabilities } = await d.identity.call('getPluginCapabilities', {});
     expect(capabilities.map(describeCapability).sort()).toEqual(DOCUMENTED_CAPABILITIES);
   });
 
-  test('GetPluginCapabilities: GROUP_CONTROLLER_SERVICE is not claimed, because the GroupController service is not served', async () => {
+  test('GetPluginCapabilities: GROUP_CONTROLLER_SERVICE is claimed only with the GroupController service served', async () => {
     const { capabilities } = await d.identity.call('getPluginCapabilities', {});
-    expect(capabilities.map(describeCapability)).not.toContain(
-      `service:${PluginCapability_Service_Type.GROUP_CONTROLLER_SERVICE}`,
-    );
+    expect(capabilities.map(describeCapability)).toContain(`service:${PluginCapability_Service_Type.GROUP_CONTROLLER_SERVICE}`);
+    const group = new ServiceClient(GroupController, d.target);
+    try {
+      const caps = await group.call('groupControllerGetCapabilities', {});
+      expect(caps.capabilities.length).toBeGreaterThan(0);
+    } finally {
+      group.close();
+    }
   });
 
   test('GetPluginCapabilities: every instance of the same version returns the same set, wherever it runs', async () => {
