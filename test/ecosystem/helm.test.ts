@@ -35,6 +35,7 @@ const MATRIX: [string, () => Values][] = [
   ['TLS from an existing Secret', () => ({ snapshotMetadata: { tls: { mode: 'secret', existingSecret: 'cbt-snapshot-metadata-tls', caBundle: caPem } } })],
   ['FIXED metadata', () => ({ driver: { metadataStyle: 'FIXED' }, storageClass: { parameters: { metadataStyle: 'FIXED' } } })],
   ['a custom block size', () => ({ driver: { defaultBlockSize: '64Ki' }, storageClass: { parameters: { blockSize: '64Ki' } } })],
+  ['group snapshots and deleted-snapshot retention', () => ({ volumeGroupSnapshotClass: { create: true }, driver: { deletedSnapshotRetentionDays: 7, deletedSnapshotMaxPerVolume: 32 } })],
 ];
 
 let dir = '';

@@ -58,6 +58,8 @@ spec:
         - --default-block-size={{ .Values.driver.defaultBlockSize }}
         - --metadata-style={{ .Values.driver.metadataStyle }}
         - --metadata-profile={{ .Values.driver.metadataProfile }}
+        - --deleted-snapshot-retention={{ .Values.driver.deletedSnapshotRetentionDays }}
+        - --deleted-snapshot-max={{ .Values.driver.deletedSnapshotMaxPerVolume }}
         - --default-max-results={{ .Values.driver.defaultMaxResults }}
         - --log-level={{ .Values.driver.logLevel }}
         - --drain-timeout={{ .Values.driver.drainTimeoutSeconds }}
@@ -187,6 +189,11 @@ spec:
         - --csi-address=/csi/csi.sock
         - --extra-create-metadata
         - --timeout={{ .Values.sidecars.snapshotter.timeout }}
+        {{- if .Values.volumeGroupSnapshotClass.create }}
+        # VolumeGroupSnapshot (GroupController). Needs the groupsnapshot.storage.k8s.io CRDs installed first:
+        # with the gate on and the CRDs missing, the sidecar stops serving ordinary snapshots too.
+        - --feature-gates=CSIVolumeGroupSnapshot=true
+        {{- end }}
         {{- if $daemonset }}
         # Distributed snapshotting: also start the snapshot-controller with --enable-distributed-snapshotting.
         - --node-deployment
