@@ -7,6 +7,7 @@ import { DRIVER_ROLES, LOG_LEVELS, formatEndpoint, packageVersion, parseEndpoint
 import { createLogger } from './logging.js';
 import { startDriver } from './server.js';
 import { parseBlockSize } from './csi/volume-parameters.js';
+import { registerBackupCommands } from './backup/commands.js';
 
 function positiveInteger(value: string): number {
   const n = Number(value);
@@ -60,6 +61,7 @@ export function buildProgram(): Command {
     .action(async (opts: ServeFlags) => {
       await serve(opts);
     });
+  registerBackupCommands(program);
   return program;
 }
 
