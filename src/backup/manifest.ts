@@ -28,7 +28,8 @@ export interface Manifest {
 }
 
 const SHA256_HEX = /^[0-9a-f]{64}$/;
-export const BACKUP_ID = /^[0-9]{8}T[0-9]{6}Z-[0-9a-f]{8}$/;
+/** UTC time of the start to the millisecond (so IDs sort by age), then random. */
+export const BACKUP_ID = /^[0-9]{8}T[0-9]{6}\.[0-9]{3}Z-[0-9a-f]{8}$/;
 
 /** Parses and checks a manifest file's text; throws with what is wrong. */
 export function parseManifest(text: string, expectedId: string): Manifest {

@@ -120,7 +120,7 @@ export class BackupRepository {
   }
 
   async manifest(id: string): Promise<Manifest> {
-    if (!BACKUP_ID.test(id)) throw new RepositoryError('usage', `${JSON.stringify(id)} is not a backup ID (they look like 20260130T120000Z-1a2b3c4d; list them with \`cbt-csi verify --repo ${this.dir}\`)`);
+    if (!BACKUP_ID.test(id)) throw new RepositoryError('usage', `${JSON.stringify(id)} is not a backup ID (they look like 20260130T120000.123Z-1a2b3c4d; list them with \`cbt-csi verify --repo ${this.dir}\`)`);
     let text: string;
     try {
       text = await fs.promises.readFile(path.join(this.backupsDir, `${id}.json`), 'utf8');
@@ -327,7 +327,7 @@ export class BackupWriter {
     private readonly meta: Omit<Manifest, 'format' | 'id' | 'extents' | 'bytes' | 'created'>,
     private readonly known: Set<string>,
   ) {
-    const stamp = new Date().toISOString().replace(/[-:]/g, '').replace(/\.\d+Z$/, 'Z');
+    const stamp = new Date().toISOString().replace(/[-:]/g, '');
     this.id = `${stamp}-${randomBytes(4).toString('hex')}`;
   }
 

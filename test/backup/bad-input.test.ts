@@ -143,7 +143,7 @@ describe('backup commands: bad input is exit code 2, one line, nothing written',
   });
 
   it('an unknown backup ID, and a missing required option', async () => {
-    expectUsageError(await cli('restore', '--repo', repo, '--backup', '20990101T000000Z-00000000', '--target', path.join(dir, 'y.img')), /is not in the repository/);
+    expectUsageError(await cli('restore', '--repo', repo, '--backup', '20990101T000000.000Z-00000000', '--target', path.join(dir, 'y.img')), /is not in the repository/);
     expectUsageError(await cli('restore', '--repo', repo, '--backup', 'latest', '--target', path.join(dir, 'y.img')), /is not a backup ID/);
     const missing = await cli('backup', '--repo', repo);
     expect(missing.code).toBe(2);
