@@ -14,7 +14,7 @@
 import { createHash, randomBytes } from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
-import { fsyncDir, mkdirPrivate, tempName, writeFileDurably, FILE_MODE } from './durable-files.js';
+import { fsyncDir, fsyncFile, mkdirPrivate, syncFilesystem, tempName, writeFileDurably, FILE_MODE } from './durable-files.js';
 import { BACKUP_ID, MANIFEST_FORMAT, parseManifest, type Manifest, type ManifestExtent } from './manifest.js';
 
 export const MARKER = 'cbt-backup-repository.json';
@@ -319,6 +319,7 @@ export class BackupWriter {
   private bytes = 0;
   /** Chunks stored but not yet deduplicated by a committed manifest: written by this backup. */
   private readonly written = new Set<string>();
+  private readonly newPaths: string[] = [];
   newChunks = 0;
   newBytes = 0;
 
@@ -350,17 +351,23 @@ export class BackupWriter {
     try {
       await handle.writeFile(data);
       await handle.chmod(FILE_MODE);
-      await handle.datasync();
     } finally {
       await handle.close();
     }
+    // Not synced yet: commit() makes every new chunk durable at once, before the manifest names it. Until
+    // then no manifest names it, so a crash leaves it as garbage, never as data (begin() trusts only
+    // chunks of committed manifests).
     await fs.promises.rename(temp, final);
+    this.newPaths.push(final);
     this.newChunks++;
     this.newBytes += data.length;
   }
 
-  /** Makes the backup exist: chunk directories fsync'd, then the manifest written durably. */
+  /** Makes the backup exist: new chunks and their directories made durable, then the manifest written durably. */
   async commit(): Promise<Manifest> {
+    if (this.newPaths.length > 0 && !(await syncFilesystem(this.repo.dir))) {
+      for (const file of this.newPaths) await fsyncFile(file);
+    }
     for (const dir of this.touchedDirs) await fsyncDir(dir);
     this.extents.sort((a, b) => a[0] - b[0]);
     const manifest: Manifest = {

@@ -5,9 +5,17 @@
  */
 import http2 from 'node:http2';
 import net from 'node:net';
-import { createClient, type Client } from '@connectrpc/connect';
+import { create } from '@bufbuild/protobuf';
+import { Code, ConnectError, createClient, type Client, type Transport } from '@connectrpc/connect';
 import { createGrpcTransport, Http2SessionManager } from '@connectrpc/connect-node';
-import { BlockMetadataType as WireType, SnapshotMetadata, type BlockMetadata } from '../gen/csi/v1/csi_pb.js';
+import {
+  BlockMetadataType as WireType,
+  GetMetadataAllocatedRequestSchema,
+  GetMetadataDeltaRequestSchema,
+  SnapshotMetadata,
+  type BlockMetadata,
+} from '../gen/csi/v1/csi_pb.js';
+import { decodeTuple, rawMethod, type RawMetadataResponseShape } from './raw-metadata-response.js';
 import type { BlockMetadataType, MetadataPage, MetadataRequest, MetadataTransport } from './types.js';
 
 /** HTTP/2 over a unix socket or TCP, from a CSI endpoint string. */
@@ -27,14 +35,24 @@ export function endpointSession(endpoint: string): Http2SessionManager {
 export class CsiDirectTransport implements MetadataTransport {
   private readonly session: Http2SessionManager;
   private readonly client: Client<typeof SnapshotMetadata>;
+  private readonly transport: Transport;
 
-  constructor(endpoint: string) {
+  /** raw: decode tuples from their bytes (fast); false: through the generated messages (for comparison). */
+  constructor(endpoint: string, private readonly raw = true) {
     this.session = endpointSession(endpoint);
-    const transport = createGrpcTransport({ baseUrl: 'http://localhost', sessionManager: this.session });
-    this.client = createClient(SnapshotMetadata, transport);
+    this.transport = createGrpcTransport({ baseUrl: 'http://localhost', sessionManager: this.session });
+    this.client = createClient(SnapshotMetadata, this.transport);
   }
 
   async *open(request: MetadataRequest, signal: AbortSignal): AsyncIterable<MetadataPage> {
+    try {
+      yield* this.raw ? this.openRaw(request, signal) : this.openGenerated(request, signal);
+    } catch (err) {
+      throw signal.aborted ? err : asUnavailable(err);
+    }
+  }
+
+  private async *openGenerated(request: MetadataRequest, signal: AbortSignal): AsyncIterable<MetadataPage> {
     const stream =
       request.kind === 'allocated'
         ? this.client.getMetadataAllocated(
@@ -55,6 +73,28 @@ export class CsiDirectTransport implements MetadataTransport {
     }
   }
 
+  /** The same stream, with tuples decoded from their bytes (raw-metadata-response.ts says why). */
+  private async *openRaw(request: MetadataRequest, signal: AbortSignal): AsyncIterable<MetadataPage> {
+    const input =
+      request.kind === 'allocated'
+        ? create(GetMetadataAllocatedRequestSchema, { snapshotId: request.snapshot, startingOffset: BigInt(request.startingOffset), maxResults: request.maxResults })
+        : create(GetMetadataDeltaRequestSchema, {
+            baseSnapshotId: request.base,
+            targetSnapshotId: request.target,
+            startingOffset: BigInt(request.startingOffset),
+            maxResults: request.maxResults,
+          });
+    const method = rawMethod(request.kind === 'allocated' ? 'getMetadataAllocated' : 'getMetadataDelta');
+    const response = await this.transport.stream(method, signal, undefined, undefined, once(input));
+    for await (const message of response.message) {
+      const res = message as unknown as RawMetadataResponseShape;
+      const list = res.blockMetadata;
+      const tuples = new Float64Array(list.length * 2);
+      for (let i = 0; i < list.length; i++) decodeTuple(list[i]!, tuples, 2 * i);
+      yield { blockMetadataType: styleOf(res.blockMetadataType), capacityBytes: Number(res.volumeCapacityBytes), tuples };
+    }
+  }
+
   close(): void {
     this.session.abort();
   }
@@ -71,4 +111,22 @@ function flatten(list: readonly BlockMetadata[]): Float64Array {
     out[2 * i + 1] = Number(list[i]!.sizeBytes);
   }
   return out;
+}
+
+async function* once<T>(value: T): AsyncIterable<T> {
+  yield value;
+}
+
+/** Socket errors that mean the driver went away (restart, crash) rather than refused the call. */
+const CONNECTION_LOST = new Set(['ECONNRESET', 'EPIPE', 'ECONNREFUSED', 'ENOENT', 'ERR_HTTP2_STREAM_ERROR', 'ERR_HTTP2_GOAWAY_SESSION', 'ERR_HTTP2_SESSION_ERROR']);
+
+/**
+ * connect-node reports a connection reset mid-stream as ABORTED; for a client of this driver it is the
+ * driver being unreachable, UNAVAILABLE, which the client resumes.
+ */
+function asUnavailable(err: unknown): unknown {
+  if (!(err instanceof ConnectError) || err.code === Code.Unavailable) return err;
+  const cause = err.cause as NodeJS.ErrnoException | undefined;
+  const lost = (cause?.code !== undefined && CONNECTION_LOST.has(cause.code)) || /ECONNRESET|EPIPE|ECONNREFUSED/.test(err.rawMessage);
+  return lost ? new ConnectError(`connection to the driver lost: ${err.rawMessage}`, Code.Unavailable, undefined, undefined, err) : err;
 }
