@@ -188,7 +188,7 @@ async function clientCase(ctx: SuiteContext, d: Driver, sizes: Sizes): Promise<v
   const capacity = sizes.clientExtents * BLOCK;
   const volumeId = await d.volume('bench-client', capacity, { metadataStyle: 'FIXED' });
   const p = await d.volumes.publish(volumeId);
-  const r = spawnSync('dd', ['if=/dev/zero', `of=${p.device}`, 'bs=4M', `count=${capacity / (4 * MiB)}`, 'oflag=direct', 'conv=fsync', 'status=none']);
+  const r = spawnSync('dd', ['if=/dev/zero', `of=${p.device}`, 'bs=64K', `count=${capacity / (64 * KiB)}`, 'oflag=direct', 'conv=fsync', 'status=none']);
   if (r.status !== 0) throw new Error(`dd: ${r.stderr}`);
   await p.release();
   const snap = await d.snapshot(volumeId, 'bench-client-1');

@@ -11,7 +11,6 @@ import {
   InvalidArgumentError as MetadataInvalidArgument,
   NotFoundError,
   OutOfRangeError,
-  SnapshotMetadataError,
   type Extent,
   type ExtentListing,
 } from '../client/index.js';
@@ -253,7 +252,7 @@ async function backupCommand(signal: AbortSignal, flags: BackupFlags): Promise<v
       if (base && err instanceof NotFoundError) {
         throw new UsageError(`the base backup's snapshot ${base.snapshot} is gone from the driver, so nothing can say what changed since: take a full backup (omit --base)`);
       }
-      throw err instanceof SnapshotMetadataError ? err : err;
+      throw err;
     });
     if (flags.source) source = await openSource(flags.source, plan.capacityBytes);
     else {

@@ -65,6 +65,7 @@ export class CsiVolumes {
    */
   async expose(snapshot: SnapshotFacts, signal?: AbortSignal): Promise<ExposedSnapshot> {
     requireRoot('reading a snapshot without --source', 'or give --source DEVICE|FILE holding the snapshot');
+    signal?.throwIfAborted();
     const name = `cbt-backup-${randomBytes(6).toString('hex')}`;
     const created = await this.controller.createVolume(
       {
@@ -73,7 +74,6 @@ export class CsiVolumes {
         volumeCapabilities: [BLOCK_CAPABILITY],
         volumeContentSource: { type: { case: 'snapshot', value: { snapshotId: snapshot.id } } },
       },
-      { signal },
     );
     const volumeId = created.volume!.volumeId;
     return this.publish(volumeId, signal, () => this.controller.deleteVolume({ volumeId }));
@@ -100,10 +100,15 @@ export class CsiVolumes {
       const staging = path.join(dir, 'staging');
       const device = path.join(dir, 'device');
       await fs.promises.mkdir(staging, { mode: 0o700 });
-      await this.node.nodeStageVolume({ volumeId, stagingTargetPath: staging, volumeCapability: BLOCK_CAPABILITY }, { signal });
+      // The calls are not cancelled by `signal`: a cancelled call may still finish on the driver after
+      // the clean-up ran. Each step completes, is recorded for release(), and only then is the signal checked.
+      signal?.throwIfAborted();
+      await this.node.nodeStageVolume({ volumeId, stagingTargetPath: staging, volumeCapability: BLOCK_CAPABILITY });
       steps.push(() => this.node.nodeUnstageVolume({ volumeId, stagingTargetPath: staging }));
-      await this.node.nodePublishVolume({ volumeId, stagingTargetPath: staging, targetPath: device, volumeCapability: BLOCK_CAPABILITY }, { signal });
+      signal?.throwIfAborted();
+      await this.node.nodePublishVolume({ volumeId, stagingTargetPath: staging, targetPath: device, volumeCapability: BLOCK_CAPABILITY });
       steps.push(() => this.node.nodeUnpublishVolume({ volumeId, targetPath: device }));
+      signal?.throwIfAborted();
       return { device, volumeId, release };
     } catch (err) {
       await release().catch(() => undefined);
