@@ -5,17 +5,9 @@
  */
 import http2 from 'node:http2';
 import net from 'node:net';
-import { create } from '@bufbuild/protobuf';
-import { Code, ConnectError, createClient, type Client, type Transport } from '@connectrpc/connect';
+import { Code, ConnectError, createClient, type Client } from '@connectrpc/connect';
 import { createGrpcTransport, Http2SessionManager } from '@connectrpc/connect-node';
-import {
-  BlockMetadataType as WireType,
-  GetMetadataAllocatedRequestSchema,
-  GetMetadataDeltaRequestSchema,
-  SnapshotMetadata,
-  type BlockMetadata,
-} from '../gen/csi/v1/csi_pb.js';
-import { decodeTuple, rawMethod, type RawMetadataResponseShape } from './raw-metadata-response.js';
+import { BlockMetadataType as WireType, SnapshotMetadata, type BlockMetadata } from '../gen/csi/v1/csi_pb.js';
 import type { BlockMetadataType, MetadataPage, MetadataRequest, MetadataTransport } from './types.js';
 
 /** HTTP/2 over a unix socket or TCP, from a CSI endpoint string. */
@@ -35,24 +27,22 @@ export function endpointSession(endpoint: string): Http2SessionManager {
 export class CsiDirectTransport implements MetadataTransport {
   private readonly session: Http2SessionManager;
   private readonly client: Client<typeof SnapshotMetadata>;
-  private readonly transport: Transport;
 
-  /** raw: decode tuples from their bytes (fast); false: through the generated messages (for comparison). */
-  constructor(endpoint: string, private readonly raw = true) {
+  constructor(endpoint: string) {
     this.session = endpointSession(endpoint);
-    this.transport = createGrpcTransport({ baseUrl: 'http://localhost', sessionManager: this.session });
-    this.client = createClient(SnapshotMetadata, this.transport);
+    const transport = createGrpcTransport({ baseUrl: 'http://localhost', sessionManager: this.session });
+    this.client = createClient(SnapshotMetadata, transport);
   }
 
   async *open(request: MetadataRequest, signal: AbortSignal): AsyncIterable<MetadataPage> {
     try {
-      yield* this.raw ? this.openRaw(request, signal) : this.openGenerated(request, signal);
+      yield* this.stream(request, signal);
     } catch (err) {
       throw signal.aborted ? err : asUnavailable(err);
     }
   }
 
-  private async *openGenerated(request: MetadataRequest, signal: AbortSignal): AsyncIterable<MetadataPage> {
+  private async *stream(request: MetadataRequest, signal: AbortSignal): AsyncIterable<MetadataPage> {
     const stream =
       request.kind === 'allocated'
         ? this.client.getMetadataAllocated(
@@ -73,28 +63,6 @@ export class CsiDirectTransport implements MetadataTransport {
     }
   }
 
-  /** The same stream, with tuples decoded from their bytes (raw-metadata-response.ts says why). */
-  private async *openRaw(request: MetadataRequest, signal: AbortSignal): AsyncIterable<MetadataPage> {
-    const input =
-      request.kind === 'allocated'
-        ? create(GetMetadataAllocatedRequestSchema, { snapshotId: request.snapshot, startingOffset: BigInt(request.startingOffset), maxResults: request.maxResults })
-        : create(GetMetadataDeltaRequestSchema, {
-            baseSnapshotId: request.base,
-            targetSnapshotId: request.target,
-            startingOffset: BigInt(request.startingOffset),
-            maxResults: request.maxResults,
-          });
-    const method = rawMethod(request.kind === 'allocated' ? 'getMetadataAllocated' : 'getMetadataDelta');
-    const response = await this.transport.stream(method, signal, undefined, undefined, once(input));
-    for await (const message of response.message) {
-      const res = message as unknown as RawMetadataResponseShape;
-      const list = res.blockMetadata;
-      const tuples = new Float64Array(list.length * 2);
-      for (let i = 0; i < list.length; i++) decodeTuple(list[i]!, tuples, 2 * i);
-      yield { blockMetadataType: styleOf(res.blockMetadataType), capacityBytes: Number(res.volumeCapacityBytes), tuples };
-    }
-  }
-
   close(): void {
     this.session.abort();
   }
@@ -111,10 +79,6 @@ function flatten(list: readonly BlockMetadata[]): Float64Array {
     out[2 * i + 1] = Number(list[i]!.sizeBytes);
   }
   return out;
-}
-
-async function* once<T>(value: T): AsyncIterable<T> {
-  yield value;
 }
 
 /** Socket errors that mean the driver went away (restart, crash) rather than refused the call. */
