@@ -11,6 +11,7 @@ import { randomBytes } from 'node:crypto';
 import fs from 'node:fs';
 import { afterAll, beforeAll, expect, it } from 'vitest';
 import { mulberry32 } from '../support/random.js';
+import { connectCsiDirect } from '../../src/client/index.js';
 import { MiB, dataPlaneSuite, sh, startNodeEnv, type NodeEnv } from '../e2e/support/node-env.js';
 import { jsonOf, runCli } from './support/cli.js';
 import { createVolume, looserThanPrivate, publish, snapshot, snapshotBytes } from './support/volumes.js';
@@ -113,6 +114,24 @@ dataPlaneSuite('backup and restore, CSI direct, through the Node service', () =>
     expect(verify.code, verify.stderr).toBe(0);
     expect(jsonOf<{ ok: boolean; backups: string[] }>(verify)).toMatchObject({ ok: true, backups: backups.map((b) => b.id) });
     expect(looserThanPrivate(repo), 'repository dirs 0700, files 0600').toEqual([]);
+
+    // `metadata delta` prints the same extents as JSON, CSV and a table.
+    const asJson = await runCli(['metadata', 'delta', snaps[2]!, snaps[3]!, ...endpoint, '--json']);
+    expect(asJson.code, asJson.stderr).toBe(0);
+    const listed = jsonOf<{ capacityBytes: number; blockMetadataType: string; extents: { offset: number; length: number }[] }>(asJson);
+    expect(listed.capacityBytes).toBe(CAPACITY);
+    expect(listed.extents.length).toBeGreaterThan(0);
+    const client = connectCsiDirect(env.target);
+    const direct: { offset: number; length: number }[] = [];
+    for await (const e of await client.delta(snaps[2]!, snaps[3]!)) direct.push(e);
+    await client.close();
+    expect(listed.extents).toEqual(direct);
+    const csv = await runCli(['metadata', 'delta', snaps[2]!, snaps[3]!, ...endpoint, '--format', 'csv']);
+    expect(csv.stdout.trim().split('\n')).toEqual(['offset,length', ...direct.map((e) => `${e.offset},${e.length}`)]);
+    const table = await runCli(['metadata', 'allocated', snaps[3]!, ...endpoint]);
+    expect(table.code, table.stderr).toBe(0);
+    expect(table.stdout).toMatch(/^capacity 33554432 bytes \(32\.0 MiB\), VARIABLE_LENGTH$/m);
+    expect(table.stdout).toMatch(/^\d+ extents, \d+ bytes/m);
 
     // No temporary volume is left behind by the backups: only the source volume remains.
     const volumes = await env.controller.call('listVolumes', {});
