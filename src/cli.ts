@@ -10,6 +10,7 @@ import { startDriver } from './server.js';
 import { parseBlockSize } from './csi/volume-parameters.js';
 import { loadFaultFile, registerVendorCommands } from './vendor/commands.js';
 import { METADATA_PROFILES, type MetadataProfileName } from './csi/metadata-profiles.js';
+import { registerBackupCommands } from './backup/commands.js';
 
 function positiveInteger(value: string): number {
   const n = Number(value);
@@ -90,6 +91,7 @@ export function buildProgram(): Command {
       await serve(opts);
     });
   registerVendorCommands(program);
+  registerBackupCommands(program);
   return program;
 }
 

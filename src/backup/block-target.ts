@@ -1,0 +1,101 @@
+/**
+ * Block devices and image files as sources (backup) and targets (restore): open, size, positioned reads
+ * and writes. A block device's size comes from sysfs, since stat() reports 0 for it.
+ */
+import fs from 'node:fs';
+import { RepositoryError } from './repository.js';
+
+/** The size in bytes of a regular file or a block device. */
+export function sizeOf(file: string, st: fs.Stats): number {
+  if (st.isFile()) return st.size;
+  if (st.isBlockDevice()) {
+    const rdev = st.rdev;
+    const major = Math.floor(rdev / 256) & 0xfff;
+    const minor = (rdev & 0xff) | (Math.floor(rdev / 4096) & ~0xff & 0xfffff);
+    const sectors = Number(fs.readFileSync(`/sys/dev/block/${major}:${minor}/size`, 'utf8').trim());
+    return sectors * 512;
+  }
+  throw new RepositoryError('usage', `${file} is neither a regular file nor a block device`);
+}
+
+/** Something bytes are read from during a backup. */
+export interface BlockSource {
+  readonly path: string;
+  readonly size: number;
+  read(offset: number, length: number): Promise<Buffer>;
+  close(): Promise<void>;
+}
+
+/** Opens a device or image file for reading; refuses one smaller than `capacityBytes`. */
+export async function openSource(file: string, capacityBytes: number): Promise<BlockSource> {
+  const st = await fs.promises.stat(file).catch((err: NodeJS.ErrnoException) => {
+    throw new RepositoryError('usage', `source ${file} cannot be opened: ${err.code === 'ENOENT' ? 'it does not exist' : err.message}`);
+  });
+  const size = sizeOf(file, st);
+  if (size < capacityBytes) {
+    throw new RepositoryError('usage', `source ${file} has ${size} bytes but the snapshot has ${capacityBytes}: it is not a copy of this snapshot`);
+  }
+  const handle = await fs.promises.open(file, 'r');
+  return {
+    path: file,
+    size,
+    async read(offset, length) {
+      const buf = Buffer.allocUnsafe(length);
+      let done = 0;
+      while (done < length) {
+        const { bytesRead } = await handle.read(buf, done, length - done, offset + done);
+        if (bytesRead === 0) throw new Error(`source ${file} ended at ${offset + done}, before ${offset + length}`);
+        done += bytesRead;
+      }
+      return buf;
+    },
+    close: () => handle.close(),
+  };
+}
+
+/** Where a restore writes. `created`: the command made the file (so it is all zeros to start with). */
+export interface RestoreTarget {
+  readonly path: string;
+  readonly created: boolean;
+  write(offset: number, data: Buffer): Promise<void>;
+  sync(): Promise<void>;
+  close(): Promise<void>;
+}
+
+/**
+ * Opens a restore target: an absent path becomes a new 0600 image file of `capacityBytes`; an existing
+ * file or device must hold at least `capacityBytes` (its first `capacityBytes` are overwritten).
+ */
+export async function openTarget(file: string, capacityBytes: number): Promise<RestoreTarget> {
+  const st = await fs.promises.lstat(file).catch((err: NodeJS.ErrnoException) => {
+    if (err.code === 'ENOENT') return undefined;
+    throw err;
+  });
+  let handle: fs.promises.FileHandle;
+  let created = false;
+  if (!st) {
+    handle = await fs.promises.open(file, fs.constants.O_RDWR | fs.constants.O_CREAT | fs.constants.O_EXCL, 0o600);
+    await handle.truncate(capacityBytes);
+    created = true;
+  } else {
+    if (st.isSymbolicLink()) throw new RepositoryError('usage', `target ${file} is a symbolic link: give the device or file itself`);
+    const size = sizeOf(file, st);
+    if (size < capacityBytes) {
+      throw new RepositoryError('usage', `target ${file} has ${size} bytes, smaller than the backed-up volume's ${capacityBytes}`);
+    }
+    handle = await fs.promises.open(file, fs.constants.O_WRONLY);
+  }
+  return {
+    path: file,
+    created,
+    async write(offset, data) {
+      let done = 0;
+      while (done < data.length) {
+        const { bytesWritten } = await handle.write(data, done, data.length - done, offset + done);
+        done += bytesWritten;
+      }
+    },
+    sync: () => handle.sync(),
+    close: () => handle.close(),
+  };
+}

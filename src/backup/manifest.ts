@@ -1,0 +1,57 @@
+/** One backup's manifest: what was backed up, from which base, and which chunk holds each stored range. */
+
+export const MANIFEST_FORMAT = 1;
+
+/** A stored range of the volume: `length` bytes at `offset`, held by the chunk named `sha256`. */
+export type ManifestExtent = [offset: number, length: number, sha256: string];
+
+export interface Manifest {
+  format: typeof MANIFEST_FORMAT;
+  /** The backup's ID (also its file name). */
+  id: string;
+  /** The CSI snapshot ID it was taken from. */
+  snapshot: string;
+  /** The CSI volume the snapshot was taken of, when known (used to refuse a base of another volume). */
+  sourceVolume: string | null;
+  /** The backup this one is an increment on; null for a full backup. */
+  base: string | null;
+  /** Volume size in bytes at this backup. */
+  capacityBytes: number;
+  /** Largest chunk; chunks never cross a multiple of it. */
+  blockSize: number;
+  /** Stored ranges in increasing order; ranges not listed are unchanged from the base (zero for a full backup). */
+  extents: ManifestExtent[];
+  /** Bytes read and stored (sum of extent lengths). */
+  bytes: number;
+  created: string;
+  toolVersion: string;
+}
+
+const SHA256_HEX = /^[0-9a-f]{64}$/;
+/** UTC time of the start to the millisecond (so IDs sort by age), then random. */
+export const BACKUP_ID = /^[0-9]{8}T[0-9]{6}\.[0-9]{3}Z-[0-9a-f]{8}$/;
+
+/** Parses and checks a manifest file's text; throws with what is wrong. */
+export function parseManifest(text: string, expectedId: string): Manifest {
+  const m = JSON.parse(text) as Partial<Manifest>;
+  const fail = (what: string): never => {
+    throw new Error(`manifest ${expectedId} is damaged: ${what}`);
+  };
+  if (m.format !== MANIFEST_FORMAT) fail(`unknown format ${String(m.format)}`);
+  if (m.id !== expectedId) fail(`it names itself ${String(m.id)}`);
+  if (typeof m.snapshot !== 'string' || !m.snapshot) fail('no snapshot');
+  if (m.base !== null && (typeof m.base !== 'string' || !BACKUP_ID.test(m.base))) fail('bad base');
+  if (!Number.isSafeInteger(m.capacityBytes) || m.capacityBytes! <= 0) fail('bad capacity');
+  if (!Number.isSafeInteger(m.blockSize) || m.blockSize! <= 0) fail('bad block size');
+  if (!Array.isArray(m.extents)) fail('no extents');
+  let end = 0;
+  for (const e of m.extents!) {
+    if (!Array.isArray(e) || e.length !== 3) fail('bad extent');
+    const [offset, length, hash] = e;
+    if (!Number.isSafeInteger(offset) || !Number.isSafeInteger(length) || length <= 0 || offset < end) fail(`extent at ${offset} out of order`);
+    if (offset + length > m.capacityBytes!) fail(`extent at ${offset} beyond the capacity`);
+    if (typeof hash !== 'string' || !SHA256_HEX.test(hash)) fail(`extent at ${offset} names no chunk`);
+    end = offset + length;
+  }
+  return m as Manifest;
+}

@@ -1,0 +1,384 @@
+/**
+ * The backup repository on disk (docs/backup-repository.md):
+ *
+ *   REPO/cbt-backup-repository.json   marker: format and creation time
+ *   REPO/chunks/ab/ab…(64 hex)        chunk bytes, named by their SHA-256; stored once however often used
+ *   REPO/backups/<id>.json            one manifest per committed backup
+ *   REPO/tmp/                         temp files of a backup in progress
+ *   REPO/lock                         PID of the process writing, while it writes
+ *
+ * A backup writes its chunks (each fsync'd, then renamed into place), then its manifest (temp, fsync,
+ * rename, directory fsync). The manifest's rename is the commit: a backup killed before it leaves only
+ * garbage that no manifest names, removed by the next writer, and the repository stays valid.
+ */
+import { createHash, randomBytes } from 'node:crypto';
+import fs from 'node:fs';
+import path from 'node:path';
+import { fsyncDir, fsyncFile, mkdirPrivate, syncFilesystem, tempName, writeFileDurably, FILE_MODE } from './durable-files.js';
+import { BACKUP_ID, MANIFEST_FORMAT, parseManifest, type Manifest, type ManifestExtent } from './manifest.js';
+
+export const MARKER = 'cbt-backup-repository.json';
+const REPOSITORY_FORMAT = 'cbt-csi-backup-repository';
+
+/** What went wrong, in a form the commands map to exit codes: 'usage' errors are the caller's (exit 2). */
+export class RepositoryError extends Error {
+  constructor(
+    readonly kind: 'usage' | 'damaged' | 'busy',
+    message: string,
+  ) {
+    super(message);
+    this.name = 'RepositoryError';
+  }
+}
+
+/** A damaged or missing chunk and every backup that cannot be restored because of it. */
+export interface DamagedChunk {
+  chunk: string;
+  problem: 'missing' | 'hash mismatch' | 'unreadable';
+  /** Backups whose chain needs the chunk. */
+  breaks: string[];
+}
+
+export interface VerifyReport {
+  backups: string[];
+  chunksChecked: number;
+  bytesChecked: number;
+  damaged: DamagedChunk[];
+  /** Manifests that cannot be read, with why. */
+  damagedManifests: { id: string; problem: string }[];
+}
+
+export function sha256(data: Uint8Array): string {
+  return createHash('sha256').update(data).digest('hex');
+}
+
+export class BackupRepository {
+  private constructor(readonly dir: string) {}
+
+  private get chunksDir(): string {
+    return path.join(this.dir, 'chunks');
+  }
+  private get backupsDir(): string {
+    return path.join(this.dir, 'backups');
+  }
+  get tmpDir(): string {
+    return path.join(this.dir, 'tmp');
+  }
+
+  chunkPath(hash: string): string {
+    return path.join(this.chunksDir, hash.slice(0, 2), hash);
+  }
+
+  /**
+   * Checks that `dir` can hold a repository without changing anything: absent, an empty directory, or a
+   * repository. Returns whether it is one already.
+   */
+  static async check(dir: string): Promise<'repository' | 'absent' | 'empty'> {
+    const st = await fs.promises.stat(dir).catch((err: NodeJS.ErrnoException) => {
+      if (err.code === 'ENOENT') return undefined;
+      throw err;
+    });
+    if (!st) return 'absent';
+    if (!st.isDirectory()) throw new RepositoryError('usage', `${dir} is not a directory, so not a backup repository`);
+    if (fs.existsSync(path.join(dir, MARKER))) return 'repository';
+    if ((await fs.promises.readdir(dir)).length === 0) return 'empty';
+    throw new RepositoryError('usage', `${dir} is not a backup repository (no ${MARKER}) and not empty: give a new or empty directory, or an existing repository`);
+  }
+
+  /** Opens an existing repository; a directory that is not one is a usage error. */
+  static async open(dir: string): Promise<BackupRepository> {
+    const abs = path.resolve(dir);
+    const kind = await BackupRepository.check(abs);
+    if (kind !== 'repository') throw new RepositoryError('usage', `${abs} is not a backup repository (no ${MARKER})`);
+    const marker = JSON.parse(await fs.promises.readFile(path.join(abs, MARKER), 'utf8')) as { format?: string; version?: number };
+    if (marker.format !== REPOSITORY_FORMAT || marker.version !== 1) {
+      throw new RepositoryError('usage', `${abs} holds a repository of an unknown format (${String(marker.format)} v${String(marker.version)})`);
+    }
+    return new BackupRepository(abs);
+  }
+
+  /** Opens the repository at `dir`, creating it (0700) if `dir` is absent or empty. */
+  static async openOrCreate(dir: string): Promise<BackupRepository> {
+    const abs = path.resolve(dir);
+    if ((await BackupRepository.check(abs)) !== 'repository') {
+      await mkdirPrivate(abs);
+      for (const sub of ['chunks', 'backups', 'tmp']) await mkdirPrivate(path.join(abs, sub));
+      await fsyncDir(abs);
+      // The marker last: a directory without it is still "empty enough" to be made a repository again.
+      await writeFileDurably(path.join(abs, MARKER), `${JSON.stringify({ format: REPOSITORY_FORMAT, version: 1, created: new Date().toISOString() })}\n`);
+    }
+    return BackupRepository.open(abs);
+  }
+
+  /** IDs of committed backups, oldest first. */
+  async backupIds(): Promise<string[]> {
+    const names = await fs.promises.readdir(this.backupsDir).catch(() => [] as string[]);
+    return names
+      .filter((n) => n.endsWith('.json') && BACKUP_ID.test(n.slice(0, -5)))
+      .map((n) => n.slice(0, -5))
+      .sort();
+  }
+
+  async manifest(id: string): Promise<Manifest> {
+    if (!BACKUP_ID.test(id)) throw new RepositoryError('usage', `${JSON.stringify(id)} is not a backup ID (they look like 20260130T120000.123Z-1a2b3c4d; list them with \`cbt-csi verify --repo ${this.dir}\`)`);
+    let text: string;
+    try {
+      text = await fs.promises.readFile(path.join(this.backupsDir, `${id}.json`), 'utf8');
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code === 'ENOENT') throw new RepositoryError('usage', `backup ${id} is not in the repository ${this.dir}`);
+      throw err;
+    }
+    try {
+      return parseManifest(text, id);
+    } catch (err) {
+      throw new RepositoryError('damaged', (err as Error).message);
+    }
+  }
+
+  /** The backups restoring `id` needs, the full backup first and `id` last. */
+  async chain(id: string): Promise<Manifest[]> {
+    const out: Manifest[] = [];
+    const seen = new Set<string>();
+    for (let next: string | null = id; next !== null; ) {
+      if (seen.has(next)) throw new RepositoryError('damaged', `backup ${id}: its chain of bases loops at ${next}`);
+      seen.add(next);
+      let m: Manifest;
+      try {
+        m = await this.manifest(next);
+      } catch (err) {
+        if (next !== id && err instanceof RepositoryError) throw new RepositoryError('damaged', `backup ${id} needs base ${next}: ${err.message}`);
+        throw err;
+      }
+      out.push(m);
+      next = m.base;
+    }
+    return out.reverse();
+  }
+
+  /** Reads a chunk and checks its hash; throws a 'damaged' RepositoryError naming the chunk. */
+  async readChunk(hash: string): Promise<Buffer> {
+    let data: Buffer;
+    try {
+      data = await fs.promises.readFile(this.chunkPath(hash));
+    } catch (err) {
+      const missing = (err as NodeJS.ErrnoException).code === 'ENOENT';
+      throw new RepositoryError('damaged', `chunk ${hash} is ${missing ? 'missing' : `unreadable: ${(err as Error).message}`}`);
+    }
+    if (sha256(data) !== hash) throw new RepositoryError('damaged', `chunk ${hash} is damaged: its content does not match its SHA-256`);
+    return data;
+  }
+
+  /** Takes the writer lock (one backup at a time), clearing what a killed writer left behind. */
+  async lock(): Promise<RepositoryLock> {
+    const lockPath = path.join(this.dir, 'lock');
+    for (let attempt = 0; attempt < 2; attempt++) {
+      try {
+        const handle = await fs.promises.open(lockPath, 'wx', FILE_MODE);
+        await handle.writeFile(`${process.pid}\n`);
+        await handle.close();
+        const lock = new RepositoryLock(lockPath);
+        await this.collectGarbage();
+        return lock;
+      } catch (err) {
+        if ((err as NodeJS.ErrnoException).code !== 'EEXIST') throw err;
+        const pid = Number((await fs.promises.readFile(lockPath, 'utf8').catch(() => '')).trim());
+        if (Number.isSafeInteger(pid) && pid > 0 && pid !== process.pid && isAlive(pid)) {
+          throw new RepositoryError('busy', `another backup (process ${pid}) is writing to ${this.dir}; wait for it to finish`);
+        }
+        // Its writer is gone (killed): the lock is stale.
+        await fs.promises.rm(lockPath, { force: true });
+      }
+    }
+    throw new RepositoryError('busy', `could not lock ${this.dir}`);
+  }
+
+  /** Removes temp files and chunks that no committed manifest names (left by a killed backup). Holds the lock. */
+  private async collectGarbage(): Promise<void> {
+    for (const name of await fs.promises.readdir(this.tmpDir).catch(() => [] as string[])) {
+      await fs.promises.rm(path.join(this.tmpDir, name), { force: true });
+    }
+    const referenced = await this.referencedChunks().catch(() => undefined);
+    // A damaged manifest means we cannot tell garbage from data: remove nothing.
+    if (!referenced) return;
+    for (const sub of await fs.promises.readdir(this.chunksDir).catch(() => [] as string[])) {
+      const dir = path.join(this.chunksDir, sub);
+      for (const name of await fs.promises.readdir(dir).catch(() => [] as string[])) {
+        if (!referenced.has(name)) await fs.promises.rm(path.join(dir, name), { force: true });
+      }
+    }
+  }
+
+  /** Every chunk named by a committed manifest, with the backups naming it directly. */
+  async referencedChunks(): Promise<Map<string, string[]>> {
+    const out = new Map<string, string[]>();
+    for (const id of await this.backupIds()) {
+      const m = await this.manifest(id);
+      for (const [, , hash] of m.extents) {
+        const list = out.get(hash);
+        if (list) {
+          if (list.at(-1) !== id) list.push(id);
+        } else out.set(hash, [id]);
+      }
+    }
+    return out;
+  }
+
+  /** Starts a backup; nothing is visible until commit(). Needs the lock. */
+  async begin(meta: Omit<Manifest, 'format' | 'id' | 'extents' | 'bytes' | 'created'>, lock: RepositoryLock): Promise<BackupWriter> {
+    if (!lock.held) throw new Error('begin() needs the repository lock');
+    const known = new Set((await this.referencedChunks()).keys());
+    return new BackupWriter(this, meta, known);
+  }
+
+  /** Re-checks every chunk of the given backups (all by default) and reports what is damaged and what it breaks. */
+  async verify(ids?: string[], onChunk?: (bytes: number) => void): Promise<VerifyReport> {
+    const all = await this.backupIds();
+    const wanted = ids ?? all;
+    const damagedManifests: VerifyReport['damagedManifests'] = [];
+    const manifests = new Map<string, Manifest>();
+    for (const id of all) {
+      try {
+        manifests.set(id, await this.manifest(id));
+      } catch (err) {
+        damagedManifests.push({ id, problem: (err as Error).message });
+      }
+    }
+    // The chains of the wanted backups decide which chunks to check; every backup whose chain
+    // needs a chunk is reported broken with it.
+    const chainOf = (id: string): string[] | undefined => {
+      const out: string[] = [];
+      for (let next: string | null = id; next !== null; next = manifests.get(next)?.base ?? null) {
+        if (!manifests.has(next) || out.includes(next)) return undefined;
+        out.push(next);
+      }
+      return out;
+    };
+    const users = new Map<string, Set<string>>();
+    for (const id of all) {
+      const chain = chainOf(id);
+      if (!chain) {
+        if (!damagedManifests.some((d) => d.id === id)) damagedManifests.push({ id, problem: `backup ${id}: a base in its chain is missing or damaged` });
+        continue;
+      }
+      for (const member of chain) {
+        for (const [, , hash] of manifests.get(member)!.extents) {
+          let set = users.get(hash);
+          if (!set) users.set(hash, (set = new Set()));
+          set.add(id);
+        }
+      }
+    }
+    const toCheck = new Set<string>();
+    for (const id of wanted) {
+      if (!all.includes(id)) throw new RepositoryError('usage', `backup ${id} is not in the repository ${this.dir}`);
+      for (const member of chainOf(id) ?? []) for (const [, , hash] of manifests.get(member)!.extents) toCheck.add(hash);
+    }
+    const damaged: DamagedChunk[] = [];
+    let bytesChecked = 0;
+    for (const hash of toCheck) {
+      let problem: DamagedChunk['problem'] | undefined;
+      try {
+        const data = await fs.promises.readFile(this.chunkPath(hash));
+        bytesChecked += data.length;
+        onChunk?.(data.length);
+        if (sha256(data) !== hash) problem = 'hash mismatch';
+      } catch (err) {
+        problem = (err as NodeJS.ErrnoException).code === 'ENOENT' ? 'missing' : 'unreadable';
+      }
+      if (problem) damaged.push({ chunk: hash, problem, breaks: [...(users.get(hash) ?? [])].sort() });
+    }
+    return { backups: wanted, chunksChecked: toCheck.size, bytesChecked, damaged, damagedManifests };
+  }
+}
+
+function isAlive(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch (err) {
+    return (err as NodeJS.ErrnoException).code === 'EPERM';
+  }
+}
+
+/** The writer lock; release() removes it. */
+export class RepositoryLock {
+  held = true;
+  constructor(private readonly lockPath: string) {}
+  async release(): Promise<void> {
+    if (!this.held) return;
+    this.held = false;
+    await fs.promises.rm(this.lockPath, { force: true });
+  }
+}
+
+/** A backup being written: chunks go in as they are read; commit() makes it exist. */
+export class BackupWriter {
+  readonly id: string;
+  private readonly extents: ManifestExtent[] = [];
+  private readonly touchedDirs = new Set<string>();
+  private bytes = 0;
+  /** Chunks stored but not yet deduplicated by a committed manifest: written by this backup. */
+  private readonly written = new Set<string>();
+  private readonly newPaths: string[] = [];
+  newChunks = 0;
+  newBytes = 0;
+
+  constructor(
+    private readonly repo: BackupRepository,
+    private readonly meta: Omit<Manifest, 'format' | 'id' | 'extents' | 'bytes' | 'created'>,
+    private readonly known: Set<string>,
+  ) {
+    const stamp = new Date().toISOString().replace(/[-:]/g, '');
+    this.id = `${stamp}-${randomBytes(4).toString('hex')}`;
+  }
+
+  /** Stores `data` as the volume's bytes at `offset`. Calls may run concurrently; commit() orders them. */
+  async put(offset: number, data: Buffer): Promise<void> {
+    const hash = sha256(data);
+    const slot: ManifestExtent = [offset, data.length, hash];
+    this.extents.push(slot);
+    this.bytes += data.length;
+    if (this.known.has(hash) || this.written.has(hash)) return;
+    this.written.add(hash);
+    const final = this.repo.chunkPath(hash);
+    const dir = path.dirname(final);
+    if (!this.touchedDirs.has(dir)) {
+      await mkdirPrivate(dir);
+      this.touchedDirs.add(dir);
+    }
+    const temp = tempName(final, this.repo.tmpDir);
+    const handle = await fs.promises.open(temp, fs.constants.O_WRONLY | fs.constants.O_CREAT | fs.constants.O_EXCL, FILE_MODE);
+    try {
+      await handle.writeFile(data);
+      await handle.chmod(FILE_MODE);
+    } finally {
+      await handle.close();
+    }
+    // Not synced yet: commit() makes every new chunk durable at once, before the manifest names it. Until
+    // then no manifest names it, so a crash leaves it as garbage, never as data (begin() trusts only
+    // chunks of committed manifests).
+    await fs.promises.rename(temp, final);
+    this.newPaths.push(final);
+    this.newChunks++;
+    this.newBytes += data.length;
+  }
+
+  /** Makes the backup exist: new chunks and their directories made durable, then the manifest written durably. */
+  async commit(): Promise<Manifest> {
+    if (this.newPaths.length > 0 && !(await syncFilesystem(this.repo.dir))) {
+      for (const file of this.newPaths) await fsyncFile(file);
+    }
+    for (const dir of this.touchedDirs) await fsyncDir(dir);
+    this.extents.sort((a, b) => a[0] - b[0]);
+    const manifest: Manifest = {
+      format: MANIFEST_FORMAT,
+      id: this.id,
+      ...this.meta,
+      extents: this.extents,
+      bytes: this.bytes,
+      created: new Date().toISOString(),
+    };
+    await writeFileDurably(path.join(this.repo.dir, 'backups', `${this.id}.json`), `${JSON.stringify(manifest)}\n`, this.repo.tmpDir);
+    return manifest;
+  }
+}

@@ -1,0 +1,96 @@
+/**
+ * The CSI-direct transport: the driver's own gRPC socket (`unix:///…/csi.sock`, or `tcp://host:port` on
+ * loopback), spoken with connect-node's gRPC transport and the generated CSI messages, as the server is.
+ * For local use and tests; in a cluster the sidecar stands in front of the driver instead.
+ */
+import http2 from 'node:http2';
+import net from 'node:net';
+import { Code, ConnectError, createClient, type Client } from '@connectrpc/connect';
+import { createGrpcTransport, Http2SessionManager } from '@connectrpc/connect-node';
+import { BlockMetadataType as WireType, SnapshotMetadata, type BlockMetadata } from '../gen/csi/v1/csi_pb.js';
+import type { BlockMetadataType, MetadataPage, MetadataRequest, MetadataTransport } from './types.js';
+
+/** HTTP/2 over a unix socket or TCP, from a CSI endpoint string. */
+export function endpointSession(endpoint: string): Http2SessionManager {
+  if (endpoint.startsWith('tcp://')) {
+    return new Http2SessionManager(`http://${endpoint.slice('tcp://'.length)}`, { pingIntervalMs: 30_000 });
+  }
+  let socket = endpoint;
+  if (endpoint.startsWith('unix://')) socket = endpoint.slice('unix://'.length);
+  else if (endpoint.startsWith('unix:')) socket = endpoint.slice('unix:'.length);
+  else if (/^[a-z]+:\/\//i.test(endpoint)) throw new Error(`endpoint ${endpoint}: expected unix:///path/csi.sock or tcp://HOST:PORT`);
+  if (!socket) throw new Error(`endpoint ${endpoint}: the socket path is empty`);
+  const options: http2.ClientSessionOptions = { createConnection: () => net.connect(socket) };
+  return new Http2SessionManager('http://localhost', { pingIntervalMs: 30_000 }, options);
+}
+
+export class CsiDirectTransport implements MetadataTransport {
+  private readonly session: Http2SessionManager;
+  private readonly client: Client<typeof SnapshotMetadata>;
+
+  constructor(endpoint: string) {
+    this.session = endpointSession(endpoint);
+    const transport = createGrpcTransport({ baseUrl: 'http://localhost', sessionManager: this.session });
+    this.client = createClient(SnapshotMetadata, transport);
+  }
+
+  async *open(request: MetadataRequest, signal: AbortSignal): AsyncIterable<MetadataPage> {
+    try {
+      yield* this.stream(request, signal);
+    } catch (err) {
+      throw signal.aborted ? err : asUnavailable(err);
+    }
+  }
+
+  private async *stream(request: MetadataRequest, signal: AbortSignal): AsyncIterable<MetadataPage> {
+    const stream =
+      request.kind === 'allocated'
+        ? this.client.getMetadataAllocated(
+            { snapshotId: request.snapshot, startingOffset: BigInt(request.startingOffset), maxResults: request.maxResults },
+            { signal },
+          )
+        : this.client.getMetadataDelta(
+            {
+              baseSnapshotId: request.base,
+              targetSnapshotId: request.target,
+              startingOffset: BigInt(request.startingOffset),
+              maxResults: request.maxResults,
+            },
+            { signal },
+          );
+    for await (const res of stream) {
+      yield { blockMetadataType: styleOf(res.blockMetadataType), capacityBytes: Number(res.volumeCapacityBytes), tuples: flatten(res.blockMetadata) };
+    }
+  }
+
+  close(): void {
+    this.session.abort();
+  }
+}
+
+export function styleOf(type: WireType): BlockMetadataType {
+  return type === WireType.FIXED_LENGTH ? 'FIXED_LENGTH' : 'VARIABLE_LENGTH';
+}
+
+function flatten(list: readonly BlockMetadata[]): Float64Array {
+  const out = new Float64Array(list.length * 2);
+  for (let i = 0; i < list.length; i++) {
+    out[2 * i] = Number(list[i]!.byteOffset);
+    out[2 * i + 1] = Number(list[i]!.sizeBytes);
+  }
+  return out;
+}
+
+/** Socket errors that mean the driver went away (restart, crash) rather than refused the call. */
+const CONNECTION_LOST = new Set(['ECONNRESET', 'EPIPE', 'ECONNREFUSED', 'ENOENT', 'ERR_HTTP2_STREAM_ERROR', 'ERR_HTTP2_GOAWAY_SESSION', 'ERR_HTTP2_SESSION_ERROR']);
+
+/**
+ * connect-node reports a connection reset mid-stream as ABORTED; for a client of this driver it is the
+ * driver being unreachable, UNAVAILABLE, which the client resumes.
+ */
+function asUnavailable(err: unknown): unknown {
+  if (!(err instanceof ConnectError) || err.code === Code.Unavailable) return err;
+  const cause = err.cause as NodeJS.ErrnoException | undefined;
+  const lost = (cause?.code !== undefined && CONNECTION_LOST.has(cause.code)) || /ECONNRESET|EPIPE|ECONNREFUSED/.test(err.rawMessage);
+  return lost ? new ConnectError(`connection to the driver lost: ${err.rawMessage}`, Code.Unavailable, undefined, undefined, err) : err;
+}
