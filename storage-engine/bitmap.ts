@@ -35,13 +35,13 @@ const PAGE = 8192;
 const LIMIT = 2 ** 32;
 
 /**
- * Calls `fn(start, end)` for each maximal run of consecutive values, in order. Cost follows the runs, not
- * the values: a page that ends inside a run jumps to the run's end with range probes.
+ * Each maximal run of consecutive values as [start, end), in order, from the value at rank `fromIndex`. Cost
+ * follows the runs, not the values: a page that ends inside a run jumps to the run's end with range probes.
  */
-export function forEachRun(bitmap: Bitmap, fn: (start: number, end: number) => void): void {
+export function* runsOf(bitmap: Bitmap, fromIndex = 0): Generator<[number, number]> {
   const total = bitmap.size;
   const page = new Uint32Array(PAGE);
-  let index = 0;
+  let index = fromIndex;
   let runStart = -1;
   let runEnd = -1;
   while (index < total) {
@@ -54,7 +54,7 @@ export function forEachRun(bitmap: Bitmap, fn: (start: number, end: number) => v
         runEnd = v + 1;
         continue;
       }
-      if (runStart >= 0) fn(runStart, runEnd);
+      if (runStart >= 0) yield [runStart, runEnd];
       runStart = v;
       runEnd = v + 1;
     }
@@ -64,7 +64,12 @@ export function forEachRun(bitmap: Bitmap, fn: (start: number, end: number) => v
       index = bitmap.rank(runEnd - 1);
     }
   }
-  if (runStart >= 0) fn(runStart, runEnd);
+  if (runStart >= 0) yield [runStart, runEnd];
+}
+
+/** Calls `fn(start, end)` for each maximal run of consecutive values, in order (see runsOf). */
+export function forEachRun(bitmap: Bitmap, fn: (start: number, end: number) => void): void {
+  for (const [start, end] of runsOf(bitmap)) fn(start, end);
 }
 
 /** Given that values [.., end) are all present, finds the exclusive end of that run in O(log length) probes. */
