@@ -67,11 +67,6 @@ export function* runsOf(bitmap: Bitmap, fromIndex = 0): Generator<[number, numbe
   if (runStart >= 0) yield [runStart, runEnd];
 }
 
-/** Calls `fn(start, end)` for each maximal run of consecutive values, in order (see runsOf). */
-export function forEachRun(bitmap: Bitmap, fn: (start: number, end: number) => void): void {
-  for (const [start, end] of runsOf(bitmap)) fn(start, end);
-}
-
 /** Given that values [.., end) are all present, finds the exclusive end of that run in O(log length) probes. */
 export function extendRun(bitmap: Bitmap, end: number): number {
   let lo = end; // every value before lo is in the run

@@ -820,7 +820,6 @@ export class BlockStore {
     if (this.closed) return;
     await this.compactor.stop();
     await this.volumeLocks.drain();
-    for (const layer of this.layers.values()) if (!layer.frozen) this.watchIfAnchor(layer);
     for (const vol of this.records.volumes.values()) {
       const head = this.layer(vol.headId);
       // On a full disk, committing writes already on disk may spend the reserve, so that close completes.

@@ -3,7 +3,7 @@
  * the questions asked of a whole chain: which blocks are allocated, which blocks a run of layers changed,
  * and which layer answers for each block (the location index a chain's reads go through).
  */
-import { Bitmap, clipBelow, forEachRun, unionOf } from './bitmap.js';
+import { Bitmap, clipBelow, runsOf, unionOf } from './bitmap.js';
 import type { Layer } from './layer.js';
 import { LocationIndex } from './location-index.js';
 
@@ -37,7 +37,9 @@ export function changedBlocks(layers: readonly Layer[], blockLimit: number): Bit
 /** The location index of a chain: each block's topmost writing layer (trimmed and unwritten blocks are gaps). */
 export function indexChain(chain: readonly Layer[]): LocationIndex<Layer> {
   const runs: Array<{ start: number; end: number; owner: Layer }> = [];
-  forEachVisible(chain, (layer, visible) => forEachRun(visible, (start, end) => runs.push({ start, end, owner: layer })));
+  forEachVisible(chain, (layer, visible) => {
+    for (const [start, end] of runsOf(visible)) runs.push({ start, end, owner: layer });
+  });
   runs.sort((a, b) => a.start - b.start);
   return LocationIndex.fromSortedRuns(runs);
 }

@@ -47,6 +47,8 @@ export const DEFAULT_TOMBSTONE_RETENTION: TombstoneRetention = {
 
 export class Tombstones {
   private readonly byId = new Map<string, Tombstone>();
+  /** The same tombstones by anchor layer; an anchor changes only through applyMove. */
+  private readonly byAnchor = new Map<number, Set<Tombstone>>();
 
   constructor(readonly retention: TombstoneRetention) {}
 
@@ -56,6 +58,7 @@ export class Tombstones {
 
   add(t: Tombstone): void {
     this.byId.set(t.snapshotId, t);
+    this.anchor(t);
   }
 
   get(snapshotId: string): Tombstone | undefined {
@@ -63,7 +66,10 @@ export class Tombstones {
   }
 
   remove(snapshotId: string): void {
+    const t = this.byId.get(snapshotId);
+    if (!t) return;
     this.byId.delete(snapshotId);
+    this.unanchor(t);
   }
 
   /** Whether a tombstone can still answer a delta at `nowMs`. */
@@ -71,11 +77,10 @@ export class Tombstones {
     return t.changed !== null && nowMs - t.deletedAtMs <= this.retention.maxAgeMs;
   }
 
-  /** Tombstones anchored at a layer. */
+  /** Tombstones anchored at a layer (asked on every flush of a head: a lookup, not a scan). */
   anchoredAt(layerId: number): Tombstone[] {
-    const out: Tombstone[] = [];
-    for (const t of this.byId.values()) if (t.anchorLayerId === layerId) out.push(t);
-    return out;
+    const set = this.byAnchor.get(layerId);
+    return set ? [...set] : [];
   }
 
   /** Usable tombstones of one volume past its count limit, oldest first: these expire now. */
@@ -99,13 +104,27 @@ export class Tombstones {
   }
 
   applyMove(t: Tombstone, anchorLayerId: number, changed: Bitmap | null, excluded: Bitmap | null): void {
+    this.unanchor(t);
     t.anchorLayerId = anchorLayerId;
+    this.anchor(t);
     t.changed = changed;
     t.excluded = changed === null ? null : excluded;
   }
 
   /** Blocks [first, end) of a live anchor were written or trimmed: they now count as changed. */
   touched(layerId: number, first: number, end: number): void {
-    for (const t of this.anchoredAt(layerId)) t.excluded?.removeRange(first, end);
+    for (const t of this.byAnchor.get(layerId) ?? []) t.excluded?.removeRange(first, end);
+  }
+
+  private anchor(t: Tombstone): void {
+    let set = this.byAnchor.get(t.anchorLayerId);
+    if (!set) this.byAnchor.set(t.anchorLayerId, (set = new Set()));
+    set.add(t);
+  }
+
+  private unanchor(t: Tombstone): void {
+    const set = this.byAnchor.get(t.anchorLayerId);
+    set?.delete(t);
+    if (set?.size === 0) this.byAnchor.delete(t.anchorLayerId);
   }
 }
