@@ -508,28 +508,8 @@ export class BlockStore {
     this.checkOpen();
     const group = this.records.group(id);
     const members = group.snapshotIds.map((s) => this.records.snapshot(s));
-    const tombstones = members.map((snap) => this.newTombstone(snap));
-    try {
-      this.catalog.transaction(() => {
-        this.catalog.deleteGroup(id);
-        for (const [i, snap] of members.entries()) {
-          this.catalog.deleteSnapshot(snap.id);
-          this.catalog.insertTombstone(tombstoneRow(tombstones[i]!));
-        }
-      });
-      for (const t of tombstones) this.tombstones.add(t);
-    } catch (err) {
-      if (!(err instanceof NoSpaceError)) throw err;
-      // On a full disk the delete goes through without change records (see deleteSnapshot).
-      this.space.freeing(`deleting group snapshot ${id}`, () =>
-        this.catalog.transaction(() => {
-          this.catalog.deleteGroup(id);
-          for (const snap of members) this.catalog.deleteSnapshot(snap.id);
-        }),
-      );
-    }
+    this.retireSnapshots(members, () => this.catalog.deleteGroup(id), `deleting group snapshot ${id}`);
     this.records.removeGroup(id);
-    for (const snap of members) this.snapshotIo.delete(snap.id);
     this.afterDelete();
   }
 
@@ -590,19 +570,20 @@ export class BlockStore {
     });
     if (group) group.snapshotIds = plan.map((p) => p.record.id);
     const newHeads = this.files.withNewLayers(this.insertLayerRow, (newLayer) =>
-      this.catalog.transaction(() =>
-        plan.map(({ vol, head, record }) => {
+      this.catalog.transaction(() => {
+        const heads = plan.map(({ vol, head, record }) => {
           this.catalog.freezeLayer(head.id, head.written, head.trimmed);
           this.persistAnchoredAt(head.id);
           const layer = newLayer(head.id, vol.blockSize);
           this.catalog.setVolumeHead(vol.id, layer.id);
           this.catalog.insertSnapshot(snapshotRow(record));
-          if (group && record === plan[plan.length - 1]!.record) {
-            this.catalog.insertGroup({ id: group.id, name: group.name ?? null, created_at_ms: group.createdAtMs, snapshot_ids: group.snapshotIds });
-          }
           return layer;
-        }),
-      ),
+        });
+        if (group) {
+          this.catalog.insertGroup({ id: group.id, name: group.name ?? null, created_at_ms: group.createdAtMs, snapshot_ids: group.snapshotIds });
+        }
+        return heads;
+      }),
     );
     plan.forEach(({ vol, head, record }, i) => {
       const newHead = newHeads[i]!;
@@ -645,30 +626,46 @@ export class BlockStore {
     if (snap.groupId !== undefined) {
       throw new BusyError(`snapshot ${id} belongs to group snapshot ${snap.groupId}: delete the group instead`);
     }
-    const tombstone = this.newTombstone(snap);
-    this.tombstones.add(tombstone);
+    this.retireSnapshots([snap], () => undefined, `deleting snapshot ${id}`);
+    this.records.removeSnapshot(id);
+    this.afterDelete();
+  }
+
+  /**
+   * Deletes snapshots' rows (with `alsoInTransaction`, e.g. their group's row) and leaves a change record for
+   * each, expiring in the same transaction the oldest records of their volumes past the count limit. On a
+   * full disk the records give way: the rows are deleted on the space reserve without them (a later delta
+   * from such a base answers NOT_FOUND: take a full backup). Records in memory are the caller's to drop.
+   */
+  private retireSnapshots(snaps: readonly SnapshotRecord[], alsoInTransaction: () => void, what: string): void {
+    const tombstones = snaps.map((snap) => this.newTombstone(snap));
+    for (const t of tombstones) this.tombstones.add(t);
     let expiring: Tombstone[] = [];
     try {
-      // The oldest records of this volume past the count limit expire in the same transaction.
-      expiring = this.tombstones.overCount(snap.sourceVolumeId);
+      const volumes = new Set(snaps.map((snap) => snap.sourceVolumeId));
+      expiring = [...volumes].flatMap((v) => this.tombstones.overCount(v));
       // Not on the reserve: that is kept for the delete itself (below) if this does not fit.
       this.catalog.transaction(() => {
-        this.catalog.deleteSnapshot(id);
-        this.catalog.insertTombstone(tombstoneRow(tombstone));
+        alsoInTransaction();
+        for (const [i, snap] of snaps.entries()) {
+          this.catalog.deleteSnapshot(snap.id);
+          this.catalog.insertTombstone(tombstoneRow(tombstones[i]!));
+        }
         for (const t of expiring) this.catalog.moveTombstone(t.snapshotId, t.anchorLayerId, null, null);
       });
     } catch (err) {
-      this.tombstones.remove(snap.id);
+      for (const t of tombstones) this.tombstones.remove(t.snapshotId);
       if (!(err instanceof NoSpaceError)) throw err;
-      // A delete must work on a full disk; the change record is what gives way (a later delta from this
-      // base answers NOT_FOUND: take a full backup).
       expiring = [];
-      this.space.freeing(`deleting snapshot ${id}`, () => this.catalog.deleteSnapshot(id));
+      this.space.freeing(what, () =>
+        this.catalog.transaction(() => {
+          alsoInTransaction();
+          for (const snap of snaps) this.catalog.deleteSnapshot(snap.id);
+        }),
+      );
     }
-    this.records.removeSnapshot(id);
-    this.snapshotIo.delete(id);
+    for (const snap of snaps) this.snapshotIo.delete(snap.id);
     for (const t of expiring) this.tombstones.applyMove(t, t.anchorLayerId, null, null);
-    this.afterDelete();
   }
 
   /** A deleted snapshot's change record: anchored at its own layer, nothing changed after it yet. */
