@@ -22,7 +22,19 @@ import { BLOCK_CAPABILITY, CsiVolumes, type ExposedSnapshot } from '../src/backu
 import { createProgress } from '../src/backup/progress.js';
 import { BackupRepository } from '../src/backup/repository.js';
 import { spawnDriver } from '../test/support/test-driver.js';
-import { GiB, KiB, MiB, distinctSorted, msSince, prng, randomBuffer, round, sizeLabel, targeted, type SuiteContext } from './suite.js';
+import {
+  GiB,
+  KiB,
+  MiB,
+  distinctSorted,
+  msSince,
+  prng,
+  randomBuffer,
+  round,
+  sizeLabel,
+  targeted,
+  type SuiteContext,
+} from './suite.js';
 
 const SEED = 20261130;
 const BLOCK = 4 * KiB;
@@ -73,11 +85,23 @@ class Driver {
   ) {}
   static async start(dir: string): Promise<Driver> {
     const endpoint = `unix://${path.join(dir, 'csi.sock')}`;
-    const { child } = await spawnDriver(['--endpoint', endpoint, '--state-dir', path.join(dir, 'state'), '--log-level', 'warn']);
+    const { child } = await spawnDriver([
+      '--endpoint',
+      endpoint,
+      '--state-dir',
+      path.join(dir, 'state'),
+      '--log-level',
+      'warn',
+    ]);
     return new Driver(child, endpoint, new CsiVolumes(endpoint));
   }
   async volume(name: string, capacity: number, parameters: Record<string, string> = {}): Promise<string> {
-    const res = await this.volumes.controller.createVolume({ name, capacityRange: { requiredBytes: BigInt(capacity) }, volumeCapabilities: [BLOCK_CAPABILITY], parameters });
+    const res = await this.volumes.controller.createVolume({
+      name,
+      capacityRange: { requiredBytes: BigInt(capacity) },
+      volumeCapabilities: [BLOCK_CAPABILITY],
+      parameters,
+    });
     return res.volume!.volumeId;
   }
   async snapshot(volumeId: string, name: string): Promise<string> {
@@ -105,7 +129,13 @@ function fill(device: string, bytes: number): void {
   fs.closeSync(fd);
 }
 
-async function backupOnce(d: Driver, repo: BackupRepository, snapshot: string, base: string | null, exposed: ExposedSnapshot) {
+async function backupOnce(
+  d: Driver,
+  repo: BackupRepository,
+  snapshot: string,
+  base: string | null,
+  exposed: ExposedSnapshot,
+) {
   const client = connectCsiDirect(d.endpoint);
   try {
     const facts = await d.volumes.snapshot(snapshot);
@@ -131,19 +161,44 @@ async function fullCase(ctx: SuiteContext, d: Driver, sizes: Sizes): Promise<voi
   const snap = await d.snapshot(volumeId, 'bench-full-1');
   const exposed = await d.volumes.expose(await d.volumes.snapshot(snap));
   try {
-    const readMs = await timedRead(exposed.device, Array.from({ length: sizes.fullBytes / MiB }, (_, i) => ({ offset: i * MiB, length: MiB })));
+    const readMs = await timedRead(
+      exposed.device,
+      Array.from({ length: sizes.fullBytes / MiB }, (_, i) => ({ offset: i * MiB, length: MiB })),
+    );
     const repo = await BackupRepository.openOrCreate(path.join(ctx.dir, 'repo-full'));
     flushbufs(exposed.device);
     const started = performance.now();
     const { summary } = await backupOnce(d, repo, snap, null, exposed);
     const backupMs = msSince(started);
-    const params = { volume: sizeLabel(sizes.fullBytes), written: 'all', chunk: '1MiB', quick: ctx.quick, storedBytes: summary.newBytes };
+    const params = {
+      volume: sizeLabel(sizes.fullBytes),
+      written: 'all',
+      chunk: '1MiB',
+      quick: ctx.quick,
+      storedBytes: summary.newBytes,
+    };
     const readRate = sizes.fullBytes / MiB / (readMs / 1000);
     const backupRate = sizes.fullBytes / MiB / (backupMs / 1000);
-    ctx.emit({ metric: 'plain_sequential_read_mib_s', value: round(readRate, 1), unit: 'MiB/s', params: { ...params, reads: '1 MiB pread, 8 in flight, cold' } });
-    ctx.emit({ metric: 'full_backup_mib_s', value: round(backupRate, 1), unit: 'MiB/s', params: { ...params, includes: 'metadata listing, reads, SHA-256, chunk writes, one syncfs, manifest commit' } });
+    ctx.emit({
+      metric: 'plain_sequential_read_mib_s',
+      value: round(readRate, 1),
+      unit: 'MiB/s',
+      params: { ...params, reads: '1 MiB pread, 8 in flight, cold' },
+    });
+    ctx.emit({
+      metric: 'full_backup_mib_s',
+      value: round(backupRate, 1),
+      unit: 'MiB/s',
+      params: { ...params, includes: 'metadata listing, reads, SHA-256, chunk writes, one syncfs, manifest commit' },
+    });
     const share = backupRate / readRate;
-    ctx.emit(targeted({ metric: 'full_backup_share_of_read', value: round(share, 3), unit: 'ratio', params }, '>= 0.7', share >= 0.7));
+    ctx.emit(
+      targeted(
+        { metric: 'full_backup_share_of_read', value: round(share, 3), unit: 'ratio', params },
+        '>= 0.7',
+        share >= 0.7,
+      ),
+    );
   } finally {
     await exposed.release();
   }
@@ -169,16 +224,42 @@ async function incrementalCase(ctx: SuiteContext, d: Driver, sizes: Sizes): Prom
   const { summary: full } = await backupOnce(d, repo, base, null, baseExposed).finally(() => baseExposed.release());
   const exposed = await d.volumes.expose(await d.volumes.snapshot(target));
   try {
-    const readMs = await timedRead(exposed.device, [...blocks].map((b) => ({ offset: b * BLOCK, length: BLOCK })));
+    const readMs = await timedRead(
+      exposed.device,
+      [...blocks].map((b) => ({ offset: b * BLOCK, length: BLOCK })),
+    );
     flushbufs(exposed.device);
     const started = performance.now();
     const { summary } = await backupOnce(d, repo, target, full.id, exposed);
     const backupMs = msSince(started);
-    const params = { volume: sizeLabel(sizes.incrementalCapacity), changes: sizes.changes, change: '4KiB', quick: ctx.quick, extents: summary.extents, bytesRead: summary.bytesRead };
-    ctx.emit({ metric: 'read_changed_blocks_ms', value: round(readMs, 1), unit: 'ms', params: { ...params, reads: '4 KiB pread, 8 in flight, cold' } });
-    ctx.emit({ metric: 'incremental_backup_ms', value: round(backupMs, 1), unit: 'ms', params: { ...params, includes: 'delta listing, reads, SHA-256, chunk writes, one syncfs, manifest commit' } });
+    const params = {
+      volume: sizeLabel(sizes.incrementalCapacity),
+      changes: sizes.changes,
+      change: '4KiB',
+      quick: ctx.quick,
+      extents: summary.extents,
+      bytesRead: summary.bytesRead,
+    };
+    ctx.emit({
+      metric: 'read_changed_blocks_ms',
+      value: round(readMs, 1),
+      unit: 'ms',
+      params: { ...params, reads: '4 KiB pread, 8 in flight, cold' },
+    });
+    ctx.emit({
+      metric: 'incremental_backup_ms',
+      value: round(backupMs, 1),
+      unit: 'ms',
+      params: { ...params, includes: 'delta listing, reads, SHA-256, chunk writes, one syncfs, manifest commit' },
+    });
     const ratio = backupMs / readMs;
-    ctx.emit(targeted({ metric: 'incremental_backup_over_read', value: round(ratio, 2), unit: 'ratio', params }, '<= 2', ratio <= 2));
+    ctx.emit(
+      targeted(
+        { metric: 'incremental_backup_over_read', value: round(ratio, 2), unit: 'ratio', params },
+        '<= 2',
+        ratio <= 2,
+      ),
+    );
   } finally {
     await exposed.release();
   }
@@ -188,7 +269,15 @@ async function clientCase(ctx: SuiteContext, d: Driver, sizes: Sizes): Promise<v
   const capacity = sizes.clientExtents * BLOCK;
   const volumeId = await d.volume('bench-client', capacity, { metadataStyle: 'FIXED' });
   const p = await d.volumes.publish(volumeId);
-  const r = spawnSync('dd', ['if=/dev/zero', `of=${p.device}`, 'bs=64K', `count=${capacity / (64 * KiB)}`, 'oflag=direct', 'conv=fsync', 'status=none']);
+  const r = spawnSync('dd', [
+    'if=/dev/zero',
+    `of=${p.device}`,
+    'bs=64K',
+    `count=${capacity / (64 * KiB)}`,
+    'oflag=direct',
+    'conv=fsync',
+    'status=none',
+  ]);
   if (r.status !== 0) throw new Error(`dd: ${r.stderr}`);
   await p.release();
   const snap = await d.snapshot(volumeId, 'bench-client-1');
@@ -204,15 +293,34 @@ async function clientCase(ctx: SuiteContext, d: Driver, sizes: Sizes): Promise<v
       samples.push(n / (ms / 1000));
     }
     const best = Math.max(...samples);
-    const params = { extents: sizes.clientExtents, style: 'FIXED', maxResults: 'driver default', transport: 'CSI direct, unix socket', runs: 3, quick: ctx.quick };
-    ctx.emit(targeted({ metric: 'client_extents_per_s', value: Math.round(best), unit: 'extents/s', params: { ...params, of: 'best' } }, '>= 1000000', best >= 1_000_000));
+    const params = {
+      extents: sizes.clientExtents,
+      style: 'FIXED',
+      maxResults: 'driver default',
+      transport: 'CSI direct, unix socket',
+      runs: 3,
+      quick: ctx.quick,
+    };
+    ctx.emit(
+      targeted(
+        {
+          metric: 'client_extents_per_s',
+          value: Math.round(best),
+          unit: 'extents/s',
+          params: { ...params, of: 'best' },
+        },
+        '>= 1000000',
+        best >= 1_000_000,
+      ),
+    );
   } finally {
     await client.close();
   }
 }
 
 export async function run(ctx: SuiteContext): Promise<void> {
-  if (process.getuid?.() !== 0) throw new Error('the backup suite needs root: it publishes volumes through the Node service (losetup, /dev/fuse)');
+  if (process.getuid?.() !== 0)
+    throw new Error('the backup suite needs root: it publishes volumes through the Node service (losetup, /dev/fuse)');
   const sizes = ctx.quick ? QUICK : FULL;
   const d = await Driver.start(ctx.dir);
   try {

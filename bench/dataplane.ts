@@ -30,7 +30,6 @@ import {
   round,
   sizeLabel,
   targeted,
-  type BenchResult,
   type ParamValue,
   type Result,
   type SuiteContext,
@@ -47,7 +46,6 @@ const TOOLS: ReadonlyArray<readonly [string, string]> = [
   ['dd', 'coreutils'],
   ['fio', 'fio (apt-get install -y fio)'],
 ];
-
 
 interface Sizes {
   /** Bytes of each sequential pass, and the region the random writes land in. */
@@ -76,10 +74,8 @@ const QUICK: Sizes = {
   deltaReps: 3,
 };
 
-
-
 function onPath(tool: string): boolean {
-  return (process.env['PATH'] ?? '').split(':').some((d) => d !== '' && fs.existsSync(path.join(d, tool)));
+  return (process.env.PATH ?? '').split(':').some((d) => d !== '' && fs.existsSync(path.join(d, tool)));
 }
 
 /** Why this machine cannot run the suite, or undefined if it can. */
@@ -113,7 +109,10 @@ function runTool(command: string, args: readonly string[]): Promise<string> {
     child.on('close', (code, signal) => {
       running.delete(child);
       if (code === 0) resolve(stdout);
-      else reject(new Error(`${command} ${args.join(' ')} exited with ${code ?? signal}: ${stderr.trim() || stdout.trim()}`));
+      else
+        reject(
+          new Error(`${command} ${args.join(' ')} exited with ${code ?? signal}: ${stderr.trim() || stdout.trim()}`),
+        );
     });
   });
 }
@@ -161,7 +160,9 @@ function fioParams(job: FioJob): Record<string, ParamValue> {
     iodepth: FIO_COMMON.iodepth,
     bs: sizeLabel(job.bs),
     region: sizeLabel(job.size),
-    ...(job.runtimeS !== undefined ? { runtimeS: job.runtimeS, rampS: job.rampS ?? 0 } : { bytes: job.ioSize ?? job.size }),
+    ...(job.runtimeS !== undefined
+      ? { runtimeS: job.runtimeS, rampS: job.rampS ?? 0 }
+      : { bytes: job.ioSize ?? job.size }),
   };
 }
 
@@ -179,7 +180,8 @@ async function fio(job: FioJob): Promise<FioJobReport> {
     '--numjobs=1',
   ];
   if (job.ioSize !== undefined) args.push(`--io_size=${job.ioSize}`);
-  if (job.runtimeS !== undefined) args.push('--time_based=1', `--runtime=${job.runtimeS}`, `--ramp_time=${job.rampS ?? 0}`);
+  if (job.runtimeS !== undefined)
+    args.push('--time_based=1', `--runtime=${job.runtimeS}`, `--ramp_time=${job.rampS ?? 0}`);
   // fio counts end_fsync in the job's runtime (checked: 1 GiB buffered, 0.37 s without, 2.7 s with).
   if (job.endFsync) args.push('--end_fsync=1');
   if (job.randseed !== undefined) args.push(`--randseed=${job.randseed}`);
@@ -249,7 +251,16 @@ class DataPlaneDriver {
   static async start(dir: string, log: (m: string) => void): Promise<DataPlaneDriver> {
     const stateDir = path.join(dir, 'state');
     const socket = path.join(dir, 'csi.sock');
-    const args = ['--endpoint', `unix://${socket}`, '--state-dir', stateDir, '--node-id', 'bench-node', '--log-level', 'warn'];
+    const args = [
+      '--endpoint',
+      `unix://${socket}`,
+      '--state-dir',
+      stateDir,
+      '--node-id',
+      'bench-node',
+      '--log-level',
+      'warn',
+    ];
     const child = spawn(process.execPath, ['--import', 'tsx', path.join(ROOT, 'src/cli.ts'), 'serve', ...args], {
       cwd: ROOT,
       stdio: ['ignore', 'pipe', 'pipe'],
@@ -296,11 +307,20 @@ class DataPlaneDriver {
     fs.mkdirSync(staging, { recursive: true });
     fs.mkdirSync(path.dirname(target), { recursive: true });
     const t0 = performance.now();
-    await this.node.call('nodeStageVolume', { volumeId, stagingTargetPath: staging, volumeCapability: blockCapability });
+    await this.node.call('nodeStageVolume', {
+      volumeId,
+      stagingTargetPath: staging,
+      volumeCapability: blockCapability,
+    });
     const stageMs = msSince(t0);
     this.staged.set(volumeId, staging);
     const t1 = performance.now();
-    await this.node.call('nodePublishVolume', { volumeId, stagingTargetPath: staging, targetPath: target, volumeCapability: blockCapability });
+    await this.node.call('nodePublishVolume', {
+      volumeId,
+      stagingTargetPath: staging,
+      targetPath: target,
+      volumeCapability: blockCapability,
+    });
     const publishMs = msSince(t1);
     this.published.set(target, { volumeId, target });
     // The target is a bind mount of the device node: its rdev names the loop device.
@@ -346,10 +366,14 @@ class DataPlaneDriver {
       }
     };
     for (const p of [...this.published.values()]) {
-      await attempt(`unpublish ${p.target}`, () => this.node.call('nodeUnpublishVolume', { volumeId: p.volumeId, targetPath: p.target }));
+      await attempt(`unpublish ${p.target}`, () =>
+        this.node.call('nodeUnpublishVolume', { volumeId: p.volumeId, targetPath: p.target }),
+      );
     }
     for (const [volumeId, staging] of [...this.staged]) {
-      await attempt(`unstage ${volumeId}`, () => this.node.call('nodeUnstageVolume', { volumeId, stagingTargetPath: staging }));
+      await attempt(`unstage ${volumeId}`, () =>
+        this.node.call('nodeUnstageVolume', { volumeId, stagingTargetPath: staging }),
+      );
     }
     for (const snapshotId of [...this.snapshots]) {
       await attempt(`delete snapshot ${snapshotId}`, () => this.controller.call('deleteSnapshot', { snapshotId }));
@@ -363,7 +387,8 @@ class DataPlaneDriver {
     await attempt('stop the driver', () => this.stop());
     // The driver is gone now, so a FUSE mount still here is a dead one and goes too.
     const left = sweep(this.dir, devices, true);
-    if (left > 0) errors.push(new Error(`cleanup: ${left} mounts or loop devices were left behind and had to be removed`));
+    if (left > 0)
+      errors.push(new Error(`cleanup: ${left} mounts or loop devices were left behind and had to be removed`));
     if (errors.length > 0) throw errors[0];
   }
 
@@ -394,9 +419,9 @@ function loopDevicesUnder(stateDir: string): Array<{ name: string; backFile: str
   const list = spawnSync('losetup', ['--list', '--json', '--output', 'NAME,BACK-FILE'], { encoding: 'utf8' });
   if (list.status !== 0 || list.stdout.trim() === '') return [];
   const devices = (JSON.parse(list.stdout) as { loopdevices?: Array<Record<string, unknown>> }).loopdevices ?? [];
-  const prefix = path.join(stateDir, 'fuse') + '/';
+  const prefix = `${path.join(stateDir, 'fuse')}/`;
   return devices
-    .map((d) => ({ name: String(d['name']), backFile: String(d['back-file']) }))
+    .map((d) => ({ name: String(d.name), backFile: String(d['back-file']) }))
     .filter((d) => d.backFile.startsWith(prefix));
 }
 
@@ -599,7 +624,11 @@ function streamDelta(d: DataPlaneDriver, baseSnapshotId: string, targetSnapshotI
     let last = t0;
     let messages = 0;
     const blocks = new Set<number>();
-    const call = d.metadata.streamRaw('getMetadataDelta', { baseSnapshotId, targetSnapshotId }, { deadlineMs: 120_000 });
+    const call = d.metadata.streamRaw(
+      'getMetadataDelta',
+      { baseSnapshotId, targetSnapshotId },
+      { deadlineMs: 120_000 },
+    );
     call.on('data', (raw: Buffer) => {
       last = performance.now();
       messages++;
@@ -620,8 +649,18 @@ async function blockE2e(ctx: SuiteContext, d: DataPlaneDriver, sizes: Sizes): Pr
   const volumeId = await d.createBlockVolume('block-e2e', sizes.e2eCapacity);
   const published = await d.stageAndPublish(volumeId, 'block-e2e');
   const common = { capacity, blockSize: BLOCK, device: published.device, quick: ctx.quick };
-  ctx.emit({ metric: 'node_stage_block_ms', value: round(published.stageMs), unit: 'ms', params: { ...common, rpc: 'NodeStageVolume' } });
-  ctx.emit({ metric: 'node_publish_block_ms', value: round(published.publishMs), unit: 'ms', params: { ...common, rpc: 'NodePublishVolume' } });
+  ctx.emit({
+    metric: 'node_stage_block_ms',
+    value: round(published.stageMs),
+    unit: 'ms',
+    params: { ...common, rpc: 'NodeStageVolume' },
+  });
+  ctx.emit({
+    metric: 'node_publish_block_ms',
+    value: round(published.publishMs),
+    unit: 'ms',
+    params: { ...common, rpc: 'NodePublishVolume' },
+  });
 
   const writePhase = async (phase: number): Promise<{ blocks: Set<number>; job: FioJob }> => {
     const iolog = path.join(d.dir, `phase-${phase}.iolog`);
@@ -717,16 +756,19 @@ async function blockE2e(ctx: SuiteContext, d: DataPlaneDriver, sizes: Sizes): Pr
 
   await d.release(published);
   if (!verified) {
-    throw new Error(`the delta is not the set of blocks written between the snapshots: ${missing} missing, ${extra} extra`);
+    throw new Error(
+      `the delta is not the set of blocks written between the snapshots: ${missing} missing, ${extra} extra`,
+    );
   }
 }
 
 // ---------------------------------------------------------------------------------------------------------------
 
-const CASES: ReadonlyArray<readonly [string, (ctx: SuiteContext, d: DataPlaneDriver, sizes: Sizes) => Promise<void>]> = [
-  ['throughput', throughput],
-  ['block-e2e', blockE2e],
-];
+const CASES: ReadonlyArray<readonly [string, (ctx: SuiteContext, d: DataPlaneDriver, sizes: Sizes) => Promise<void>]> =
+  [
+    ['throughput', throughput],
+    ['block-e2e', blockE2e],
+  ];
 
 export async function run(ctx: SuiteContext): Promise<void> {
   const missing = missingPrerequisite();

@@ -26,7 +26,6 @@ import {
   sizeLabel,
   targeted,
   TiB,
-  type BenchResult,
   type ParamValue,
   type Result,
   type SuiteContext,
@@ -37,9 +36,6 @@ const BLOCK = 4 * KiB;
 const SEED = 20261121;
 const MEMORY_CHILD_FLAG = '--memory-child';
 const MEMORY_CHILD_ENV = 'CBT_BENCH_MEMORY_CHILD';
-
-
-
 
 function freeBytes(dir: string): number {
   const s = fs.statfsSync(dir);
@@ -73,7 +69,6 @@ async function drain(stream: AsyncIterable<Extent[]>): Promise<Drained> {
   }
   return { extents, bytes };
 }
-
 
 /** Writes one block at each listed block index, logging progress on long runs. */
 function writeBlocks(
@@ -379,7 +374,9 @@ async function seqWrite(ctx: SuiteContext): Promise<void> {
     params: { ...params, samples: fsRates.map((x) => x.toFixed(1)).join(',') },
   });
   const ratio = engineBest / fsBest;
-  ctx.emit(targeted({ metric: 'seq_write_engine_vs_fs', value: round(ratio), unit: 'x', params }, '>= 0.5', ratio >= 0.5));
+  ctx.emit(
+    targeted({ metric: 'seq_write_engine_vs_fs', value: round(ratio), unit: 'x', params }, '>= 0.5', ratio >= 0.5),
+  );
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -409,7 +406,11 @@ async function randomWrite(ctx: SuiteContext): Promise<void> {
     await store.flush(vol.id);
     const iops = writes / (msSince(t0) / 1000);
     ctx.emit(
-      targeted({ metric: 'random_write_4k_iops', value: Math.round(iops), unit: 'IOPS', params }, '>= 20000', iops >= 20_000),
+      targeted(
+        { metric: 'random_write_4k_iops', value: Math.round(iops), unit: 'IOPS', params },
+        '>= 20000',
+        iops >= 20_000,
+      ),
     );
   });
 
@@ -460,7 +461,9 @@ async function memory(ctx: SuiteContext): Promise<void> {
   const free = freeBytes(ctx.dir);
   // Head room beyond the data itself: catalog, WAL, and whatever else shares the disk.
   if (free < dataBytes * 1.25 + GiB) {
-    throw new Error(`memory case needs ~${(dataBytes / 1e9).toFixed(1)} GB on disk, only ${(free / 1e9).toFixed(1)} GB free`);
+    throw new Error(
+      `memory case needs ~${(dataBytes / 1e9).toFixed(1)} GB on disk, only ${(free / 1e9).toFixed(1)} GB free`,
+    );
   }
   const report = await runMemoryChild(args, ctx.log);
   ctx.emit(
@@ -502,7 +505,11 @@ function runMemoryChild(args: MemoryChildArgs, log: (m: string) => void): Promis
       process.execPath,
       ['--expose-gc', '--import', 'tsx', self, MEMORY_CHILD_FLAG],
       // Arguments travel in the environment: the engine's native bitmap module parses argv when it loads.
-      { cwd: root, stdio: ['ignore', 'pipe', 'pipe'], env: { ...process.env, [MEMORY_CHILD_ENV]: JSON.stringify(args) } },
+      {
+        cwd: root,
+        stdio: ['ignore', 'pipe', 'pipe'],
+        env: { ...process.env, [MEMORY_CHILD_ENV]: JSON.stringify(args) },
+      },
     );
     // The runner exits from its signal handlers: take the child down with it rather than leave it writing GBs,
     // and before the runner's own exit handler removes the directory the child writes in.

@@ -17,7 +17,6 @@ import * as readline from 'node:readline';
 import type { Readable, Writable } from 'node:stream';
 import { fileURLToPath, pathToFileURL } from 'node:url';
 import { Controller, SnapshotMetadata, VolumeCapability_AccessMode_Mode } from '../src/gen/csi/v1/csi_pb.js';
-import type { GetMetadataDeltaResponse } from '../src/gen/csi/v1/csi_pb.js';
 import type { ExtentStyle } from '../storage-engine/index.js';
 import { packageVersion, type DriverConfig } from '../src/config.js';
 import { createLogger } from '../src/logging.js';
@@ -38,7 +37,6 @@ import {
   sizeLabel,
   targeted,
   TiB,
-  type BenchResult,
   type ParamValue,
   type Result,
   type SuiteContext,
@@ -49,11 +47,6 @@ const SEED = 20261122;
 const DRIVER_CHILD_FLAG = '--driver-child';
 /** The CLI's --default-max-results default: what max_results 0 gets. */
 const DEFAULT_MAX_RESULTS = 4096;
-
-
-
-
-
 
 // ---------------------------------------------------------------------------------------------------------------
 // The driver child and its command channel.
@@ -98,7 +91,7 @@ class DriverChild {
     const self = fileURLToPath(import.meta.url);
     const root = path.resolve(path.dirname(self), '..');
     const config: ChildConfig = { dir, socket: path.join(dir, 'csi.sock') };
-    const profDir = process.env['BENCH_CPU_PROF'];
+    const profDir = process.env.BENCH_CPU_PROF;
     const nodeArgs = profDir ? ['--cpu-prof', `--cpu-prof-dir=${path.resolve(profDir)}`] : [];
     const child = spawn(
       process.execPath,
@@ -305,7 +298,9 @@ async function deltaE2e(ctx: SuiteContext, d: DriverChild): Promise<void> {
       const expectedTuples = style === 'FIXED' ? changed : runs;
       const verified = first.tuples === expectedTuples && first.bytes === changed * BLOCK;
       if (!verified) {
-        ctx.log(`WARNING delta-e2e ${style} ${capacity}: ${first.tuples} tuples / ${first.bytes} bytes, expected ${expectedTuples} / ${changed * BLOCK}`);
+        ctx.log(
+          `WARNING delta-e2e ${style} ${capacity}: ${first.tuples} tuples / ${first.bytes} bytes, expected ${expectedTuples} / ${changed * BLOCK}`,
+        );
       }
       const samples: number[] = [];
       const statusSamples: number[] = [];
@@ -351,7 +346,13 @@ async function deltaE2e(ctx: SuiteContext, d: DriverChild): Promise<void> {
           metric: 'get_metadata_delta_capacity_ratio',
           value: round(ratio),
           unit: 'x',
-          params: { numerator: sizeLabel(large), denominator: sizeLabel(small), style, changedBlocks: changed, quick: ctx.quick },
+          params: {
+            numerator: sizeLabel(large),
+            denominator: sizeLabel(small),
+            style,
+            changedBlocks: changed,
+            quick: ctx.quick,
+          },
         },
         '<= 2',
         ratio <= 2,
@@ -382,7 +383,8 @@ async function streamRate(ctx: SuiteContext, d: DriverChild): Promise<void> {
   for (const setting of settings) {
     const first = await streamDelta(d.metadata, base, target, setting.maxResults);
     const verified = first.tuples === changed && first.bytes === changed * BLOCK && first.allFixedSize;
-    if (!verified) ctx.log(`WARNING stream-rate max_results ${setting.maxResults}: ${first.tuples} tuples / ${first.bytes} bytes`);
+    if (!verified)
+      ctx.log(`WARNING stream-rate max_results ${setting.maxResults}: ${first.tuples} tuples / ${first.bytes} bytes`);
     const rates: number[] = [];
     const times: number[] = [];
     for (let r = 0; r < reps; r++) {
@@ -436,12 +438,24 @@ async function createSnapshotLatency(ctx: SuiteContext, d: DriverChild): Promise
   const engineSamples: number[] = [];
   const noopSamples: number[] = [];
   for (let i = 0; i < snapshots; i++) {
-    await d.run({ op: 'writeRandom', volumeId, count: writesBetween, totalBlocks: capacityBytes / BLOCK, seed: SEED + 100 + i });
+    await d.run({
+      op: 'writeRandom',
+      volumeId,
+      count: writesBetween,
+      totalBlocks: capacityBytes / BLOCK,
+      seed: SEED + 100 + i,
+    });
     const t0 = performance.now();
     await createSnapshot(d, volumeId, `lat-${i}`);
     samples.push(msSince(t0));
     // The same work without gRPC, and gRPC without the work: where the RPC's time goes.
-    await d.run({ op: 'writeRandom', volumeId, count: writesBetween, totalBlocks: capacityBytes / BLOCK, seed: SEED + 200 + i });
+    await d.run({
+      op: 'writeRandom',
+      volumeId,
+      count: writesBetween,
+      totalBlocks: capacityBytes / BLOCK,
+      seed: SEED + 200 + i,
+    });
     engineSamples.push(await d.run({ op: 'snapshotDirect', volumeId, name: `lat-direct-${i}` }));
     const t1 = performance.now();
     await d.controller.call('controllerGetCapabilities', {});
@@ -460,7 +474,9 @@ async function createSnapshotLatency(ctx: SuiteContext, d: DriverChild): Promise
     maxMs: round(Math.max(...samples)),
     quick: ctx.quick,
   };
-  ctx.emit(targeted({ metric: 'create_snapshot_rpc_p50_ms', value: round(p50), unit: 'ms', params }, '< 20 ms', p50 < 20));
+  ctx.emit(
+    targeted({ metric: 'create_snapshot_rpc_p50_ms', value: round(p50), unit: 'ms', params }, '< 20 ms', p50 < 20),
+  );
   ctx.emit({ metric: 'create_snapshot_rpc_p99_ms', value: round(percentile(samples, 99)), unit: 'ms', params });
   const context = {
     ...params,
@@ -468,7 +484,12 @@ async function createSnapshotLatency(ctx: SuiteContext, d: DriverChild): Promise
     minMs: round(Math.min(...engineSamples)),
     maxMs: round(Math.max(...engineSamples)),
   };
-  ctx.emit({ metric: 'create_snapshot_engine_p50_ms', value: round(percentile(engineSamples, 50)), unit: 'ms', params: context });
+  ctx.emit({
+    metric: 'create_snapshot_engine_p50_ms',
+    value: round(percentile(engineSamples, 50)),
+    unit: 'ms',
+    params: context,
+  });
   ctx.emit({
     metric: 'unary_rpc_roundtrip_p50_ms',
     value: round(percentile(noopSamples, 50)),

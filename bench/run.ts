@@ -31,17 +31,21 @@ function parseArgs(argv: readonly string[]): Args {
   const args: Args = { suites: [], quick: false, dir: undefined, only: undefined };
   for (let i = 0; i < argv.length; i++) {
     const arg = argv[i]!;
-    const valueOf = (name: string): string => {
+    const valueFor = (flag: string): string => {
       const eq = arg.indexOf('=');
       if (eq >= 0) return arg.slice(eq + 1);
       const next = argv[++i];
-      if (next === undefined || next.startsWith('--')) throw new UsageError(`${name} needs a value`);
+      if (next === undefined || next.startsWith('--')) throw new UsageError(`${flag} needs a value`);
       return next;
     };
     if (arg === '--quick') args.quick = true;
-    else if (arg === '--dir' || arg.startsWith('--dir=')) args.dir = valueOf('--dir');
+    else if (arg === '--dir' || arg.startsWith('--dir=')) args.dir = valueFor('--dir');
     else if (arg === '--only' || arg.startsWith('--only=')) {
-      args.only = new Set(valueOf('--only').split(',').filter((s) => s !== ''));
+      args.only = new Set(
+        valueFor('--only')
+          .split(',')
+          .filter((s) => s !== ''),
+      );
     } else if (arg === '--help' || arg === '-h') throw new UsageError('');
     else if (arg.startsWith('-')) throw new UsageError(`unknown option ${arg}`);
     else args.suites.push(arg);

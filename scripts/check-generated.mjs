@@ -2,15 +2,15 @@
 // Fails when src/gen is not exactly what `npm run generate` would produce from proto/,
 // so a .proto edit without regeneration (or a hand edit of generated code) cannot land.
 // Usage: node scripts/check-generated.mjs   (run from the repository root)
-import { spawnSync } from "node:child_process";
-import { mkdtempSync, readdirSync, readFileSync, rmSync, existsSync } from "node:fs";
-import { tmpdir } from "node:os";
-import { join, relative, resolve } from "node:path";
-import { fileURLToPath } from "node:url";
+import { spawnSync } from 'node:child_process';
+import { mkdtempSync, readdirSync, readFileSync, rmSync, existsSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join, relative, resolve } from 'node:path';
+import { fileURLToPath } from 'node:url';
 
-const root = resolve(fileURLToPath(new URL("..", import.meta.url)));
-const generatedDir = "src/gen";
-const buf = join(root, "node_modules", ".bin", "buf");
+const root = resolve(fileURLToPath(new URL('..', import.meta.url)));
+const generatedDir = 'src/gen';
+const buf = join(root, 'node_modules', '.bin', 'buf');
 
 /** Relative paths of all files under dir, sorted; empty when dir is absent. */
 function listFiles(dir) {
@@ -27,11 +27,11 @@ function listFiles(dir) {
   return out.sort();
 }
 
-const scratch = mkdtempSync(join(tmpdir(), "cbt-csi-gen-"));
+const scratch = mkdtempSync(join(tmpdir(), 'cbt-csi-gen-'));
 let exitCode = 0;
 try {
   // -o prefixes the template's out dirs, so fresh code lands in <scratch>/src/gen.
-  const gen = spawnSync(buf, ["generate", "--output", scratch], { cwd: root, stdio: "inherit" });
+  const gen = spawnSync(buf, ['generate', '--output', scratch], { cwd: root, stdio: 'inherit' });
   if (gen.status !== 0) {
     console.error(`check:generated: buf generate failed (exit ${gen.status ?? gen.signal})`);
     exitCode = 2;
@@ -52,7 +52,7 @@ try {
     if (problems.length > 0) {
       console.error(`check:generated: ${generatedDir} is out of date with proto/:`);
       for (const p of problems) console.error(`  ${p}`);
-      console.error("Run `npm run generate` and commit the result.");
+      console.error('Run `npm run generate` and commit the result.');
       exitCode = 1;
     } else {
       console.log(`check:generated: ${generatedDir} is up to date (${freshFiles.length} files).`);

@@ -3,7 +3,16 @@
 import os from 'node:os';
 import path from 'node:path';
 import { Command, InvalidArgumentError, Option } from 'commander';
-import { DRIVER_ROLES, LOG_LEVELS, formatEndpoint, packageVersion, parseEndpoint, type DriverConfig, type DriverRole, type LogLevel } from './config.js';
+import {
+  DRIVER_ROLES,
+  LOG_LEVELS,
+  formatEndpoint,
+  packageVersion,
+  parseEndpoint,
+  type DriverConfig,
+  type DriverRole,
+  type LogLevel,
+} from './config.js';
 import type { ExtentStyle } from '../storage-engine/index.js';
 import { createLogger } from './logging.js';
 import { startDriver } from './server.js';
@@ -20,26 +29,39 @@ function positiveInteger(value: string): number {
 
 function nonNegativeSeconds(value: string): number {
   const n = Number(value);
-  if (value.trim() === '' || !Number.isFinite(n) || n < 0) throw new InvalidArgumentError('expected a number of seconds, 0 or more');
+  if (value.trim() === '' || !Number.isFinite(n) || n < 0)
+    throw new InvalidArgumentError('expected a number of seconds, 0 or more');
   return n;
 }
 
 function nonNegativeDays(value: string): number {
   const n = Number(value);
-  if (value.trim() === '' || !Number.isFinite(n) || n < 0) throw new InvalidArgumentError('expected a number of days, 0 or more');
+  if (value.trim() === '' || !Number.isFinite(n) || n < 0)
+    throw new InvalidArgumentError('expected a number of days, 0 or more');
   return n;
 }
 
 function nonNegativeInteger(value: string): number {
   const n = Number(value);
-  if (value.trim() === '' || !Number.isSafeInteger(n) || n < 0) throw new InvalidArgumentError('expected a whole number, 0 or more');
+  if (value.trim() === '' || !Number.isSafeInteger(n) || n < 0)
+    throw new InvalidArgumentError('expected a whole number, 0 or more');
   return n;
 }
 
 function byteSize(value: string): number {
   const m = /^(\d+)\s*(|k|ki|m|mi|g|gi|t|ti)b?$/i.exec(value.trim());
   if (!m) throw new InvalidArgumentError('expected bytes, e.g. 4096, 64Ki, 100Gi');
-  const units: Record<string, number> = { '': 1, k: 1e3, ki: 2 ** 10, m: 1e6, mi: 2 ** 20, g: 1e9, gi: 2 ** 30, t: 1e12, ti: 2 ** 40 };
+  const units: Record<string, number> = {
+    '': 1,
+    k: 1e3,
+    ki: 2 ** 10,
+    m: 1e6,
+    mi: 2 ** 20,
+    g: 1e9,
+    gi: 2 ** 30,
+    t: 1e12,
+    ti: 2 ** 40,
+  };
   const n = Number(m[1]) * units[m[2]!.toLowerCase()]!;
   if (!Number.isSafeInteger(n) || n <= 0) throw new InvalidArgumentError('size out of range');
   return n;
@@ -52,41 +74,73 @@ export function buildProgram(): Command {
   program
     .command('serve')
     .description('run the CSI driver (Identity, Controller, SnapshotMetadata, Node) on a gRPC endpoint')
-    .option('--endpoint <endpoint>', 'unix:///path/csi.sock or tcp://127.0.0.1:PORT (env CSI_ENDPOINT)', process.env['CSI_ENDPOINT'])
+    .option(
+      '--endpoint <endpoint>',
+      'unix:///path/csi.sock or tcp://127.0.0.1:PORT (env CSI_ENDPOINT)',
+      process.env.CSI_ENDPOINT,
+    )
     .option('--state-dir <dir>', 'where volumes and snapshots are stored', '.state')
-    .option('--node-id <id>', 'this node\'s ID', os.hostname())
+    .option('--node-id <id>', "this node's ID", os.hostname())
     .option('--driver-name <name>', 'CSI driver name', 'cbt.csi.dev')
-    .option('--default-block-size <bytes>', 'block size of volumes whose StorageClass names none', (v) => parseCliBlockSize(v), 4096)
+    .option(
+      '--default-block-size <bytes>',
+      'block size of volumes whose StorageClass names none',
+      (v) => parseCliBlockSize(v),
+      4096,
+    )
     .addOption(
       new Option('--metadata-style <style>', 'BlockMetadata style of volumes whose StorageClass names none')
         .choices(['FIXED', 'VARIABLE'])
         .default('VARIABLE'),
     )
     .addOption(
-      new Option('--metadata-profile <profile>', 'SnapshotMetadata behaviour of volumes whose StorageClass names no metadataProfile')
+      new Option(
+        '--metadata-profile <profile>',
+        'SnapshotMetadata behaviour of volumes whose StorageClass names no metadataProfile',
+      )
         .choices(METADATA_PROFILES as string[])
         .default('exact'),
     )
     .option('--capacity <bytes>', 'provisioning limit reported by GetCapacity (default: free disk)', byteSize)
     .option('--default-max-results <n>', 'metadata tuples per response when max_results is 0', positiveInteger, 4096)
     .addOption(new Option('--log-level <level>', 'log level').choices(LOG_LEVELS as string[]).default('info'))
-    .option('--metrics-address <host:port>', 'serve Prometheus metrics at http://HOST:PORT/metrics (port 0: any free port)')
+    .option(
+      '--metrics-address <host:port>',
+      'serve Prometheus metrics at http://HOST:PORT/metrics (port 0: any free port)',
+    )
     .addOption(
-      new Option('--role <role>', 'services to serve: all, controller (Identity, Controller, SnapshotMetadata) or node (Identity, Node)')
+      new Option(
+        '--role <role>',
+        'services to serve: all, controller (Identity, Controller, SnapshotMetadata) or node (Identity, Node)',
+      )
         .choices(DRIVER_ROLES as string[])
         .default('all'),
     )
-    .option('--max-volumes-per-node <n>', 'max_volumes_per_node reported by NodeGetInfo (default: the CO decides)', positiveInteger)
+    .option(
+      '--max-volumes-per-node <n>',
+      'max_volumes_per_node reported by NodeGetInfo (default: the CO decides)',
+      positiveInteger,
+    )
     .option(
       '--deleted-snapshot-retention <days>',
       'how long a deleted snapshot stays usable as GetMetadataDelta base (its change record), then FAILED_PRECONDITION',
       nonNegativeDays,
       30,
     )
-    .option('--deleted-snapshot-max <n>', 'deleted snapshots per volume kept usable as delta bases (oldest expire first)', nonNegativeInteger, 256)
+    .option(
+      '--deleted-snapshot-max <n>',
+      'deleted snapshots per volume kept usable as delta bases (oldest expire first)',
+      nonNegativeInteger,
+      256,
+    )
     .option('--faults <file>', 'vendor bench: fault rules (YAML) in force from the start; none unless given')
     .option('--admin-endpoint <path>', 'vendor bench: unix socket (0600) for `cbt-csi faults`; off unless given')
-    .option('--drain-timeout <seconds>', 'on SIGTERM, how long in-flight calls may take before they are reset', nonNegativeSeconds, 25)
+    .option(
+      '--drain-timeout <seconds>',
+      'on SIGTERM, how long in-flight calls may take before they are reset',
+      nonNegativeSeconds,
+      25,
+    )
     .action(async (opts: ServeFlags) => {
       await serve(opts);
     });

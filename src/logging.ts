@@ -5,7 +5,15 @@ import type { LogLevel } from './config.js';
 export type { Logger };
 
 /** Paths pino blanks out wherever they occur in a logged object. */
-const REDACT = ['secrets', '*.secrets', 'request.secrets', 'req.secrets', '*.*.secrets', 'securityToken', '*.securityToken'];
+const REDACT = [
+  'secrets',
+  '*.secrets',
+  'request.secrets',
+  'req.secrets',
+  '*.*.secrets',
+  'securityToken',
+  '*.securityToken',
+];
 
 export function createLogger(level: LogLevel, stream?: DestinationStream): Logger {
   return pino(

@@ -39,7 +39,8 @@ export class DriverMetrics {
     const at = address.lastIndexOf(':');
     const host = at > 0 ? address.slice(0, at).replace(/^\[|\]$/g, '') : '127.0.0.1';
     const port = Number(address.slice(at + 1));
-    if (!Number.isInteger(port) || port < 0 || port > 65535) throw new Error(`metrics address ${address}: expected HOST:PORT`);
+    if (!Number.isInteger(port) || port < 0 || port > 65535)
+      throw new Error(`metrics address ${address}: expected HOST:PORT`);
     const server = http.createServer((req, res) => {
       if (req.url !== '/metrics') {
         res.writeHead(404).end();

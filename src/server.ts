@@ -57,7 +57,10 @@ export async function startDriver(config: DriverConfig, logger: Logger): Promise
     // The engine enforces the limit after its last await, so concurrent creates cannot overshoot it.
     capacityLimitBytes: config.capacityBytes,
     onEvent: storeEventReporter(logger, metrics.registry),
-    deletedSnapshotRetention: { maxAgeMs: config.deletedSnapshotMaxAgeMs, maxPerVolume: config.deletedSnapshotMaxPerVolume },
+    deletedSnapshotRetention: {
+      maxAgeMs: config.deletedSnapshotMaxAgeMs,
+      maxPerVolume: config.deletedSnapshotMaxPerVolume,
+    },
   });
   const role = config.role ?? 'all';
   // The node data plane shares this process's store: a store is opened once, by one process.
@@ -71,7 +74,10 @@ export async function startDriver(config: DriverConfig, logger: Logger): Promise
   }
   let ready = false;
   const ctx: DriverContext = { store, config, logger, isReady: () => ready };
-  const faults = new FaultInjector({ logger, metrics, volumeOfSnapshot: (id) => snapshotVolume(store, id) }, config.faults ?? []);
+  const faults = new FaultInjector(
+    { logger, metrics, volumeOfSnapshot: (id) => snapshotVolume(store, id) },
+    config.faults ?? [],
+  );
   const shutdown = new AbortController();
   // Every in-flight call listens on the shutdown signal; many concurrent calls are normal, not a leak.
   setMaxListeners(0, shutdown.signal);
@@ -133,7 +139,10 @@ export async function startDriver(config: DriverConfig, logger: Logger): Promise
     throw err;
   }
   ready = true;
-  logger.info({ endpoint: formatEndpoint(endpoint), driver: config.driverName, version: config.version, role }, 'serving');
+  logger.info(
+    { endpoint: formatEndpoint(endpoint), driver: config.driverName, version: config.version, role },
+    'serving',
+  );
 
   let stopping: Promise<void> | undefined;
   const stop = () =>
@@ -145,7 +154,9 @@ export async function startDriver(config: DriverConfig, logger: Logger): Promise
       for (const session of sessions) session.close();
       const drained = await Promise.race([
         closed.then(() => true),
-        new Promise<false>((resolve) => setTimeout(resolve, config.drainTimeoutMs ?? DEFAULT_DRAIN_TIMEOUT_MS, false).unref()),
+        new Promise<false>((resolve) =>
+          setTimeout(resolve, config.drainTimeoutMs ?? DEFAULT_DRAIN_TIMEOUT_MS, false).unref(),
+        ),
       ]);
       shutdown.abort();
       if (!drained) {
@@ -158,7 +169,9 @@ export async function startDriver(config: DriverConfig, logger: Logger): Promise
       await new Promise<void>((resolve) => (metricsServer ? metricsServer.server.close(() => resolve()) : resolve()));
       await admin?.close();
       // Devices still attached to volume files fail from here on (documented in docs/node-data-plane.md).
-      await nodeVolumes?.stop().catch((err: unknown) => logger.error({ err: String(err) }, 'unmounting the volume files failed'));
+      await nodeVolumes
+        ?.stop()
+        .catch((err: unknown) => logger.error({ err: String(err) }, 'unmounting the volume files failed'));
       await store.close();
       if (endpoint.kind === 'unix') fs.rmSync(endpoint.path, { force: true });
       logger.info('stopped');

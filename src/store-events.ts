@@ -28,7 +28,9 @@ export function storeEventReporter(logger: Logger, registry: Registry): (event: 
         compactionFailures.inc({ reason: event.noSpace ? 'no_space' : 'error' });
         logger.warn(
           { err: event.error.message, noSpace: event.noSpace, failures: event.failures, retryInMs: event.retryInMs },
-          event.noSpace ? 'compaction failed: the state disk is full; hidden layers keep their space until it succeeds' : 'compaction failed',
+          event.noSpace
+            ? 'compaction failed: the state disk is full; hidden layers keep their space until it succeeds'
+            : 'compaction failed',
         );
         return;
       case 'compaction-recovered':
@@ -36,7 +38,10 @@ export function storeEventReporter(logger: Logger, registry: Registry): (event: 
         return;
       case 'space-reserve-released':
         reserveReleases.inc();
-        logger.warn({ bytes: event.bytes, for: event.for }, 'the state disk is full: gave back the space reserve so a delete could commit');
+        logger.warn(
+          { bytes: event.bytes, for: event.for },
+          'the state disk is full: gave back the space reserve so a delete could commit',
+        );
         return;
       case 'space-reserve-restored':
         logger.info({ bytes: event.bytes }, 'space reserve in place');

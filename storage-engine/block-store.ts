@@ -19,7 +19,13 @@
 import fs from 'node:fs';
 import path from 'node:path';
 import { BlockIo } from './block-io.js';
-import { checkAddressable, probeFileSystem, storeCapacity, type FileSystemLimits, type StoreCapacity } from './capacity.js';
+import {
+  checkAddressable,
+  probeFileSystem,
+  storeCapacity,
+  type FileSystemLimits,
+  type StoreCapacity,
+} from './capacity.js';
 import { Catalog, type TombstoneRow } from './catalog.js';
 import { allocatedBlocks, chainOf, changedBlocks, indexChain } from './chain.js';
 import { type CompactionHost, Compactor } from './compaction.js';
@@ -167,7 +173,12 @@ export class BlockStore {
     for (const row of this.catalog.allVolumes()) this.records.addVolume(volumeFromRow(row));
     for (const row of this.catalog.allSnapshots()) this.records.addSnapshot(snapshotFromRow(row));
     for (const row of this.catalog.allGroups()) {
-      this.records.addGroup({ id: row.id, name: row.name ?? undefined, snapshotIds: row.snapshot_ids, createdAtMs: row.created_at_ms });
+      this.records.addGroup({
+        id: row.id,
+        name: row.name ?? undefined,
+        snapshotIds: row.snapshot_ids,
+        createdAtMs: row.created_at_ms,
+      });
     }
     for (const row of this.catalog.allTombstones()) {
       this.tombstones.add({
@@ -400,7 +411,13 @@ export class BlockStore {
   }
 
   /** Reads into a caller's buffer (the data plane's path: no allocation per request). */
-  readInto(volumeId: string, offset: number, target: Uint8Array, targetOffset = 0, length = target.length - targetOffset): void {
+  readInto(
+    volumeId: string,
+    offset: number,
+    target: Uint8Array,
+    targetOffset = 0,
+    length = target.length - targetOffset,
+  ): void {
     this.checkOpen();
     const vol = this.records.volume(volumeId);
     checkRange(offset, length, vol.capacityBytes, 'read');
@@ -475,7 +492,8 @@ export class BlockStore {
     }
     const members = req.members.map((m) => ({ volumeId: m.volumeId, attributes: checkAttributes(m.attributes) }));
     const volumeIds = members.map((m) => m.volumeId);
-    if (new Set(volumeIds).size !== volumeIds.length) throw new InvalidArgumentError('a volume is named twice in the group');
+    if (new Set(volumeIds).size !== volumeIds.length)
+      throw new InvalidArgumentError('a volume is named twice in the group');
     const existing = this.records.sameNameGroup(name, volumeIds);
     if (existing) return this.groupInfo(existing);
     for (const id of volumeIds) this.records.volume(id);
@@ -530,7 +548,12 @@ export class BlockStore {
     // A fixed order (sorted) so two groups over the same volumes cannot wait on each other.
     const sorted = [...volumeIds].sort();
     const lockVolumes = (i: number): Promise<T> =>
-      i === sorted.length ? lockHeads(0, sorted.map((id) => this.layer(this.records.volume(id).headId))) : this.volumeLocks.run(sorted[i]!, () => lockVolumes(i + 1));
+      i === sorted.length
+        ? lockHeads(
+            0,
+            sorted.map((id) => this.layer(this.records.volume(id).headId)),
+          )
+        : this.volumeLocks.run(sorted[i]!, () => lockVolumes(i + 1));
     const lockHeads = (i: number, heads: Layer[]): Promise<T> =>
       i === heads.length
         ? (async () => {
@@ -580,7 +603,12 @@ export class BlockStore {
           return layer;
         });
         if (group) {
-          this.catalog.insertGroup({ id: group.id, name: group.name ?? null, created_at_ms: group.createdAtMs, snapshot_ids: group.snapshotIds });
+          this.catalog.insertGroup({
+            id: group.id,
+            name: group.name ?? null,
+            created_at_ms: group.createdAtMs,
+            snapshot_ids: group.snapshotIds,
+          });
         }
         return heads;
       }),
@@ -612,7 +640,8 @@ export class BlockStore {
   listSnapshots(filter: { sourceVolumeId?: string } = {}): SnapshotInfo[] {
     this.checkOpen();
     const all = [...this.records.snapshots.values()];
-    const wanted = filter.sourceVolumeId === undefined ? all : all.filter((s) => s.sourceVolumeId === filter.sourceVolumeId);
+    const wanted =
+      filter.sourceVolumeId === undefined ? all : all.filter((s) => s.sourceVolumeId === filter.sourceVolumeId);
     return wanted.map(snapshotInfo);
   }
 
@@ -949,7 +978,8 @@ function sourceBlockSize(asked: number | undefined, sourceBlockSize: number, wha
 }
 
 function extentQuery(options: ExtentQueryOptions, capacityBytes: number) {
-  if (options === null || typeof options !== 'object') throw new InvalidArgumentError('query options must be an object');
+  if (options === null || typeof options !== 'object')
+    throw new InvalidArgumentError('query options must be an object');
   const style = options.style ?? 'VARIABLE';
   if (style !== 'FIXED' && style !== 'VARIABLE') {
     throw new InvalidArgumentError(`extent style must be FIXED or VARIABLE, got ${String(style)}`);

@@ -111,9 +111,7 @@ export class Catalog {
     this.migrate();
     const db = this.db;
     this.stmt = {
-      insertLayer: db.prepare(
-        'INSERT INTO layers (parent_id, block_size, frozen, created_at_ms) VALUES (?, ?, 0, ?)',
-      ),
+      insertLayer: db.prepare('INSERT INTO layers (parent_id, block_size, frozen, created_at_ms) VALUES (?, ?, 0, ?)'),
       deleteLayer: db.prepare('DELETE FROM layers WHERE id = ?'),
       deleteJournal: db.prepare('DELETE FROM layer_journal WHERE layer_id = ?'),
       setLayerParent: db.prepare('UPDATE layers SET parent_id = ? WHERE id = ?'),
@@ -152,7 +150,9 @@ export class Catalog {
       deleteTombstone: db.prepare('DELETE FROM tombstones WHERE snapshot_id = ?'),
       allTombstones: db.prepare('SELECT * FROM tombstones ORDER BY deleted_at_ms'),
       insertGroup: db.prepare('INSERT INTO snapshot_groups (id, name, created_at_ms) VALUES (?, ?, ?)'),
-      insertGroupMember: db.prepare('INSERT INTO snapshot_group_members (snapshot_id, group_id, position) VALUES (?, ?, ?)'),
+      insertGroupMember: db.prepare(
+        'INSERT INTO snapshot_group_members (snapshot_id, group_id, position) VALUES (?, ?, ?)',
+      ),
       deleteGroup: db.prepare('DELETE FROM snapshot_groups WHERE id = ?'),
       deleteGroupMembers: db.prepare('DELETE FROM snapshot_group_members WHERE group_id = ?'),
       allGroups: db.prepare('SELECT * FROM snapshot_groups ORDER BY rowid'),
@@ -369,7 +369,7 @@ export class Catalog {
 
   insertGroup(row: GroupRow): void {
     this.stmt.insertGroup.run(row.id, row.name, row.created_at_ms);
-    row.snapshot_ids.forEach((snapshotId, i) => this.stmt.insertGroupMember.run(snapshotId, row.id, i));
+    for (const [i, snapshotId] of row.snapshot_ids.entries()) this.stmt.insertGroupMember.run(snapshotId, row.id, i);
   }
 
   deleteGroup(id: string): void {

@@ -22,7 +22,7 @@ export function chainOf(top: number | null, layers: ReadonlyMap<number, Layer>):
 /** Blocks whose topmost entry in the chain is a write (not a trim), below `blockLimit`. */
 export function allocatedBlocks(chain: readonly Layer[], blockLimit: number): Bitmap {
   const result = new Bitmap();
-  forEachVisible(chain, (layer, visible) => {
+  forEachVisible(chain, (_layer, visible) => {
     if (!visible.isEmpty) result.orInPlace(visible);
   });
   return clipBelow(result, blockLimit);

@@ -134,7 +134,9 @@ export class Compactor {
   private failed(err: unknown): void {
     this.failures++;
     const retryInMs =
-      this.retry && !this.stopped ? Math.min(this.retry.maxMs, this.retry.firstMs * 2 ** Math.min(this.failures - 1, 30)) : undefined;
+      this.retry && !this.stopped
+        ? Math.min(this.retry.maxMs, this.retry.firstMs * 2 ** Math.min(this.failures - 1, 30))
+        : undefined;
     const error = err instanceof Error ? err : new Error(String(err));
     this.emit({ type: 'compaction-failed', error, noSpace: isNoSpace(err), failures: this.failures, retryInMs });
     if (retryInMs === undefined) return;
@@ -258,7 +260,11 @@ export class Compactor {
           catalog.appendJournal(upper.id, user.setWritten, user.setTrimmed);
           catalog.appendJournal(upper.id, mergedWritten, mergedTrimmed);
         } else {
-          catalog.freezeLayer(upper.id, Bitmap.or(upper.written, mergedWritten), Bitmap.or(upper.trimmed, mergedTrimmed));
+          catalog.freezeLayer(
+            upper.id,
+            Bitmap.or(upper.written, mergedWritten),
+            Bitmap.or(upper.trimmed, mergedTrimmed),
+          );
         }
         catalog.setLayerParent(upper.id, lower.parentId);
         catalog.deleteLayer(lower.id);

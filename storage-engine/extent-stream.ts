@@ -39,9 +39,9 @@ export function extentStream(
     blockSize,
     style,
     [Symbol.asyncIterator]: () =>
-      (style === 'FIXED' ? fixed(blocks, firstBlock, blockSize, batchSize) : variable(blocks, firstBlock, blockSize, batchSize))[
-        Symbol.asyncIterator
-      ](),
+      (style === 'FIXED'
+        ? fixed(blocks, firstBlock, blockSize, batchSize)
+        : variable(blocks, firstBlock, blockSize, batchSize))[Symbol.asyncIterator](),
   };
 }
 
@@ -50,7 +50,12 @@ function firstIndexAtOrAfter(blocks: Bitmap, block: number): number {
   return block === 0 ? 0 : blocks.rank(block - 1);
 }
 
-async function* fixed(blocks: Bitmap, firstBlock: number, blockSize: number, batchSize: number): AsyncGenerator<Extent[]> {
+async function* fixed(
+  blocks: Bitmap,
+  firstBlock: number,
+  blockSize: number,
+  batchSize: number,
+): AsyncGenerator<Extent[]> {
   const total = blocks.size;
   let index = firstIndexAtOrAfter(blocks, firstBlock);
   const page = new Uint32Array(Math.min(PAGE, Math.max(batchSize, 1)));
@@ -71,7 +76,12 @@ async function* fixed(blocks: Bitmap, firstBlock: number, blockSize: number, bat
 }
 
 /** The run-merging loop of bitmap.ts runsOf, inlined: a generator per run costs 3x on this hot path. */
-async function* variable(blocks: Bitmap, firstBlock: number, blockSize: number, batchSize: number): AsyncGenerator<Extent[]> {
+async function* variable(
+  blocks: Bitmap,
+  firstBlock: number,
+  blockSize: number,
+  batchSize: number,
+): AsyncGenerator<Extent[]> {
   const total = blocks.size;
   let index = firstIndexAtOrAfter(blocks, firstBlock);
   const page = new Uint32Array(PAGE);

@@ -117,7 +117,11 @@ export class LocationIndex<T extends object> {
   /** An independent copy (a clone of a volume starts with its source's answers). */
   clone(): LocationIndex<T> {
     const copy = new LocationIndex<T>();
-    copy.chunks = this.chunks.map((c) => ({ starts: c.starts.slice(), ends: c.ends.slice(), owners: c.owners.slice() }));
+    copy.chunks = this.chunks.map((c) => ({
+      starts: c.starts.slice(),
+      ends: c.ends.slice(),
+      owners: c.owners.slice(),
+    }));
     for (const [owner, n] of this.runsOf) copy.runsOf.set(owner, n);
     return copy;
   }

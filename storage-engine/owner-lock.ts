@@ -50,15 +50,23 @@ export function takeOwnership(dir: string): () => void {
 function lockExclusive(fd: number, dir: string, file: string): void {
   const stdio: (number | 'ignore' | 'pipe')[] = ['ignore', 'ignore', 'pipe'];
   stdio[HELPER_FD] = fd;
-  const result = spawnSync('flock', ['--nonblock', '--exclusive', '--conflict-exit-code', String(CONFLICT_EXIT), String(HELPER_FD)], {
-    stdio,
-    timeout: 30_000,
-  });
+  const result = spawnSync(
+    'flock',
+    ['--nonblock', '--exclusive', '--conflict-exit-code', String(CONFLICT_EXIT), String(HELPER_FD)],
+    {
+      stdio,
+      timeout: 30_000,
+    },
+  );
   if (result.error) {
-    throw new Error(`cannot lock the store at ${dir}: running flock(1) from util-linux failed: ${result.error.message}`);
+    throw new Error(
+      `cannot lock the store at ${dir}: running flock(1) from util-linux failed: ${result.error.message}`,
+    );
   }
   if (result.status === CONFLICT_EXIT) {
-    throw new BusyError(`the store at ${dir} is in use by another process (it holds the lock on ${file})${ownerNote(fd)}`);
+    throw new BusyError(
+      `the store at ${dir} is in use by another process (it holds the lock on ${file})${ownerNote(fd)}`,
+    );
   }
   if (result.status !== 0) {
     const why = result.stderr?.toString().trim() || `exit status ${String(result.status ?? result.signal)}`;

@@ -181,7 +181,10 @@ export class Records {
   hold(volumeId: string, holder: string): void {
     this.volume(volumeId);
     let set = this.holds.get(volumeId);
-    if (!set) this.holds.set(volumeId, (set = new Set()));
+    if (!set) {
+      set = new Set();
+      this.holds.set(volumeId, set);
+    }
     set.add(holder);
   }
 

@@ -35,7 +35,8 @@ export class SpaceReserve {
     options: Pick<StoreOptions, 'spaceReserveBytes' | 'onEvent'>,
   ) {
     const bytes = options.spaceReserveBytes ?? DEFAULT_SPACE_RESERVE_BYTES;
-    if (!Number.isSafeInteger(bytes) || bytes < 0) throw new TypeError('spaceReserveBytes must be an integer, 0 or more');
+    if (!Number.isSafeInteger(bytes) || bytes < 0)
+      throw new TypeError('spaceReserveBytes must be an integer, 0 or more');
     this.bytes = bytes;
     this.file = path.join(dir, RESERVE_FILE);
     this.emit = eventSink(options.onEvent);
@@ -135,7 +136,7 @@ export class SpaceReserve {
   /** Whether the reserve file exists with all its blocks allocated. */
   private complete(): boolean {
     const st = fs.lstatSync(this.file, { throwIfNoEntry: false });
-    return st !== undefined && st.isFile() && st.size === this.bytes && st.blocks * 512 >= this.bytes;
+    return st?.isFile() === true && st.size === this.bytes && st.blocks * 512 >= this.bytes;
   }
 
   /**
@@ -147,7 +148,11 @@ export class SpaceReserve {
     fs.rmSync(partial, { force: true });
     let fd: number | undefined;
     try {
-      fd = fs.openSync(partial, fs.constants.O_WRONLY | fs.constants.O_CREAT | fs.constants.O_EXCL | fs.constants.O_NOFOLLOW, 0o600);
+      fd = fs.openSync(
+        partial,
+        fs.constants.O_WRONLY | fs.constants.O_CREAT | fs.constants.O_EXCL | fs.constants.O_NOFOLLOW,
+        0o600,
+      );
       fs.fchmodSync(fd, 0o600);
       const chunk = randomFillSync(Buffer.allocUnsafe(Math.min(CHUNK_BYTES, this.bytes)));
       for (let done = 0; done < this.bytes; ) {

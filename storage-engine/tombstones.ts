@@ -95,11 +95,19 @@ export class Tombstones {
    * the blocks `broughtIn`: the counted part of `lower` joins `changed`, and the brought-in blocks are
    * excluded at the new anchor. Apply them with `applyMove` once the transaction committed.
    */
-  planMerge(lower: number, lowerBits: Bitmap, broughtIn: Bitmap): Array<{ tombstone: Tombstone; changed: Bitmap | null; excluded: Bitmap | null }> {
+  planMerge(
+    lower: number,
+    lowerBits: Bitmap,
+    broughtIn: Bitmap,
+  ): Array<{ tombstone: Tombstone; changed: Bitmap | null; excluded: Bitmap | null }> {
     return this.anchoredAt(lower).map((t) => {
       if (t.changed === null) return { tombstone: t, changed: null, excluded: null };
       const counted = t.excluded === null ? undefined : Bitmap.andNot(lowerBits, t.excluded);
-      return { tombstone: t, changed: counted ? Bitmap.or(t.changed, counted) : t.changed, excluded: broughtIn.clone() };
+      return {
+        tombstone: t,
+        changed: counted ? Bitmap.or(t.changed, counted) : t.changed,
+        excluded: broughtIn.clone(),
+      };
     });
   }
 
@@ -118,7 +126,10 @@ export class Tombstones {
 
   private anchor(t: Tombstone): void {
     let set = this.byAnchor.get(t.anchorLayerId);
-    if (!set) this.byAnchor.set(t.anchorLayerId, (set = new Set()));
+    if (!set) {
+      set = new Set();
+      this.byAnchor.set(t.anchorLayerId, set);
+    }
     set.add(t);
   }
 

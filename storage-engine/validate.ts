@@ -62,9 +62,7 @@ export function checkStartingOffset(startingOffset: unknown, capacityBytes: numb
     throw new InvalidArgumentError(`starting offset must be an integer, got ${String(startingOffset)}`);
   }
   if (startingOffset < 0 || startingOffset > capacityBytes) {
-    throw new OutOfRangeError(
-      `starting offset ${startingOffset} is outside the snapshot's ${capacityBytes} bytes`,
-    );
+    throw new OutOfRangeError(`starting offset ${startingOffset} is outside the snapshot's ${capacityBytes} bytes`);
   }
   return startingOffset;
 }

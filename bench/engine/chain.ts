@@ -110,27 +110,64 @@ async function oneLongChain(ctx: SuiteContext, dir: string): Promise<void> {
     const at = { ...params, snapshots: c.snapshots };
     ctx.emit({ metric: 'chain_read_4k_us', value: round(c.readUs, 2), unit: 'µs', params: at });
     ctx.emit({ metric: 'chain_partial_write_1k_us', value: round(c.partialWriteUs, 2), unit: 'µs', params: at });
-    if (c.deltaMs > 0) ctx.emit({ metric: 'chain_delta_newest_pair_ms', value: round(c.deltaMs), unit: 'ms', params: at });
+    if (c.deltaMs > 0)
+      ctx.emit({ metric: 'chain_delta_newest_pair_ms', value: round(c.deltaMs), unit: 'ms', params: at });
   }
   const first = results[0]!;
   const last = results[results.length - 1]!;
   const ratioParams = { ...params, from: first.snapshots, to: last.snapshots };
   const readRatio = last.readUs / first.readUs;
   const writeRatio = last.partialWriteUs / first.partialWriteUs;
-  ctx.emit(targeted({ metric: 'chain_read_cost_ratio', value: round(readRatio, 2), unit: 'x', params: ratioParams }, '<= 2', readRatio <= 2));
   ctx.emit(
-    targeted({ metric: 'chain_partial_write_cost_ratio', value: round(writeRatio, 2), unit: 'x', params: ratioParams }, '<= 2', writeRatio <= 2),
+    targeted(
+      { metric: 'chain_read_cost_ratio', value: round(readRatio, 2), unit: 'x', params: ratioParams },
+      '<= 2',
+      readRatio <= 2,
+    ),
+  );
+  ctx.emit(
+    targeted(
+      { metric: 'chain_partial_write_cost_ratio', value: round(writeRatio, 2), unit: 'x', params: ratioParams },
+      '<= 2',
+      writeRatio <= 2,
+    ),
   );
   const bucket = Math.max(1, Math.floor(total / 10));
   const early = snapshotMs.slice(0, bucket);
   const late = snapshotMs.slice(-bucket);
   const p99 = percentile(snapshotMs, 99);
   const snapParams = { ...params, snapshots: total, timing: 'CreateSnapshot in-process, writes before it untimed' };
-  ctx.emit(targeted({ metric: 'chain_snapshot_p99_ms', value: round(p99), unit: 'ms', params: snapParams }, '< 10 ms', p99 < 10));
-  ctx.emit({ metric: 'chain_snapshot_p50_first_tenth_ms', value: round(percentile(early, 50)), unit: 'ms', params: snapParams });
-  ctx.emit({ metric: 'chain_snapshot_p50_last_tenth_ms', value: round(percentile(late, 50)), unit: 'ms', params: snapParams });
-  ctx.emit({ metric: 'chain_snapshot_p99_first_tenth_ms', value: round(percentile(early, 99)), unit: 'ms', params: snapParams });
-  ctx.emit({ metric: 'chain_snapshot_p99_last_tenth_ms', value: round(percentile(late, 99)), unit: 'ms', params: snapParams });
+  ctx.emit(
+    targeted(
+      { metric: 'chain_snapshot_p99_ms', value: round(p99), unit: 'ms', params: snapParams },
+      '< 10 ms',
+      p99 < 10,
+    ),
+  );
+  ctx.emit({
+    metric: 'chain_snapshot_p50_first_tenth_ms',
+    value: round(percentile(early, 50)),
+    unit: 'ms',
+    params: snapParams,
+  });
+  ctx.emit({
+    metric: 'chain_snapshot_p50_last_tenth_ms',
+    value: round(percentile(late, 50)),
+    unit: 'ms',
+    params: snapParams,
+  });
+  ctx.emit({
+    metric: 'chain_snapshot_p99_first_tenth_ms',
+    value: round(percentile(early, 99)),
+    unit: 'ms',
+    params: snapParams,
+  });
+  ctx.emit({
+    metric: 'chain_snapshot_p99_last_tenth_ms',
+    value: round(percentile(late, 99)),
+    unit: 'ms',
+    params: snapParams,
+  });
 }
 
 interface ReopenReport {
@@ -155,7 +192,8 @@ async function reopenMany(ctx: SuiteContext, dir: string): Promise<void> {
       for (let v = 0; v < volumes; v++) {
         const vol = await store.createVolume({ name: `reopen-${v}`, capacityBytes, blockSize: BLOCK });
         for (let s = 0; s < snapshots; s++) {
-          for (let w = 0; w < writesBetween; w++) store.write(vol.id, randomBelow(rand, capacityBytes / BLOCK) * BLOCK, data);
+          for (let w = 0; w < writesBetween; w++)
+            store.write(vol.id, randomBelow(rand, capacityBytes / BLOCK) * BLOCK, data);
           await store.createSnapshot({ volumeId: vol.id, name: `reopen-${v}-${s}` });
         }
         ctx.log(`chain: reopen store, volume ${v + 1}/${volumes} has ${snapshots} snapshots`);
@@ -176,8 +214,20 @@ async function reopenMany(ctx: SuiteContext, dir: string): Promise<void> {
       MB: '2^20 bytes',
       quick: ctx.quick,
     };
-    ctx.emit(targeted({ metric: 'chain_reopen_ms', value: round(report.openMs, 1), unit: 'ms', params }, '< 2000 ms', report.openMs < 2000));
-    ctx.emit(targeted({ metric: 'chain_reopen_rss_mb', value: round(report.rssMB, 1), unit: 'MB', params }, '< 500 MB', report.rssMB < 500));
+    ctx.emit(
+      targeted(
+        { metric: 'chain_reopen_ms', value: round(report.openMs, 1), unit: 'ms', params },
+        '< 2000 ms',
+        report.openMs < 2000,
+      ),
+    );
+    ctx.emit(
+      targeted(
+        { metric: 'chain_reopen_rss_mb', value: round(report.rssMB, 1), unit: 'MB', params },
+        '< 500 MB',
+        report.rssMB < 500,
+      ),
+    );
   } finally {
     fs.rmSync(dir, { recursive: true, force: true });
   }

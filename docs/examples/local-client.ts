@@ -8,7 +8,7 @@ import { VolumeCapability_AccessMode_Mode as Mode } from '../../src/gen/csi/v1/c
 import { Controller, Identity, SnapshotMetadata } from '../../src/gen/csi/v1/csi_pb.js';
 import { ServiceClient } from '../../test/support/csi-client.js';
 
-const target = process.argv[2] ?? process.env['CSI_ENDPOINT'];
+const target = process.argv[2] ?? process.env.CSI_ENDPOINT;
 if (!target) {
   process.stderr.write('usage: local-client.ts unix:///path/to/csi.sock\n');
   process.exit(2);

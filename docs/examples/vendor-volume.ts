@@ -29,7 +29,12 @@ async function publish(volumeId: string, name: string): Promise<string> {
   fs.mkdirSync(p.staging, { recursive: true });
   fs.mkdirSync('/tmp/cbt/pods', { recursive: true });
   await node.call('nodeStageVolume', { volumeId, stagingTargetPath: p.staging, volumeCapability: blockCap });
-  await node.call('nodePublishVolume', { volumeId, stagingTargetPath: p.staging, targetPath: p.target, volumeCapability: blockCap });
+  await node.call('nodePublishVolume', {
+    volumeId,
+    stagingTargetPath: p.staging,
+    targetPath: p.target,
+    volumeCapability: blockCap,
+  });
   return p.target;
 }
 
@@ -37,8 +42,8 @@ try {
   if (command === 'create') {
     const [name, profile, objectSize] = args;
     const parameters: Record<string, string> = {};
-    if (profile) parameters['metadataProfile'] = profile;
-    if (objectSize) parameters['objectSize'] = objectSize;
+    if (profile) parameters.metadataProfile = profile;
+    if (objectSize) parameters.objectSize = objectSize;
     const { volume } = await controller.call('createVolume', {
       name: name!,
       capacityRange: { requiredBytes: 64n * 1024n * 1024n },
@@ -48,7 +53,9 @@ try {
     console.log(`volume ${volume!.volumeId} device ${await publish(volume!.volumeId, name!)}`);
   } else if (command === 'snapshot') {
     const [volumeId, name] = args;
-    console.log((await controller.call('createSnapshot', { name: name!, sourceVolumeId: volumeId! })).snapshot!.snapshotId);
+    console.log(
+      (await controller.call('createSnapshot', { name: name!, sourceVolumeId: volumeId! })).snapshot!.snapshotId,
+    );
   } else if (command === 'restore') {
     const [snapshotId, name] = args;
     const { volume } = await controller.call('createVolume', {

@@ -50,7 +50,9 @@ export async function planBackup(
   base: Manifest | null,
   signal?: AbortSignal,
 ): Promise<BackupPlan> {
-  const listing = base ? await client.delta(base.snapshot, snapshot, { signal }) : await client.allocated(snapshot, { signal });
+  const listing = base
+    ? await client.delta(base.snapshot, snapshot, { signal })
+    : await client.allocated(snapshot, { signal });
   const runs: Extent[] = [];
   let bytes = 0;
   for await (const e of listing) {

@@ -29,11 +29,17 @@ export interface BlockSource {
 /** Opens a device or image file for reading; refuses one smaller than `capacityBytes`. */
 export async function openSource(file: string, capacityBytes: number): Promise<BlockSource> {
   const st = await fs.promises.stat(file).catch((err: NodeJS.ErrnoException) => {
-    throw new RepositoryError('usage', `source ${file} cannot be opened: ${err.code === 'ENOENT' ? 'it does not exist' : err.message}`);
+    throw new RepositoryError(
+      'usage',
+      `source ${file} cannot be opened: ${err.code === 'ENOENT' ? 'it does not exist' : err.message}`,
+    );
   });
   const size = sizeOf(file, st);
   if (size < capacityBytes) {
-    throw new RepositoryError('usage', `source ${file} has ${size} bytes but the snapshot has ${capacityBytes}: it is not a copy of this snapshot`);
+    throw new RepositoryError(
+      'usage',
+      `source ${file} has ${size} bytes but the snapshot has ${capacityBytes}: it is not a copy of this snapshot`,
+    );
   }
   const handle = await fs.promises.open(file, 'r');
   return {
@@ -78,10 +84,14 @@ export async function openTarget(file: string, capacityBytes: number): Promise<R
     await handle.truncate(capacityBytes);
     created = true;
   } else {
-    if (st.isSymbolicLink()) throw new RepositoryError('usage', `target ${file} is a symbolic link: give the device or file itself`);
+    if (st.isSymbolicLink())
+      throw new RepositoryError('usage', `target ${file} is a symbolic link: give the device or file itself`);
     const size = sizeOf(file, st);
     if (size < capacityBytes) {
-      throw new RepositoryError('usage', `target ${file} has ${size} bytes, smaller than the backed-up volume's ${capacityBytes}`);
+      throw new RepositoryError(
+        'usage',
+        `target ${file} has ${size} bytes, smaller than the backed-up volume's ${capacityBytes}`,
+      );
     }
     handle = await fs.promises.open(file, fs.constants.O_WRONLY);
   }

@@ -71,26 +71,42 @@ export function renderBlockmap(rows: readonly BlockmapRow[], title: string): str
   const gridBottom = TOP + rows.length * ROW_H;
   const height = gridBottom + 90;
   const out: string[] = [];
-  out.push(`<svg xmlns="http://www.w3.org/2000/svg" width="${width}" height="${height}" viewBox="0 0 ${width} ${height}" font-family="sans-serif" font-size="12">`);
+  out.push(
+    `<svg xmlns="http://www.w3.org/2000/svg" width="${width}" height="${height}" viewBox="0 0 ${width} ${height}" font-family="sans-serif" font-size="12" role="img">`,
+  );
+  // The title element is what screen readers and image viewers announce.
+  out.push(`<title>${esc(title)}</title>`);
   out.push(`<rect width="100%" height="100%" fill="#ffffff"/>`);
   out.push(`<text x="10" y="22" font-size="15" font-weight="bold">${esc(title)}</text>`);
-  out.push(`<text x="${width - 10}" y="22" text-anchor="end" fill="#555">capacity ${esc(formatBytes(capacity))}, one cell = ${esc(formatBytes(capacity / COLUMNS))}</text>`);
+  out.push(
+    `<text x="${width - 10}" y="22" text-anchor="end" fill="#555">capacity ${esc(formatBytes(capacity))}, one cell = ${esc(formatBytes(capacity / COLUMNS))}</text>`,
+  );
   rows.forEach((row, r) => {
     const y = TOP + r * ROW_H;
-    const shares = cellShares(row.extents, row.capacityBytes, Math.max(1, Math.round((COLUMNS * row.capacityBytes) / capacity)));
+    const shares = cellShares(
+      row.extents,
+      row.capacityBytes,
+      Math.max(1, Math.round((COLUMNS * row.capacityBytes) / capacity)),
+    );
     const bytes = row.extents.reduce((s, e) => s + e.length, 0);
     out.push(`<text x="${LEFT - 8}" y="${y + 11}" text-anchor="end">${esc(row.label)}</text>`);
-    out.push(`<text x="${LEFT - 8}" y="${y + 21}" text-anchor="end" font-size="9" fill="#666">${esc(row.note)}: ${esc(formatBytes(bytes))}</text>`);
+    out.push(
+      `<text x="${LEFT - 8}" y="${y + 21}" text-anchor="end" font-size="9" fill="#666">${esc(row.note)}: ${esc(formatBytes(bytes))}</text>`,
+    );
     // Runs of equal colour become one rect: small files for mostly unchanged volumes.
     let start = 0;
     for (let i = 1; i <= shares.length; i++) {
       if (i < shares.length && colourOf(shares[i]!) === colourOf(shares[start]!)) continue;
-      out.push(`<rect x="${LEFT + start * CELL_W}" y="${y + 2}" width="${(i - start) * CELL_W}" height="${ROW_H - 4}" fill="${colourOf(shares[start]!)}"/>`);
+      out.push(
+        `<rect x="${LEFT + start * CELL_W}" y="${y + 2}" width="${(i - start) * CELL_W}" height="${ROW_H - 4}" fill="${colourOf(shares[start]!)}"/>`,
+      );
       start = i;
     }
     if (row.capacityBytes < capacity) {
       const x = LEFT + shares.length * CELL_W;
-      out.push(`<text x="${x + 4}" y="${y + 15}" font-size="9" fill="#666">end (${esc(formatBytes(row.capacityBytes))})</text>`);
+      out.push(
+        `<text x="${x + 4}" y="${y + 15}" font-size="9" fill="#666">end (${esc(formatBytes(row.capacityBytes))})</text>`,
+      );
     }
   });
   for (const t of ticks(capacity)) {
@@ -98,7 +114,9 @@ export function renderBlockmap(rows: readonly BlockmapRow[], title: string): str
     out.push(`<line x1="${x}" y1="${TOP - 2}" x2="${x}" y2="${gridBottom + 4}" stroke="#999" stroke-width="0.5"/>`);
     out.push(`<text x="${x}" y="${gridBottom + 17}" text-anchor="middle" font-size="10">${esc(axisBytes(t))}</text>`);
   }
-  out.push(`<text x="${LEFT + (COLUMNS * CELL_W) / 2}" y="${gridBottom + 32}" text-anchor="middle" fill="#555">byte offset in the volume</text>`);
+  out.push(
+    `<text x="${LEFT + (COLUMNS * CELL_W) / 2}" y="${gridBottom + 32}" text-anchor="middle" fill="#555">byte offset in the volume</text>`,
+  );
   const ly = gridBottom + 50;
   out.push(`<text x="10" y="${ly + 12}">share of a cell's bytes:</text>`);
   BINS.forEach((b, i) => {

@@ -5,7 +5,7 @@
  */
 import fs from 'node:fs';
 import path from 'node:path';
-import { Command, InvalidArgumentError, Option } from 'commander';
+import { type Command, InvalidArgumentError, Option } from 'commander';
 import {
   connectCsiDirect,
   InvalidArgumentError as MetadataInvalidArgument,
@@ -26,14 +26,17 @@ import { formatBytes } from './units.js';
 
 /** The driver's socket: --endpoint, else $CSI_ENDPOINT, else where `cbt-csi serve` listens by default. */
 function defaultEndpoint(): string {
-  return process.env['CSI_ENDPOINT'] ?? `unix://${path.resolve('.state/csi.sock')}`;
+  return process.env.CSI_ENDPOINT ?? `unix://${path.resolve('.state/csi.sock')}`;
 }
 
 /** A failure the user can fix: printed as one line, exit code 2. */
 class UsageError extends Error {}
 
 /** Runs a command body with the toolkit's error handling and exit codes, and Ctrl-C as an abort. */
-function action<A extends unknown[]>(name: string, body: (signal: AbortSignal, ...args: A) => Promise<number | void>): (...args: A) => Promise<void> {
+function action<A extends unknown[]>(
+  name: string,
+  body: (signal: AbortSignal, ...args: A) => Promise<number | undefined> | Promise<void>,
+): (...args: A) => Promise<void> {
   return async (...args: A) => {
     const controller = new AbortController();
     let interrupts = 0;
@@ -49,7 +52,11 @@ function action<A extends unknown[]>(name: string, body: (signal: AbortSignal, .
       code = (await body(controller.signal, ...args)) ?? 0;
     } catch (err) {
       code = controller.signal.aborted ? 130 : exitCodeOf(err);
-      const message = controller.signal.aborted ? 'interrupted; nothing was committed' : err instanceof Error ? err.message : String(err);
+      const message = controller.signal.aborted
+        ? 'interrupted; nothing was committed'
+        : err instanceof Error
+          ? err.message
+          : String(err);
       process.stderr.write(`cbt-csi ${name}: ${message}\n`);
     } finally {
       process.off('SIGINT', onSignal);
@@ -62,7 +69,8 @@ function action<A extends unknown[]>(name: string, body: (signal: AbortSignal, .
 function exitCodeOf(err: unknown): number {
   if (err instanceof UsageError) return 2;
   if (err instanceof RepositoryError) return err.kind === 'usage' ? 2 : 1;
-  if (err instanceof NotFoundError || err instanceof MetadataInvalidArgument || err instanceof OutOfRangeError) return 2;
+  if (err instanceof NotFoundError || err instanceof MetadataInvalidArgument || err instanceof OutOfRangeError)
+    return 2;
   return 1;
 }
 
@@ -74,7 +82,8 @@ function nonNegativeInteger(value: string): number {
 
 function powerOfTwo(value: string): number {
   const n = Number(value);
-  if (!Number.isSafeInteger(n) || n <= 0 || (n & (n - 1)) !== 0) throw new InvalidArgumentError('expected a power of two, e.g. 4096');
+  if (!Number.isSafeInteger(n) || n <= 0 || (n & (n - 1)) !== 0)
+    throw new InvalidArgumentError('expected a power of two, e.g. 4096');
   return n;
 }
 
@@ -84,7 +93,10 @@ function usageExits(cmd: Command): Command {
 }
 
 function endpointOption(): Option {
-  return new Option('--endpoint <endpoint>', 'the driver\'s socket: unix:///path/csi.sock or tcp://HOST:PORT (default $CSI_ENDPOINT, else ./.state/csi.sock)');
+  return new Option(
+    '--endpoint <endpoint>',
+    "the driver's socket: unix:///path/csi.sock or tcp://HOST:PORT (default $CSI_ENDPOINT, else ./.state/csi.sock)",
+  );
 }
 
 interface MetadataFlags {
@@ -98,7 +110,9 @@ interface MetadataFlags {
 
 /** Registers the toolkit's commands on the `cbt-csi` program. */
 export function registerBackupCommands(program: Command): void {
-  const metadata = usageExits(program.command('metadata').description('list the allocated or changed extents of snapshots (SnapshotMetadata)'));
+  const metadata = usageExits(
+    program.command('metadata').description('list the allocated or changed extents of snapshots (SnapshotMetadata)'),
+  );
   const listingOptions = (cmd: Command) =>
     usageExits(
       cmd
@@ -114,7 +128,9 @@ export function registerBackupCommands(program: Command): void {
       await printListing(flags, signal, (c) => c.allocated(snapshot, listOptions(flags, signal)));
     }),
   );
-  listingOptions(metadata.command('delta <base> <target>').description('extents changed between two snapshots of a volume')).action(
+  listingOptions(
+    metadata.command('delta <base> <target>').description('extents changed between two snapshots of a volume'),
+  ).action(
     action('metadata delta', async (signal, base: string, target: string, flags: MetadataFlags) => {
       await printListing(flags, signal, (c) => c.delta(base, target, listOptions(flags, signal)));
     }),
@@ -126,8 +142,11 @@ export function registerBackupCommands(program: Command): void {
       .description('back up a snapshot into a repository: full, or incremental on --base (reads only what changed)')
       .requiredOption('--repo <dir>', 'the repository (created if absent or empty)')
       .requiredOption('--snapshot <id>', 'the CSI snapshot to back up')
-      .option('--base <backup-id>', 'the backup to build on (its snapshot is the delta\'s base); default: a full backup')
-      .option('--source <device-or-file>', 'read the snapshot\'s bytes from here (a device or image of it); default: publish a copy of it through the Node service (root)')
+      .option('--base <backup-id>', "the backup to build on (its snapshot is the delta's base); default: a full backup")
+      .option(
+        '--source <device-or-file>',
+        "read the snapshot's bytes from here (a device or image of it); default: publish a copy of it through the Node service (root)",
+      )
       .addOption(endpointOption())
       .option('--json', 'print the summary as JSON')
       .option('--quiet', 'no progress output'),
@@ -139,7 +158,10 @@ export function registerBackupCommands(program: Command): void {
       .description('restore a backup (its full backup and incrementals, in order) onto a device or file')
       .requiredOption('--repo <dir>', 'the repository')
       .requiredOption('--backup <id>', 'the backup to restore')
-      .requiredOption('--target <device-or-file>', 'where to: an absent path becomes an image file; a device or file must be at least the volume\'s size')
+      .requiredOption(
+        '--target <device-or-file>',
+        "where to: an absent path becomes an image file; a device or file must be at least the volume's size",
+      )
       .option('--json', 'print the summary as JSON')
       .option('--quiet', 'no progress output'),
   ).action(action('restore', restoreCommand));
@@ -147,7 +169,7 @@ export function registerBackupCommands(program: Command): void {
   usageExits(
     program
       .command('verify')
-      .description('re-read every chunk of a repository (or of one backup\'s chain) and check its SHA-256')
+      .description("re-read every chunk of a repository (or of one backup's chain) and check its SHA-256")
       .requiredOption('--repo <dir>', 'the repository')
       .option('--backup <id>', 'only what restoring this backup needs')
       .option('--json', 'print the report as JSON')
@@ -158,10 +180,13 @@ export function registerBackupCommands(program: Command): void {
     program
       .command('blockmap')
       .description('draw where data sits or changed on a volume as an SVG: one row per snapshot or backup')
-      .option('--snapshot <id...>', 'snapshots of one volume, oldest first: a row each (the first: allocated, or changed since --base; the rest: changed since the one before)')
+      .option(
+        '--snapshot <id...>',
+        'snapshots of one volume, oldest first: a row each (the first: allocated, or changed since --base; the rest: changed since the one before)',
+      )
       .option('--base <id>', 'snapshot the first row is compared with')
-      .option('--repo <dir>', 'draw a repository\'s backups instead (what each stored)')
-      .option('--backup <id>', 'with --repo: only this backup\'s chain')
+      .option('--repo <dir>', "draw a repository's backups instead (what each stored)")
+      .option('--backup <id>', "with --repo: only this backup's chain")
       .requiredOption('--out <file.svg>', 'where to write the picture')
       .addOption(endpointOption()),
   ).action(action('blockmap', blockmapCommand));
@@ -169,12 +194,19 @@ export function registerBackupCommands(program: Command): void {
   usageExits(
     program
       .command('demo')
-      .description('five minutes with changed block tracking: write, snapshot, list the delta, draw it, back up and restore (needs root)')
+      .description(
+        'five minutes with changed block tracking: write, snapshot, list the delta, draw it, back up and restore (needs root)',
+      )
       .addOption(endpointOption())
       .option('--out <file.svg>', 'where to write the block map', 'cbt-demo-blockmap.svg'),
   ).action(
     action('demo', async (signal, flags: { endpoint?: string; out: string }) => {
-      await runDemo({ endpoint: flags.endpoint ?? defaultEndpoint(), out: path.resolve(flags.out), signal, print: (line) => process.stdout.write(`${line}\n`) });
+      await runDemo({
+        endpoint: flags.endpoint ?? defaultEndpoint(),
+        out: path.resolve(flags.out),
+        signal,
+        print: (line) => process.stdout.write(`${line}\n`),
+      });
     }),
   );
 }
@@ -197,17 +229,26 @@ async function printListing(
     if (format === 'json') {
       const extents: Extent[] = [];
       for await (const e of listing) extents.push(e);
-      out.write(`${JSON.stringify({ capacityBytes: listing.capacityBytes, blockMetadataType: listing.blockMetadataType, extents })}\n`);
+      out.write(
+        `${JSON.stringify({ capacityBytes: listing.capacityBytes, blockMetadataType: listing.blockMetadataType, extents })}\n`,
+      );
       return;
     }
     if (format === 'csv') out.write('offset,length\n');
-    else out.write(`capacity ${listing.capacityBytes} bytes (${formatBytes(listing.capacityBytes)}), ${listing.blockMetadataType}\n${'OFFSET'.padStart(16)} ${'LENGTH'.padStart(12)}  END\n`);
+    else
+      out.write(
+        `capacity ${listing.capacityBytes} bytes (${formatBytes(listing.capacityBytes)}), ${listing.blockMetadataType}\n${'OFFSET'.padStart(16)} ${'LENGTH'.padStart(12)}  END\n`,
+      );
     let count = 0;
     let bytes = 0;
     for await (const e of listing) {
       count++;
       bytes += e.length;
-      out.write(format === 'csv' ? `${e.offset},${e.length}\n` : `${String(e.offset).padStart(16)} ${String(e.length).padStart(12)}  ${e.offset + e.length}\n`);
+      out.write(
+        format === 'csv'
+          ? `${e.offset},${e.length}\n`
+          : `${String(e.offset).padStart(16)} ${String(e.length).padStart(12)}  ${e.offset + e.length}\n`,
+      );
     }
     if (format === 'table') out.write(`${count} extents, ${bytes} bytes (${formatBytes(bytes)})\n`);
   } finally {
@@ -232,7 +273,8 @@ async function backupCommand(signal: AbortSignal, flags: BackupFlags): Promise<v
   const volumes = new CsiVolumes(endpoint);
   const client = connectCsiDirect(endpoint, {
     onResume: ({ offset, attempt, delayMs }) => {
-      if (!flags.quiet) process.stderr.write(`metadata stream cut; resuming at byte ${offset} in ${delayMs} ms (attempt ${attempt})\n`);
+      if (!flags.quiet)
+        process.stderr.write(`metadata stream cut; resuming at byte ${offset} in ${delayMs} ms (attempt ${attempt})\n`);
     },
   });
   let exposed: ExposedSnapshot | undefined;
@@ -242,15 +284,22 @@ async function backupCommand(signal: AbortSignal, flags: BackupFlags): Promise<v
     const snapshot = await volumes.snapshot(flags.snapshot);
     let base = null;
     if (flags.base) {
-      if (state !== 'repository') throw new UsageError(`base backup ${flags.base} cannot be in ${flags.repo}: it is not a repository yet (omit --base for a full backup)`);
+      if (state !== 'repository')
+        throw new UsageError(
+          `base backup ${flags.base} cannot be in ${flags.repo}: it is not a repository yet (omit --base for a full backup)`,
+        );
       base = await (await BackupRepository.open(flags.repo)).manifest(flags.base);
       if (base.sourceVolume && base.sourceVolume !== snapshot.sourceVolume) {
-        throw new UsageError(`base backup ${base.id} is of volume ${base.sourceVolume}, but snapshot ${snapshot.id} is of volume ${snapshot.sourceVolume}: an incremental backup needs a base of the same volume`);
+        throw new UsageError(
+          `base backup ${base.id} is of volume ${base.sourceVolume}, but snapshot ${snapshot.id} is of volume ${snapshot.sourceVolume}: an incremental backup needs a base of the same volume`,
+        );
       }
     }
     const plan = await planBackup(client, snapshot.id, snapshot.sourceVolume, base, signal).catch((err: unknown) => {
       if (base && err instanceof NotFoundError) {
-        throw new UsageError(`the base backup's snapshot ${base.snapshot} is gone from the driver, so nothing can say what changed since: take a full backup (omit --base)`);
+        throw new UsageError(
+          `the base backup's snapshot ${base.snapshot} is gone from the driver, so nothing can say what changed since: take a full backup (omit --base)`,
+        );
       }
       throw err;
     });
@@ -280,9 +329,17 @@ async function backupCommand(signal: AbortSignal, flags: BackupFlags): Promise<v
   }
 }
 
-async function restoreCommand(_signal: AbortSignal, flags: { repo: string; backup: string; target: string; json?: boolean; quiet?: boolean }): Promise<void> {
+async function restoreCommand(
+  _signal: AbortSignal,
+  flags: { repo: string; backup: string; target: string; json?: boolean; quiet?: boolean },
+): Promise<void> {
   const repo = await BackupRepository.open(flags.repo);
-  const summary = await restoreBackup(repo, flags.backup, path.resolve(flags.target), createProgress(flags.quiet ? 'quiet' : 'auto'));
+  const summary = await restoreBackup(
+    repo,
+    flags.backup,
+    path.resolve(flags.target),
+    createProgress(flags.quiet ? 'quiet' : 'auto'),
+  );
   if (flags.json) process.stdout.write(`${JSON.stringify(summary)}\n`);
   else {
     process.stdout.write(
@@ -291,17 +348,23 @@ async function restoreCommand(_signal: AbortSignal, flags: { repo: string; backu
   }
 }
 
-async function verifyCommand(_signal: AbortSignal, flags: { repo: string; backup?: string; json?: boolean; quiet?: boolean }): Promise<number> {
+async function verifyCommand(
+  _signal: AbortSignal,
+  flags: { repo: string; backup?: string; json?: boolean; quiet?: boolean },
+): Promise<number> {
   const repo = await BackupRepository.open(flags.repo);
   if (flags.backup) await repo.manifest(flags.backup);
   const progress = createProgress(flags.quiet ? 'quiet' : 'auto');
   progress.start('verify', 0);
-  const report = await repo.verify(flags.backup ? [flags.backup] : undefined, (n) => progress.add(n)).finally(() => progress.stop());
+  const report = await repo
+    .verify(flags.backup ? [flags.backup] : undefined, (n) => progress.add(n))
+    .finally(() => progress.stop());
   const ok = report.damaged.length === 0 && report.damagedManifests.length === 0;
   if (flags.json) process.stdout.write(`${JSON.stringify({ ok, ...report })}\n`);
   else {
     for (const d of report.damagedManifests) process.stdout.write(`damaged: ${d.problem}\n`);
-    for (const d of report.damaged) process.stdout.write(`damaged chunk ${d.chunk} (${d.problem}); it breaks backups: ${d.breaks.join(', ')}\n`);
+    for (const d of report.damaged)
+      process.stdout.write(`damaged chunk ${d.chunk} (${d.problem}); it breaks backups: ${d.breaks.join(', ')}\n`);
     process.stdout.write(
       `${ok ? 'ok' : 'DAMAGED'}: ${report.backups.length} backups, ${report.chunksChecked} chunks (${formatBytes(report.bytesChecked)}) checked, ` +
         `${report.damaged.length} damaged chunks, ${report.damagedManifests.length} damaged manifests\n`,
@@ -314,12 +377,15 @@ async function blockmapCommand(
   signal: AbortSignal,
   flags: { snapshot?: string[]; base?: string; repo?: string; backup?: string; out: string; endpoint?: string },
 ): Promise<void> {
-  if (!!flags.repo === !!flags.snapshot) throw new UsageError('give either --snapshot IDs (a driver\'s snapshots) or --repo DIR (a repository\'s backups)');
+  if (!!flags.repo === !!flags.snapshot)
+    throw new UsageError("give either --snapshot IDs (a driver's snapshots) or --repo DIR (a repository's backups)");
   const rows: BlockmapRow[] = [];
   let title: string;
   if (flags.repo) {
     const repo = await BackupRepository.open(flags.repo);
-    const manifests = flags.backup ? await repo.chain(flags.backup) : await Promise.all((await repo.backupIds()).map((id) => repo.manifest(id)));
+    const manifests = flags.backup
+      ? await repo.chain(flags.backup)
+      : await Promise.all((await repo.backupIds()).map((id) => repo.manifest(id)));
     if (manifests.length === 0) throw new UsageError(`${flags.repo} holds no backups yet`);
     for (const m of manifests) {
       rows.push({
@@ -336,10 +402,17 @@ async function blockmapCommand(
       const ids = flags.snapshot!;
       for (let i = 0; i < ids.length; i++) {
         const base = i === 0 ? flags.base : ids[i - 1];
-        const listing = base ? await client.delta(base, ids[i]!, { signal }) : await client.allocated(ids[i]!, { signal });
+        const listing = base
+          ? await client.delta(base, ids[i]!, { signal })
+          : await client.allocated(ids[i]!, { signal });
         const extents: Extent[] = [];
         for await (const e of listing) extents.push(e);
-        rows.push({ label: ids[i]!, note: base ? 'changed since the row above' : 'allocated', capacityBytes: listing.capacityBytes, extents });
+        rows.push({
+          label: ids[i]!,
+          note: base ? 'changed since the row above' : 'allocated',
+          capacityBytes: listing.capacityBytes,
+          extents,
+        });
       }
     } finally {
       await client.close();

@@ -67,14 +67,12 @@ export class CsiVolumes {
     requireRoot('reading a snapshot without --source', 'or give --source DEVICE|FILE holding the snapshot');
     signal?.throwIfAborted();
     const name = `cbt-backup-${randomBytes(6).toString('hex')}`;
-    const created = await this.controller.createVolume(
-      {
-        name,
-        capacityRange: { requiredBytes: BigInt(snapshot.sizeBytes) },
-        volumeCapabilities: [BLOCK_CAPABILITY],
-        volumeContentSource: { type: { case: 'snapshot', value: { snapshotId: snapshot.id } } },
-      },
-    );
+    const created = await this.controller.createVolume({
+      name,
+      capacityRange: { requiredBytes: BigInt(snapshot.sizeBytes) },
+      volumeCapabilities: [BLOCK_CAPABILITY],
+      volumeContentSource: { type: { case: 'snapshot', value: { snapshotId: snapshot.id } } },
+    });
     const volumeId = created.volume!.volumeId;
     return this.publish(volumeId, signal, () => this.controller.deleteVolume({ volumeId }));
   }
@@ -93,7 +91,8 @@ export class CsiVolumes {
       for (const step of steps.reverse()) await step().catch((err: unknown) => errors.push(err));
       steps.length = 0;
       if (dir) await fs.promises.rm(dir, { recursive: true, force: true }).catch(() => undefined);
-      if (errors.length > 0) throw new Error(`cleaning up the temporary volume ${volumeId} failed: ${String(errors[0])}`);
+      if (errors.length > 0)
+        throw new Error(`cleaning up the temporary volume ${volumeId} failed: ${String(errors[0])}`);
     };
     try {
       dir = await fs.promises.mkdtemp(path.join(os.tmpdir(), 'cbt-backup-'));
@@ -106,14 +105,22 @@ export class CsiVolumes {
       await this.node.nodeStageVolume({ volumeId, stagingTargetPath: staging, volumeCapability: BLOCK_CAPABILITY });
       steps.push(() => this.node.nodeUnstageVolume({ volumeId, stagingTargetPath: staging }));
       signal?.throwIfAborted();
-      await this.node.nodePublishVolume({ volumeId, stagingTargetPath: staging, targetPath: device, volumeCapability: BLOCK_CAPABILITY });
+      await this.node.nodePublishVolume({
+        volumeId,
+        stagingTargetPath: staging,
+        targetPath: device,
+        volumeCapability: BLOCK_CAPABILITY,
+      });
       steps.push(() => this.node.nodeUnpublishVolume({ volumeId, targetPath: device }));
       signal?.throwIfAborted();
       return { device, volumeId, release };
     } catch (err) {
       await release().catch(() => undefined);
       if (err instanceof ConnectError && err.code === Code.Unimplemented) {
-        throw new RepositoryError('usage', `the driver at ${this.endpoint} serves no Node service (is it --role controller?): give --source DEVICE|FILE instead`);
+        throw new RepositoryError(
+          'usage',
+          `the driver at ${this.endpoint} serves no Node service (is it --role controller?): give --source DEVICE|FILE instead`,
+        );
       }
       throw err;
     }

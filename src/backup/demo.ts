@@ -52,7 +52,15 @@ export async function runDemo({ endpoint, out, signal, print }: DemoOptions): Pr
   try {
     const name = `cbt-demo-${randomBytes(4).toString('hex')}`;
     const created = await volumes.controller
-      .createVolume({ name, capacityRange: { requiredBytes: BigInt(CAPACITY) }, volumeCapabilities: [BLOCK_CAPABILITY], parameters: { blockSize: '4096' } }, { signal })
+      .createVolume(
+        {
+          name,
+          capacityRange: { requiredBytes: BigInt(CAPACITY) },
+          volumeCapabilities: [BLOCK_CAPABILITY],
+          parameters: { blockSize: '4096' },
+        },
+        { signal },
+      )
       .catch((err: unknown) => {
         throw unreachable(err, endpoint);
       });
@@ -113,7 +121,9 @@ export async function runDemo({ endpoint, out, signal, print }: DemoOptions): Pr
         try {
           const summary = await writeBackup(repo, lock, plan, source, createProgress('quiet'), signal);
           ids.push(summary.id);
-          print(`9. backup ${summary.id}: ${summary.kind}, read ${formatBytes(summary.bytesRead)} of ${formatBytes(CAPACITY)}`);
+          print(
+            `9. backup ${summary.id}: ${summary.kind}, read ${formatBytes(summary.bytesRead)} of ${formatBytes(CAPACITY)}`,
+          );
         } finally {
           await source.close();
         }
@@ -126,18 +136,29 @@ export async function runDemo({ endpoint, out, signal, print }: DemoOptions): Pr
     const restored = await restoreBackup(repo, ids.at(-1)!, image, createProgress('quiet'));
     const live = fs.readFileSync(published.device).subarray(0, CAPACITY);
     const same = fs.readFileSync(image).equals(live);
-    print(`10. restored ${ids.at(-1)} (chain of ${restored.chain.length}) into an image: ${same ? 'identical to the volume, byte for byte' : 'DIFFERENT from the volume'}`);
+    print(
+      `10. restored ${ids.at(-1)} (chain of ${restored.chain.length}) into an image: ${same ? 'identical to the volume, byte for byte' : 'DIFFERENT from the volume'}`,
+    );
     if (!same) throw new Error('the restored image differs from the volume');
   } finally {
     const errors: unknown[] = [];
     for (const step of cleanup.reverse()) await step().catch((err: unknown) => errors.push(err));
     await client.close();
     volumes.close();
-    print(errors.length ? `cleanup left something behind: ${String(errors[0])}` : '11. cleaned up: snapshots, volume, device, repository and image removed');
+    print(
+      errors.length
+        ? `cleanup left something behind: ${String(errors[0])}`
+        : '11. cleaned up: snapshots, volume, device, repository and image removed',
+    );
   }
 }
 
-async function snapshot(volumes: CsiVolumes, volumeId: string, name: string, cleanup: (() => Promise<unknown>)[]): Promise<string> {
+async function snapshot(
+  volumes: CsiVolumes,
+  volumeId: string,
+  name: string,
+  cleanup: (() => Promise<unknown>)[],
+): Promise<string> {
   const res = await volumes.controller.createSnapshot({ sourceVolumeId: volumeId, name });
   const id = res.snapshot!.snapshotId;
   cleanup.push(() => volumes.controller.deleteSnapshot({ snapshotId: id }));
@@ -148,7 +169,8 @@ async function snapshot(volumes: CsiVolumes, volumeId: string, name: string, cle
 function writePattern(device: string, extents: readonly Extent[], phase: number): void {
   const fd = fs.openSync(device, 'r+');
   try {
-    extents.forEach((e, i) => fs.writeSync(fd, Buffer.alloc(e.length, phase * 16 + i + 1), 0, e.length, e.offset));
+    for (const [i, e] of extents.entries())
+      fs.writeSync(fd, Buffer.alloc(e.length, phase * 16 + i + 1), 0, e.length, e.offset);
     fs.fsyncSync(fd);
   } finally {
     fs.closeSync(fd);

@@ -39,7 +39,11 @@ export function tempName(target: string, tmpDir = path.dirname(target)): string 
 
 /** Writes `data` to a temp file with mode 0600, fsync'd; returns its path. The caller renames it. */
 export async function writeSyncedTemp(temp: string, data: Uint8Array | string): Promise<void> {
-  const handle = await fs.promises.open(temp, fs.constants.O_WRONLY | fs.constants.O_CREAT | fs.constants.O_EXCL, FILE_MODE);
+  const handle = await fs.promises.open(
+    temp,
+    fs.constants.O_WRONLY | fs.constants.O_CREAT | fs.constants.O_EXCL,
+    FILE_MODE,
+  );
   try {
     await handle.writeFile(data);
     await handle.chmod(FILE_MODE);

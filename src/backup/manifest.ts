@@ -48,7 +48,8 @@ export function parseManifest(text: string, expectedId: string): Manifest {
   for (const e of m.extents!) {
     if (!Array.isArray(e) || e.length !== 3) fail('bad extent');
     const [offset, length, hash] = e;
-    if (!Number.isSafeInteger(offset) || !Number.isSafeInteger(length) || length <= 0 || offset < end) fail(`extent at ${offset} out of order`);
+    if (!Number.isSafeInteger(offset) || !Number.isSafeInteger(length) || length <= 0 || offset < end)
+      fail(`extent at ${offset} out of order`);
     if (offset + length > m.capacityBytes!) fail(`extent at ${offset} beyond the capacity`);
     if (typeof hash !== 'string' || !SHA256_HEX.test(hash)) fail(`extent at ${offset} names no chunk`);
     end = offset + length;

@@ -34,7 +34,11 @@ function barProgress(stream: NodeJS.WriteStream): Progress {
         },
         cliProgress.Presets.shades_classic,
       );
-      bar.start(Math.max(total, 1), 0, { doneBytes: formatBytes(0), totalBytes: formatBytes(total), rate: formatBytes(0) });
+      bar.start(Math.max(total, 1), 0, {
+        doneBytes: formatBytes(0),
+        totalBytes: formatBytes(total),
+        rate: formatBytes(0),
+      });
     },
     add(bytes) {
       done += bytes;

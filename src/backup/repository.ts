@@ -14,7 +14,15 @@
 import { createHash, randomBytes } from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
-import { fsyncDir, fsyncFile, mkdirPrivate, syncFilesystem, tempName, writeFileDurably, FILE_MODE } from './durable-files.js';
+import {
+  fsyncDir,
+  fsyncFile,
+  mkdirPrivate,
+  syncFilesystem,
+  tempName,
+  writeFileDurably,
+  FILE_MODE,
+} from './durable-files.js';
 import { BACKUP_ID, MANIFEST_FORMAT, parseManifest, type Manifest, type ManifestExtent } from './manifest.js';
 
 export const MARKER = 'cbt-backup-repository.json';
@@ -82,7 +90,10 @@ export class BackupRepository {
     if (!st.isDirectory()) throw new RepositoryError('usage', `${dir} is not a directory, so not a backup repository`);
     if (fs.existsSync(path.join(dir, MARKER))) return 'repository';
     if ((await fs.promises.readdir(dir)).length === 0) return 'empty';
-    throw new RepositoryError('usage', `${dir} is not a backup repository (no ${MARKER}) and not empty: give a new or empty directory, or an existing repository`);
+    throw new RepositoryError(
+      'usage',
+      `${dir} is not a backup repository (no ${MARKER}) and not empty: give a new or empty directory, or an existing repository`,
+    );
   }
 
   /** Opens an existing repository; a directory that is not one is a usage error. */
@@ -90,9 +101,15 @@ export class BackupRepository {
     const abs = path.resolve(dir);
     const kind = await BackupRepository.check(abs);
     if (kind !== 'repository') throw new RepositoryError('usage', `${abs} is not a backup repository (no ${MARKER})`);
-    const marker = JSON.parse(await fs.promises.readFile(path.join(abs, MARKER), 'utf8')) as { format?: string; version?: number };
+    const marker = JSON.parse(await fs.promises.readFile(path.join(abs, MARKER), 'utf8')) as {
+      format?: string;
+      version?: number;
+    };
     if (marker.format !== REPOSITORY_FORMAT || marker.version !== 1) {
-      throw new RepositoryError('usage', `${abs} holds a repository of an unknown format (${String(marker.format)} v${String(marker.version)})`);
+      throw new RepositoryError(
+        'usage',
+        `${abs} holds a repository of an unknown format (${String(marker.format)} v${String(marker.version)})`,
+      );
     }
     return new BackupRepository(abs);
   }
@@ -105,7 +122,10 @@ export class BackupRepository {
       for (const sub of ['chunks', 'backups', 'tmp']) await mkdirPrivate(path.join(abs, sub));
       await fsyncDir(abs);
       // The marker last: a directory without it is still "empty enough" to be made a repository again.
-      await writeFileDurably(path.join(abs, MARKER), `${JSON.stringify({ format: REPOSITORY_FORMAT, version: 1, created: new Date().toISOString() })}\n`);
+      await writeFileDurably(
+        path.join(abs, MARKER),
+        `${JSON.stringify({ format: REPOSITORY_FORMAT, version: 1, created: new Date().toISOString() })}\n`,
+      );
     }
     return BackupRepository.open(abs);
   }
@@ -120,12 +140,17 @@ export class BackupRepository {
   }
 
   async manifest(id: string): Promise<Manifest> {
-    if (!BACKUP_ID.test(id)) throw new RepositoryError('usage', `${JSON.stringify(id)} is not a backup ID (they look like 20260130T120000.123Z-1a2b3c4d; list them with \`cbt-csi verify --repo ${this.dir}\`)`);
+    if (!BACKUP_ID.test(id))
+      throw new RepositoryError(
+        'usage',
+        `${JSON.stringify(id)} is not a backup ID (they look like 20260130T120000.123Z-1a2b3c4d; list them with \`cbt-csi verify --repo ${this.dir}\`)`,
+      );
     let text: string;
     try {
       text = await fs.promises.readFile(path.join(this.backupsDir, `${id}.json`), 'utf8');
     } catch (err) {
-      if ((err as NodeJS.ErrnoException).code === 'ENOENT') throw new RepositoryError('usage', `backup ${id} is not in the repository ${this.dir}`);
+      if ((err as NodeJS.ErrnoException).code === 'ENOENT')
+        throw new RepositoryError('usage', `backup ${id} is not in the repository ${this.dir}`);
       throw err;
     }
     try {
@@ -146,7 +171,8 @@ export class BackupRepository {
       try {
         m = await this.manifest(next);
       } catch (err) {
-        if (next !== id && err instanceof RepositoryError) throw new RepositoryError('damaged', `backup ${id} needs base ${next}: ${err.message}`);
+        if (next !== id && err instanceof RepositoryError)
+          throw new RepositoryError('damaged', `backup ${id} needs base ${next}: ${err.message}`);
         throw err;
       }
       out.push(m);
@@ -162,9 +188,13 @@ export class BackupRepository {
       data = await fs.promises.readFile(this.chunkPath(hash));
     } catch (err) {
       const missing = (err as NodeJS.ErrnoException).code === 'ENOENT';
-      throw new RepositoryError('damaged', `chunk ${hash} is ${missing ? 'missing' : `unreadable: ${(err as Error).message}`}`);
+      throw new RepositoryError(
+        'damaged',
+        `chunk ${hash} is ${missing ? 'missing' : `unreadable: ${(err as Error).message}`}`,
+      );
     }
-    if (sha256(data) !== hash) throw new RepositoryError('damaged', `chunk ${hash} is damaged: its content does not match its SHA-256`);
+    if (sha256(data) !== hash)
+      throw new RepositoryError('damaged', `chunk ${hash} is damaged: its content does not match its SHA-256`);
     return data;
   }
 
@@ -183,7 +213,10 @@ export class BackupRepository {
         if ((err as NodeJS.ErrnoException).code !== 'EEXIST') throw err;
         const pid = Number((await fs.promises.readFile(lockPath, 'utf8').catch(() => '')).trim());
         if (Number.isSafeInteger(pid) && pid > 0 && pid !== process.pid && isAlive(pid)) {
-          throw new RepositoryError('busy', `another backup (process ${pid}) is writing to ${this.dir}; wait for it to finish`);
+          throw new RepositoryError(
+            'busy',
+            `another backup (process ${pid}) is writing to ${this.dir}; wait for it to finish`,
+          );
         }
         // Its writer is gone (killed): the lock is stale.
         await fs.promises.rm(lockPath, { force: true });
@@ -224,7 +257,10 @@ export class BackupRepository {
   }
 
   /** Starts a backup; nothing is visible until commit(). Needs the lock. */
-  async begin(meta: Omit<Manifest, 'format' | 'id' | 'extents' | 'bytes' | 'created'>, lock: RepositoryLock): Promise<BackupWriter> {
+  async begin(
+    meta: Omit<Manifest, 'format' | 'id' | 'extents' | 'bytes' | 'created'>,
+    lock: RepositoryLock,
+  ): Promise<BackupWriter> {
     if (!lock.held) throw new Error('begin() needs the repository lock');
     const known = new Set((await this.referencedChunks()).keys());
     return new BackupWriter(this, meta, known);
@@ -257,13 +293,17 @@ export class BackupRepository {
     for (const id of all) {
       const chain = chainOf(id);
       if (!chain) {
-        if (!damagedManifests.some((d) => d.id === id)) damagedManifests.push({ id, problem: `backup ${id}: a base in its chain is missing or damaged` });
+        if (!damagedManifests.some((d) => d.id === id))
+          damagedManifests.push({ id, problem: `backup ${id}: a base in its chain is missing or damaged` });
         continue;
       }
       for (const member of chain) {
         for (const [, , hash] of manifests.get(member)!.extents) {
           let set = users.get(hash);
-          if (!set) users.set(hash, (set = new Set()));
+          if (!set) {
+            set = new Set();
+            users.set(hash, set);
+          }
           set.add(id);
         }
       }
@@ -271,7 +311,8 @@ export class BackupRepository {
     const toCheck = new Set<string>();
     for (const id of wanted) {
       if (!all.includes(id)) throw new RepositoryError('usage', `backup ${id} is not in the repository ${this.dir}`);
-      for (const member of chainOf(id) ?? []) for (const [, , hash] of manifests.get(member)!.extents) toCheck.add(hash);
+      for (const member of chainOf(id) ?? [])
+        for (const [, , hash] of manifests.get(member)!.extents) toCheck.add(hash);
     }
     const damaged: DamagedChunk[] = [];
     let bytesChecked = 0;
@@ -347,7 +388,11 @@ export class BackupWriter {
       this.touchedDirs.add(dir);
     }
     const temp = tempName(final, this.repo.tmpDir);
-    const handle = await fs.promises.open(temp, fs.constants.O_WRONLY | fs.constants.O_CREAT | fs.constants.O_EXCL, FILE_MODE);
+    const handle = await fs.promises.open(
+      temp,
+      fs.constants.O_WRONLY | fs.constants.O_CREAT | fs.constants.O_EXCL,
+      FILE_MODE,
+    );
     try {
       await handle.writeFile(data);
       await handle.chmod(FILE_MODE);
@@ -378,7 +423,11 @@ export class BackupWriter {
       bytes: this.bytes,
       created: new Date().toISOString(),
     };
-    await writeFileDurably(path.join(this.repo.dir, 'backups', `${this.id}.json`), `${JSON.stringify(manifest)}\n`, this.repo.tmpDir);
+    await writeFileDurably(
+      path.join(this.repo.dir, 'backups', `${this.id}.json`),
+      `${JSON.stringify(manifest)}\n`,
+      this.repo.tmpDir,
+    );
     return manifest;
   }
 }

@@ -20,22 +20,37 @@ export interface RestoreSummary {
 
 const ZEROS = Buffer.alloc(1 << 20);
 
-export async function restoreBackup(repo: BackupRepository, id: string, targetPath: string, progress: Progress): Promise<RestoreSummary> {
+export async function restoreBackup(
+  repo: BackupRepository,
+  id: string,
+  targetPath: string,
+  progress: Progress,
+): Promise<RestoreSummary> {
   const started = Date.now();
   const chain = await repo.chain(id);
   const capacity = chain.at(-1)!.capacityBytes;
   // Every chunk must be there before anything is written; hashes are checked as chunks are read.
   const missing = new Set<string>();
-  for (const m of chain) for (const [, , hash] of m.extents) if (!fs.existsSync(repo.chunkPath(hash))) missing.add(hash);
+  for (const m of chain)
+    for (const [, , hash] of m.extents) if (!fs.existsSync(repo.chunkPath(hash))) missing.add(hash);
   if (missing.size > 0) {
-    throw new RepositoryError('damaged', `backup ${id} cannot be restored: ${missing.size} chunk(s) are missing, e.g. ${[...missing][0]} (run \`cbt-csi verify --repo ${repo.dir}\`)`);
+    throw new RepositoryError(
+      'damaged',
+      `backup ${id} cannot be restored: ${missing.size} chunk(s) are missing, e.g. ${[...missing][0]} (run \`cbt-csi verify --repo ${repo.dir}\`)`,
+    );
   }
   const target = await openTarget(targetPath, capacity);
   let written = 0;
   try {
     let total = 0;
-    for (const m of chain) for (const [offset, length] of m.extents) if (offset < capacity) total += Math.min(length, capacity - offset);
-    const gaps = target.created ? [] : complement(chain.flatMap((m) => m.extents.map(([offset, length]) => ({ offset, length }))), capacity);
+    for (const m of chain)
+      for (const [offset, length] of m.extents) if (offset < capacity) total += Math.min(length, capacity - offset);
+    const gaps = target.created
+      ? []
+      : complement(
+          chain.flatMap((m) => m.extents.map(([offset, length]) => ({ offset, length }))),
+          capacity,
+        );
     total += gaps.reduce((s, g) => s + g.length, 0);
     progress.start('restore', total);
     for (const gap of gaps) {
@@ -50,9 +65,16 @@ export async function restoreBackup(repo: BackupRepository, id: string, targetPa
       for (const [offset, length, hash] of m.extents) {
         if (offset >= capacity) continue;
         const data = await repo.readChunk(hash).catch((err: unknown) => {
-          throw new RepositoryError('damaged', `backup ${id} cannot be restored: ${(err as Error).message} (it is part of backup ${m.id})`);
+          throw new RepositoryError(
+            'damaged',
+            `backup ${id} cannot be restored: ${(err as Error).message} (it is part of backup ${m.id})`,
+          );
         });
-        if (data.length !== length) throw new RepositoryError('damaged', `chunk ${hash} has ${data.length} bytes where backup ${m.id} stored ${length}`);
+        if (data.length !== length)
+          throw new RepositoryError(
+            'damaged',
+            `chunk ${hash} has ${data.length} bytes where backup ${m.id} stored ${length}`,
+          );
         const n = Math.min(length, capacity - offset);
         await target.write(offset, data.subarray(0, n));
         progress.add(n);
@@ -64,7 +86,14 @@ export async function restoreBackup(repo: BackupRepository, id: string, targetPa
     progress.stop();
     await target.close();
   }
-  return { backup: id, chain: chain.map((m) => m.id), target: targetPath, capacityBytes: capacity, bytesWritten: written, seconds: (Date.now() - started) / 1000 };
+  return {
+    backup: id,
+    chain: chain.map((m) => m.id),
+    target: targetPath,
+    capacityBytes: capacity,
+    bytesWritten: written,
+    seconds: (Date.now() - started) / 1000,
+  };
 }
 
 /** The parts of [0, capacity) that no extent covers. */

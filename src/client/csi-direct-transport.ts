@@ -3,7 +3,7 @@
  * loopback), spoken with connect-node's gRPC transport and the generated CSI messages, as the server is.
  * For local use and tests; in a cluster the sidecar stands in front of the driver instead.
  */
-import http2 from 'node:http2';
+import type http2 from 'node:http2';
 import net from 'node:net';
 import { Code, ConnectError, createClient, type Client } from '@connectrpc/connect';
 import { createGrpcTransport, Http2SessionManager } from '@connectrpc/connect-node';
@@ -18,7 +18,8 @@ export function endpointSession(endpoint: string): Http2SessionManager {
   let socket = endpoint;
   if (endpoint.startsWith('unix://')) socket = endpoint.slice('unix://'.length);
   else if (endpoint.startsWith('unix:')) socket = endpoint.slice('unix:'.length);
-  else if (/^[a-z]+:\/\//i.test(endpoint)) throw new Error(`endpoint ${endpoint}: expected unix:///path/csi.sock or tcp://HOST:PORT`);
+  else if (/^[a-z]+:\/\//i.test(endpoint))
+    throw new Error(`endpoint ${endpoint}: expected unix:///path/csi.sock or tcp://HOST:PORT`);
   if (!socket) throw new Error(`endpoint ${endpoint}: the socket path is empty`);
   const options: http2.ClientSessionOptions = { createConnection: () => net.connect(socket) };
   return new Http2SessionManager('http://localhost', { pingIntervalMs: 30_000 }, options);
@@ -46,7 +47,11 @@ export class CsiDirectTransport implements MetadataTransport {
     const stream =
       request.kind === 'allocated'
         ? this.client.getMetadataAllocated(
-            { snapshotId: request.snapshot, startingOffset: BigInt(request.startingOffset), maxResults: request.maxResults },
+            {
+              snapshotId: request.snapshot,
+              startingOffset: BigInt(request.startingOffset),
+              maxResults: request.maxResults,
+            },
             { signal },
           )
         : this.client.getMetadataDelta(
@@ -59,7 +64,11 @@ export class CsiDirectTransport implements MetadataTransport {
             { signal },
           );
     for await (const res of stream) {
-      yield { blockMetadataType: styleOf(res.blockMetadataType), capacityBytes: Number(res.volumeCapacityBytes), tuples: flatten(res.blockMetadata) };
+      yield {
+        blockMetadataType: styleOf(res.blockMetadataType),
+        capacityBytes: Number(res.volumeCapacityBytes),
+        tuples: flatten(res.blockMetadata),
+      };
     }
   }
 
@@ -82,7 +91,15 @@ function flatten(list: readonly BlockMetadata[]): Float64Array {
 }
 
 /** Socket errors that mean the driver went away (restart, crash) rather than refused the call. */
-const CONNECTION_LOST = new Set(['ECONNRESET', 'EPIPE', 'ECONNREFUSED', 'ENOENT', 'ERR_HTTP2_STREAM_ERROR', 'ERR_HTTP2_GOAWAY_SESSION', 'ERR_HTTP2_SESSION_ERROR']);
+const CONNECTION_LOST = new Set([
+  'ECONNRESET',
+  'EPIPE',
+  'ECONNREFUSED',
+  'ENOENT',
+  'ERR_HTTP2_STREAM_ERROR',
+  'ERR_HTTP2_GOAWAY_SESSION',
+  'ERR_HTTP2_SESSION_ERROR',
+]);
 
 /**
  * connect-node reports a connection reset mid-stream as ABORTED; for a client of this driver it is the
@@ -91,6 +108,10 @@ const CONNECTION_LOST = new Set(['ECONNRESET', 'EPIPE', 'ECONNREFUSED', 'ENOENT'
 function asUnavailable(err: unknown): unknown {
   if (!(err instanceof ConnectError) || err.code === Code.Unavailable) return err;
   const cause = err.cause as NodeJS.ErrnoException | undefined;
-  const lost = (cause?.code !== undefined && CONNECTION_LOST.has(cause.code)) || /ECONNRESET|EPIPE|ECONNREFUSED/.test(err.rawMessage);
-  return lost ? new ConnectError(`connection to the driver lost: ${err.rawMessage}`, Code.Unavailable, undefined, undefined, err) : err;
+  const lost =
+    (cause?.code !== undefined && CONNECTION_LOST.has(cause.code)) ||
+    /ECONNRESET|EPIPE|ECONNREFUSED/.test(err.rawMessage);
+  return lost
+    ? new ConnectError(`connection to the driver lost: ${err.rawMessage}`, Code.Unavailable, undefined, undefined, err)
+    : err;
 }

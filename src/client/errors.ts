@@ -65,21 +65,53 @@ export function typedError(err: unknown, what: string): SnapshotMetadataError {
   const m = err.rawMessage;
   switch (err.code) {
     case Code.InvalidArgument:
-      return new InvalidArgumentError('INVALID_ARGUMENT', `${what} was refused as invalid: ${m} (check the snapshot IDs: a delta needs an older base and a newer target of the same volume)`, m, { cause: err });
+      return new InvalidArgumentError(
+        'INVALID_ARGUMENT',
+        `${what} was refused as invalid: ${m} (check the snapshot IDs: a delta needs an older base and a newer target of the same volume)`,
+        m,
+        { cause: err },
+      );
     case Code.NotFound:
-      return new NotFoundError('NOT_FOUND', `${what}: a snapshot does not exist: ${m} (check the ID; a deleted snapshot cannot be listed)`, m, { cause: err });
+      return new NotFoundError(
+        'NOT_FOUND',
+        `${what}: a snapshot does not exist: ${m} (check the ID; a deleted snapshot cannot be listed)`,
+        m,
+        { cause: err },
+      );
     case Code.PermissionDenied:
-      return new PermissionDeniedError('PERMISSION_DENIED', `${what}: permission denied: ${m} (the caller's ServiceAccount needs the backup-client role)`, m, { cause: err });
+      return new PermissionDeniedError(
+        'PERMISSION_DENIED',
+        `${what}: permission denied: ${m} (the caller's ServiceAccount needs the backup-client role)`,
+        m,
+        { cause: err },
+      );
     case Code.Unauthenticated:
-      return new UnauthenticatedError('UNAUTHENTICATED', `${what}: not authenticated: ${m} (get a fresh token for the sidecar's audience)`, m, { cause: err });
+      return new UnauthenticatedError(
+        'UNAUTHENTICATED',
+        `${what}: not authenticated: ${m} (get a fresh token for the sidecar's audience)`,
+        m,
+        { cause: err },
+      );
     case Code.FailedPrecondition:
-      return new FailedPreconditionError('FAILED_PRECONDITION', `${what}: the driver cannot answer from this base: ${m} (take a full backup)`, m, { cause: err });
+      return new FailedPreconditionError(
+        'FAILED_PRECONDITION',
+        `${what}: the driver cannot answer from this base: ${m} (take a full backup)`,
+        m,
+        { cause: err },
+      );
     case Code.OutOfRange:
-      return new OutOfRangeError('OUT_OF_RANGE', `${what}: the starting offset is beyond the snapshot: ${m}`, m, { cause: err });
+      return new OutOfRangeError('OUT_OF_RANGE', `${what}: the starting offset is beyond the snapshot: ${m}`, m, {
+        cause: err,
+      });
     case Code.Unavailable:
     case Code.Canceled:
     case Code.DeadlineExceeded:
-      return new RetriesExhaustedError('UNAVAILABLE', `${what}: the driver stayed unreachable after every retry: ${m} (is it running? is the endpoint right?)`, m, { cause: err });
+      return new RetriesExhaustedError(
+        'UNAVAILABLE',
+        `${what}: the driver stayed unreachable after every retry: ${m} (is it running? is the endpoint right?)`,
+        m,
+        { cause: err },
+      );
     case Code.Internal:
       return new SnapshotMetadataError('INTERNAL', `${what}: the driver failed: ${m} (see its log)`, m, { cause: err });
     default:

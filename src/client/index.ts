@@ -10,10 +10,19 @@ import { SnapshotMetadataClient, type ResumeListener, type RetryPolicy } from '.
 
 export * from './types.js';
 export * from './errors.js';
-export { SnapshotMetadataClient, DEFAULT_RETRY, rechunk, type RetryPolicy, type ResumeListener } from './metadata-client.js';
+export {
+  SnapshotMetadataClient,
+  DEFAULT_RETRY,
+  rechunk,
+  type RetryPolicy,
+  type ResumeListener,
+} from './metadata-client.js';
 export { CsiDirectTransport } from './csi-direct-transport.js';
 
 /** A client talking to the driver's own socket (`unix:///path/csi.sock` or `tcp://127.0.0.1:PORT`). */
-export function connectCsiDirect(endpoint: string, options: { retry?: Partial<RetryPolicy>; onResume?: ResumeListener } = {}): SnapshotMetadataClient {
+export function connectCsiDirect(
+  endpoint: string,
+  options: { retry?: Partial<RetryPolicy>; onResume?: ResumeListener } = {},
+): SnapshotMetadataClient {
   return new SnapshotMetadataClient(new CsiDirectTransport(endpoint), options);
 }

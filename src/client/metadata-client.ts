@@ -7,7 +7,15 @@
  */
 import { setTimeout as sleep } from 'node:timers/promises';
 import { isResumable, ProtocolError, typedError } from './errors.js';
-import type { BlockMetadataType, Extent, ExtentListing, ListOptions, MetadataPage, MetadataRequest, MetadataTransport } from './types.js';
+import type {
+  BlockMetadataType,
+  Extent,
+  ExtentListing,
+  ListOptions,
+  MetadataPage,
+  MetadataRequest,
+  MetadataTransport,
+} from './types.js';
 
 /** How cut streams are retried. */
 export interface RetryPolicy {
@@ -39,12 +47,20 @@ export class SnapshotMetadataClient {
 
   /** The allocated extents of `snapshot`. Resolves once the driver has answered (capacity and style known). */
   allocated(snapshot: string, options: ListOptions = {}): Promise<ExtentListing> {
-    return this.list((startingOffset, maxResults) => ({ kind: 'allocated', snapshot, startingOffset, maxResults }), `allocated(${snapshot})`, options);
+    return this.list(
+      (startingOffset, maxResults) => ({ kind: 'allocated', snapshot, startingOffset, maxResults }),
+      `allocated(${snapshot})`,
+      options,
+    );
   }
 
   /** The extents changed from `base` to `target`. Resolves once the driver has answered. */
   delta(base: string, target: string, options: ListOptions = {}): Promise<ExtentListing> {
-    return this.list((startingOffset, maxResults) => ({ kind: 'delta', base, target, startingOffset, maxResults }), `delta(${base}, ${target})`, options);
+    return this.list(
+      (startingOffset, maxResults) => ({ kind: 'delta', base, target, startingOffset, maxResults }),
+      `delta(${base}, ${target})`,
+      options,
+    );
   }
 
   close(): Promise<void> | void {
@@ -58,15 +74,28 @@ export class SnapshotMetadataClient {
   ): Promise<ExtentListing> {
     const startingOffset = options.startingOffset ?? 0;
     const maxResults = options.maxResults ?? 0;
-    if (!Number.isSafeInteger(startingOffset) || startingOffset < 0) throw new RangeError(`startingOffset must be a byte offset >= 0, got ${startingOffset}`);
-    if (!Number.isSafeInteger(maxResults) || maxResults < 0) throw new RangeError(`maxResults must be an integer >= 0, got ${maxResults}`);
+    if (!Number.isSafeInteger(startingOffset) || startingOffset < 0)
+      throw new RangeError(`startingOffset must be a byte offset >= 0, got ${startingOffset}`);
+    if (!Number.isSafeInteger(maxResults) || maxResults < 0)
+      throw new RangeError(`maxResults must be an integer >= 0, got ${maxResults}`);
     const blockSize = options.blockSize;
-    if (blockSize !== undefined && (!Number.isSafeInteger(blockSize) || blockSize <= 0 || (blockSize & (blockSize - 1)) !== 0)) {
+    if (
+      blockSize !== undefined &&
+      (!Number.isSafeInteger(blockSize) || blockSize <= 0 || (blockSize & (blockSize - 1)) !== 0)
+    ) {
       throw new RangeError(`blockSize must be a power of two, got ${blockSize}`);
     }
-    const stream = new ResumingStream(this.transport, (offset) => request(offset, maxResults), what, this.retry, this.onResume, options.signal);
+    const stream = new ResumingStream(
+      this.transport,
+      (offset) => request(offset, maxResults),
+      what,
+      this.retry,
+      this.onResume,
+      options.signal,
+    );
     await stream.start(startingOffset);
-    const extents = blockSize === undefined ? stream.extents() : rechunk(stream.extents(), blockSize, stream.capacityBytes);
+    const extents =
+      blockSize === undefined ? stream.extents() : rechunk(stream.extents(), blockSize, stream.capacityBytes);
     let iterated = false;
     return {
       capacityBytes: stream.capacityBytes,
@@ -160,7 +189,11 @@ class ResumingStream {
   /** Checks a page against what came before and returns its extents past the cursor. */
   private accept(page: MetadataPage): Extent[] {
     if (page.capacityBytes !== this.capacityBytes && this.capacityBytes !== 0) {
-      throw new ProtocolError('PROTOCOL', `${this.what}: the capacity changed from ${this.capacityBytes} to ${page.capacityBytes} bytes mid-listing`, '');
+      throw new ProtocolError(
+        'PROTOCOL',
+        `${this.what}: the capacity changed from ${this.capacityBytes} to ${page.capacityBytes} bytes mid-listing`,
+        '',
+      );
     }
     const t = page.tuples;
     const out: Extent[] = [];
@@ -169,12 +202,20 @@ class ResumingStream {
       const length = t[i + 1]!;
       const end = offset + length;
       if (!(length > 0) || offset < 0 || end > this.capacityBytes) {
-        throw new ProtocolError('PROTOCOL', `${this.what}: the driver sent an extent outside the volume (offset ${offset}, length ${length}, capacity ${this.capacityBytes})`, '');
+        throw new ProtocolError(
+          'PROTOCOL',
+          `${this.what}: the driver sent an extent outside the volume (offset ${offset}, length ${length}, capacity ${this.capacityBytes})`,
+          '',
+        );
       }
       if (offset < this.cursor) {
         // After a reopen, the first extent may straddle where the last stream stopped: keep the new part.
         if (!this.reopened || i !== 0) {
-          throw new ProtocolError('PROTOCOL', `${this.what}: the driver sent extents out of order (offset ${offset} after ${this.cursor})`, '');
+          throw new ProtocolError(
+            'PROTOCOL',
+            `${this.what}: the driver sent extents out of order (offset ${offset} after ${this.cursor})`,
+            '',
+          );
         }
         if (end <= this.cursor) continue;
         offset = this.cursor;
@@ -196,7 +237,9 @@ class ResumingStream {
           this.controller = new AbortController();
           const abort = () => this.controller?.abort(this.signal?.reason);
           this.signal?.addEventListener('abort', abort, { once: true });
-          this.iterator = this.transport.open(this.request(this.cursor), this.controller.signal)[Symbol.asyncIterator]();
+          this.iterator = this.transport
+            .open(this.request(this.cursor), this.controller.signal)
+            [Symbol.asyncIterator]();
         }
         const r = await this.iterator.next();
         if (r.done) return undefined;
@@ -217,7 +260,11 @@ class ResumingStream {
 }
 
 /** Cuts extents into whole blocks of `blockSize` (aligned; the last may end at the capacity), each once. */
-export async function* rechunk(extents: AsyncIterable<Extent>, blockSize: number, capacityBytes: number): AsyncGenerator<Extent> {
+export async function* rechunk(
+  extents: AsyncIterable<Extent>,
+  blockSize: number,
+  capacityBytes: number,
+): AsyncGenerator<Extent> {
   let done = 0;
   for await (const e of extents) {
     const start = Math.max(done, Math.floor(e.offset / blockSize) * blockSize);

@@ -76,7 +76,10 @@ export function requireSupportedCapabilities(caps: readonly VolumeCapability[], 
 }
 
 /** Throws INVALID_ARGUMENT for a malformed capability; returns the first unsupported one's message. */
-export function unsupportedCapability(caps: readonly VolumeCapability[], field = 'volume_capabilities'): string | undefined {
+export function unsupportedCapability(
+  caps: readonly VolumeCapability[],
+  field = 'volume_capabilities',
+): string | undefined {
   const problem = firstCapabilityProblem(caps, field);
   if (problem?.kind === 'malformed') throw rpcError(Code.InvalidArgument, problem.message);
   return problem?.message;

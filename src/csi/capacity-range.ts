@@ -36,7 +36,10 @@ export function checkCapacityRange(range: CapacityRange | undefined, field = 'ca
     );
   }
   if (range.requiredBytes > BigInt(Number.MAX_SAFE_INTEGER)) {
-    throw rpcError(Code.OutOfRange, `${field}.required_bytes ${range.requiredBytes} is beyond what a volume can address`);
+    throw rpcError(
+      Code.OutOfRange,
+      `${field}.required_bytes ${range.requiredBytes} is beyond what a volume can address`,
+    );
   }
   const limit = range.limitBytes > BigInt(Number.MAX_SAFE_INTEGER) ? 0 : Number(range.limitBytes);
   return { requiredBytes: Number(range.requiredBytes), limitBytes: limit };
@@ -64,7 +67,8 @@ export function newVolumeBytes(range: ByteRange, blockSize: number, sourceBytes:
   let bytes: number;
   if (range.requiredBytes === 0) {
     bytes = sourceBytes ?? DEFAULT_VOLUME_BYTES;
-    if (sourceBytes === undefined && range.limitBytes !== 0) bytes = Math.min(bytes, roundDown(range.limitBytes, blockSize));
+    if (sourceBytes === undefined && range.limitBytes !== 0)
+      bytes = Math.min(bytes, roundDown(range.limitBytes, blockSize));
   } else {
     bytes = Math.max(roundUp(range.requiredBytes, blockSize), sourceBytes ?? 0);
   }

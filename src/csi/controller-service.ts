@@ -58,7 +58,6 @@ export const CONTROLLER_CAPABILITIES: readonly RpcType[] = [
   // is judged by, rejects any capability it does not know, and no sidecar needs the advertisement yet.
 ];
 
-
 /** What a CreateVolume request asks for, once validated. */
 interface VolumeWish {
   name: string;
@@ -82,7 +81,8 @@ export function controllerService(ctx: DriverContext): ServiceImpl<typeof Contro
    */
   const incompatibility = (volume: VolumeInfo, wish: VolumeWish): string | undefined => {
     if (sourceKey(volume.source) !== sourceKey(wish.source)) return 'it has a different volume_content_source';
-    if (!fitsRange(volume.capacityBytes, wish.range)) return `its ${volume.capacityBytes} bytes are outside capacity_range`;
+    if (!fitsRange(volume.capacityBytes, wish.range))
+      return `its ${volume.capacityBytes} bytes are outside capacity_range`;
     if (wish.explicit.blockSize && volume.blockSize !== wish.params.blockSize) {
       return `its ${PARAM_BLOCK_SIZE} is ${volume.blockSize}`;
     }
@@ -201,7 +201,8 @@ export function controllerService(ctx: DriverContext): ServiceImpl<typeof Contro
       const unsupported = unsupportedCapability(req.volumeCapabilities);
       const params = parseVolumeParameters(req.parameters, defaults);
       const topology = req.accessibleTopology;
-      const elsewhere = topology !== undefined && Object.keys(topology.segments).length > 0 && !isThisNode(topology, config);
+      const elsewhere =
+        topology !== undefined && Object.keys(topology.segments).length > 0 && !isThisNode(topology, config);
       // Valid requests this driver cannot provision for have no capacity, rather than an error.
       if (unsupported !== undefined || elsewhere) return { availableCapacity: 0n };
       // The engine knows the provisioning limit, the free space and the largest volume its filesystem holds.
@@ -376,7 +377,10 @@ function sourceKey(source: VolumeInfo['source']): string {
 }
 
 /** A volume_context given to ValidateVolumeCapabilities must be the volume's own. */
-function contextMismatch(given: Readonly<Record<string, string>>, actual: Readonly<Record<string, string>>): string | undefined {
+function contextMismatch(
+  given: Readonly<Record<string, string>>,
+  actual: Readonly<Record<string, string>>,
+): string | undefined {
   const keys = Object.keys(given);
   if (keys.length === 0) return undefined;
   const same = keys.length === Object.keys(actual).length && keys.every((k) => actual[k] === given[k]);

@@ -45,14 +45,21 @@ export function groupControllerService(ctx: DriverContext): ServiceImpl<typeof G
     async createVolumeGroupSnapshot(req) {
       checkName(req.name, 'name');
       if (req.sourceVolumeIds.length === 0) throw rpcError(Code.InvalidArgument, 'source_volume_ids is required');
-      if (req.sourceVolumeIds.some((id) => !id)) throw rpcError(Code.InvalidArgument, 'source_volume_ids has an empty ID');
+      if (req.sourceVolumeIds.some((id) => !id))
+        throw rpcError(Code.InvalidArgument, 'source_volume_ids has an empty ID');
       checkSnapshotParameters(req.parameters);
       // Same-name groups are the engine's to answer, before it looks for the volumes (a retry after a delete).
       const group = await store.createGroupSnapshot({
         name: req.name,
-        members: req.sourceVolumeIds.map((volumeId) => ({ volumeId, attributes: snapshotAttributes(findVolume(volumeId), config) })),
+        members: req.sourceVolumeIds.map((volumeId) => ({
+          volumeId,
+          attributes: snapshotAttributes(findVolume(volumeId), config),
+        })),
       });
-      ctx.logger.info({ groupSnapshotId: group.id, name: req.name, volumes: req.sourceVolumeIds.length }, 'group snapshot ready');
+      ctx.logger.info(
+        { groupSnapshotId: group.id, name: req.name, volumes: req.sourceVolumeIds.length },
+        'group snapshot ready',
+      );
       return { groupSnapshot: groupMessage(group) };
     },
 
@@ -85,7 +92,8 @@ export function groupControllerService(ctx: DriverContext): ServiceImpl<typeof G
 function checkSnapshotIds(given: readonly string[], group: GroupSnapshotInfo): void {
   if (given.length === 0) return;
   const members = new Set(group.snapshots.map((s) => s.id));
-  const same = given.length === members.size && given.every((id) => members.has(id)) && new Set(given).size === given.length;
+  const same =
+    given.length === members.size && given.every((id) => members.has(id)) && new Set(given).size === given.length;
   if (!same) {
     throw rpcError(Code.InvalidArgument, `snapshot_ids are not the members of group snapshot ${group.id}`);
   }

@@ -50,7 +50,12 @@ export function parseMetadataProfile(value: string): MetadataProfileName {
 export function parseObjectSize(value: string): number {
   const m = /^(\d+)(|Ki|KiB|Mi|MiB)$/.exec(value.trim());
   const bytes = m ? Number(m[1]) * (m[2]!.startsWith('Ki') ? 1024 : m[2]!.startsWith('Mi') ? 1024 * 1024 : 1) : NaN;
-  if (!Number.isSafeInteger(bytes) || bytes < MIN_OBJECT_SIZE || bytes > MAX_OBJECT_SIZE || (bytes & (bytes - 1)) !== 0) {
+  if (
+    !Number.isSafeInteger(bytes) ||
+    bytes < MIN_OBJECT_SIZE ||
+    bytes > MAX_OBJECT_SIZE ||
+    (bytes & (bytes - 1)) !== 0
+  ) {
     throw new InvalidArgumentError(
       `${PARAM_OBJECT_SIZE} ${JSON.stringify(value.slice(0, 64))} must be a power of two from 4096 (4Ki) to 33554432 (32Mi) bytes`,
     );
@@ -62,14 +67,24 @@ export function parseObjectSize(value: string): number {
  * The profile attributes a new volume is stored with: the StorageClass's, or the driver's default.
  * Throws InvalidArgumentError for a bad value, or objectSize without the ceph-rbd profile.
  */
-export function profileAttributes(parameters: Readonly<Record<string, string>>, defaultProfile: MetadataProfileName): Attributes {
-  const name = parameters[PARAM_METADATA_PROFILE] !== undefined ? parseMetadataProfile(parameters[PARAM_METADATA_PROFILE]) : defaultProfile;
+export function profileAttributes(
+  parameters: Readonly<Record<string, string>>,
+  defaultProfile: MetadataProfileName,
+): Attributes {
+  const name =
+    parameters[PARAM_METADATA_PROFILE] !== undefined
+      ? parseMetadataProfile(parameters[PARAM_METADATA_PROFILE])
+      : defaultProfile;
   const objectSizeParam = parameters[PARAM_OBJECT_SIZE];
   if (objectSizeParam !== undefined && name !== 'ceph-rbd') {
-    throw new InvalidArgumentError(`${PARAM_OBJECT_SIZE} applies only to ${PARAM_METADATA_PROFILE} ceph-rbd, not ${name}`);
+    throw new InvalidArgumentError(
+      `${PARAM_OBJECT_SIZE} applies only to ${PARAM_METADATA_PROFILE} ceph-rbd, not ${name}`,
+    );
   }
   const objectSize = objectSizeParam !== undefined ? parseObjectSize(objectSizeParam) : CEPH_RBD_DEFAULT_OBJECT_SIZE;
-  return name === 'ceph-rbd' ? { [ATTR_METADATA_PROFILE]: name, [ATTR_OBJECT_SIZE]: String(objectSize) } : { [ATTR_METADATA_PROFILE]: name };
+  return name === 'ceph-rbd'
+    ? { [ATTR_METADATA_PROFILE]: name, [ATTR_OBJECT_SIZE]: String(objectSize) }
+    : { [ATTR_METADATA_PROFILE]: name };
 }
 
 /** The profile attributes of a volume, copied to each snapshot taken of it. */
@@ -85,7 +100,9 @@ export function inheritedProfileAttributes(volumeAttributes: Attributes): Attrib
 export function profileOf(attributes: Attributes, defaultProfile: MetadataProfileName): MetadataProfile {
   const stored = attributes[ATTR_METADATA_PROFILE];
   const name = stored ? parseMetadataProfile(stored) : defaultProfile;
-  const objectSize = attributes[ATTR_OBJECT_SIZE] ? parseObjectSize(attributes[ATTR_OBJECT_SIZE]) : CEPH_RBD_DEFAULT_OBJECT_SIZE;
+  const objectSize = attributes[ATTR_OBJECT_SIZE]
+    ? parseObjectSize(attributes[ATTR_OBJECT_SIZE])
+    : CEPH_RBD_DEFAULT_OBJECT_SIZE;
   return { name, objectSize };
 }
 
@@ -97,8 +114,14 @@ export function profileStyle(profile: MetadataProfile, volumeStyle: ExtentStyle)
 }
 
 /** Tuples per message: max_results (0: the profile's or driver's default), capped by the profile. */
-export function profileBatchSize(profile: MetadataProfile, maxResults: number, driverDefault: number, driverCap: number): number {
-  const cap = profile.name === 'hostpath' ? HOSTPATH_MAX_TUPLES : profile.name === 'ceph-rbd' ? CEPH_RBD_MAX_TUPLES : driverCap;
+export function profileBatchSize(
+  profile: MetadataProfile,
+  maxResults: number,
+  driverDefault: number,
+  driverCap: number,
+): number {
+  const cap =
+    profile.name === 'hostpath' ? HOSTPATH_MAX_TUPLES : profile.name === 'ceph-rbd' ? CEPH_RBD_MAX_TUPLES : driverCap;
   const wanted = maxResults === 0 ? (profile.name === 'exact' ? driverDefault : cap) : maxResults;
   return Math.min(wanted, cap);
 }
@@ -109,9 +132,14 @@ export function sendsEmptyMessage(profile: MetadataProfile): boolean {
 }
 
 /** What the real driver answers for a base snapshot that no longer exists (code NOT_FOUND in both). */
-export function missingBaseMessage(profile: MetadataProfile, baseSnapshotId: string, cause: string): string | undefined {
+export function missingBaseMessage(
+  profile: MetadataProfile,
+  baseSnapshotId: string,
+  cause: string,
+): string | undefined {
   if (profile.name === 'hostpath') return 'cannot find the source snapshot';
-  if (profile.name === 'ceph-rbd') return `snapshot ${JSON.stringify(baseSnapshotId.slice(0, 128))} not found: ${cause}`;
+  if (profile.name === 'ceph-rbd')
+    return `snapshot ${JSON.stringify(baseSnapshotId.slice(0, 128))} not found: ${cause}`;
   return undefined;
 }
 

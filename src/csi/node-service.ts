@@ -67,9 +67,11 @@ export function nodeService(ctx: DriverContext, volumes: NodeVolumes): ServiceIm
       const targetPath = requirePath(req.targetPath, 'target_path');
       const cap = requireCapability(req.volumeCapability, 'volume_capability', Code.FailedPrecondition);
       // STAGE_UNSTAGE_VOLUME is advertised, so publishing without a staging path is the CO's mistake.
-      if (!req.stagingTargetPath) throw rpcError(Code.FailedPrecondition, 'staging_target_path is required (the volume must be staged first)');
+      if (!req.stagingTargetPath)
+        throw rpcError(Code.FailedPrecondition, 'staging_target_path is required (the volume must be staged first)');
       const stagingPath = requirePath(req.stagingTargetPath, 'staging_target_path');
-      if (targetPath === stagingPath) throw rpcError(Code.InvalidArgument, 'target_path must differ from staging_target_path');
+      if (targetPath === stagingPath)
+        throw rpcError(Code.InvalidArgument, 'target_path must differ from staging_target_path');
       await translate(() =>
         volumes.publish({
           volumeId,
@@ -159,7 +161,8 @@ function requireVolumeId(value: string): string {
 function requirePath(value: string, field: string): string {
   if (!value) throw rpcError(Code.InvalidArgument, `${field} is required`);
   if (value.includes('\0')) throw rpcError(Code.InvalidArgument, `${field} contains a NUL byte`);
-  if (Buffer.byteLength(value) > MAX_PATH_BYTES) throw rpcError(Code.InvalidArgument, `${field} is longer than ${MAX_PATH_BYTES} bytes`);
+  if (Buffer.byteLength(value) > MAX_PATH_BYTES)
+    throw rpcError(Code.InvalidArgument, `${field} is longer than ${MAX_PATH_BYTES} bytes`);
   if (!path.isAbsolute(value)) throw rpcError(Code.InvalidArgument, `${field} must be an absolute path`);
   return path.resolve(value);
 }
@@ -171,7 +174,8 @@ function requirePath(value: string, field: string): string {
  */
 function requireVolumePath(value: string): string {
   if (!value) throw rpcError(Code.InvalidArgument, 'volume_path is required');
-  if (!path.isAbsolute(value)) throw rpcError(Code.NotFound, 'volume_path is not absolute, so no volume is staged or published there');
+  if (!path.isAbsolute(value))
+    throw rpcError(Code.NotFound, 'volume_path is not absolute, so no volume is staged or published there');
   return requirePath(value, 'volume_path');
 }
 
@@ -198,16 +202,24 @@ function requireCapability(cap: VolumeCapability | undefined, field: string, uns
     const flags = type.value.mountFlags;
     for (const flag of flags) {
       if (!flag || /[\s,\0]/.test(flag)) {
-        throw rpcError(Code.InvalidArgument, `${field}.mount.mount_flags: ${JSON.stringify(flag.slice(0, 64))} is not a mount option`);
+        throw rpcError(
+          Code.InvalidArgument,
+          `${field}.mount.mount_flags: ${JSON.stringify(flag.slice(0, 64))} is not a mount option`,
+        );
       }
     }
     if (type.value.volumeMountGroup) {
-      throw rpcError(Code.InvalidArgument, `${field}.mount.volume_mount_group is not supported (no VOLUME_MOUNT_GROUP capability)`);
+      throw rpcError(
+        Code.InvalidArgument,
+        `${field}.mount.volume_mount_group is not supported (no VOLUME_MOUNT_GROUP capability)`,
+      );
     }
     access = { kind: 'mount', fsType: type.value.fsType, mountFlags: [...flags] };
   } else {
     access = { kind: 'block' };
   }
-  const key = JSON.stringify(access.kind === 'mount' ? ['mount', access.fsType, access.mountFlags, mode] : ['block', mode]);
+  const key = JSON.stringify(
+    access.kind === 'mount' ? ['mount', access.fsType, access.mountFlags, mode] : ['block', mode],
+  );
   return { access, mode, key };
 }

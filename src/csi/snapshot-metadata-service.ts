@@ -6,7 +6,13 @@
  */
 import type { HandlerContext, ServiceImpl } from '@connectrpc/connect';
 import { Code, ConnectError } from '@connectrpc/connect';
-import { NotFoundError, type Extent, type ExtentStream, type ExtentStyle, type SnapshotInfo } from '../../storage-engine/index.js';
+import {
+  NotFoundError,
+  type Extent,
+  type ExtentStream,
+  type ExtentStyle,
+  type SnapshotInfo,
+} from '../../storage-engine/index.js';
 import {
   BlockMetadataType,
   type GetMetadataAllocatedResponse,
@@ -45,7 +51,8 @@ export function snapshotMetadataService(ctx: DriverContext): ServiceImpl<typeof 
     profileOf(snapshot.attributes, ctx.config.defaultMetadataProfile ?? 'exact');
 
   /** Snapshots answer in the style of the volume they were taken of, stored with them at creation. */
-  const styleOf = (snapshot: SnapshotInfo): ExtentStyle => storedMetadataStyle(snapshot.attributes, ctx.config.defaultMetadataStyle);
+  const styleOf = (snapshot: SnapshotInfo): ExtentStyle =>
+    storedMetadataStyle(snapshot.attributes, ctx.config.defaultMetadataStyle);
 
   return {
     async *getMetadataAllocated(req, handler) {
@@ -56,8 +63,19 @@ export function snapshotMetadataService(ctx: DriverContext): ServiceImpl<typeof 
       const size = batchSize(profile, req.maxResults);
       const startingOffset = checkedOffset(req.startingOffset, snapshot.capacityBytes);
       const style = profileStyle(profile, styleOf(snapshot));
-      const stream = store.allocated(snapshot.id, { startingOffset, style: engineStyle(profile, style), batchSize: size });
-      yield* respond<GetMetadataAllocatedResponse>('csi.v1.GetMetadataAllocatedResponse', profile, style, stream, size, handler);
+      const stream = store.allocated(snapshot.id, {
+        startingOffset,
+        style: engineStyle(profile, style),
+        batchSize: size,
+      });
+      yield* respond<GetMetadataAllocatedResponse>(
+        'csi.v1.GetMetadataAllocatedResponse',
+        profile,
+        style,
+        stream,
+        size,
+        handler,
+      );
     },
 
     async *getMetadataDelta(req, handler) {
@@ -75,7 +93,14 @@ export function snapshotMetadataService(ctx: DriverContext): ServiceImpl<typeof 
         style: engineStyle(profile, style),
         batchSize: size,
       });
-      yield* respond<GetMetadataDeltaResponse>('csi.v1.GetMetadataDeltaResponse', profile, style, stream, size, handler);
+      yield* respond<GetMetadataDeltaResponse>(
+        'csi.v1.GetMetadataDeltaResponse',
+        profile,
+        style,
+        stream,
+        size,
+        handler,
+      );
     },
   };
 }
@@ -154,6 +179,7 @@ function response<T extends MetadataResponse>(
 
 function abortError(signal: AbortSignal): ConnectError {
   const reason: unknown = signal.reason;
-  return reason instanceof ConnectError ? reason : rpcError(Code.Unavailable, 'the call was aborted before all metadata was sent');
+  return reason instanceof ConnectError
+    ? reason
+    : rpcError(Code.Unavailable, 'the call was aborted before all metadata was sent');
 }
-

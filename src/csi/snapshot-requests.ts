@@ -11,6 +11,7 @@ import { inheritedProfileAttributes } from './metadata-profiles.js';
 import { ATTR_METADATA_STYLE, SIDECAR_PREFIX } from './volume-parameters.js';
 
 /** Control characters the spec bans from volume and snapshot names. */
+// biome-ignore lint/suspicious/noControlCharactersInRegex: matching control characters is the point
 const BANNED_NAME_CHARS = /[\u0000-\u0008\u000B\u000C\u000E-\u001F\u007F-\u009F]/;
 
 /** A name field: required, no control characters. */
@@ -31,5 +32,8 @@ export function checkSnapshotParameters(parameters: Readonly<Record<string, stri
 /** What a snapshot remembers of its volume: the SnapshotMetadata service answers in its style and profile. */
 export function snapshotAttributes(volume: VolumeInfo | undefined, config: DriverConfig): Record<string, string> {
   if (!volume) return {};
-  return { [ATTR_METADATA_STYLE]: volumeMetadataStyle(volume, config), ...inheritedProfileAttributes(volume.attributes) };
+  return {
+    [ATTR_METADATA_STYLE]: volumeMetadataStyle(volume, config),
+    ...inheritedProfileAttributes(volume.attributes),
+  };
 }

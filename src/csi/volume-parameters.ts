@@ -10,7 +10,12 @@ import {
   checkBlockSize,
   type ExtentStyle,
 } from '../../storage-engine/index.js';
-import { PARAM_METADATA_PROFILE, PARAM_OBJECT_SIZE, parseMetadataProfile, parseObjectSize } from './metadata-profiles.js';
+import {
+  PARAM_METADATA_PROFILE,
+  PARAM_OBJECT_SIZE,
+  parseMetadataProfile,
+  parseObjectSize,
+} from './metadata-profiles.js';
 
 /** Parameter keys (StorageClass `parameters`). */
 export const PARAM_BLOCK_SIZE = 'blockSize';
@@ -30,7 +35,10 @@ export interface VolumeParameters {
 /** Parses "4096", "4Ki", "64KiB", "1Mi" into bytes; which sizes are allowed is the engine's rule (checkBlockSize). */
 export function parseBlockSize(value: string): number {
   const m = /^(\d+)(|Ki|KiB|Mi|MiB)$/.exec(value.trim());
-  if (!m) throw new InvalidArgumentError(`${PARAM_BLOCK_SIZE} ${JSON.stringify(value)} is not a size such as 4096, 64Ki or 1Mi`);
+  if (!m)
+    throw new InvalidArgumentError(
+      `${PARAM_BLOCK_SIZE} ${JSON.stringify(value)} is not a size such as 4096, 64Ki or 1Mi`,
+    );
   const unit = m[2]!.startsWith('Ki') ? 1024 : m[2]!.startsWith('Mi') ? 1024 * 1024 : 1;
   try {
     return checkBlockSize(Number(m[1]) * unit);
@@ -44,13 +52,19 @@ export function parseBlockSize(value: string): number {
 }
 
 /** The metadata style stored with a volume or snapshot; objects from before the attribute existed get the default. */
-export function storedMetadataStyle(attributes: Readonly<Record<string, string>>, defaultStyle: ExtentStyle): ExtentStyle {
+export function storedMetadataStyle(
+  attributes: Readonly<Record<string, string>>,
+  defaultStyle: ExtentStyle,
+): ExtentStyle {
   const stored = attributes[ATTR_METADATA_STYLE];
   return stored ? parseMetadataStyle(stored) : defaultStyle;
 }
 
 export function parseMetadataStyle(value: string): ExtentStyle {
-  const v = value.trim().toUpperCase().replace(/_LENGTH$/, '');
+  const v = value
+    .trim()
+    .toUpperCase()
+    .replace(/_LENGTH$/, '');
   if (v !== 'FIXED' && v !== 'VARIABLE') {
     throw new InvalidArgumentError(
       `${PARAM_METADATA_STYLE} ${JSON.stringify(value)} must be FIXED_LENGTH or VARIABLE_LENGTH (or FIXED / VARIABLE)`,

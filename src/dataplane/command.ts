@@ -16,7 +16,11 @@ export class CommandError extends Error {
     readonly stderr: string,
     readonly timedOut: boolean,
   ) {
-    const how = timedOut ? 'timed out' : exitCode !== null ? `exited with ${exitCode}` : `was killed by ${signal ?? 'a signal'}`;
+    const how = timedOut
+      ? 'timed out'
+      : exitCode !== null
+        ? `exited with ${exitCode}`
+        : `was killed by ${signal ?? 'a signal'}`;
     super(`${command} ${args.join(' ')} ${how}${stderr ? `: ${stderr}` : ''}`);
     this.name = 'CommandError';
   }
@@ -36,7 +40,11 @@ export interface CommandOptions {
 const MAX_STDERR = 4096;
 
 /** Runs `command args…` without a shell; rejects with CommandError unless it exits 0. */
-export function runCommand(command: string, args: readonly string[], options: CommandOptions = {}): Promise<CommandResult> {
+export function runCommand(
+  command: string,
+  args: readonly string[],
+  options: CommandOptions = {},
+): Promise<CommandResult> {
   const timeoutMs = options.timeoutMs ?? 60_000;
   return new Promise((resolve, reject) => {
     const child = spawn(command, args, { stdio: ['ignore', 'pipe', 'pipe'], env: { ...process.env, LC_ALL: 'C' } });

@@ -21,12 +21,24 @@ import {
   type FilesystemType,
   type FilesystemUsage,
 } from './filesystems.js';
-import { attachLoopDevice, detachLoopDevice, listLoopDevices, refreshLoopCapacity, type LoopDevice } from './loop-devices.js';
+import {
+  attachLoopDevice,
+  detachLoopDevice,
+  listLoopDevices,
+  refreshLoopCapacity,
+  type LoopDevice,
+} from './loop-devices.js';
 
 export interface HostOps {
   // mounts
   isMountPoint(target: string): Promise<boolean>;
-  mountFilesystem(device: string, target: string, type: FilesystemType, flags: readonly string[], readOnly: boolean): Promise<void>;
+  mountFilesystem(
+    device: string,
+    target: string,
+    type: FilesystemType,
+    flags: readonly string[],
+    readOnly: boolean,
+  ): Promise<void>;
   bindMount(source: string, target: string, readOnly: boolean): Promise<void>;
   /** Unmounts every mount stacked at `target`; `lazy` detaches them at once (dead devices). */
   unmountAll(target: string, options?: { lazy?: boolean }): Promise<void>;

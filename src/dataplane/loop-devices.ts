@@ -65,20 +65,15 @@ export async function detachLoopDevice(device: string): Promise<void> {
 
 /** Every attached loop device (from sysfs; losetup stats nothing for these columns, so a dead mount cannot hang it). */
 export async function listLoopDevices(): Promise<LoopDevice[]> {
-  const { stdout } = await runCommand('losetup', [
-    '--list',
-    '--json',
-    '--output',
-    'NAME,BACK-FILE,RO,DIO,AUTOCLEAR',
-  ]);
+  const { stdout } = await runCommand('losetup', ['--list', '--json', '--output', 'NAME,BACK-FILE,RO,DIO,AUTOCLEAR']);
   if (!stdout.trim()) return [];
   const parsed = JSON.parse(stdout) as LosetupJson;
   return (parsed.loopdevices ?? []).map((d) => ({
-    name: String(d['name'] ?? ''),
+    name: String(d.name ?? ''),
     backFile: String(d['back-file'] ?? ''),
-    readOnly: d['ro'] === true || d['ro'] === '1',
-    directIo: d['dio'] === true || d['dio'] === '1',
-    autoclear: d['autoclear'] === true || d['autoclear'] === '1',
+    readOnly: d.ro === true || d.ro === '1',
+    directIo: d.dio === true || d.dio === '1',
+    autoclear: d.autoclear === true || d.autoclear === '1',
   }));
 }
 

@@ -34,7 +34,10 @@ export class NodePaths {
   async resolve(requested: string, field: string): Promise<string> {
     const st = await lstatOrUndefined(requested);
     if (st?.isSymbolicLink()) {
-      throw new NodeError('failed-precondition', `${field} ${requested} is a symbolic link: the driver does not follow links at the paths it is given`);
+      throw new NodeError(
+        'failed-precondition',
+        `${field} ${requested} is a symbolic link: the driver does not follow links at the paths it is given`,
+      );
     }
     let parent: string;
     try {
@@ -42,17 +45,26 @@ export class NodePaths {
     } catch (err) {
       const code = (err as NodeJS.ErrnoException).code;
       if (code === 'ENOENT' || code === 'ENOTDIR') {
-        throw new NodeError('failed-precondition', `the parent directory of ${field} ${requested} does not exist (the CO creates it)`);
+        throw new NodeError(
+          'failed-precondition',
+          `the parent directory of ${field} ${requested} does not exist (the CO creates it)`,
+        );
       }
       throw err;
     }
     const real = path.join(parent, path.basename(requested));
     const state = await this.realStateDir();
     if (real === state || real.startsWith(`${state}/`)) {
-      throw new NodeError('invalid-argument', `${field} ${requested} is inside the driver's state directory ${this.stateDir}`);
+      throw new NodeError(
+        'invalid-argument',
+        `${field} ${requested} is inside the driver's state directory ${this.stateDir}`,
+      );
     }
     if (state.startsWith(real === '/' ? '/' : `${real}/`)) {
-      throw new NodeError('invalid-argument', `${field} ${requested} contains the driver's state directory ${this.stateDir}`);
+      throw new NodeError(
+        'invalid-argument',
+        `${field} ${requested} contains the driver's state directory ${this.stateDir}`,
+      );
     }
     return real;
   }
@@ -79,7 +91,10 @@ export class NodePaths {
       use === 'file'
         ? 'a block volume is published as a device file at an absent path or on an existing empty file'
         : 'a filesystem is mounted at an absent path or on an existing empty directory';
-    throw new NodeError('failed-precondition', `${field} ${requested} exists and is ${what}: ${wanted}; the driver does not cover or replace it`);
+    throw new NodeError(
+      'failed-precondition',
+      `${field} ${requested} exists and is ${what}: ${wanted}; the driver does not cover or replace it`,
+    );
   }
 
   /** Creates what `use` needs at an absent `real` (never replacing anything that appeared meanwhile). */
@@ -89,7 +104,10 @@ export class NodePaths {
       else await (await fs.promises.open(real, 'wx', 0o600)).close();
     } catch (err) {
       if ((err as NodeJS.ErrnoException).code === 'EEXIST') {
-        throw new NodeError('failed-precondition', `${field} ${requested} appeared while the driver was preparing it; it is left alone`);
+        throw new NodeError(
+          'failed-precondition',
+          `${field} ${requested} appeared while the driver was preparing it; it is left alone`,
+        );
       }
       throw err;
     }
@@ -104,18 +122,21 @@ export class NodePaths {
     const st = await lstatOrUndefined(real);
     if (!st) return { removed: false };
     if (created === 'file') {
-      if (!st.isFile() || st.size !== 0) return { removed: false, left: `it is now ${await describe(real, st)}, not the empty file the driver made` };
+      if (!st.isFile() || st.size !== 0)
+        return { removed: false, left: `it is now ${await describe(real, st)}, not the empty file the driver made` };
       await fs.promises.unlink(real).catch(ignore('ENOENT'));
       return { removed: true };
     }
-    if (!st.isDirectory()) return { removed: false, left: `it is now ${await describe(real, st)}, not the directory the driver made` };
+    if (!st.isDirectory())
+      return { removed: false, left: `it is now ${await describe(real, st)}, not the directory the driver made` };
     try {
       await fs.promises.rmdir(real);
       return { removed: true };
     } catch (err) {
       const code = (err as NodeJS.ErrnoException).code;
       if (code === 'ENOENT') return { removed: false };
-      if (code === 'ENOTEMPTY' || code === 'EEXIST') return { removed: false, left: 'files are left in it after the unmount' };
+      if (code === 'ENOTEMPTY' || code === 'EEXIST')
+        return { removed: false, left: 'files are left in it after the unmount' };
       if (code === 'EBUSY') return { removed: false, left: 'something is still mounted on it' };
       throw err;
     }
@@ -145,7 +166,8 @@ async function isEmptyDir(dir: string): Promise<boolean> {
 async function describe(p: string, st: fs.Stats): Promise<string> {
   if (st.isSymbolicLink()) return 'a symbolic link';
   if (st.isFile()) return st.size === 0 ? 'an empty file' : `a regular file of ${st.size} bytes`;
-  if (st.isDirectory()) return (await isEmptyDir(p).catch(() => false)) ? 'an empty directory' : 'a directory that is not empty';
+  if (st.isDirectory())
+    return (await isEmptyDir(p).catch(() => false)) ? 'an empty directory' : 'a directory that is not empty';
   if (st.isBlockDevice()) return 'a block device';
   if (st.isCharacterDevice()) return 'a character device';
   if (st.isFIFO()) return 'a FIFO';

@@ -19,7 +19,13 @@ import { realHostOps, type HostOps, type VolumeFilesHost } from './host-ops.js';
 import type { LoopDevice } from './loop-devices.js';
 import { NodeError } from './node-errors.js';
 import { NodePaths, type Created } from './node-paths.js';
-import { StageRecords, type DeviceRecord, type PublishRecord, type StageRecord, type StagedAccess } from './stage-records.js';
+import {
+  StageRecords,
+  type DeviceRecord,
+  type PublishRecord,
+  type StageRecord,
+  type StagedAccess,
+} from './stage-records.js';
 import { VolumeExporter } from './volume-exporter.js';
 
 export { NodeError, type NodeErrorKind } from './node-errors.js';
@@ -89,7 +95,8 @@ export class NodeVolumes {
     this.host = options.host ?? realHostOps;
     this.records = new StageRecords(path.join(options.stateDir, 'node'));
     this.paths = new NodePaths(options.stateDir);
-    this.exporter = options.files ?? new VolumeExporter(options.store, path.join(options.stateDir, 'fuse'), options.logger);
+    this.exporter =
+      options.files ?? new VolumeExporter(options.store, path.join(options.stateDir, 'fuse'), options.logger);
   }
 
   /**
@@ -99,7 +106,9 @@ export class NodeVolumes {
    */
   async start(): Promise<void> {
     await this.exporter.cleanStale();
-    const records = this.records.list((file, err) => this.logger.warn({ file, err: String(err) }, 'unreadable stage record skipped'));
+    const records = this.records.list((file, err) =>
+      this.logger.warn({ file, err: String(err) }, 'unreadable stage record skipped'),
+    );
     if (records.length === 0) return;
     for (const rec of records) {
       try {
@@ -129,10 +138,16 @@ export class NodeVolumes {
       let rec = this.records.get(req.volumeId);
       if (rec) {
         if (rec.stagingPath !== req.stagingPath) {
-          throw new NodeError('failed-precondition', `volume ${req.volumeId} is staged at ${rec.stagingPath}, not at this staging_target_path`);
+          throw new NodeError(
+            'failed-precondition',
+            `volume ${req.volumeId} is staged at ${rec.stagingPath}, not at this staging_target_path`,
+          );
         }
         if (rec.capabilityKey !== req.capabilityKey) {
-          throw new NodeError('already-exists', `volume ${req.volumeId} is staged at this path with a different volume_capability`);
+          throw new NodeError(
+            'already-exists',
+            `volume ${req.volumeId} is staged at this path with a different volume_capability`,
+          );
         }
         if (await this.isStaged(rec)) return;
       } else {
@@ -224,7 +239,10 @@ export class NodeVolumes {
     const found = await this.host.probeDevice(device);
     if (found.type === undefined && found.partitionTable === undefined) {
       if (rec.readOnly) {
-        throw new NodeError('failed-precondition', `volume ${rec.volumeId} has no filesystem and cannot be formatted read-only`);
+        throw new NodeError(
+          'failed-precondition',
+          `volume ${rec.volumeId} has no filesystem and cannot be formatted read-only`,
+        );
       }
       const type: FilesystemType = wanted === '' ? 'ext4' : (wanted as FilesystemType);
       await this.host.makeFilesystem(device, type);
@@ -238,7 +256,10 @@ export class NodeVolumes {
       );
     }
     if (wanted !== '' && wanted !== found.type) {
-      throw new NodeError('failed-precondition', `volume ${rec.volumeId} holds ${found.type}, not the requested ${wanted}`);
+      throw new NodeError(
+        'failed-precondition',
+        `volume ${rec.volumeId} holds ${found.type}, not the requested ${wanted}`,
+      );
     }
     return found.type;
   }
@@ -262,7 +283,10 @@ export class NodeVolumes {
         // A filesystem on a dead device cannot flush; detaching it is all that can be done.
         await this.host.unmountAll(real, { lazy: !live });
       }
-      await this.detachOurs(volumeId, [...rec.retiredDevices, ...(rec.device ? [rec.device] : [])].map((d) => d.name));
+      await this.detachOurs(
+        volumeId,
+        [...rec.retiredDevices, ...(rec.device ? [rec.device] : [])].map((d) => d.name),
+      );
       await this.exporter.hide(volumeId);
       this.store.release(volumeId, STAGED_HOLDER);
       await this.removeCreated(volumeId, rec.stagingPath, real, rec.stagingCreated ?? 'nothing', 'staging_target_path');
@@ -282,18 +306,31 @@ export class NodeVolumes {
         throw new NodeError('failed-precondition', `volume ${req.volumeId} is not staged at staging_target_path`);
       }
       if (rec.access.kind !== req.accessKind) {
-        throw new NodeError('failed-precondition', `volume ${req.volumeId} is staged for ${rec.access.kind} access, not ${req.accessKind}`);
+        throw new NodeError(
+          'failed-precondition',
+          `volume ${req.volumeId} is staged for ${rec.access.kind} access, not ${req.accessKind}`,
+        );
       }
       const existing = rec.publishes[req.targetPath];
       if (existing) {
         if (existing.capabilityKey !== req.capabilityKey || existing.readonly !== req.readonly) {
-          throw new NodeError('already-exists', `volume ${req.volumeId} is published at target_path with a different capability or readonly flag`);
+          throw new NodeError(
+            'already-exists',
+            `volume ${req.volumeId} is published at target_path with a different capability or readonly flag`,
+          );
         }
-        if (existing.generation === this.exporter.generation && (await this.host.isMountPoint(publishedReal(req.targetPath, existing)))) return;
+        if (
+          existing.generation === this.exporter.generation &&
+          (await this.host.isMountPoint(publishedReal(req.targetPath, existing)))
+        )
+          return;
       } else {
         const others = Object.entries(rec.publishes);
         if (others.length > 0 && (req.exclusive || others.some(([, p]) => p.exclusive))) {
-          throw new NodeError('failed-precondition', `volume ${req.volumeId} is already published at another target (single writer)`);
+          throw new NodeError(
+            'failed-precondition',
+            `volume ${req.volumeId} is already published at another target (single writer)`,
+          );
         }
       }
       if (!rec.device || rec.device.generation !== this.exporter.generation) {
@@ -336,7 +373,10 @@ export class NodeVolumes {
         }
       } catch (err) {
         await this.takeDown(req.volumeId, req.targetPath, pub).catch((e: unknown) =>
-          this.logger.warn({ volumeId: req.volumeId, targetPath: req.targetPath, err: String(e) }, 'undoing a failed publish failed'),
+          this.logger.warn(
+            { volumeId: req.volumeId, targetPath: req.targetPath, err: String(e) },
+            'undoing a failed publish failed',
+          ),
         );
         this.records.deletePublish(req.volumeId, req.targetPath);
         throw err;
@@ -376,7 +416,13 @@ export class NodeVolumes {
   }
 
   /** Removes what the driver created at a path; what it must leave is logged, never an error. */
-  private async removeCreated(volumeId: string, requested: string, real: string, created: Created, field: string): Promise<void> {
+  private async removeCreated(
+    volumeId: string,
+    requested: string,
+    real: string,
+    created: Created,
+    field: string,
+  ): Promise<void> {
     const outcome = await this.paths.removeCreated(real, created);
     if (outcome.left) {
       this.logger.warn(
@@ -408,10 +454,12 @@ export class NodeVolumes {
       const volume = this.store.getVolume(volumeId);
       const rec = this.records.get(volumeId);
       const where = rec && whereIs(rec, volumePath);
-      if (!rec || !where) throw new NodeError('not-found', `volume ${volumeId} is not staged or published at volume_path`);
+      if (!rec || !where)
+        throw new NodeError('not-found', `volume ${volumeId} is not staged or published at volume_path`);
       const condition = await this.condition(rec, volumePath);
       let usage: FilesystemUsage | undefined;
-      if (rec.access.kind === 'mount' && !condition.abnormal) usage = await this.host.filesystemUsage(realOf(rec, volumePath));
+      if (rec.access.kind === 'mount' && !condition.abnormal)
+        usage = await this.host.filesystemUsage(realOf(rec, volumePath));
       return { kind: rec.access.kind, capacityBytes: volume.capacityBytes, usage, condition };
     });
   }
@@ -422,13 +470,16 @@ export class NodeVolumes {
     if (!rec.device || rec.device.generation !== live || (pub && pub.generation !== live)) {
       return {
         abnormal: true,
-        message: 'the node plugin restarted since this volume was staged: its device fails all I/O until the volume is unstaged and staged again',
+        message:
+          'the node plugin restarted since this volume was staged: its device fails all I/O until the volume is unstaged and staged again',
       };
     }
     const mounted = rec.access.kind === 'mount' || pub !== undefined;
-    if (mounted && !(await this.host.isMountPoint(realOf(rec, volumePath)))) return { abnormal: true, message: `nothing is mounted at ${volumePath}` };
+    if (mounted && !(await this.host.isMountPoint(realOf(rec, volumePath))))
+      return { abnormal: true, message: `nothing is mounted at ${volumePath}` };
     const device = rec.device.name;
-    if (!(await this.host.listLoopDevices()).some((d) => d.name === device)) return { abnormal: true, message: `loop device ${device} is gone` };
+    if (!(await this.host.listLoopDevices()).some((d) => d.name === device))
+      return { abnormal: true, message: `loop device ${device} is gone` };
     return { abnormal: false, message: `served by ${device} through the block store` };
   }
 
@@ -441,7 +492,8 @@ export class NodeVolumes {
     return this.mutex.run(volumeId, async () => {
       const volume = this.store.getVolume(volumeId);
       const rec = this.records.get(volumeId);
-      if (!rec || !whereIs(rec, volumePath)) throw new NodeError('not-found', `volume ${volumeId} is not staged or published at volume_path`);
+      if (!rec || !whereIs(rec, volumePath))
+        throw new NodeError('not-found', `volume ${volumeId} is not staged or published at volume_path`);
       if (requiredBytes > volume.capacityBytes) {
         throw new NodeError(
           'out-of-range',
@@ -449,7 +501,10 @@ export class NodeVolumes {
         );
       }
       if (!rec.device || rec.device.generation !== this.exporter.generation) {
-        throw new NodeError('failed-precondition', `volume ${volumeId} was staged by an earlier instance of the driver: unstage and stage it again`);
+        throw new NodeError(
+          'failed-precondition',
+          `volume ${volumeId} was staged by an earlier instance of the driver: unstage and stage it again`,
+        );
       }
       await this.exporter.grow(volumeId, volume.capacityBytes);
       await this.host.refreshLoopCapacity(rec.device.name);
@@ -482,7 +537,8 @@ export class NodeVolumes {
   }
 
   private async deviceRecord(name: string, generation: string): Promise<DeviceRecord> {
-    if (!(await this.host.listLoopDevices()).some((d) => d.name === name)) throw new Error(`loop device ${name} vanished right after it was attached`);
+    if (!(await this.host.listLoopDevices()).some((d) => d.name === name))
+      throw new Error(`loop device ${name} vanished right after it was attached`);
     return { name, generation };
   }
 }
@@ -520,5 +576,7 @@ async function isDirectory(p: string): Promise<boolean> {
  */
 function isOurDevice(name: string, volumeId: string, mountDir: string, attached: readonly LoopDevice[]): boolean {
   const paths = [path.join(mountDir, volumeId), `/${volumeId}`];
-  return attached.some((a) => a.name === name && paths.some((p) => a.backFile === p || a.backFile === `${p} (deleted)`));
+  return attached.some(
+    (a) => a.name === name && paths.some((p) => a.backFile === p || a.backFile === `${p} (deleted)`),
+  );
 }

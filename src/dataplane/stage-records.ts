@@ -20,9 +20,7 @@ import type { Created } from './node-paths.js';
 import { NodeError, isNoSpace } from './node-errors.js';
 
 /** How a volume is staged: the parts of a volume capability that change what the node does. */
-export type StagedAccess =
-  | { kind: 'block' }
-  | { kind: 'mount'; fsType: string; mountFlags: string[] };
+export type StagedAccess = { kind: 'block' } | { kind: 'mount'; fsType: string; mountFlags: string[] };
 
 export interface PublishRecord {
   readonly: boolean;
@@ -79,7 +77,8 @@ export class StageRecords {
 
   private file(volumeId: string): string {
     // Volume IDs are checked before they become file names.
-    if (!isVolumeId(volumeId)) throw new RangeError(`not a volume ID: ${JSON.stringify(String(volumeId).slice(0, 64))}`);
+    if (!isVolumeId(volumeId))
+      throw new RangeError(`not a volume ID: ${JSON.stringify(String(volumeId).slice(0, 64))}`);
     return path.join(this.dir, `${volumeId}.json`);
   }
 
@@ -158,7 +157,8 @@ export class StageRecords {
    */
   put(record: StageRecord): void {
     for (const [targetPath, pub] of Object.entries(record.publishes)) {
-      if (!fs.existsSync(this.publishFile(record.volumeId, targetPath))) this.putPublish(record.volumeId, targetPath, pub);
+      if (!fs.existsSync(this.publishFile(record.volumeId, targetPath)))
+        this.putPublish(record.volumeId, targetPath, pub);
     }
     const { publishes: _publishes, ...staging } = record;
     this.write(this.file(record.volumeId), { ...staging, publishes: {} }, `the staging of volume ${record.volumeId}`);
@@ -205,7 +205,10 @@ export class StageRecords {
     } catch (err) {
       fs.rmSync(tmp, { force: true });
       if (isNoSpace(err)) {
-        throw new NodeError('resource-exhausted', `no space left on the state filesystem (${this.dir}) to record ${what}: free space there and retry`);
+        throw new NodeError(
+          'resource-exhausted',
+          `no space left on the state filesystem (${this.dir}) to record ${what}: free space there and retry`,
+        );
       }
       throw err;
     }

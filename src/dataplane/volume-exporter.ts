@@ -38,7 +38,8 @@ export class VolumeExporter {
   /** Removes FUSE mounts a dead instance left at the mount point (lazily: loop devices may hold them). */
   async cleanStale(): Promise<number> {
     const removed = await cleanStaleFuseMounts(this.mountDir);
-    if (removed > 0) this.logger.warn({ mountDir: this.mountDir, removed }, 'removed stale FUSE mount of an earlier instance');
+    if (removed > 0)
+      this.logger.warn({ mountDir: this.mountDir, removed }, 'removed stale FUSE mount of an earlier instance');
     return removed;
   }
 
@@ -72,7 +73,8 @@ export class VolumeExporter {
     await files.remove(volumeId);
     const deadline = Date.now() + settleMs;
     while (files.isExposed(volumeId) && Date.now() < deadline) await new Promise((resolve) => setTimeout(resolve, 10));
-    if (files.isExposed(volumeId)) this.logger.warn({ volumeId }, 'the kernel still holds the volume file; the volume stays busy until it lets go');
+    if (files.isExposed(volumeId))
+      this.logger.warn({ volumeId }, 'the kernel still holds the volume file; the volume stays busy until it lets go');
   }
 
   /** Whether the live mount has a file for the volume. */
@@ -97,7 +99,9 @@ export class VolumeExporter {
     if (this.server) {
       // The connection died under us (aborted from outside): files of it are dead; start a new one.
       this.logger.warn({ mountDir: this.mountDir }, 'FUSE connection lost; mounting a new one');
-      await this.server.close().catch((err: unknown) => this.logger.warn({ err }, 'closing the lost FUSE connection failed'));
+      await this.server
+        .close()
+        .catch((err: unknown) => this.logger.warn({ err }, 'closing the lost FUSE connection failed'));
       this.server = undefined;
     }
     fs.mkdirSync(this.mountDir, { recursive: true, mode: 0o700 });
@@ -106,7 +110,10 @@ export class VolumeExporter {
     this.files = files;
     this.server = server;
     this.currentGeneration = randomUUID();
-    this.logger.info({ mountDir: this.mountDir, generation: this.currentGeneration, init: server.dispatcher.init }, 'volume files mounted');
+    this.logger.info(
+      { mountDir: this.mountDir, generation: this.currentGeneration, init: server.dispatcher.init },
+      'volume files mounted',
+    );
   }
 
   /** Unmounts (loop devices still attached get I/O errors from then on). Idempotent. */

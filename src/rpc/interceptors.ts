@@ -23,7 +23,8 @@ export function observeRpcs(logger: Logger, metrics: DriverMetrics, options: Obs
     const finish = (err: unknown): ConnectError | undefined => {
       // A client that cancels mid-stream makes the pending write fail; report the cancellation, not that failure.
       const cancelled = err !== undefined && req.signal.aborted && req.signal.reason instanceof ConnectError;
-      const mapped = err === undefined ? undefined : cancelled ? (req.signal.reason as ConnectError) : toConnectError(err);
+      const mapped =
+        err === undefined ? undefined : cancelled ? (req.signal.reason as ConnectError) : toConnectError(err);
       const code = mapped ? mapped.code : 0;
       const seconds = Number(process.hrtime.bigint() - started) / 1e9;
       metrics.rpcTotal.inc({ method, code: codeName(code) });

@@ -109,7 +109,8 @@ export async function translateNodeErrors<T>(call: () => Promise<T>): Promise<T>
   } catch (err) {
     if (err instanceof NodeError || err instanceof CommandError) throw toConnectError(err);
     // Whatever else ran out of space (a target directory on the CO's disk): the spec's code for it.
-    if (isNoSpace(err)) throw new ConnectError(`no space left on device: ${(err as Error).message}`, Code.ResourceExhausted);
+    if (isNoSpace(err))
+      throw new ConnectError(`no space left on device: ${(err as Error).message}`, Code.ResourceExhausted);
     throw err;
   }
 }

@@ -22,7 +22,11 @@ export interface AdminEndpoint {
   close(): Promise<void>;
 }
 
-export async function startAdminEndpoint(socketPath: string, faults: FaultInjector, logger: Logger): Promise<AdminEndpoint> {
+export async function startAdminEndpoint(
+  socketPath: string,
+  faults: FaultInjector,
+  logger: Logger,
+): Promise<AdminEndpoint> {
   await removeStaleSocket(socketPath);
   const server = http.createServer((req, res) => {
     handle(req, faults).then(
@@ -60,7 +64,8 @@ export async function startAdminEndpoint(socketPath: string, faults: FaultInject
 async function removeStaleSocket(socketPath: string): Promise<void> {
   const st = fs.lstatSync(socketPath, { throwIfNoEntry: false });
   if (!st) return;
-  if (!st.isSocket()) throw new Error(`admin endpoint ${socketPath} exists and is not a socket; refusing to replace it`);
+  if (!st.isSocket())
+    throw new Error(`admin endpoint ${socketPath} exists and is not a socket; refusing to replace it`);
   const live = await new Promise<boolean>((resolve) => {
     const probe = net.connect(socketPath);
     probe.once('connect', () => {
@@ -86,9 +91,10 @@ async function handle(req: http.IncomingMessage, faults: FaultInjector): Promise
     }
     let rules: FaultRule[];
     try {
-      rules = Array.isArray(document) || (typeof document === 'object' && document !== null && 'faults' in document)
-        ? parseFaultRules(document)
-        : [parseFaultRule(document)];
+      rules =
+        Array.isArray(document) || (typeof document === 'object' && document !== null && 'faults' in document)
+          ? parseFaultRules(document)
+          : [parseFaultRule(document)];
     } catch (err) {
       if (err instanceof FaultRuleError) return { status: 400, body: { error: err.message } };
       throw err;
@@ -122,11 +128,21 @@ function readBody(req: http.IncomingMessage): Promise<string> {
 }
 
 /** Client side, for `cbt-csi faults`: one request, JSON both ways; rejects with the server's error text. */
-export function adminRequest(socketPath: string, method: 'GET' | 'POST' | 'DELETE', urlPath: string, body?: unknown): Promise<unknown> {
+export function adminRequest(
+  socketPath: string,
+  method: 'GET' | 'POST' | 'DELETE',
+  urlPath: string,
+  body?: unknown,
+): Promise<unknown> {
   return new Promise((resolve, reject) => {
     const payload = body === undefined ? undefined : JSON.stringify(body);
     const req = http.request(
-      { socketPath, method, path: urlPath, headers: payload ? { 'content-type': 'application/json', 'content-length': Buffer.byteLength(payload) } : {} },
+      {
+        socketPath,
+        method,
+        path: urlPath,
+        headers: payload ? { 'content-type': 'application/json', 'content-length': Buffer.byteLength(payload) } : {},
+      },
       (res) => {
         const chunks: Buffer[] = [];
         res.on('data', (c: Buffer) => chunks.push(c));
@@ -138,7 +154,8 @@ export function adminRequest(socketPath: string, method: 'GET' | 'POST' | 'DELET
             reject(new Error(`the admin endpoint answered ${res.statusCode} with a body that is not JSON`));
             return;
           }
-          if ((res.statusCode ?? 500) >= 400) reject(new Error((parsed as { error?: string }).error ?? `HTTP ${res.statusCode}`));
+          if ((res.statusCode ?? 500) >= 400)
+            reject(new Error((parsed as { error?: string }).error ?? `HTTP ${res.statusCode}`));
           else resolve(parsed);
         });
       },

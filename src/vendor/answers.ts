@@ -42,11 +42,15 @@ export function blockRuns(blocks: Iterable<number>, blockSize: number): [number,
 
 /** Block indexes of byte runs. */
 export function* runBlocks(runs: readonly [number, number][], blockSize: number): Generator<number> {
-  for (const [offset, length] of runs) for (let at = offset; at < offset + length; at += blockSize) yield at / blockSize;
+  for (const [offset, length] of runs)
+    for (let at = offset; at < offset + length; at += blockSize) yield at / blockSize;
 }
 
 /** A run record from the states of the blocks it touched. */
-export function answerRun(meta: Omit<AnswerRun, 'version' | 'changed' | 'trimmed' | 'sha256'>, states: BlockStates): AnswerRun {
+export function answerRun(
+  meta: Omit<AnswerRun, 'version' | 'changed' | 'trimmed' | 'sha256'>,
+  states: BlockStates,
+): AnswerRun {
   const blocks = [...states.keys()].sort((a, b) => a - b);
   return {
     version: 1,
@@ -76,11 +80,17 @@ export function readAnswerRuns(file: string): AnswerRun[] {
     } catch (err) {
       throw new Error(`${file}:${i + 1}: not JSON (${(err as Error).message})`);
     }
-    if (run.version !== 1 || !Array.isArray(run.changed) || !Array.isArray(run.sha256) || !Number.isSafeInteger(run.blockSize)) {
+    if (
+      run.version !== 1 ||
+      !Array.isArray(run.changed) ||
+      !Array.isArray(run.sha256) ||
+      !Number.isSafeInteger(run.blockSize)
+    ) {
       throw new Error(`${file}:${i + 1}: not an answers record of version 1`);
     }
     const blocks = run.changed.reduce((n, [, length]) => n + length / run.blockSize, 0);
-    if (blocks !== run.sha256.length) throw new Error(`${file}:${i + 1}: ${blocks} changed blocks but ${run.sha256.length} hashes`);
+    if (blocks !== run.sha256.length)
+      throw new Error(`${file}:${i + 1}: ${blocks} changed blocks but ${run.sha256.length} hashes`);
     runs.push(run);
   }
   if (runs.length > 0 && runs.some((r) => r.blockSize !== runs[0]!.blockSize)) {
@@ -93,5 +103,6 @@ export function readAnswerRuns(file: string): AnswerRun[] {
 export function applyRun(states: BlockStates, run: AnswerRun): void {
   const trimmed = new Set(runBlocks(run.trimmed, run.blockSize));
   let i = 0;
-  for (const b of runBlocks(run.changed, run.blockSize)) states.set(b, { sha256: run.sha256[i++]!, trimmed: trimmed.has(b) });
+  for (const b of runBlocks(run.changed, run.blockSize))
+    states.set(b, { sha256: run.sha256[i++]!, trimmed: trimmed.has(b) });
 }

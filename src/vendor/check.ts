@@ -55,9 +55,14 @@ export async function checkAnswers(input: CheckInput): Promise<CheckReport> {
   const B = input.baseCreatedAtMs;
   if (B !== undefined && B > S) problems.push('the base snapshot was cut after the target');
   for (const [i, run] of runs.entries()) {
-    for (const [name, cut] of [['snapshot', S], ['base snapshot', B]] as const) {
+    for (const [name, cut] of [
+      ['snapshot', S],
+      ['base snapshot', B],
+    ] as const) {
       if (cut !== undefined && run.startedAtMs < cut && run.finishedAtMs > cut) {
-        problems.push(`run ${i} (${run.pattern}, seed ${run.seed}) was still running when the ${name} was cut: snapshot after generate returns`);
+        problems.push(
+          `run ${i} (${run.pattern}, seed ${run.seed}) was still running when the ${name} was cut: snapshot after generate returns`,
+        );
       }
     }
   }
@@ -130,14 +135,18 @@ export async function checkAnswers(input: CheckInput): Promise<CheckReport> {
     blocksCompared,
     problems,
   };
-  report.ok = problems.length === 0 && missing.length === 0 && extraNotAllowed.length === 0 && checksumMismatches.length === 0;
+  report.ok =
+    problems.length === 0 && missing.length === 0 && extraNotAllowed.length === 0 && checksumMismatches.length === 0;
   return report;
 }
 
 /** A few lines a person reads; the full report is available as JSON. */
 export function formatReport(report: CheckReport): string {
   const runs = (list: [number, number][]) =>
-    list.slice(0, 10).map(([o, l]) => `[${o}, +${l})`).join(' ') + (list.length > 10 ? ` … (${list.length} runs)` : '');
+    list
+      .slice(0, 10)
+      .map(([o, l]) => `[${o}, +${l})`)
+      .join(' ') + (list.length > 10 ? ` … (${list.length} runs)` : '');
   const lines = [
     `${report.mode}: ${report.runsUsed.length} generate run(s) used; expected ${report.expectedBytes} bytes` +
       (report.reportedBytes === undefined ? '' : `, the driver reported ${report.reportedBytes}`),
@@ -145,7 +154,9 @@ export function formatReport(report: CheckReport): string {
   if (report.reportedBytes !== undefined) {
     lines.push(`missing: ${report.missing.length === 0 ? 'none' : runs(report.missing)}`);
     lines.push(`extra, not allowed: ${report.extraNotAllowed.length === 0 ? 'none' : runs(report.extraNotAllowed)}`);
-    lines.push(`extra, allowed by the profile's granularity: ${report.extraAllowed.length === 0 ? 'none' : runs(report.extraAllowed)}`);
+    lines.push(
+      `extra, allowed by the profile's granularity: ${report.extraAllowed.length === 0 ? 'none' : runs(report.extraAllowed)}`,
+    );
   }
   if (report.blocksCompared > 0 || report.checksumMismatches.length > 0) {
     const first = report.checksumMismatches.slice(0, 10).join(', ');

@@ -3,11 +3,18 @@
  * admin endpoint), `cbt-csi generate` and `cbt-csi check` (known answers). cli.ts registers them with one call.
  */
 import fs from 'node:fs';
-import { Command, InvalidArgumentError, Option } from 'commander';
+import { type Command, InvalidArgumentError, Option } from 'commander';
 import { parse as parseYaml } from 'yaml';
 import { adminRequest, type ActiveFault } from './admin-endpoint.js';
 import { registerKnownAnswerCommands } from './known-answer-commands.js';
-import { FAULT_ACTIONS, FAULT_RPCS, FaultRuleError, parseFaultRule, parseFaultRules, type FaultRule } from './fault-rules.js';
+import {
+  FAULT_ACTIONS,
+  FAULT_RPCS,
+  FaultRuleError,
+  parseFaultRule,
+  parseFaultRules,
+  type FaultRule,
+} from './fault-rules.js';
 
 /** Reads a rules file (YAML or JSON) for `serve --faults`; errors name the file and the field. */
 export function loadFaultFile(file: string): FaultRule[] {
@@ -25,7 +32,7 @@ export function loadFaultFile(file: string): FaultRule[] {
   }
 }
 
-const ENDPOINT_HELP = 'the driver\'s admin socket (its serve --admin-endpoint; env CBT_CSI_ADMIN_ENDPOINT)';
+const ENDPOINT_HELP = "the driver's admin socket (its serve --admin-endpoint; env CBT_CSI_ADMIN_ENDPOINT)";
 
 function integerArg(value: string): number {
   const n = Number(value);
@@ -40,13 +47,25 @@ function numberArg(value: string): number {
 }
 
 function endpointOf(opts: { adminEndpoint?: string }): string {
-  const endpoint = opts.adminEndpoint ?? process.env['CBT_CSI_ADMIN_ENDPOINT'];
-  if (!endpoint) throw new Error('no admin endpoint: pass --admin-endpoint PATH (the driver must run with serve --admin-endpoint)');
+  const endpoint = opts.adminEndpoint ?? process.env.CBT_CSI_ADMIN_ENDPOINT;
+  if (!endpoint)
+    throw new Error('no admin endpoint: pass --admin-endpoint PATH (the driver must run with serve --admin-endpoint)');
   return endpoint;
 }
 
 function describe(rule: ActiveFault): string {
-  const keys: (keyof FaultRule)[] = ['volume', 'snapshot', 'code', 'message', 'afterMessages', 'delayMs', 'stallMs', 'deadlineMs', 'probability', 'seed'];
+  const keys: (keyof FaultRule)[] = [
+    'volume',
+    'snapshot',
+    'code',
+    'message',
+    'afterMessages',
+    'delayMs',
+    'stallMs',
+    'deadlineMs',
+    'probability',
+    'seed',
+  ];
   const extra = keys.filter((k) => rule[k] !== undefined).map((k) => `${k}=${JSON.stringify(rule[k])}`);
   const uses = rule.times === undefined ? 'forever' : `${rule.times - rule.matched} of ${rule.times} left`;
   return `${rule.id}\t${rule.rpc}\t${rule.action}\t${uses}\tmatched=${rule.matched} fired=${rule.fired}\t${extra.join(' ')}`;
@@ -71,7 +90,9 @@ interface AddFlags {
 }
 
 export function registerVendorCommands(program: Command): void {
-  const faults = program.command('faults').description('fault rules of a running driver (vendor bench), over its admin endpoint');
+  const faults = program
+    .command('faults')
+    .description('fault rules of a running driver (vendor bench), over its admin endpoint');
   faults
     .command('add')
     .description('add fault rules: from a YAML/JSON file, or one rule from flags')
@@ -87,7 +108,11 @@ export function registerVendorCommands(program: Command): void {
     .option('--after-messages <n>', 'fail-after: messages before the failure; stall: before the stall', integerArg)
     .option('--delay-ms <ms>', 'delay: before each message', integerArg)
     .option('--stall-ms <ms>', 'stall: length of the one pause', integerArg)
-    .option('--deadline-ms <ms>', 'deadline: end the stream with DEADLINE_EXCEEDED this long after it started', integerArg)
+    .option(
+      '--deadline-ms <ms>',
+      'deadline: end the stream with DEADLINE_EXCEEDED this long after it started',
+      integerArg,
+    )
     .option('--probability <p>', 'flaky: chance a matching call fails, 0 to 1', numberArg)
     .option('--seed <n>', 'flaky: seed of the reproducible sequence', integerArg)
     .action(async (flags: AddFlags) => {
@@ -120,7 +145,9 @@ export function registerVendorCommands(program: Command): void {
     .argument('[id]', 'rule id (from faults list)', integerArg)
     .option('--admin-endpoint <path>', ENDPOINT_HELP)
     .action(async (id: number | undefined, flags: { adminEndpoint?: string }) => {
-      const res = (await adminRequest(endpointOf(flags), 'DELETE', id === undefined ? '/faults' : `/faults/${id}`)) as { removed: number };
+      const res = (await adminRequest(endpointOf(flags), 'DELETE', id === undefined ? '/faults' : `/faults/${id}`)) as {
+        removed: number;
+      };
       process.stdout.write(`removed ${res.removed} rule${res.removed === 1 ? '' : 's'}\n`);
     });
   registerKnownAnswerCommands(program);

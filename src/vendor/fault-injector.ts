@@ -30,7 +30,8 @@ const DEFAULT_CODE = 'UNAVAILABLE';
 const DEADLINE = Symbol('deadline');
 const CANCELLED = Symbol('cancelled');
 /** CSI 1.12: changed block tracking cannot answer; the client should take a full backup. */
-const FAILED_PRECONDITION_MESSAGE = 'changed block tracking is not available for this snapshot: take a full backup (injected fault)';
+const FAILED_PRECONDITION_MESSAGE =
+  'changed block tracking is not available for this snapshot: take a full backup (injected fault)';
 
 export class FaultInjector {
   private rules: ActiveFault[] = [];
@@ -39,7 +40,11 @@ export class FaultInjector {
   private readonly randoms = new Map<number, () => number>();
 
   constructor(
-    private readonly deps: { logger: Logger; metrics: DriverMetrics; volumeOfSnapshot: (snapshotId: string) => string | undefined },
+    private readonly deps: {
+      logger: Logger;
+      metrics: DriverMetrics;
+      volumeOfSnapshot: (snapshotId: string) => string | undefined;
+    },
     initial: readonly FaultRule[] = [],
   ) {
     this.add(initial);
@@ -98,7 +103,12 @@ export class FaultInjector {
           break;
         }
         const single = input;
-        req = { ...req, message: (async function* () { if (single !== undefined) yield single; })() } as typeof req;
+        req = {
+          ...req,
+          message: (async function* () {
+            if (single !== undefined) yield single;
+          })(),
+        } as typeof req;
       } else {
         input = req.message;
       }
@@ -117,7 +127,11 @@ export class FaultInjector {
           const draw = this.randoms.get(rule.id)!();
           if (draw >= rule.probability!) return next(req);
           this.fired(rule, { at: 'before the first message', draw });
-          throw injected(rule, rule.code ?? DEFAULT_CODE, `injected fault ${rule.id}: ${rule.rpc} failed (flaky, p=${rule.probability})`);
+          throw injected(
+            rule,
+            rule.code ?? DEFAULT_CODE,
+            `injected fault ${rule.id}: ${rule.rpc} failed (flaky, p=${rule.probability})`,
+          );
         }
         default:
           break;
@@ -135,20 +149,31 @@ export class FaultInjector {
   }
 
   /** The stream with the rule's between-message fault applied. */
-  private async *broken<T>(rule: ActiveFault, messages: AsyncIterable<T>, signal: AbortSignal, started: number): AsyncGenerator<T> {
+  private async *broken<T>(
+    rule: ActiveFault,
+    messages: AsyncIterable<T>,
+    signal: AbortSignal,
+    started: number,
+  ): AsyncGenerator<T> {
     const it = messages[Symbol.asyncIterator]();
     // deadline: every wait below races the one timer, as a sidecar's stream context would cut any of them.
     const timer = new AbortController();
     const deadline =
       rule.action === 'deadline'
-        ? sleep(Math.max(0, started + rule.deadlineMs! - Date.now()), DEADLINE, { signal: timer.signal }).catch(() => CANCELLED)
+        ? sleep(Math.max(0, started + rule.deadlineMs! - Date.now()), DEADLINE, { signal: timer.signal }).catch(
+            () => CANCELLED,
+          )
         : undefined;
     const wait = async <V>(work: Promise<V>): Promise<V> => {
       if (!deadline) return work;
       const result = await Promise.race([work, deadline]);
       if (result === DEADLINE) {
         this.fired(rule, { afterMessages: sent, deadlineMs: rule.deadlineMs });
-        throw injected(rule, 'DEADLINE_EXCEEDED', `context deadline exceeded (injected fault ${rule.id}: stream deadline of ${rule.deadlineMs} ms)`);
+        throw injected(
+          rule,
+          'DEADLINE_EXCEEDED',
+          `context deadline exceeded (injected fault ${rule.id}: stream deadline of ${rule.deadlineMs} ms)`,
+        );
       }
       return result as V;
     };
@@ -160,7 +185,11 @@ export class FaultInjector {
           const peek = await it.next();
           if (peek.done) return;
           this.fired(rule, { afterMessages: sent });
-          throw injected(rule, rule.code ?? DEFAULT_CODE, `injected fault ${rule.id}: stream cut after ${sent} messages`);
+          throw injected(
+            rule,
+            rule.code ?? DEFAULT_CODE,
+            `injected fault ${rule.id}: stream cut after ${sent} messages`,
+          );
         }
         if (rule.action === 'stall' && sent === (rule.afterMessages ?? 0)) {
           this.fired(rule, { afterMessages: sent, stallMs: rule.stallMs });
@@ -182,12 +211,15 @@ export class FaultInjector {
   }
 
   private subject(rpc: FaultRpc, message: Record<string, unknown>): CallSubject {
-    const str = (k: string) => (typeof message[k] === 'string' && message[k] !== '' ? (message[k] as string) : undefined);
+    const str = (k: string) =>
+      typeof message[k] === 'string' && message[k] !== '' ? (message[k] as string) : undefined;
     if (rpc === 'CreateSnapshot') {
       const name = str('name');
       return { rpc, snapshots: name ? [name] : [], volume: str('sourceVolumeId') };
     }
-    const snapshots = ['snapshotId', 'baseSnapshotId', 'targetSnapshotId'].map(str).filter((s): s is string => s !== undefined);
+    const snapshots = ['snapshotId', 'baseSnapshotId', 'targetSnapshotId']
+      .map(str)
+      .filter((s): s is string => s !== undefined);
     // A delta is about the target's volume; the other calls name one snapshot.
     const about = str('targetSnapshotId') ?? str('snapshotId');
     const needVolume = this.rules.some((r) => r.volume !== undefined);

@@ -9,7 +9,15 @@ export const FAULT_RPCS = ['GetMetadataAllocated', 'GetMetadataDelta', 'CreateSn
 export type FaultRpc = (typeof FAULT_RPCS)[number];
 const STREAM_RPCS: readonly FaultRpc[] = ['GetMetadataAllocated', 'GetMetadataDelta'];
 
-export const FAULT_ACTIONS = ['fail', 'fail-after', 'delay', 'stall', 'deadline', 'failed-precondition', 'flaky'] as const;
+export const FAULT_ACTIONS = [
+  'fail',
+  'fail-after',
+  'delay',
+  'stall',
+  'deadline',
+  'failed-precondition',
+  'flaky',
+] as const;
 export type FaultAction = (typeof FAULT_ACTIONS)[number];
 /** Actions that act between messages, so only on the two streaming RPCs. */
 const STREAM_ONLY: readonly FaultAction[] = ['fail-after', 'stall', 'deadline'];
@@ -58,11 +66,15 @@ const ACTION_FIELDS: Record<FaultAction, { required: (keyof FaultRule)[]; option
   flaky: { required: ['probability'], optional: ['seed', 'code', 'message'] },
 };
 const COMMON_FIELDS: (keyof FaultRule)[] = ['rpc', 'volume', 'snapshot', 'times', 'action'];
-const ALL_FIELDS = new Set<string>([...COMMON_FIELDS, ...Object.values(ACTION_FIELDS).flatMap((f) => [...f.required, ...f.optional])]);
+const ALL_FIELDS = new Set<string>([
+  ...COMMON_FIELDS,
+  ...Object.values(ACTION_FIELDS).flatMap((f) => [...f.required, ...f.optional]),
+]);
 
 /** Validates one rule; `where` prefixes messages (e.g. "faults[2]"). */
 export function parseFaultRule(value: unknown, where = 'rule'): FaultRule {
-  if (typeof value !== 'object' || value === null || Array.isArray(value)) throw new FaultRuleError(`${where}: must be a mapping of fields`);
+  if (typeof value !== 'object' || value === null || Array.isArray(value))
+    throw new FaultRuleError(`${where}: must be a mapping of fields`);
   const raw = value as Record<string, unknown>;
   for (const key of Object.keys(raw)) {
     if (!ALL_FIELDS.has(key)) throw new FaultRuleError(`${where}.${key.slice(0, 64)}: unknown field`);
@@ -79,7 +91,9 @@ export function parseFaultRule(value: unknown, where = 'rule'): FaultRule {
     if (raw[key] === undefined) throw new FaultRuleError(`${where}.${key}: required by action ${action}`);
   }
   if (STREAM_ONLY.includes(action) && !STREAM_RPCS.includes(rpc)) {
-    throw new FaultRuleError(`${where}.action: ${action} applies only to the streaming RPCs (${STREAM_RPCS.join(', ')}), not ${rpc}`);
+    throw new FaultRuleError(
+      `${where}.action: ${action} applies only to the streaming RPCs (${STREAM_RPCS.join(', ')}), not ${rpc}`,
+    );
   }
   const rule: FaultRule = { rpc, action };
   const volume = text(raw, 'volume', where);
@@ -90,11 +104,13 @@ export function parseFaultRule(value: unknown, where = 'rule'): FaultRule {
   if (message !== undefined) rule.message = message;
   const times = integer(raw, 'times', where, 1);
   if (times !== undefined) rule.times = times;
-  if (raw['code'] !== undefined) {
+  if (raw.code !== undefined) {
     const code = text(raw, 'code', where)!;
     const canonical = code.toUpperCase();
     if (codeFromName(canonical) === undefined || canonical === 'OK') {
-      throw new FaultRuleError(`${where}.code: ${JSON.stringify(code.slice(0, 64))} is not a gRPC error code name such as UNAVAILABLE`);
+      throw new FaultRuleError(
+        `${where}.code: ${JSON.stringify(code.slice(0, 64))} is not a gRPC error code name such as UNAVAILABLE`,
+      );
     }
     rule.code = canonical;
   }
@@ -104,9 +120,10 @@ export function parseFaultRule(value: unknown, where = 'rule'): FaultRule {
     const ms = integer(raw, key, where, key === 'delayMs' ? 0 : 1);
     if (ms !== undefined) rule[key] = ms;
   }
-  if (raw['probability'] !== undefined) {
-    const p = raw['probability'];
-    if (typeof p !== 'number' || !(p >= 0 && p <= 1)) throw new FaultRuleError(`${where}.probability: must be a number from 0 to 1`);
+  if (raw.probability !== undefined) {
+    const p = raw.probability;
+    if (typeof p !== 'number' || !(p >= 0 && p <= 1))
+      throw new FaultRuleError(`${where}.probability: must be a number from 0 to 1`);
     rule.probability = p;
   }
   const seed = integer(raw, 'seed', where, 0);
@@ -121,21 +138,30 @@ export function parseFaultRules(document: unknown): FaultRule[] {
   if (typeof document === 'object' && !Array.isArray(document)) {
     const keys = Object.keys(document);
     const extra = keys.find((k) => k !== 'faults');
-    if (extra !== undefined) throw new FaultRuleError(`${extra.slice(0, 64)}: unknown key (expected a list of rules, or faults: [...])`);
+    if (extra !== undefined)
+      throw new FaultRuleError(`${extra.slice(0, 64)}: unknown key (expected a list of rules, or faults: [...])`);
     list = (document as { faults?: unknown }).faults ?? [];
   }
   if (!Array.isArray(list)) throw new FaultRuleError('faults: must be a list of rules');
   return list.map((r, i) => parseFaultRule(r, `faults[${i}]`));
 }
 
-function oneOf<T extends string>(raw: Record<string, unknown>, key: string, allowed: readonly T[], where: string, required: boolean): T | undefined {
+function oneOf<T extends string>(
+  raw: Record<string, unknown>,
+  key: string,
+  allowed: readonly T[],
+  where: string,
+  required: boolean,
+): T | undefined {
   const v = raw[key];
   if (v === undefined) {
     if (required) throw new FaultRuleError(`${where}.${key}: required (one of ${allowed.join(', ')})`);
     return undefined;
   }
   if (typeof v !== 'string' || !(allowed as readonly string[]).includes(v)) {
-    throw new FaultRuleError(`${where}.${key}: ${JSON.stringify(String(v).slice(0, 64))} is not one of ${allowed.join(', ')}`);
+    throw new FaultRuleError(
+      `${where}.${key}: ${JSON.stringify(String(v).slice(0, 64))} is not one of ${allowed.join(', ')}`,
+    );
   }
   return v as T;
 }
@@ -151,6 +177,7 @@ function text(raw: Record<string, unknown>, key: string, where: string): string 
 function integer(raw: Record<string, unknown>, key: string, where: string, min: number): number | undefined {
   const v = raw[key];
   if (v === undefined) return undefined;
-  if (typeof v !== 'number' || !Number.isSafeInteger(v) || v < min) throw new FaultRuleError(`${where}.${key}: must be an integer of at least ${min}`);
+  if (typeof v !== 'number' || !Number.isSafeInteger(v) || v < min)
+    throw new FaultRuleError(`${where}.${key}: must be an integer of at least ${min}`);
   return v;
 }

@@ -60,7 +60,8 @@ export async function generate(spec: Omit<PatternSpec, 'capacityBytes'>, target:
 /** A block device or regular file, opened for writing (never created: the target must exist). */
 export async function openPathTarget(targetPath: string): Promise<PatternTarget> {
   const st = fs.statSync(targetPath);
-  if (!st.isBlockDevice() && !st.isFile()) throw new Error(`--target ${targetPath} is neither a block device nor a regular file`);
+  if (!st.isBlockDevice() && !st.isFile())
+    throw new Error(`--target ${targetPath} is neither a block device nor a regular file`);
   const device = st.isBlockDevice();
   const capacityBytes = device ? Number((await run('blockdev', ['--getsize64', targetPath])).stdout.trim()) : st.size;
   const handle = await fs.promises.open(targetPath, 'r+');
@@ -69,13 +70,23 @@ export async function openPathTarget(targetPath: string): Promise<PatternTarget>
     capacityBytes,
     async write(offset, data) {
       let done = 0;
-      while (done < data.length) done += (await handle.write(data, done, data.length - done, offset + done)).bytesWritten;
+      while (done < data.length)
+        done += (await handle.write(data, done, data.length - done, offset + done)).bytesWritten;
     },
     async discard(offset, length) {
       // Earlier buffered writes must reach the device before the discard, or they would land after it.
       await handle.sync();
       if (device) await run('blkdiscard', ['--offset', String(offset), '--length', String(length), targetPath]);
-      else await run('fallocate', ['--punch-hole', '--keep-size', '--offset', String(offset), '--length', String(length), targetPath]);
+      else
+        await run('fallocate', [
+          '--punch-hole',
+          '--keep-size',
+          '--offset',
+          String(offset),
+          '--length',
+          String(length),
+          targetPath,
+        ]);
     },
     async sync() {
       await handle.sync();

@@ -1,9 +1,15 @@
 /** `cbt-csi generate` and `cbt-csi check`: the command-line side of the known answers. */
 import fs from 'node:fs';
 import path from 'node:path';
-import { Command, InvalidArgumentError, Option } from 'commander';
+import { type Command, InvalidArgumentError, Option } from 'commander';
 import { parseEndpoint } from '../config.js';
-import { CEPH_RBD_DEFAULT_OBJECT_SIZE, HOSTPATH_BLOCK_BYTES, METADATA_PROFILES, parseObjectSize, type MetadataProfileName } from '../csi/metadata-profiles.js';
+import {
+  CEPH_RBD_DEFAULT_OBJECT_SIZE,
+  HOSTPATH_BLOCK_BYTES,
+  METADATA_PROFILES,
+  parseObjectSize,
+  type MetadataProfileName,
+} from '../csi/metadata-profiles.js';
 import { appendAnswerRun, readAnswerRuns } from './answers.js';
 import { checkAnswers, formatReport } from './check.js';
 import { csiMetadataReader } from './csi-metadata-reader.js';
@@ -13,14 +19,16 @@ import { PATTERNS, type PatternName } from './patterns.js';
 function integerArg(min: number) {
   return (value: string): number => {
     const n = Number(value);
-    if (value.trim() === '' || !Number.isSafeInteger(n) || n < min) throw new InvalidArgumentError(`expected an integer of at least ${min}`);
+    if (value.trim() === '' || !Number.isSafeInteger(n) || n < min)
+      throw new InvalidArgumentError(`expected an integer of at least ${min}`);
     return n;
   };
 }
 
 function blockSizeArg(value: string): number {
   const n = integerArg(4096)(value);
-  if ((n & (n - 1)) !== 0 || n > 1024 * 1024) throw new InvalidArgumentError('expected a power of two from 4096 to 1048576');
+  if ((n & (n - 1)) !== 0 || n > 1024 * 1024)
+    throw new InvalidArgumentError('expected a power of two from 4096 to 1048576');
   return n;
 }
 
@@ -37,7 +45,11 @@ function objectSizeArg(value: string): number {
  * status.creationTime), or an ISO 8601 / RFC 3339 string.
  */
 function timeArg(value: string): number {
-  const ms = /^\d{17,}$/.test(value) ? Number(BigInt(value) / 1_000_000n) : /^\d+$/.test(value) ? Number(value) : Date.parse(value);
+  const ms = /^\d{17,}$/.test(value)
+    ? Number(BigInt(value) / 1_000_000n)
+    : /^\d+$/.test(value)
+      ? Number(value)
+      : Date.parse(value);
   if (!Number.isFinite(ms)) throw new InvalidArgumentError('expected milliseconds since the epoch or an ISO 8601 time');
   return ms;
 }
@@ -70,9 +82,14 @@ export function registerKnownAnswerCommands(program: Command): void {
   program
     .command('generate')
     .description('write a seeded pattern to a block device or file and append exactly what changed to an answers file')
-    .requiredOption('--target <path>', 'block device (trims: BLKDISCARD) or regular file (trims: punch-hole); must exist')
+    .requiredOption(
+      '--target <path>',
+      'block device (trims: BLKDISCARD) or regular file (trims: punch-hole); must exist',
+    )
     .requiredOption('--seed <n>', 'seed of the pattern', integerArg(0))
-    .addOption(new Option('--pattern <pattern>', 'what to write').choices(PATTERNS as unknown as string[]).makeOptionMandatory())
+    .addOption(
+      new Option('--pattern <pattern>', 'what to write').choices(PATTERNS as unknown as string[]).makeOptionMandatory(),
+    )
     .requiredOption('--count <n>', 'operations (sequential: blocks)', integerArg(1))
     .option('--block-size <bytes>', 'bytes per block written and hashed', blockSizeArg, 4096)
     .requiredOption('--answers <file>', 'answers file (JSON lines), appended to')
@@ -96,16 +113,33 @@ export function registerKnownAnswerCommands(program: Command): void {
 
   program
     .command('check')
-    .description("compare the driver's allocated (or delta, with --base) blocks and a restored copy with the answers; exit 0 only if all hold")
+    .description(
+      "compare the driver's allocated (or delta, with --base) blocks and a restored copy with the answers; exit 0 only if all hold",
+    )
     .requiredOption('--answers <file>', 'answers file written by generate')
     .requiredOption('--snapshot <id>', 'CSI snapshot ID (VolumeSnapshotContent status.snapshotHandle)')
     .option('--base <id>', 'base snapshot ID: check GetMetadataDelta instead of GetMetadataAllocated')
-    .option('--restored <path>', "block device or file holding the vendor's restore of --snapshot: every recorded block's SHA-256 is compared")
-    .option('--endpoint <endpoint>', "the driver's CSI socket (env CSI_ENDPOINT; default .state/csi.sock)", process.env['CSI_ENDPOINT'])
-    .addOption(new Option('--profile <profile>', "the snapshot's metadataProfile: how much coarser than exact it may answer").choices(METADATA_PROFILES as string[]).default('exact'))
+    .option(
+      '--restored <path>',
+      "block device or file holding the vendor's restore of --snapshot: every recorded block's SHA-256 is compared",
+    )
+    .option(
+      '--endpoint <endpoint>',
+      "the driver's CSI socket (env CSI_ENDPOINT; default .state/csi.sock)",
+      process.env.CSI_ENDPOINT,
+    )
+    .addOption(
+      new Option('--profile <profile>', "the snapshot's metadataProfile: how much coarser than exact it may answer")
+        .choices(METADATA_PROFILES as string[])
+        .default('exact'),
+    )
     .option('--object-size <bytes>', 'ceph-rbd profile: its objectSize', objectSizeArg, CEPH_RBD_DEFAULT_OBJECT_SIZE)
-    .option('--granularity <bytes>', 'override: bytes within which extra reporting is allowed (e.g. the volume block size)', integerArg(4096))
-    .option('--created-at <time>', "when --snapshot was cut (ms, ns, or ISO 8601); default: ask the driver")
+    .option(
+      '--granularity <bytes>',
+      'override: bytes within which extra reporting is allowed (e.g. the volume block size)',
+      integerArg(4096),
+    )
+    .option('--created-at <time>', 'when --snapshot was cut (ms, ns, or ISO 8601); default: ask the driver')
     .option('--base-created-at <time>', 'when --base was cut; default: ask the driver')
     .option('--no-metadata', 'skip the driver comparison; check only --restored (needs --created-at)')
     .option('--json', 'print the full report as JSON')
@@ -114,18 +148,22 @@ export function registerKnownAnswerCommands(program: Command): void {
       const baseCreatedAt = flags.baseCreatedAt === undefined ? undefined : timeArg(String(flags.baseCreatedAt));
       const runs = readAnswerRuns(flags.answers);
       if (runs.length === 0) throw new Error(`${flags.answers} holds no generate runs`);
-      const needDriver = flags.metadata || createdAt === undefined || (flags.base !== undefined && baseCreatedAt === undefined);
+      const needDriver =
+        flags.metadata || createdAt === undefined || (flags.base !== undefined && baseCreatedAt === undefined);
       const endpoint = parseEndpoint(flags.endpoint ?? path.resolve('.state', 'csi.sock'));
-      if (needDriver && endpoint.kind !== 'unix') throw new Error('check talks to the driver over a unix socket: give --endpoint unix:///path/csi.sock');
+      if (needDriver && endpoint.kind !== 'unix')
+        throw new Error('check talks to the driver over a unix socket: give --endpoint unix:///path/csi.sock');
       const reader = needDriver && endpoint.kind === 'unix' ? csiMetadataReader(endpoint.path) : undefined;
       let restored: fs.promises.FileHandle | undefined;
       try {
         const snapshotCreatedAtMs = createdAt ?? (await reader!.snapshotCreatedAtMs(flags.snapshot));
-        const baseCreatedAtMs = flags.base === undefined ? undefined : (baseCreatedAt ?? (await reader!.snapshotCreatedAtMs(flags.base)));
+        const baseCreatedAtMs =
+          flags.base === undefined ? undefined : (baseCreatedAt ?? (await reader!.snapshotCreatedAtMs(flags.base)));
         const reported = flags.metadata ? await reader!.extents(flags.snapshot, flags.base) : undefined;
         restored = flags.restored ? await fs.promises.open(flags.restored, 'r') : undefined;
         const granularity =
-          flags.granularity ?? (flags.profile === 'ceph-rbd' ? flags.objectSize : flags.profile === 'hostpath' ? HOSTPATH_BLOCK_BYTES : 0);
+          flags.granularity ??
+          (flags.profile === 'ceph-rbd' ? flags.objectSize : flags.profile === 'hostpath' ? HOSTPATH_BLOCK_BYTES : 0);
         const handle = restored;
         const report = await checkAnswers({
           runs,

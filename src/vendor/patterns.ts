@@ -84,7 +84,8 @@ export function* patternOps(spec: PatternSpec): Generator<PatternOp> {
       // Evenly spread single blocks with a seeded jitter: every extent is its own tuple.
       const n = Math.min(count, total);
       const stride = Math.floor(total / n);
-      for (let i = 0; i < n; i++) yield { kind: 'write', block: i * stride + rnd.below(stride), blocks: 1, data: block(1) };
+      for (let i = 0; i < n; i++)
+        yield { kind: 'write', block: i * stride + rnd.below(stride), blocks: 1, data: block(1) };
       return;
     }
     case 'trim':
@@ -99,7 +100,12 @@ export function* patternOps(spec: PatternSpec): Generator<PatternOp> {
 /** SHA-256 (hex) of each block of `data`. */
 export function blockHashes(data: Buffer, blockSize: number): string[] {
   const out: string[] = [];
-  for (let at = 0; at < data.length; at += blockSize) out.push(createHash('sha256').update(data.subarray(at, at + blockSize)).digest('hex'));
+  for (let at = 0; at < data.length; at += blockSize)
+    out.push(
+      createHash('sha256')
+        .update(data.subarray(at, at + blockSize))
+        .digest('hex'),
+    );
   return out;
 }
 
@@ -107,6 +113,9 @@ const zeroHashes = new Map<number, string>();
 /** SHA-256 (hex) of a block of zeros: what a trimmed block reads as. */
 export function zeroBlockHash(blockSize: number): string {
   let hash = zeroHashes.get(blockSize);
-  if (!hash) zeroHashes.set(blockSize, (hash = createHash('sha256').update(Buffer.alloc(blockSize)).digest('hex')));
+  if (!hash) {
+    hash = createHash('sha256').update(Buffer.alloc(blockSize)).digest('hex');
+    zeroHashes.set(blockSize, hash);
+  }
   return hash;
 }

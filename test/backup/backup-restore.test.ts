@@ -18,7 +18,7 @@ import { createVolume, looserThanPrivate, publish, snapshot, snapshotBytes } fro
 
 const CAPACITY = 32 * MiB;
 const BLOCK = 4096;
-const seed = Number(process.env['CBT_E2E_SEED'] ?? Date.now() % 2 ** 31);
+const seed = Number(process.env.CBT_E2E_SEED ?? Date.now() % 2 ** 31);
 
 let env: NodeEnv;
 
@@ -88,7 +88,17 @@ dataPlaneSuite('backup and restore, CSI direct, through the Node service', () =>
       snaps.push(snap);
       expected.push(await snapshotBytes(env, snap, CAPACITY));
       const base = backups.at(-1);
-      const r = await runCli(['backup', '--repo', repo, '--snapshot', snap, ...(base ? ['--base', base.id] : []), ...endpoint, '--json', '--quiet']);
+      const r = await runCli([
+        'backup',
+        '--repo',
+        repo,
+        '--snapshot',
+        snap,
+        ...(base ? ['--base', base.id] : []),
+        ...endpoint,
+        '--json',
+        '--quiet',
+      ]);
       expect(r.code, r.stderr).toBe(0);
       const summary = jsonOf<Summary>(r);
       expect(summary.kind).toBe(base ? 'incremental' : 'full');
@@ -103,7 +113,17 @@ dataPlaneSuite('backup and restore, CSI direct, through the Node service', () =>
 
     for (let i = 0; i < backups.length; i++) {
       const target = env.path(`restored-${i}.img`);
-      const r = await runCli(['restore', '--repo', repo, '--backup', backups[i]!.id, '--target', target, '--json', '--quiet']);
+      const r = await runCli([
+        'restore',
+        '--repo',
+        repo,
+        '--backup',
+        backups[i]!.id,
+        '--target',
+        target,
+        '--json',
+        '--quiet',
+      ]);
       expect(r.code, r.stderr).toBe(0);
       expect(jsonOf<{ chain: string[] }>(r).chain).toEqual(backups.slice(0, i + 1).map((b) => b.id));
       const restored = fs.readFileSync(target);
@@ -112,13 +132,20 @@ dataPlaneSuite('backup and restore, CSI direct, through the Node service', () =>
     }
     const verify = await runCli(['verify', '--repo', repo, '--json', '--quiet']);
     expect(verify.code, verify.stderr).toBe(0);
-    expect(jsonOf<{ ok: boolean; backups: string[] }>(verify)).toMatchObject({ ok: true, backups: backups.map((b) => b.id) });
+    expect(jsonOf<{ ok: boolean; backups: string[] }>(verify)).toMatchObject({
+      ok: true,
+      backups: backups.map((b) => b.id),
+    });
     expect(looserThanPrivate(repo), 'repository dirs 0700, files 0600').toEqual([]);
 
     // `metadata delta` prints the same extents as JSON, CSV and a table.
     const asJson = await runCli(['metadata', 'delta', snaps[2]!, snaps[3]!, ...endpoint, '--json']);
     expect(asJson.code, asJson.stderr).toBe(0);
-    const listed = jsonOf<{ capacityBytes: number; blockMetadataType: string; extents: { offset: number; length: number }[] }>(asJson);
+    const listed = jsonOf<{
+      capacityBytes: number;
+      blockMetadataType: string;
+      extents: { offset: number; length: number }[];
+    }>(asJson);
     expect(listed.capacityBytes).toBe(CAPACITY);
     expect(listed.extents.length).toBeGreaterThan(0);
     const client = connectCsiDirect(env.target);

@@ -36,7 +36,10 @@ function tree(root: string): string {
       if (st.isDirectory()) {
         out.push(`${path.relative(root, p)}/ ${(st.mode & 0o777).toString(8)}`);
         walk(p);
-      } else out.push(`${path.relative(root, p)} ${(st.mode & 0o777).toString(8)} ${createHash('sha256').update(fs.readFileSync(p)).digest('hex')}`);
+      } else
+        out.push(
+          `${path.relative(root, p)} ${(st.mode & 0o777).toString(8)} ${createHash('sha256').update(fs.readFileSync(p)).digest('hex')}`,
+        );
     }
   };
   walk(root);
@@ -50,17 +53,34 @@ function expectUsageError(r: CliResult, pattern: RegExp): void {
   expect(lines[0]).toMatch(pattern);
 }
 
-const cli = (...args: string[]) => runCli([...args, ...(['backup', 'metadata', 'blockmap'].includes(args[0]!) ? ['--endpoint', endpoint] : [])]);
+const cli = (...args: string[]) =>
+  runCli([...args, ...(['backup', 'metadata', 'blockmap'].includes(args[0]!) ? ['--endpoint', endpoint] : [])]);
 
 describe('backup commands: bad input is exit code 2, one line, nothing written', () => {
   beforeAll(async () => {
     dir = fs.mkdtempSync(path.join(os.tmpdir(), 'cbt-bad-input-'));
     endpoint = `unix://${path.join(dir, 'csi.sock')}`;
-    ({ child } = await spawnDriver(['--endpoint', endpoint, '--state-dir', path.join(dir, 'state'), '--role', 'controller', '--log-level', 'warn']));
+    ({ child } = await spawnDriver([
+      '--endpoint',
+      endpoint,
+      '--state-dir',
+      path.join(dir, 'state'),
+      '--role',
+      'controller',
+      '--log-level',
+      'warn',
+    ]));
     controller = new ServiceClient(Controller, endpoint);
     const make = async (name: string) => {
-      const v = (await controller.call('createVolume', { name, capacityRange: { requiredBytes: BigInt(CAPACITY) }, volumeCapabilities: [blockCap()] })).volume!;
-      return (await controller.call('createSnapshot', { sourceVolumeId: v.volumeId, name: `${name}-1` })).snapshot!.snapshotId;
+      const v = (
+        await controller.call('createVolume', {
+          name,
+          capacityRange: { requiredBytes: BigInt(CAPACITY) },
+          volumeCapabilities: [blockCap()],
+        })
+      ).volume!;
+      return (await controller.call('createSnapshot', { sourceVolumeId: v.volumeId, name: `${name}-1` })).snapshot!
+        .snapshotId;
     };
     snapA = await make('a');
     snapB = await make('b');
@@ -69,7 +89,17 @@ describe('backup commands: bad input is exit code 2, one line, nothing written',
     fs.writeFileSync(path.join(dir, 'b.img'), Buffer.alloc(CAPACITY));
     fs.writeFileSync(path.join(dir, 'small.img'), Buffer.alloc(MiB, 7));
     repo = path.join(dir, 'repo');
-    const full = await cli('backup', '--repo', repo, '--snapshot', snapA, '--source', path.join(dir, 'a.img'), '--json', '--quiet');
+    const full = await cli(
+      'backup',
+      '--repo',
+      repo,
+      '--snapshot',
+      snapA,
+      '--source',
+      path.join(dir, 'a.img'),
+      '--json',
+      '--quiet',
+    );
     expect(full.code, full.stderr).toBe(0);
     baseOfA = jsonOf<{ id: string }>(full).id;
   }, 120_000);
@@ -97,10 +127,16 @@ describe('backup commands: bad input is exit code 2, one line, nothing written',
 
   it('an unknown snapshot', async () => {
     const fresh = path.join(dir, 'never-made');
-    expectUsageError(await cli('backup', '--repo', fresh, '--snapshot', 'snap-00000000deadbeef', '--source', path.join(dir, 'a.img')), /snapshot snap-00000000deadbeef does not exist/);
+    expectUsageError(
+      await cli('backup', '--repo', fresh, '--snapshot', 'snap-00000000deadbeef', '--source', path.join(dir, 'a.img')),
+      /snapshot snap-00000000deadbeef does not exist/,
+    );
     expect(fs.existsSync(fresh), 'no repository was created').toBe(false);
     const before = tree(repo);
-    expectUsageError(await cli('backup', '--repo', repo, '--snapshot', 'snap-00000000deadbeef', '--source', path.join(dir, 'a.img')), /does not exist/);
+    expectUsageError(
+      await cli('backup', '--repo', repo, '--snapshot', 'snap-00000000deadbeef', '--source', path.join(dir, 'a.img')),
+      /does not exist/,
+    );
     expect(tree(repo)).toBe(before);
   });
 
@@ -118,8 +154,14 @@ describe('backup commands: bad input is exit code 2, one line, nothing written',
     fs.mkdirSync(other);
     fs.writeFileSync(path.join(other, 'notes.txt'), 'mine');
     const before = tree(other);
-    expectUsageError(await cli('backup', '--repo', other, '--snapshot', snapA, '--source', path.join(dir, 'a.img')), /is not a backup repository/);
-    expectUsageError(await cli('restore', '--repo', other, '--backup', baseOfA, '--target', path.join(dir, 'x.img')), /is not a backup repository/);
+    expectUsageError(
+      await cli('backup', '--repo', other, '--snapshot', snapA, '--source', path.join(dir, 'a.img')),
+      /is not a backup repository/,
+    );
+    expectUsageError(
+      await cli('restore', '--repo', other, '--backup', baseOfA, '--target', path.join(dir, 'x.img')),
+      /is not a backup repository/,
+    );
     expectUsageError(await cli('verify', '--repo', other), /is not a backup repository/);
     expect(tree(other)).toBe(before);
     expect(fs.existsSync(path.join(dir, 'x.img'))).toBe(false);
@@ -127,24 +169,57 @@ describe('backup commands: bad input is exit code 2, one line, nothing written',
 
   it('a restore target smaller than the volume', async () => {
     const small = path.join(dir, 'small.img');
-    const before = tree(dir + '/repo') + fs.readFileSync(small).toString('hex').slice(0, 64);
-    expectUsageError(await cli('restore', '--repo', repo, '--backup', baseOfA, '--target', small), /has 1048576 bytes, smaller than the backed-up volume's 8388608/);
+    const before = tree(`${dir}/repo`) + fs.readFileSync(small).toString('hex').slice(0, 64);
+    expectUsageError(
+      await cli('restore', '--repo', repo, '--backup', baseOfA, '--target', small),
+      /has 1048576 bytes, smaller than the backed-up volume's 8388608/,
+    );
     expect(fs.readFileSync(small).equals(Buffer.alloc(MiB, 7)), 'the target is untouched').toBe(true);
-    expect(tree(dir + '/repo') + fs.readFileSync(small).toString('hex').slice(0, 64)).toBe(before);
+    expect(tree(`${dir}/repo`) + fs.readFileSync(small).toString('hex').slice(0, 64)).toBe(before);
   });
 
   it('a source smaller than the snapshot', async () => {
     const fresh = path.join(dir, 'fresh-repo');
-    expectUsageError(await cli('backup', '--repo', fresh, '--snapshot', snapA, '--source', path.join(dir, 'small.img')), /has 1048576 bytes but the snapshot has 8388608/);
+    expectUsageError(
+      await cli('backup', '--repo', fresh, '--snapshot', snapA, '--source', path.join(dir, 'small.img')),
+      /has 1048576 bytes but the snapshot has 8388608/,
+    );
     expect(fs.existsSync(fresh)).toBe(false);
     const before = tree(repo);
-    expectUsageError(await cli('backup', '--repo', repo, '--snapshot', snapA, '--base', baseOfA, '--source', path.join(dir, 'small.img')), /has 1048576 bytes/);
+    expectUsageError(
+      await cli(
+        'backup',
+        '--repo',
+        repo,
+        '--snapshot',
+        snapA,
+        '--base',
+        baseOfA,
+        '--source',
+        path.join(dir, 'small.img'),
+      ),
+      /has 1048576 bytes/,
+    );
     expect(tree(repo)).toBe(before);
   });
 
   it('an unknown backup ID, and a missing required option', async () => {
-    expectUsageError(await cli('restore', '--repo', repo, '--backup', '20990101T000000.000Z-00000000', '--target', path.join(dir, 'y.img')), /is not in the repository/);
-    expectUsageError(await cli('restore', '--repo', repo, '--backup', 'latest', '--target', path.join(dir, 'y.img')), /is not a backup ID/);
+    expectUsageError(
+      await cli(
+        'restore',
+        '--repo',
+        repo,
+        '--backup',
+        '20990101T000000.000Z-00000000',
+        '--target',
+        path.join(dir, 'y.img'),
+      ),
+      /is not in the repository/,
+    );
+    expectUsageError(
+      await cli('restore', '--repo', repo, '--backup', 'latest', '--target', path.join(dir, 'y.img')),
+      /is not a backup ID/,
+    );
     const missing = await cli('backup', '--repo', repo);
     expect(missing.code).toBe(2);
     expect(missing.stderr).toMatch(/--snapshot/);

@@ -14,14 +14,22 @@ function labels(svg: string): string[] {
 
 describe('blockmap', () => {
   it('labels a 64 MiB volume in MiB and a 16 TiB one in TiB, from 0 to the capacity', () => {
-    const small = renderBlockmap([{ label: 's1', note: 'allocated', capacityBytes: 64 * MiB, extents: [{ offset: 0, length: MiB }] }], 't');
+    const small = renderBlockmap(
+      [{ label: 's1', note: 'allocated', capacityBytes: 64 * MiB, extents: [{ offset: 0, length: MiB }] }],
+      't',
+    );
     expect(labels(small)).toEqual(['0', '16M', '32M', '48M', '64M']);
-    const big = renderBlockmap([{ label: 's1', note: 'allocated', capacityBytes: 16 * TiB, extents: [{ offset: 0, length: 4096 }] }], 't');
+    const big = renderBlockmap(
+      [{ label: 's1', note: 'allocated', capacityBytes: 16 * TiB, extents: [{ offset: 0, length: 4096 }] }],
+      't',
+    );
     expect(labels(big)).toEqual(['0', '4T', '8T', '12T', '16T']);
     for (const svg of [small, big]) {
       for (const legend of ['no change', '≤ 1%', '≤ 10%', '≤ 50%', '&gt; 50%']) expect(svg).toContain(legend);
       expect(svg).toContain('byte offset in the volume');
       expect(svg.startsWith('<svg xmlns="http://www.w3.org/2000/svg"')).toBe(true);
+      // Announced by screen readers and viewers: the picture has a title element.
+      expect(svg).toMatch(/<svg [^>]*role="img"[^>]*>\n<title>[^<]+<\/title>/);
     }
   });
 
@@ -34,7 +42,14 @@ describe('blockmap', () => {
   });
 
   it('shares add up: a fully written region is 100%, half of a cell is 50%, rows of a smaller capacity end early', () => {
-    const shares = cellShares([{ offset: 0, length: 32 * MiB }, { offset: 48 * MiB, length: 128 * 1024 }], 64 * MiB, 256);
+    const shares = cellShares(
+      [
+        { offset: 0, length: 32 * MiB },
+        { offset: 48 * MiB, length: 128 * 1024 },
+      ],
+      64 * MiB,
+      256,
+    );
     expect(shares.slice(0, 128).every((s) => s === 1)).toBe(true);
     expect(shares[192]).toBe(0.5);
     const svg = renderBlockmap(

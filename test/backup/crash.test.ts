@@ -15,8 +15,8 @@ import { jsonOf, runCli, startCli } from './support/cli.js';
 import { createVolume, publish, snapshot, snapshotBytes } from './support/volumes.js';
 
 const CAPACITY = 48 * MiB;
-const KILLS = process.env['CI'] === 'true' ? 20 : 6;
-const seed = Number(process.env['CBT_E2E_SEED'] ?? Date.now() % 2 ** 31);
+const KILLS = process.env.CI === 'true' ? 20 : 6;
+const seed = Number(process.env.CBT_E2E_SEED ?? Date.now() % 2 ** 31);
 
 let env: NodeEnv;
 
@@ -48,7 +48,18 @@ dataPlaneSuite('backup killed at random points', () => {
     fs.writeFileSync(images[1]!, await snapshotBytes(env, snap2, CAPACITY));
 
     const backupArgs = (snap: string, image: string, base?: string) => [
-      'backup', '--repo', repo, '--snapshot', snap, '--source', image, ...(base ? ['--base', base] : []), '--endpoint', env.target, '--json', '--quiet',
+      'backup',
+      '--repo',
+      repo,
+      '--snapshot',
+      snap,
+      '--source',
+      image,
+      ...(base ? ['--base', base] : []),
+      '--endpoint',
+      env.target,
+      '--json',
+      '--quiet',
     ];
     // An uncut full backup: its duration bounds the kill points, and it is the base of the incrementals.
     const t0 = Date.now();
@@ -83,7 +94,16 @@ dataPlaneSuite('backup killed at random points', () => {
     const next = await runCli(backupArgs(snap2, images[1]!, baseId));
     expect(next.code, next.stderr).toBe(0);
     const target = env.path('restored.img');
-    const restore = await runCli(['restore', '--repo', repo, '--backup', jsonOf<{ id: string }>(next).id, '--target', target, '--quiet']);
+    const restore = await runCli([
+      'restore',
+      '--repo',
+      repo,
+      '--backup',
+      jsonOf<{ id: string }>(next).id,
+      '--target',
+      target,
+      '--quiet',
+    ]);
     expect(restore.code, restore.stderr).toBe(0);
     expect(fs.readFileSync(target).equals(fs.readFileSync(images[1]!))).toBe(true);
     // What killed backups left (temp files, unnamed chunks) is gone once a backup has run.
@@ -91,6 +111,9 @@ dataPlaneSuite('backup killed at random points', () => {
     expect(fs.existsSync(`${repo}/lock`)).toBe(false);
     const referenced = await (await BackupRepository.open(repo)).referencedChunks();
     const stored = fs.readdirSync(`${repo}/chunks`).flatMap((d) => fs.readdirSync(`${repo}/chunks/${d}`));
-    expect(stored.filter((c) => !referenced.has(c)), 'no chunk that no backup names').toEqual([]);
+    expect(
+      stored.filter((c) => !referenced.has(c)),
+      'no chunk that no backup names',
+    ).toEqual([]);
   }, 900_000);
 });

@@ -18,11 +18,14 @@ dataPlaneSuite('cbt-csi demo', () => {
     await env?.cleanup();
   });
 
-  it('runs the quickstart\'s demo line: delta beside the writes, block map, identical restore, all cleaned up', async () => {
+  it("runs the quickstart's demo line: delta beside the writes, block map, identical restore, all cleaned up", async () => {
     const doc = fs.readFileSync(`${REPO_ROOT}/docs/quickstart-local.md`, 'utf8');
     const line = doc.split('\n').find((l) => l.includes('src/cli.ts demo'))!;
     expect(line).toBeDefined();
-    const args = line.slice(line.indexOf('demo')).split(/\s+/).map((a) => a.replace('unix:///tmp/cbt/csi.sock', env.target));
+    const args = line
+      .slice(line.indexOf('demo'))
+      .split(/\s+/)
+      .map((a) => a.replace('unix:///tmp/cbt/csi.sock', env.target));
     const out = env.path('map.svg');
     const r = await runCli([...args, '--out', out]);
     expect(r.code, r.stderr).toBe(0);

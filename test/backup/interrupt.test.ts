@@ -25,7 +25,8 @@ dataPlaneSuite('backup interrupted with Ctrl-C', () => {
     const source = await publish(env, await createVolume(env, CAPACITY));
     const fd = fs.openSync(source.device, 'r+');
     const chunk = Buffer.alloc(4 * MiB);
-    for (let o = 0; o < CAPACITY; o += chunk.length) fs.writeSync(fd, chunk.fill(o / chunk.length + 1), 0, chunk.length, o);
+    for (let o = 0; o < CAPACITY; o += chunk.length)
+      fs.writeSync(fd, chunk.fill(o / chunk.length + 1), 0, chunk.length, o);
     fs.fsyncSync(fd);
     fs.closeSync(fd);
     const snap = await snapshot(env, source.volumeId);
@@ -42,7 +43,10 @@ dataPlaneSuite('backup interrupted with Ctrl-C', () => {
     expect(result.stderr).toMatch(/interrupted/);
     expect(loopDevicesUnder(env.stateDir), 'no device left').toEqual([]);
     const volumes = await env.controller.call('listVolumes', {});
-    expect(volumes.entries.map((e) => e.volume!.volumeId), 'only the source volume is left').toEqual([source.volumeId]);
+    expect(
+      volumes.entries.map((e) => e.volume!.volumeId),
+      'only the source volume is left',
+    ).toEqual([source.volumeId]);
     if (fs.existsSync(repo) && fs.existsSync(`${repo}/cbt-backup-repository.json`)) {
       expect(await (await BackupRepository.open(repo)).backupIds()).toEqual([]);
     }

@@ -25,10 +25,25 @@ afterEach(() => {
 });
 
 /** Commits a backup of `writes` (offset → bytes) on `base`. */
-async function backup(repo: BackupRepository, capacityBytes: number, writes: [number, Buffer][], base: Manifest | null): Promise<Manifest> {
+async function backup(
+  repo: BackupRepository,
+  capacityBytes: number,
+  writes: [number, Buffer][],
+  base: Manifest | null,
+): Promise<Manifest> {
   const lock = await repo.lock();
   try {
-    const w = await repo.begin({ snapshot: `snap-${randomBytes(4).toString('hex')}`, sourceVolume: 'vol-1', base: base?.id ?? null, capacityBytes, blockSize: MiB, toolVersion: 'test' }, lock);
+    const w = await repo.begin(
+      {
+        snapshot: `snap-${randomBytes(4).toString('hex')}`,
+        sourceVolume: 'vol-1',
+        base: base?.id ?? null,
+        capacityBytes,
+        blockSize: MiB,
+        toolVersion: 'test',
+      },
+      lock,
+    );
     for (const [offset, data] of writes) await w.put(offset, data);
     const m = await w.commit();
     // IDs carry the millisecond they were made: keep them apart so they sort in order.
@@ -47,8 +62,19 @@ describe('backup repository', () => {
     try {
       const repo = await BackupRepository.openOrCreate(path.join(dir, 'repo'));
       const same = randomBytes(MiB);
-      await backup(repo, 8 * MiB, [[0, same], [MiB, same], [4 * MiB, Buffer.from(same)]], null);
-      const chunks = fs.readdirSync(path.join(repo.dir, 'chunks')).flatMap((d) => fs.readdirSync(path.join(repo.dir, 'chunks', d)));
+      await backup(
+        repo,
+        8 * MiB,
+        [
+          [0, same],
+          [MiB, same],
+          [4 * MiB, Buffer.from(same)],
+        ],
+        null,
+      );
+      const chunks = fs
+        .readdirSync(path.join(repo.dir, 'chunks'))
+        .flatMap((d) => fs.readdirSync(path.join(repo.dir, 'chunks', d)));
       expect(chunks).toHaveLength(1);
       expect(looserThanPrivate(repo.dir)).toEqual([]);
     } finally {
@@ -102,6 +128,11 @@ describe('backup repository', () => {
     const dirty = path.join(dir, 'dirty.img');
     fs.writeFileSync(dirty, Buffer.alloc(9 * MiB, 0xff));
     await restoreBackup(repo, grown.id, dirty, quiet);
-    expect(fs.readFileSync(dirty).subarray(0, 8 * MiB).equals(expected)).toBe(true);
+    expect(
+      fs
+        .readFileSync(dirty)
+        .subarray(0, 8 * MiB)
+        .equals(expected),
+    ).toBe(true);
   });
 });

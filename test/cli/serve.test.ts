@@ -62,7 +62,6 @@ function exited(child: ChildProcess): Promise<{ code: number | null; signal: Nod
   return new Promise((resolve) => child.once('exit', (code, signal) => resolve({ code, signal })));
 }
 
-
 /** Starts the CLI in any working directory (spawnDriver only works from the repository). */
 function startCli(args: string[], cwd: string) {
   const child = spawn(process.execPath, ['--import', TSX_LOADER, path.join(REPO_ROOT, 'src/cli.ts'), ...args], {
@@ -162,7 +161,9 @@ describe('cbt-csi serve', () => {
   test('the endpoint can come from CSI_ENDPOINT, as the CSI spec suggests', async () => {
     const dir = tempDir();
     const socket = path.join(dir, 'from-env.sock');
-    const { stderr } = await serve(['--state-dir', path.join(dir, 'state')], { env: { CSI_ENDPOINT: `unix://${socket}` } });
+    const { stderr } = await serve(['--state-dir', path.join(dir, 'state')], {
+      env: { CSI_ENDPOINT: `unix://${socket}` },
+    });
     expect(stderr()).toContain(`listening on unix://${socket}`);
     expect((await clientsFor(socket).identity.call('probe', {})).ready).toBe(true);
   });
@@ -171,7 +172,11 @@ describe('cbt-csi serve', () => {
     const cwd = tempDir();
     const { out } = startCli(['serve'], cwd);
     const socket = path.join(cwd, '.state', 'csi.sock');
-    await eventually(() => (out.stderr.includes('listening on') ? true : undefined), `the driver to start: ${out.stderr}`, 30_000);
+    await eventually(
+      () => (out.stderr.includes('listening on') ? true : undefined),
+      `the driver to start: ${out.stderr}`,
+      30_000,
+    );
     expect(out.stderr).toContain(`listening on unix://${socket}`);
     expect((await clientsFor(socket).identity.call('getPluginInfo', {})).name).toBe('cbt.csi.dev');
     expect(fs.existsSync(path.join(cwd, '.state', 'store'))).toBe(true);
@@ -185,7 +190,11 @@ describe('cbt-csi serve', () => {
     const { child } = await serve(['--endpoint', `unix://${socket}`, '--state-dir', path.join(dir, 'state')]);
     const { metadata } = clientsFor(socket);
 
-    const call = metadata.stream('getMetadataDelta', { baseSnapshotId: base, targetSnapshotId: target, maxResults: 256 });
+    const call = metadata.stream('getMetadataDelta', {
+      baseSnapshotId: base,
+      targetSnapshotId: target,
+      maxResults: 256,
+    });
     let tuples = 0;
     let lastEnd = 0n;
     const ended = new Promise<number>((resolve) => {
@@ -216,10 +225,21 @@ describe('cbt-csi serve', () => {
     const BLOCKS = 200_000;
     const { base, target } = await stateWithBigDelta(path.join(dir, 'state'), BLOCKS);
     const socket = path.join(dir, 'csi.sock');
-    const { child } = await serve(['--endpoint', `unix://${socket}`, '--state-dir', path.join(dir, 'state'), '--drain-timeout', '1']);
+    const { child } = await serve([
+      '--endpoint',
+      `unix://${socket}`,
+      '--state-dir',
+      path.join(dir, 'state'),
+      '--drain-timeout',
+      '1',
+    ]);
     const { metadata } = clientsFor(socket);
 
-    const call = metadata.stream('getMetadataDelta', { baseSnapshotId: base, targetSnapshotId: target, maxResults: 256 });
+    const call = metadata.stream('getMetadataDelta', {
+      baseSnapshotId: base,
+      targetSnapshotId: target,
+      maxResults: 256,
+    });
     let tuples = 0;
     const ended = new Promise<number>((resolve) => {
       call.on('error', (err: { code: number }) => resolve(err.code));
@@ -273,7 +293,10 @@ describe('cbt-csi serve', () => {
     const dir = tempDir();
     const socket = path.join(dir, 'csi.sock');
     await serve(['--endpoint', `unix://${socket}`, '--state-dir', path.join(dir, 'state')]);
-    const second = await runCli(['serve', '--endpoint', `unix://${socket}`, '--state-dir', path.join(dir, 'state2')], dir);
+    const second = await runCli(
+      ['serve', '--endpoint', `unix://${socket}`, '--state-dir', path.join(dir, 'state2')],
+      dir,
+    );
     expect(second.code).not.toBe(0);
     expect(second.stderr).toMatch(/in use/);
     expect((await clientsFor(socket).identity.call('probe', {})).ready).toBe(true);
@@ -307,7 +330,9 @@ describe('cbt-csi serve', () => {
     const { identity, metadata } = clientsFor(socket);
     await identity.call('getPluginInfo', {});
     await identity.call('getPluginInfo', {});
-    expect(await codeOf(metadata.collect('getMetadataAllocated', { snapshotId: 'snap-0000000000000000' }))).toBe(status.NOT_FOUND);
+    expect(await codeOf(metadata.collect('getMetadataAllocated', { snapshotId: 'snap-0000000000000000' }))).toBe(
+      status.NOT_FOUND,
+    );
 
     const res = await fetch(url![1]!);
     expect(res.status).toBe(200);
@@ -315,7 +340,9 @@ describe('cbt-csi serve', () => {
     const sample = (method: string, code: string) =>
       body
         .split('\n')
-        .find((l) => l.startsWith('cbt_csi_rpc_total{') && l.includes(`method="${method}"`) && l.includes(`code="${code}"`));
+        .find(
+          (l) => l.startsWith('cbt_csi_rpc_total{') && l.includes(`method="${method}"`) && l.includes(`code="${code}"`),
+        );
     expect(sample('GetPluginInfo', 'OK')).toMatch(/ 2$/);
     expect(sample('GetMetadataAllocated', 'NOT_FOUND')).toMatch(/ 1$/);
   });
@@ -331,19 +358,19 @@ describe('cbt-csi serve', () => {
       status.INVALID_ARGUMENT,
     );
     const rpcLines = await eventually(() => {
-      const lines = jsonLines(stdout()).filter((l) => l['msg'] === 'rpc');
+      const lines = jsonLines(stdout()).filter((l) => l.msg === 'rpc');
       return lines.length >= 3 ? lines : undefined;
     }, 'three rpc log lines');
     await new Promise((r) => setTimeout(r, 200)); // nothing more should follow
-    expect(jsonLines(stdout()).filter((l) => l['msg'] === 'rpc')).toHaveLength(3);
-    expect(rpcLines.map((l) => [l['method'], l['code']])).toEqual([
+    expect(jsonLines(stdout()).filter((l) => l.msg === 'rpc')).toHaveLength(3);
+    expect(rpcLines.map((l) => [l.method, l.code])).toEqual([
       ['GetPluginInfo', 'OK'],
       ['Probe', 'OK'],
       ['GetMetadataDelta', 'INVALID_ARGUMENT'],
     ]);
     for (const l of rpcLines) {
-      expect(typeof l['ms']).toBe('number');
-      expect(l['ms'] as number).toBeGreaterThanOrEqual(0);
+      expect(typeof l.ms).toBe('number');
+      expect(l.ms as number).toBeGreaterThanOrEqual(0);
     }
   });
 
@@ -353,7 +380,9 @@ describe('cbt-csi serve', () => {
     const { stderr } = await serve(['--endpoint', `unix://${socket}`, '--state-dir', path.join(dir, 'state')]);
     const { identity, metadata } = clientsFor(socket);
     const calls = Array.from({ length: 50 }, (_, i) =>
-      i % 2 ? identity.call('probe', {}) : codeOf(metadata.collect('getMetadataAllocated', { snapshotId: 'snap-0000000000000000' })),
+      i % 2
+        ? identity.call('probe', {})
+        : codeOf(metadata.collect('getMetadataAllocated', { snapshotId: 'snap-0000000000000000' })),
     );
     await Promise.all(calls);
     await new Promise((r) => setTimeout(r, 200));
@@ -380,11 +409,11 @@ describe('cbt-csi serve', () => {
     await codeOf(controller.call('deleteSnapshot', { snapshotId: 'snap-0000000000000000', secrets }));
     await codeOf(controller.call('listSnapshots', { secrets }));
     await eventually(() => {
-      const n = jsonLines(stdout()).filter((l) => l['msg'] === 'rpc').length;
+      const n = jsonLines(stdout()).filter((l) => l.msg === 'rpc').length;
       return n >= 5 ? true : undefined;
     }, 'five rpc log lines');
     // The debug level really logged requests, so the absence below means redaction, not silence.
-    expect(jsonLines(stdout()).some((l) => l['level'] === 'debug')).toBe(true);
+    expect(jsonLines(stdout()).some((l) => l.level === 'debug')).toBe(true);
     expect(stdout()).not.toContain('hunter2');
     expect(stderr()).not.toContain('hunter2');
   });

@@ -23,7 +23,16 @@ describe('CSI-direct client against a driver process (controller role, no root n
   beforeAll(async () => {
     dir = fs.mkdtempSync(path.join(os.tmpdir(), 'cbt-client-'));
     target = `unix://${path.join(dir, 'csi.sock')}`;
-    ({ child } = await spawnDriver(['--endpoint', target, '--state-dir', path.join(dir, 'state'), '--role', 'controller', '--log-level', 'warn']));
+    ({ child } = await spawnDriver([
+      '--endpoint',
+      target,
+      '--state-dir',
+      path.join(dir, 'state'),
+      '--role',
+      'controller',
+      '--log-level',
+      'warn',
+    ]));
     controller = new ServiceClient(Controller, target);
   });
   afterAll(async () => {
@@ -37,8 +46,15 @@ describe('CSI-direct client against a driver process (controller role, no root n
   });
 
   const volume = async (name: string) =>
-    (await controller.call('createVolume', { name, capacityRange: { requiredBytes: BigInt(8 * MiB) }, volumeCapabilities: [blockCap()] })).volume!.volumeId;
-  const snapshot = async (volumeId: string, name: string) => (await controller.call('createSnapshot', { sourceVolumeId: volumeId, name })).snapshot!.snapshotId;
+    (
+      await controller.call('createVolume', {
+        name,
+        capacityRange: { requiredBytes: BigInt(8 * MiB) },
+        volumeCapabilities: [blockCap()],
+      })
+    ).volume!.volumeId;
+  const snapshot = async (volumeId: string, name: string) =>
+    (await controller.call('createSnapshot', { sourceVolumeId: volumeId, name })).snapshot!.snapshotId;
 
   it('reports capacity and style of an empty snapshot, with no extents', async () => {
     const snap = await snapshot(await volume('empty'), 'empty-1');
@@ -81,13 +97,22 @@ dataPlaneSuite('CSI-direct client: a stream cut by a driver restart resumes', ()
 
   it('kill -9 and restart of the driver mid-listing: the listing resumes and equals an uncut run', async () => {
     const CAPACITY = 64 * MiB;
-    const { volume } = await env.controller.call('createVolume', { name: 'cut', capacityRange: { requiredBytes: BigInt(CAPACITY) }, volumeCapabilities: [blockCap()] });
+    const { volume } = await env.controller.call('createVolume', {
+      name: 'cut',
+      capacityRange: { requiredBytes: BigInt(CAPACITY) },
+      volumeCapabilities: [blockCap()],
+    });
     const volumeId = volume!.volumeId;
     const staging = env.path('staging');
     fs.mkdirSync(staging);
     const device = env.path('device');
     await env.node.call('nodeStageVolume', { volumeId, stagingTargetPath: staging, volumeCapability: blockCap() });
-    await env.node.call('nodePublishVolume', { volumeId, stagingTargetPath: staging, targetPath: device, volumeCapability: blockCap() });
+    await env.node.call('nodePublishVolume', {
+      volumeId,
+      stagingTargetPath: staging,
+      targetPath: device,
+      volumeCapability: blockCap(),
+    });
     // Every other 4 KiB block: 8192 separate extents, far more than HTTP/2 flow control lets the driver
     // send ahead of the reader, so killing the driver really cuts the stream.
     const fd = fs.openSync(device, 'r+');
@@ -95,7 +120,8 @@ dataPlaneSuite('CSI-direct client: a stream cut by a driver restart resumes', ()
     for (let off = 0; off < CAPACITY; off += 8192) fs.writeSync(fd, block, 0, 4096, off);
     fs.fsyncSync(fd);
     fs.closeSync(fd);
-    const snap = (await env.controller.call('createSnapshot', { sourceVolumeId: volumeId, name: 'cut-1' })).snapshot!.snapshotId;
+    const snap = (await env.controller.call('createSnapshot', { sourceVolumeId: volumeId, name: 'cut-1' })).snapshot!
+      .snapshotId;
     // The volume is taken down before the driver is killed: only the metadata stream is under test.
     await env.node.call('nodeUnpublishVolume', { volumeId, targetPath: device });
     await env.node.call('nodeUnstageVolume', { volumeId, stagingTargetPath: staging });

@@ -43,7 +43,11 @@ class ScriptedTransport implements MetadataTransport {
     let pages = 0;
     for (let i = 0; i < rest.length || i === 0; i += this.perPage) {
       const slice = rest.slice(i, i + this.perPage);
-      yield { blockMetadataType: this.type, capacityBytes: CAPACITY, tuples: slice.flatMap((e) => [e.offset, e.length]) };
+      yield {
+        blockMetadataType: this.type,
+        capacityBytes: CAPACITY,
+        tuples: slice.flatMap((e) => [e.offset, e.length]),
+      };
       if (cut && ++pages === cut.after) throw new ConnectError('stream cut', cut.code);
     }
   }
@@ -64,7 +68,10 @@ const EXTENTS: Extent[] = Array.from({ length: 20 }, (_, i) => ({ offset: i * 12
 describe('SnapshotMetadataClient', () => {
   it('resumes a stream cut by UNAVAILABLE, CANCELLED or DEADLINE_EXCEEDED at the end of the last extent received; the caller sees the uncut sequence', async () => {
     for (const code of [Code.Unavailable, Code.Canceled, Code.DeadlineExceeded]) {
-      const transport = new ScriptedTransport(EXTENTS, [{ after: 2, code }, { after: 1, code }]);
+      const transport = new ScriptedTransport(EXTENTS, [
+        { after: 2, code },
+        { after: 1, code },
+      ]);
       const listing = await new SnapshotMetadataClient(transport, fast).allocated('snap');
       expect(await collect(listing)).toEqual(EXTENTS);
       // 2 pages of 3, then 1 page of 3: resumed at the end of extent 6, then of extent 9.
@@ -99,7 +106,10 @@ describe('SnapshotMetadataClient', () => {
   it('gives up after maxAttempts reopens without progress, as RetriesExhaustedError, with doubling delays', async () => {
     const delays: number[] = [];
     const transport = new ScriptedTransport(EXTENTS, Array(10).fill({ after: 0, code: Code.Unavailable }));
-    const client = new SnapshotMetadataClient(transport, { retry: { initialDelayMs: 1, maxDelayMs: 4, maxAttempts: 4 }, onResume: (r) => delays.push(r.delayMs) });
+    const client = new SnapshotMetadataClient(transport, {
+      retry: { initialDelayMs: 1, maxDelayMs: 4, maxAttempts: 4 },
+      onResume: (r) => delays.push(r.delayMs),
+    });
     await expect(client.allocated('snap')).rejects.toBeInstanceOf(RetriesExhaustedError);
     expect(transport.opened.length).toBe(5);
     expect(delays).toEqual([1, 2, 4, 4]);
@@ -149,14 +159,19 @@ describe('SnapshotMetadataClient', () => {
   });
 
   it('refuses a driver answer out of order or outside the volume (ProtocolError)', async () => {
-    const backwards = new ScriptedTransport([{ offset: 8192, length: 4096 }, { offset: 0, length: 4096 }]);
+    const backwards = new ScriptedTransport([
+      { offset: 8192, length: 4096 },
+      { offset: 0, length: 4096 },
+    ]);
     const listing = await new SnapshotMetadataClient(backwards, fast).allocated('snap');
     await expect(collect(listing)).rejects.toBeInstanceOf(ProtocolError);
     const outside = new ScriptedTransport([{ offset: CAPACITY - 4096, length: 8192 }]);
-    await expect(collect(await new SnapshotMetadataClient(outside, fast).allocated('snap'))).rejects.toBeInstanceOf(ProtocolError);
+    await expect(collect(await new SnapshotMetadataClient(outside, fast).allocated('snap'))).rejects.toBeInstanceOf(
+      ProtocolError,
+    );
   });
 
-  it('re-chunks FIXED and VARIABLE answers into whole aligned blocks of the caller\'s size, each once', async () => {
+  it("re-chunks FIXED and VARIABLE answers into whole aligned blocks of the caller's size, each once", async () => {
     const variable = new ScriptedTransport([
       { offset: 4096, length: 4096 },
       { offset: 12288, length: 20480 }, // 12 KiB .. 32 KiB: blocks 0 (again) and 1 of 16 KiB

@@ -27,7 +27,12 @@ import {
 import { createLogger } from '../../src/logging.js';
 import { startDriver } from '../../src/server.js';
 import { codeOf, ServiceClient } from '../support/csi-client.js';
-import { largestFileBytes, mountSmallExt4, smallFileSystemSuite, type SmallFileSystem } from '../support/small-filesystem.js';
+import {
+  largestFileBytes,
+  mountSmallExt4,
+  smallFileSystemSuite,
+  type SmallFileSystem,
+} from '../support/small-filesystem.js';
 import { startTestDriver, testConfig, type TestDriver } from '../support/test-driver.js';
 
 type CapabilityInit = MessageInitShape<typeof VolumeCapabilitySchema>;
@@ -162,20 +167,25 @@ describe('ControllerGetCapabilities', () => {
     const vol = await createVolume();
     const probes: Partial<Record<RpcType, () => Promise<unknown>>> = {
       [RpcType.CREATE_DELETE_VOLUME]: () => d.controller.call('deleteVolume', { volumeId: 'vol-0000000000000000' }),
-      [RpcType.CREATE_DELETE_SNAPSHOT]: () => d.controller.call('deleteSnapshot', { snapshotId: 'snap-0000000000000000' }),
+      [RpcType.CREATE_DELETE_SNAPSHOT]: () =>
+        d.controller.call('deleteSnapshot', { snapshotId: 'snap-0000000000000000' }),
       [RpcType.LIST_VOLUMES]: () => d.controller.call('listVolumes', {}),
       [RpcType.LIST_SNAPSHOTS]: () => d.controller.call('listSnapshots', {}),
       [RpcType.GET_CAPACITY]: () => d.controller.call('getCapacity', {}),
       [RpcType.CLONE_VOLUME]: () =>
         createVolume({ volumeContentSource: { type: { case: 'volume', value: { volumeId: vol.volumeId } } } }),
       [RpcType.EXPAND_VOLUME]: () =>
-        d.controller.call('controllerExpandVolume', { volumeId: vol.volumeId, capacityRange: { requiredBytes: 2n * GiB_n } }),
+        d.controller.call('controllerExpandVolume', {
+          volumeId: vol.volumeId,
+          capacityRange: { requiredBytes: 2n * GiB_n },
+        }),
       [RpcType.GET_VOLUME]: () => d.controller.call('controllerGetVolume', { volumeId: vol.volumeId }),
       [RpcType.VOLUME_CONDITION]: async () => {
         const res = await d.controller.call('controllerGetVolume', { volumeId: vol.volumeId });
         if (!res.status?.volumeCondition) throw new Error('no volume_condition');
       },
-      [RpcType.SINGLE_NODE_MULTI_WRITER]: () => createVolume({ volumeCapabilities: [mount(Mode.SINGLE_NODE_MULTI_WRITER)] }),
+      [RpcType.SINGLE_NODE_MULTI_WRITER]: () =>
+        createVolume({ volumeCapabilities: [mount(Mode.SINGLE_NODE_MULTI_WRITER)] }),
     };
     const res = await d.controller.call('controllerGetCapabilities', {});
     for (const c of res.capabilities) {
@@ -189,7 +199,9 @@ describe('ControllerGetCapabilities', () => {
 
 describe('CreateVolume: required fields and validation', () => {
   test('CreateVolume: a missing name is INVALID_ARGUMENT', async () => {
-    expect(await codeOf(d.controller.call('createVolume', { volumeCapabilities: [mount()] }))).toBe(status.INVALID_ARGUMENT);
+    expect(await codeOf(d.controller.call('createVolume', { volumeCapabilities: [mount()] }))).toBe(
+      status.INVALID_ARGUMENT,
+    );
   });
 
   test('CreateVolume: a name with a banned control character (U+0000-U+0008, U+000B, U+000C, U+000E-U+001F, U+007F-U+009F) is INVALID_ARGUMENT', async () => {
@@ -239,9 +251,9 @@ describe('CreateVolume: required fields and validation', () => {
   test('CreateVolume: a MULTI_NODE_* access mode cannot be satisfied by a single-node volume and is INVALID_ARGUMENT', async () => {
     for (const mode of MULTI_NODE_MODES) {
       for (const cap of [block(mode), mount(mode)]) {
-        expect(await codeOf(d.controller.call('createVolume', { name: uniq('multi'), volumeCapabilities: [cap] }))).toBe(
-          status.INVALID_ARGUMENT,
-        );
+        expect(
+          await codeOf(d.controller.call('createVolume', { name: uniq('multi'), volumeCapabilities: [cap] })),
+        ).toBe(status.INVALID_ARGUMENT);
       }
     }
   });
@@ -254,10 +266,14 @@ describe('CreateVolume: required fields and validation', () => {
   });
 
   test('CreateVolume: mount fs_type ext4, xfs or empty is accepted; another filesystem is INVALID_ARGUMENT', async () => {
-    for (const fsType of ['', 'ext4', 'xfs']) await createVolume({ volumeCapabilities: [mount(Mode.SINGLE_NODE_WRITER, fsType)] });
+    for (const fsType of ['', 'ext4', 'xfs'])
+      await createVolume({ volumeCapabilities: [mount(Mode.SINGLE_NODE_WRITER, fsType)] });
     expect(
       await codeOf(
-        d.controller.call('createVolume', { name: uniq('fs'), volumeCapabilities: [mount(Mode.SINGLE_NODE_WRITER, 'ntfs')] }),
+        d.controller.call('createVolume', {
+          name: uniq('fs'),
+          volumeCapabilities: [mount(Mode.SINGLE_NODE_WRITER, 'ntfs')],
+        }),
       ),
     ).toBe(status.INVALID_ARGUMENT);
   });
@@ -272,8 +288,15 @@ describe('CreateVolume: required fields and validation', () => {
   });
 
   test('CreateVolume: an invalid blockSize or metadataStyle parameter is INVALID_ARGUMENT', async () => {
-    for (const parameters of [{ blockSize: '3000' }, { blockSize: '2Mi' }, { metadataStyle: 'SPARSE' }] as Record<string, string>[]) {
-      const call = d.controller.call('createVolume', { name: uniq('param'), volumeCapabilities: [mount()], parameters });
+    for (const parameters of [{ blockSize: '3000' }, { blockSize: '2Mi' }, { metadataStyle: 'SPARSE' }] as Record<
+      string,
+      string
+    >[]) {
+      const call = d.controller.call('createVolume', {
+        name: uniq('param'),
+        volumeCapabilities: [mount()],
+        parameters,
+      });
       expect(await codeOf(call)).toBe(status.INVALID_ARGUMENT);
     }
   });
@@ -295,15 +318,27 @@ describe('CreateVolume: required fields and validation', () => {
   });
 
   test('CreateVolume: a volume_content_source with neither snapshot nor volume is INVALID_ARGUMENT', async () => {
-    const call = d.controller.call('createVolume', { name: uniq('src'), volumeCapabilities: [mount()], volumeContentSource: {} });
+    const call = d.controller.call('createVolume', {
+      name: uniq('src'),
+      volumeCapabilities: [mount()],
+      volumeContentSource: {},
+    });
     expect(await codeOf(call)).toBe(status.INVALID_ARGUMENT);
   });
 });
 
 describe('CreateVolume: capacity_range', () => {
   test('CreateVolume: a negative required_bytes or limit_bytes is INVALID_ARGUMENT (the values MUST NOT be negative)', async () => {
-    for (const capacityRange of [{ requiredBytes: -1n }, { limitBytes: -4096n }, { requiredBytes: -1n, limitBytes: 4096n }]) {
-      const call = d.controller.call('createVolume', { name: uniq('neg'), volumeCapabilities: [mount()], capacityRange });
+    for (const capacityRange of [
+      { requiredBytes: -1n },
+      { limitBytes: -4096n },
+      { requiredBytes: -1n, limitBytes: 4096n },
+    ]) {
+      const call = d.controller.call('createVolume', {
+        name: uniq('neg'),
+        volumeCapabilities: [mount()],
+        capacityRange,
+      });
       expect(await codeOf(call)).toBe(status.INVALID_ARGUMENT);
     }
   });
@@ -322,7 +357,7 @@ describe('CreateVolume: capacity_range', () => {
     expect(vol.capacityBytes).toBe(BigInt(DEFAULT_VOLUME_BYTES));
   });
 
-  test('CreateVolume: required_bytes is rounded up to a whole number of blocks of the volume\'s block size', async () => {
+  test("CreateVolume: required_bytes is rounded up to a whole number of blocks of the volume's block size", async () => {
     for (const [blockSize, required] of [
       [4096, 1],
       [4096, 4097],
@@ -356,7 +391,11 @@ describe('CreateVolume: capacity_range', () => {
       { limitBytes: 4095n },
       { requiredBytes: 1n, limitBytes: 100n },
     ]) {
-      const call = d.controller.call('createVolume', { name: uniq('oor'), volumeCapabilities: [mount()], capacityRange });
+      const call = d.controller.call('createVolume', {
+        name: uniq('oor'),
+        volumeCapabilities: [mount()],
+        capacityRange,
+      });
       expect(await codeOf(call)).toBe(status.OUT_OF_RANGE);
     }
   });
@@ -473,7 +512,10 @@ describe('CreateVolume: idempotency by name', () => {
   test('CreateVolume: a second call whose capacity_range the existing volume satisfies returns the same volume', async () => {
     const name = uniq('idem-range');
     const a = await createVolume({ name, capacityRange: { requiredBytes: 8n * BigInt(MiB) } });
-    const b = await createVolume({ name, capacityRange: { requiredBytes: 4n * BigInt(MiB), limitBytes: 16n * BigInt(MiB) } });
+    const b = await createVolume({
+      name,
+      capacityRange: { requiredBytes: 4n * BigInt(MiB), limitBytes: 16n * BigInt(MiB) },
+    });
     expect(b.volumeId).toBe(a.volumeId);
     expect(b.capacityBytes).toBe(a.capacityBytes);
   });
@@ -489,9 +531,9 @@ describe('CreateVolume: idempotency by name', () => {
     const name = uniq('clash-size');
     await createVolume({ name, capacityRange: { requiredBytes: 8n * BigInt(MiB) } });
     for (const capacityRange of [{ requiredBytes: 16n * BigInt(MiB) }, { limitBytes: 4n * BigInt(MiB) }]) {
-      expect(await codeOf(d.controller.call('createVolume', { name, volumeCapabilities: [mount()], capacityRange }))).toBe(
-        status.ALREADY_EXISTS,
-      );
+      expect(
+        await codeOf(d.controller.call('createVolume', { name, volumeCapabilities: [mount()], capacityRange })),
+      ).toBe(status.ALREADY_EXISTS);
     }
   });
 
@@ -514,7 +556,11 @@ describe('CreateVolume: idempotency by name', () => {
       { case: 'snapshot' as const, value: { snapshotId: snap.snapshotId } },
       { case: 'volume' as const, value: { volumeId: src.volumeId } },
     ]) {
-      const call = d.controller.call('createVolume', { name, volumeCapabilities: [mount()], volumeContentSource: { type } });
+      const call = d.controller.call('createVolume', {
+        name,
+        volumeCapabilities: [mount()],
+        volumeContentSource: { type },
+      });
       expect(await codeOf(call)).toBe(status.ALREADY_EXISTS);
     }
   });
@@ -571,7 +617,10 @@ describe('CreateVolume: idempotency by name', () => {
     const name = 'concurrent-clone';
     const results = await Promise.all(
       Array.from({ length: 10 }, () =>
-        createVolume({ name, volumeContentSource: { type: { case: 'volume', value: { volumeId: src.volumeId } } } }, own),
+        createVolume(
+          { name, volumeContentSource: { type: { case: 'volume', value: { volumeId: src.volumeId } } } },
+          own,
+        ),
       ),
     );
     expect(new Set(results.map((v) => v.volumeId)).size).toBe(1);
@@ -594,23 +643,26 @@ describe('CreateVolume: from a snapshot or a volume', () => {
     return { src, snap, capacity, blockSize, first, last };
   }
 
-  test('CreateVolume: from a snapshot, the new volume holds the snapshot\'s data and reports it as content_source', async () => {
+  test("CreateVolume: from a snapshot, the new volume holds the snapshot's data and reports it as content_source", async () => {
     const { snap, capacity, blockSize, first, last } = await sourceWithData();
     const vol = await createVolume({
       volumeContentSource: { type: { case: 'snapshot', value: { snapshotId: snap.snapshotId } } },
     });
-    expect(vol.contentSource?.type).toEqual({ case: 'snapshot', value: expect.objectContaining({ snapshotId: snap.snapshotId }) });
+    expect(vol.contentSource?.type).toEqual({
+      case: 'snapshot',
+      value: expect.objectContaining({ snapshotId: snap.snapshotId }),
+    });
     expect(d.driver.store.read(vol.volumeId, 0, blockSize)).toEqual(first);
     expect(d.driver.store.read(vol.volumeId, capacity - blockSize, blockSize)).toEqual(last);
   });
 
-  test('CreateVolume: from a snapshot with no capacity_range, the volume is the snapshot\'s size and block size', async () => {
+  test("CreateVolume: from a snapshot with no capacity_range, the volume is the snapshot's size and block size", async () => {
     const { snap, capacity } = await sourceWithData(3 * MiB, 16 * KiB);
     const vol = await createVolume({
       volumeContentSource: { type: { case: 'snapshot', value: { snapshotId: snap.snapshotId } } },
     });
     expect(vol.capacityBytes).toBe(BigInt(capacity));
-    expect(vol.volumeContext['blockSize']).toBe(String(16 * KiB));
+    expect(vol.volumeContext.blockSize).toBe(String(16 * KiB));
   });
 
   test('CreateVolume: from a snapshot, a larger required size gives a larger volume that still holds the data', async () => {
@@ -624,7 +676,7 @@ describe('CreateVolume: from a snapshot or a volume', () => {
     expect(d.driver.store.read(vol.volumeId, capacity, blockSize)).toEqual(Buffer.alloc(blockSize));
   });
 
-  test('CreateVolume: from a snapshot, a required size below the snapshot\'s still gives the snapshot\'s size (the range only sets a minimum)', async () => {
+  test("CreateVolume: from a snapshot, a required size below the snapshot's still gives the snapshot's size (the range only sets a minimum)", async () => {
     const { snap, capacity } = await sourceWithData();
     const vol = await createVolume({
       capacityRange: { requiredBytes: BigInt(capacity / 2) },
@@ -633,7 +685,7 @@ describe('CreateVolume: from a snapshot or a volume', () => {
     expect(vol.capacityBytes).toBe(BigInt(capacity));
   });
 
-  test('CreateVolume: from a snapshot, a limit_bytes below the snapshot\'s size is OUT_OF_RANGE', async () => {
+  test("CreateVolume: from a snapshot, a limit_bytes below the snapshot's size is OUT_OF_RANGE", async () => {
     const { snap, capacity } = await sourceWithData();
     const call = d.controller.call('createVolume', {
       name: uniq('small'),
@@ -660,12 +712,16 @@ describe('CreateVolume: from a snapshot or a volume', () => {
       { case: 'snapshot' as const, value: { snapshotId: '' } },
       { case: 'volume' as const, value: { volumeId: '' } },
     ]) {
-      const call = d.controller.call('createVolume', { name: uniq('empty-src'), volumeCapabilities: [mount()], volumeContentSource: { type } });
+      const call = d.controller.call('createVolume', {
+        name: uniq('empty-src'),
+        volumeCapabilities: [mount()],
+        volumeContentSource: { type },
+      });
       expect(await codeOf(call)).toBe(status.INVALID_ARGUMENT);
     }
   });
 
-  test('CreateVolume: a blockSize parameter that differs from the source\'s is INVALID_ARGUMENT (source incompatible)', async () => {
+  test("CreateVolume: a blockSize parameter that differs from the source's is INVALID_ARGUMENT (source incompatible)", async () => {
     const { src, snap } = await sourceWithData(MiB, BLOCK);
     for (const type of [
       { case: 'snapshot' as const, value: { snapshotId: snap.snapshotId } },
@@ -681,12 +737,17 @@ describe('CreateVolume: from a snapshot or a volume', () => {
     }
   });
 
-  test('CreateVolume: from a volume (clone), the new volume holds the source\'s current data and reports it as content_source', async () => {
+  test("CreateVolume: from a volume (clone), the new volume holds the source's current data and reports it as content_source", async () => {
     const { src, capacity, blockSize, first } = await sourceWithData();
     const later = Buffer.alloc(blockSize, 0xc3);
     d.driver.store.write(src.volumeId, blockSize, later);
-    const vol = await createVolume({ volumeContentSource: { type: { case: 'volume', value: { volumeId: src.volumeId } } } });
-    expect(vol.contentSource?.type).toEqual({ case: 'volume', value: expect.objectContaining({ volumeId: src.volumeId }) });
+    const vol = await createVolume({
+      volumeContentSource: { type: { case: 'volume', value: { volumeId: src.volumeId } } },
+    });
+    expect(vol.contentSource?.type).toEqual({
+      case: 'volume',
+      value: expect.objectContaining({ volumeId: src.volumeId }),
+    });
     expect(vol.capacityBytes).toBe(BigInt(capacity));
     expect(d.driver.store.read(vol.volumeId, 0, 2 * blockSize)).toEqual(Buffer.concat([first, later]));
   });
@@ -741,8 +802,12 @@ describe('DeleteVolume', () => {
     const vol = await createVolume();
     d.driver.store.hold(vol.volumeId, 'test-node-plane');
     try {
-      expect(await codeOf(d.controller.call('deleteVolume', { volumeId: vol.volumeId }))).toBe(status.FAILED_PRECONDITION);
-      expect((await d.controller.call('controllerGetVolume', { volumeId: vol.volumeId })).volume?.volumeId).toBe(vol.volumeId);
+      expect(await codeOf(d.controller.call('deleteVolume', { volumeId: vol.volumeId }))).toBe(
+        status.FAILED_PRECONDITION,
+      );
+      expect((await d.controller.call('controllerGetVolume', { volumeId: vol.volumeId })).volume?.volumeId).toBe(
+        vol.volumeId,
+      );
     } finally {
       d.driver.store.release(vol.volumeId, 'test-node-plane');
     }
@@ -780,9 +845,9 @@ describe('ValidateVolumeCapabilities', () => {
 
   test('ValidateVolumeCapabilities: a volume that does not exist is NOT_FOUND (well-formed or not)', async () => {
     for (const volumeId of ['vol-0123456789abcdef', '/etc/passwd']) {
-      expect(await codeOf(d.controller.call('validateVolumeCapabilities', { volumeId, volumeCapabilities: [mount()] }))).toBe(
-        status.NOT_FOUND,
-      );
+      expect(
+        await codeOf(d.controller.call('validateVolumeCapabilities', { volumeId, volumeCapabilities: [mount()] })),
+      ).toBe(status.NOT_FOUND);
     }
   });
 
@@ -804,14 +869,21 @@ describe('ValidateVolumeCapabilities', () => {
 
   test('ValidateVolumeCapabilities: confirmed is set only if ALL capabilities are supported; otherwise a message says why', async () => {
     const vol = await createVolume();
-    for (const caps of [[block(Mode.MULTI_NODE_MULTI_WRITER)], [mount(), mount(Mode.MULTI_NODE_READER_ONLY)], [mount(Mode.SINGLE_NODE_WRITER, 'zfs')]]) {
-      const res = await d.controller.call('validateVolumeCapabilities', { volumeId: vol.volumeId, volumeCapabilities: caps });
+    for (const caps of [
+      [block(Mode.MULTI_NODE_MULTI_WRITER)],
+      [mount(), mount(Mode.MULTI_NODE_READER_ONLY)],
+      [mount(Mode.SINGLE_NODE_WRITER, 'zfs')],
+    ]) {
+      const res = await d.controller.call('validateVolumeCapabilities', {
+        volumeId: vol.volumeId,
+        volumeCapabilities: caps,
+      });
       expect(res.confirmed).toBeUndefined();
       expect(res.message).not.toBe('');
     }
   });
 
-  test('ValidateVolumeCapabilities: a volume_context that is not the volume\'s is not confirmed', async () => {
+  test("ValidateVolumeCapabilities: a volume_context that is not the volume's is not confirmed", async () => {
     const vol = await createVolume();
     const res = await d.controller.call('validateVolumeCapabilities', {
       volumeId: vol.volumeId,
@@ -830,7 +902,10 @@ describe('ValidateVolumeCapabilities', () => {
       parameters: { blockSize: '16384', metadataStyle: 'FIXED_LENGTH' },
     });
     expect(ok.confirmed?.parameters).toEqual({ blockSize: '16384', metadataStyle: 'FIXED_LENGTH' });
-    for (const parameters of [{ blockSize: '4096' }, { metadataStyle: 'VARIABLE' }, { colour: 'blue' }] as Record<string, string>[]) {
+    for (const parameters of [{ blockSize: '4096' }, { metadataStyle: 'VARIABLE' }, { colour: 'blue' }] as Record<
+      string,
+      string
+    >[]) {
       const res = await d.controller.call('validateVolumeCapabilities', {
         volumeId: vol.volumeId,
         volumeCapabilities: [mount()],
@@ -863,7 +938,14 @@ describe('ListVolumes', () => {
     const first = await own.controller.call('listVolumes', { maxEntries: 1 });
     expect(first.nextToken).not.toBe('');
     const snapshotShaped = first.nextToken.replace(/vol-/, 'snap-');
-    for (const startingToken of ['garbage', '12', '../../etc', `${first.nextToken}x`, snapshotShaped, '-1.vol-0123456789abcdef']) {
+    for (const startingToken of [
+      'garbage',
+      '12',
+      '../../etc',
+      `${first.nextToken}x`,
+      snapshotShaped,
+      '-1.vol-0123456789abcdef',
+    ]) {
       expect(await codeOf(own.controller.call('listVolumes', { startingToken })), startingToken).toBe(status.ABORTED);
     }
   });
@@ -951,7 +1033,10 @@ describe('ControllerGetVolume', () => {
 
   test('ControllerGetVolume: reports the current capacity after an expansion', async () => {
     const vol = await createVolume({ capacityRange: { requiredBytes: BigInt(MiB) } });
-    await d.controller.call('controllerExpandVolume', { volumeId: vol.volumeId, capacityRange: { requiredBytes: 2n * BigInt(MiB) } });
+    await d.controller.call('controllerExpandVolume', {
+      volumeId: vol.volumeId,
+      capacityRange: { requiredBytes: 2n * BigInt(MiB) },
+    });
     const res = await d.controller.call('controllerGetVolume', { volumeId: vol.volumeId });
     expect(res.volume?.capacityBytes).toBe(2n * BigInt(MiB));
   });
@@ -983,7 +1068,7 @@ describe('GetCapacity', () => {
     expect((await own.controller.call('getCapacity', {})).availableCapacity).toBe(0n);
   });
 
-  test('GetCapacity: without a configured capacity, available_capacity is the free space of the state directory\'s filesystem', async () => {
+  test("GetCapacity: without a configured capacity, available_capacity is the free space of the state directory's filesystem", async () => {
     const res = await d.controller.call('getCapacity', {});
     const stats = fs.statfsSync(d.driver.store.dir);
     const free = stats.bavail * stats.bsize;
@@ -1021,17 +1106,25 @@ describe('GetCapacity', () => {
     expect(plain.availableCapacity).toBe(BigInt(8 * MiB));
   });
 
-  test('GetCapacity: a topology that is not this node has zero capacity; this node\'s has the full capacity', async () => {
+  test("GetCapacity: a topology that is not this node has zero capacity; this node's has the full capacity", async () => {
     const own = await ownDriver({ capacityBytes: 8 * MiB });
-    expect((await own.controller.call('getCapacity', { accessibleTopology: thisNode('other') })).availableCapacity).toBe(0n);
-    expect((await own.controller.call('getCapacity', { accessibleTopology: thisNode() })).availableCapacity).toBe(BigInt(8 * MiB));
+    expect(
+      (await own.controller.call('getCapacity', { accessibleTopology: thisNode('other') })).availableCapacity,
+    ).toBe(0n);
+    expect((await own.controller.call('getCapacity', { accessibleTopology: thisNode() })).availableCapacity).toBe(
+      BigInt(8 * MiB),
+    );
   });
 
   test('GetCapacity: an invalid parameter or a malformed capability is INVALID_ARGUMENT', async () => {
-    expect(await codeOf(d.controller.call('getCapacity', { parameters: { speed: 'fast' } }))).toBe(status.INVALID_ARGUMENT);
-    expect(await codeOf(d.controller.call('getCapacity', { volumeCapabilities: [{ accessType: { case: 'block', value: {} } }] }))).toBe(
+    expect(await codeOf(d.controller.call('getCapacity', { parameters: { speed: 'fast' } }))).toBe(
       status.INVALID_ARGUMENT,
     );
+    expect(
+      await codeOf(
+        d.controller.call('getCapacity', { volumeCapabilities: [{ accessType: { case: 'block', value: {} } }] }),
+      ),
+    ).toBe(status.INVALID_ARGUMENT);
   });
 });
 
@@ -1042,7 +1135,9 @@ describe('CreateSnapshot', () => {
 
   test('CreateSnapshot: a missing name is INVALID_ARGUMENT', async () => {
     const vol = await createVolume();
-    expect(await codeOf(d.controller.call('createSnapshot', { sourceVolumeId: vol.volumeId }))).toBe(status.INVALID_ARGUMENT);
+    expect(await codeOf(d.controller.call('createSnapshot', { sourceVolumeId: vol.volumeId }))).toBe(
+      status.INVALID_ARGUMENT,
+    );
   });
 
   test('CreateSnapshot: a name with a banned control character is INVALID_ARGUMENT', async () => {
@@ -1054,13 +1149,19 @@ describe('CreateSnapshot', () => {
 
   test('CreateSnapshot: a source volume that does not exist is NOT_FOUND (well-formed or not)', async () => {
     for (const sourceVolumeId of ['vol-0123456789abcdef', '../../etc']) {
-      expect(await codeOf(d.controller.call('createSnapshot', { sourceVolumeId, name: uniq('s') }))).toBe(status.NOT_FOUND);
+      expect(await codeOf(d.controller.call('createSnapshot', { sourceVolumeId, name: uniq('s') }))).toBe(
+        status.NOT_FOUND,
+      );
     }
   });
 
   test('CreateSnapshot: an unknown parameter is INVALID_ARGUMENT; snapshotter-added csi.storage.k8s.io/* keys are accepted', async () => {
     const vol = await createVolume();
-    const bad = d.controller.call('createSnapshot', { sourceVolumeId: vol.volumeId, name: uniq('s'), parameters: { retain: 'yes' } });
+    const bad = d.controller.call('createSnapshot', {
+      sourceVolumeId: vol.volumeId,
+      name: uniq('s'),
+      parameters: { retain: 'yes' },
+    });
     expect(await codeOf(bad)).toBe(status.INVALID_ARGUMENT);
     const ok = await d.controller.call('createSnapshot', {
       sourceVolumeId: vol.volumeId,
@@ -1097,7 +1198,9 @@ describe('CreateSnapshot', () => {
     const v2 = await createVolume();
     const name = uniq('taken');
     await createSnapshot(v1.volumeId, name);
-    expect(await codeOf(d.controller.call('createSnapshot', { sourceVolumeId: v2.volumeId, name }))).toBe(status.ALREADY_EXISTS);
+    expect(await codeOf(d.controller.call('createSnapshot', { sourceVolumeId: v2.volumeId, name }))).toBe(
+      status.ALREADY_EXISTS,
+    );
   });
 
   test('CreateSnapshot: a retry succeeds with the same snapshot after its source volume was deleted', async () => {
@@ -1118,7 +1221,7 @@ describe('CreateSnapshot', () => {
     expect(listed.entries.length).toBe(1);
   });
 
-  test('CreateSnapshot: the snapshot keeps its volume\'s metadata style (for the SnapshotMetadata service)', async () => {
+  test("CreateSnapshot: the snapshot keeps its volume's metadata style (for the SnapshotMetadata service)", async () => {
     for (const style of ['FIXED', 'VARIABLE']) {
       const vol = await createVolume({ parameters: { metadataStyle: style } });
       const snap = await createSnapshot(vol.volumeId);
@@ -1126,7 +1229,7 @@ describe('CreateSnapshot', () => {
     }
   });
 
-  test('CreateSnapshot: the snapshot holds the volume\'s data at the time of the cut, not later writes', async () => {
+  test("CreateSnapshot: the snapshot holds the volume's data at the time of the cut, not later writes", async () => {
     const vol = await createVolume({ capacityRange: { requiredBytes: BigInt(MiB) } });
     const before = Buffer.alloc(BLOCK, 1);
     d.driver.store.write(vol.volumeId, 0, before);
@@ -1164,7 +1267,9 @@ describe('DeleteSnapshot', () => {
     const data = Buffer.alloc(BLOCK, 0x42);
     d.driver.store.write(vol.volumeId, BLOCK, data);
     const snap = await createSnapshot(vol.volumeId);
-    const restored = await createVolume({ volumeContentSource: { type: { case: 'snapshot', value: { snapshotId: snap.snapshotId } } } });
+    const restored = await createVolume({
+      volumeContentSource: { type: { case: 'snapshot', value: { snapshotId: snap.snapshotId } } },
+    });
     await d.controller.call('deleteSnapshot', { snapshotId: snap.snapshotId });
     await d.driver.store.compact();
     expect(d.driver.store.read(restored.volumeId, BLOCK, BLOCK)).toEqual(data);
@@ -1204,7 +1309,7 @@ describe('ListSnapshots', () => {
     }
   });
 
-  test('ListSnapshots: by source_volume_id returns that volume\'s snapshots only', async () => {
+  test("ListSnapshots: by source_volume_id returns that volume's snapshots only", async () => {
     const v1 = await createVolume();
     const v2 = await createVolume();
     const mine = [await createSnapshot(v1.volumeId), await createSnapshot(v1.volumeId)];
@@ -1224,9 +1329,12 @@ describe('ListSnapshots', () => {
     const v1 = await createVolume();
     const v2 = await createVolume();
     const s1 = await createSnapshot(v1.volumeId);
-    expect((await d.controller.call('listSnapshots', { snapshotId: s1.snapshotId, sourceVolumeId: v2.volumeId })).entries).toEqual([]);
     expect(
-      (await d.controller.call('listSnapshots', { snapshotId: s1.snapshotId, sourceVolumeId: v1.volumeId })).entries.length,
+      (await d.controller.call('listSnapshots', { snapshotId: s1.snapshotId, sourceVolumeId: v2.volumeId })).entries,
+    ).toEqual([]);
+    expect(
+      (await d.controller.call('listSnapshots', { snapshotId: s1.snapshotId, sourceVolumeId: v1.volumeId })).entries
+        .length,
     ).toBe(1);
   });
 
@@ -1260,7 +1368,9 @@ describe('ListSnapshots', () => {
     const firstIds = first.entries.map((e) => e.snapshot!.snapshotId);
     await own.controller.call('deleteSnapshot', { snapshotId: firstIds[1]! });
     const res = await own.controller.call('listSnapshots', { startingToken: first.nextToken });
-    expect(res.entries.map((e) => e.snapshot!.snapshotId).sort()).toEqual(made.filter((id) => !firstIds.includes(id)).sort());
+    expect(res.entries.map((e) => e.snapshot!.snapshotId).sort()).toEqual(
+      made.filter((id) => !firstIds.includes(id)).sort(),
+    );
   });
 });
 
@@ -1291,10 +1401,12 @@ describe('ControllerExpandVolume', () => {
 
   test('ControllerExpandVolume: a missing (or empty) capacity_range is INVALID_ARGUMENT', async () => {
     const vol = await createVolume();
-    expect(await codeOf(d.controller.call('controllerExpandVolume', { volumeId: vol.volumeId }))).toBe(status.INVALID_ARGUMENT);
-    expect(await codeOf(d.controller.call('controllerExpandVolume', { volumeId: vol.volumeId, capacityRange: {} }))).toBe(
+    expect(await codeOf(d.controller.call('controllerExpandVolume', { volumeId: vol.volumeId }))).toBe(
       status.INVALID_ARGUMENT,
     );
+    expect(
+      await codeOf(d.controller.call('controllerExpandVolume', { volumeId: vol.volumeId, capacityRange: {} })),
+    ).toBe(status.INVALID_ARGUMENT);
   });
 
   test('ControllerExpandVolume: a negative or inverted capacity_range is INVALID_ARGUMENT', async () => {
@@ -1309,7 +1421,9 @@ describe('ControllerExpandVolume', () => {
   test('ControllerExpandVolume: a volume that does not exist is NOT_FOUND (well-formed or not)', async () => {
     for (const volumeId of ['vol-0123456789abcdef', '../../etc']) {
       expect(
-        await codeOf(d.controller.call('controllerExpandVolume', { volumeId, capacityRange: { requiredBytes: BigInt(GiB) } })),
+        await codeOf(
+          d.controller.call('controllerExpandVolume', { volumeId, capacityRange: { requiredBytes: BigInt(GiB) } }),
+        ),
       ).toBe(status.NOT_FOUND);
     }
   });
@@ -1333,7 +1447,10 @@ describe('ControllerExpandVolume', () => {
   test('ControllerExpandVolume: a volume already at least as large is OK with its current size (retries, and no shrinking)', async () => {
     const vol = await createVolume({ capacityRange: { requiredBytes: 4n * BigInt(MiB) } });
     for (const requiredBytes of [4n * BigInt(MiB), BigInt(MiB)]) {
-      const res = await d.controller.call('controllerExpandVolume', { volumeId: vol.volumeId, capacityRange: { requiredBytes } });
+      const res = await d.controller.call('controllerExpandVolume', {
+        volumeId: vol.volumeId,
+        capacityRange: { requiredBytes },
+      });
       expect(res.capacityBytes).toBe(vol.capacityBytes);
     }
     expect(BigInt(d.driver.store.getVolume(vol.volumeId).capacityBytes)).toBe(vol.capacityBytes);
@@ -1398,7 +1515,10 @@ describe('ControllerExpandVolume', () => {
     const vol = await createVolume({ capacityRange: { requiredBytes: BigInt(MiB) } });
     const data = Buffer.alloc(BLOCK, 0x77);
     d.driver.store.write(vol.volumeId, MiB - BLOCK, data);
-    await d.controller.call('controllerExpandVolume', { volumeId: vol.volumeId, capacityRange: { requiredBytes: 2n * BigInt(MiB) } });
+    await d.controller.call('controllerExpandVolume', {
+      volumeId: vol.volumeId,
+      capacityRange: { requiredBytes: 2n * BigInt(MiB) },
+    });
     expect(d.driver.store.read(vol.volumeId, MiB - BLOCK, BLOCK)).toEqual(data);
     expect(d.driver.store.read(vol.volumeId, MiB, BLOCK)).toEqual(Buffer.alloc(BLOCK));
   });
@@ -1409,14 +1529,20 @@ describe('RPCs this controller does not implement', () => {
     const vol = await createVolume();
     expect(
       await codeOf(
-        d.controller.call('controllerPublishVolume', { volumeId: vol.volumeId, nodeId: 'test-node', volumeCapability: mount() }),
+        d.controller.call('controllerPublishVolume', {
+          volumeId: vol.volumeId,
+          nodeId: 'test-node',
+          volumeCapability: mount(),
+        }),
       ),
     ).toBe(status.UNIMPLEMENTED);
-    expect(await codeOf(d.controller.call('controllerUnpublishVolume', { volumeId: vol.volumeId, nodeId: 'test-node' }))).toBe(
-      status.UNIMPLEMENTED,
-    );
     expect(
-      await codeOf(d.controller.call('controllerModifyVolume', { volumeId: vol.volumeId, mutableParameters: { a: 'b' } })),
+      await codeOf(d.controller.call('controllerUnpublishVolume', { volumeId: vol.volumeId, nodeId: 'test-node' })),
+    ).toBe(status.UNIMPLEMENTED);
+    expect(
+      await codeOf(
+        d.controller.call('controllerModifyVolume', { volumeId: vol.volumeId, mutableParameters: { a: 'b' } }),
+      ),
     ).toBe(status.UNIMPLEMENTED);
   });
 });
@@ -1442,9 +1568,17 @@ describe('Rejected requests', () => {
       c.call('createVolume', { name: 'x', volumeCapabilities: [block(Mode.MULTI_NODE_MULTI_WRITER)] }),
       c.call('createVolume', { name: 'x', volumeCapabilities: [mount()], parameters: { nope: '1' } }),
       c.call('createVolume', { name: 'x', volumeCapabilities: [mount()], capacityRange: { requiredBytes: -1n } }),
-      c.call('createVolume', { name: 'x', volumeCapabilities: [mount()], capacityRange: { requiredBytes: BigInt(128 * MiB) } }),
+      c.call('createVolume', {
+        name: 'x',
+        volumeCapabilities: [mount()],
+        capacityRange: { requiredBytes: BigInt(128 * MiB) },
+      }),
       c.call('createVolume', { name: 'x', volumeCapabilities: [mount()], capacityRange: { limitBytes: 100n } }),
-      c.call('createVolume', { name: 'keep', volumeCapabilities: [mount()], capacityRange: { requiredBytes: BigInt(16 * MiB) } }),
+      c.call('createVolume', {
+        name: 'keep',
+        volumeCapabilities: [mount()],
+        capacityRange: { requiredBytes: BigInt(16 * MiB) },
+      }),
       c.call('createVolume', {
         name: 'x',
         volumeCapabilities: [mount()],
@@ -1461,14 +1595,22 @@ describe('Rejected requests', () => {
         capacityRange: { limitBytes: BigInt(MiB) },
         volumeContentSource: snapSource,
       }),
-      c.call('createVolume', { name: 'x', volumeCapabilities: [mount()], parameters: { blockSize: '8192' }, volumeContentSource: snapSource }),
+      c.call('createVolume', {
+        name: 'x',
+        volumeCapabilities: [mount()],
+        parameters: { blockSize: '8192' },
+        volumeContentSource: snapSource,
+      }),
       c.call('deleteVolume', {}),
       c.call('createSnapshot', { sourceVolumeId: vol.volumeId, name: '' }),
       c.call('createSnapshot', { sourceVolumeId: 'vol-0000000000000000', name: 'y' }),
       c.call('createSnapshot', { sourceVolumeId: vol.volumeId, name: 'y', parameters: { bad: '1' } }),
       c.call('deleteSnapshot', {}),
       c.call('controllerExpandVolume', { volumeId: vol.volumeId, capacityRange: { requiredBytes: BigInt(128 * MiB) } }),
-      c.call('controllerExpandVolume', { volumeId: vol.volumeId, capacityRange: { requiredBytes: BigInt(MAX_BLOCKS) * 8192n } }),
+      c.call('controllerExpandVolume', {
+        volumeId: vol.volumeId,
+        capacityRange: { requiredBytes: BigInt(MAX_BLOCKS) * 8192n },
+      }),
       c.call('controllerExpandVolume', {
         volumeId: vol.volumeId,
         capacityRange: { requiredBytes: BigInt(9 * MiB) },
@@ -1479,14 +1621,18 @@ describe('Rejected requests', () => {
       c.call('listVolumes', { startingToken: 'bogus' }),
     ];
     const codes = await Promise.all(bad.map((p) => codeOf(p)));
-    codes.forEach((code, i) => expect(code, `bad request #${i}`).not.toBe(status.OK));
+    for (const [i, code] of codes.entries()) expect(code, `bad request #${i}`).not.toBe(status.OK);
     expect(await state()).toEqual(before);
   });
 
-  test('Controller: IDs that are not this driver\'s IDs never reach the file system (path-like IDs delete nothing)', async () => {
+  test("Controller: IDs that are not this driver's IDs never reach the file system (path-like IDs delete nothing)", async () => {
     const own = await ownDriver();
     const vol = await createVolume({}, own);
-    const files = () => fs.readdirSync(path.join(own.dir, 'state', 'store'), { recursive: true }).map(String).sort();
+    const files = () =>
+      fs
+        .readdirSync(path.join(own.dir, 'state', 'store'), { recursive: true })
+        .map(String)
+        .sort();
     const before = files();
     for (const volumeId of ['..', '../store', 'layers', 'catalog.db', `${vol.volumeId}/..`, '/']) {
       expect(await codeOf(own.controller.call('deleteVolume', { volumeId }))).toBe(status.OK);
@@ -1511,15 +1657,28 @@ describe('Secrets', () => {
     });
     const config = testConfig(dir, { logLevel: 'debug' });
     const driver = await startDriver(config, createLogger('debug', sink));
-    const client = new ServiceClient(Controller, `unix://${config.endpoint.kind === 'unix' ? config.endpoint.path : ''}`);
+    const client = new ServiceClient(
+      Controller,
+      `unix://${config.endpoint.kind === 'unix' ? config.endpoint.path : ''}`,
+    );
     const secret = 'hunter2-do-not-log-me';
     const secrets = { password: secret, 'api-token': secret };
     try {
-      const vol = (await client.call('createVolume', { name: 'secret-vol', volumeCapabilities: [mount()], secrets })).volume!;
-      const snap = (await client.call('createSnapshot', { sourceVolumeId: vol.volumeId, name: 'secret-snap', secrets })).snapshot!;
+      const vol = (await client.call('createVolume', { name: 'secret-vol', volumeCapabilities: [mount()], secrets }))
+        .volume!;
+      const snap = (await client.call('createSnapshot', { sourceVolumeId: vol.volumeId, name: 'secret-snap', secrets }))
+        .snapshot!;
       await client.call('listSnapshots', { secrets });
-      await client.call('controllerExpandVolume', { volumeId: vol.volumeId, capacityRange: { requiredBytes: 2n * GiB_n }, secrets });
-      await client.call('validateVolumeCapabilities', { volumeId: vol.volumeId, volumeCapabilities: [mount()], secrets });
+      await client.call('controllerExpandVolume', {
+        volumeId: vol.volumeId,
+        capacityRange: { requiredBytes: 2n * GiB_n },
+        secrets,
+      });
+      await client.call('validateVolumeCapabilities', {
+        volumeId: vol.volumeId,
+        volumeCapabilities: [mount()],
+        secrets,
+      });
       await client.call('deleteSnapshot', { snapshotId: snap.snapshotId, secrets });
       await client.call('deleteVolume', { volumeId: vol.volumeId, secrets });
       // A failing call logs too.
@@ -1537,63 +1696,76 @@ describe('Secrets', () => {
   });
 });
 
-smallFileSystemSuite('volume sizes on a small state filesystem (ext4 with 1 KiB blocks: largest file 4 TiB - 1 KiB)', () => {
-  let small: SmallFileSystem;
-  let own: TestDriver;
-  beforeAll(async () => {
-    small = mountSmallExt4({ sizeBytes: 64 * MiB, blockSize: 1024 });
-    own = await startTestDriver({ stateDir: path.join(small.dir, 'state') });
-  });
-  afterAll(async () => {
-    await own?.stop();
-    small?.remove();
-  });
-  const TiB = 1024 * GiB;
-  const maximumVolumeSize = async (): Promise<bigint> => {
-    const max = (await own.controller.call('getCapacity', {})).maximumVolumeSize;
-    expect(max).toBeDefined();
-    return max!;
-  };
+smallFileSystemSuite(
+  'volume sizes on a small state filesystem (ext4 with 1 KiB blocks: largest file 4 TiB - 1 KiB)',
+  () => {
+    let small: SmallFileSystem;
+    let own: TestDriver;
+    beforeAll(async () => {
+      small = mountSmallExt4({ sizeBytes: 64 * MiB, blockSize: 1024 });
+      own = await startTestDriver({ stateDir: path.join(small.dir, 'state') });
+    });
+    afterAll(async () => {
+      await own?.stop();
+      small?.remove();
+    });
+    const TiB = 1024 * GiB;
+    const maximumVolumeSize = async (): Promise<bigint> => {
+      const max = (await own.controller.call('getCapacity', {})).maximumVolumeSize;
+      expect(max).toBeDefined();
+      return max!;
+    };
 
-  test('GetCapacity: maximum_volume_size is what the filesystem can hold in one file, in whole blocks (4 TiB - 4 KiB at 4 KiB, 4 TiB - 1 MiB at 1 MiB), not 2^32 blocks', async () => {
-    const at4k = await own.controller.call('getCapacity', { parameters: { blockSize: '4096' } });
-    expect(at4k.maximumVolumeSize).toBe(BigInt(4 * TiB - 4 * KiB));
-    const at1m = await own.controller.call('getCapacity', { parameters: { blockSize: '1Mi' } });
-    expect(at1m.maximumVolumeSize).toBe(BigInt(4 * TiB - MiB));
-  });
+    test('GetCapacity: maximum_volume_size is what the filesystem can hold in one file, in whole blocks (4 TiB - 4 KiB at 4 KiB, 4 TiB - 1 MiB at 1 MiB), not 2^32 blocks', async () => {
+      const at4k = await own.controller.call('getCapacity', { parameters: { blockSize: '4096' } });
+      expect(at4k.maximumVolumeSize).toBe(BigInt(4 * TiB - 4 * KiB));
+      const at1m = await own.controller.call('getCapacity', { parameters: { blockSize: '1Mi' } });
+      expect(at1m.maximumVolumeSize).toBe(BigInt(4 * TiB - MiB));
+    });
 
-  test("GetCapacity: available_capacity is the free space of the state directory's filesystem", async () => {
-    const stats = fs.statfsSync(small.dir);
-    const res = await own.controller.call('getCapacity', {});
-    expect(res.availableCapacity).toBe(BigInt(Math.floor((stats.bavail * stats.bsize) / BLOCK) * BLOCK));
-  });
+    test("GetCapacity: available_capacity is the free space of the state directory's filesystem", async () => {
+      const stats = fs.statfsSync(small.dir);
+      const res = await own.controller.call('getCapacity', {});
+      expect(res.availableCapacity).toBe(BigInt(Math.floor((stats.bavail * stats.bsize) / BLOCK) * BLOCK));
+    });
 
-  test('CreateVolume: maximum_volume_size is accepted; one block more is OUT_OF_RANGE with a message naming the filesystem', async () => {
-    const max = await maximumVolumeSize();
-    const vol = await createVolume({ capacityRange: { requiredBytes: max } }, own);
-    expect(vol.capacityBytes).toBe(max);
-    let message = '';
-    const code = await codeOf(
-      own.controller
-        .call('createVolume', { name: 'past-max', volumeCapabilities: [block()], capacityRange: { requiredBytes: max + BigInt(BLOCK) } })
-        .catch((err: { details?: string }) => {
-          message = err.details ?? '';
-          throw err;
-        }),
-    );
-    expect(code).toBe(status.OUT_OF_RANGE);
-    expect(message).toContain('ext4');
-    expect(own.driver.store.findVolumeByName('past-max')).toBeUndefined();
-    await own.controller.call('deleteVolume', { volumeId: vol.volumeId });
-  });
+    test('CreateVolume: maximum_volume_size is accepted; one block more is OUT_OF_RANGE with a message naming the filesystem', async () => {
+      const max = await maximumVolumeSize();
+      const vol = await createVolume({ capacityRange: { requiredBytes: max } }, own);
+      expect(vol.capacityBytes).toBe(max);
+      let message = '';
+      const code = await codeOf(
+        own.controller
+          .call('createVolume', {
+            name: 'past-max',
+            volumeCapabilities: [block()],
+            capacityRange: { requiredBytes: max + BigInt(BLOCK) },
+          })
+          .catch((err: { details?: string }) => {
+            message = err.details ?? '';
+            throw err;
+          }),
+      );
+      expect(code).toBe(status.OUT_OF_RANGE);
+      expect(message).toContain('ext4');
+      expect(own.driver.store.findVolumeByName('past-max')).toBeUndefined();
+      await own.controller.call('deleteVolume', { volumeId: vol.volumeId });
+    });
 
-  test('ControllerExpandVolume: past what the filesystem holds (4 TiB at 4 KiB blocks) is OUT_OF_RANGE and the volume keeps its size; up to maximum_volume_size is OK', async () => {
-    const max = await maximumVolumeSize();
-    const vol = await createVolume({ capacityRange: { requiredBytes: BigInt(MiB) } }, own);
-    const past = own.controller.call('controllerExpandVolume', { volumeId: vol.volumeId, capacityRange: { requiredBytes: BigInt(4 * TiB) } });
-    expect(await codeOf(past)).toBe(status.OUT_OF_RANGE);
-    expect(own.driver.store.getVolume(vol.volumeId).capacityBytes).toBe(MiB);
-    const ok = await own.controller.call('controllerExpandVolume', { volumeId: vol.volumeId, capacityRange: { requiredBytes: max } });
-    expect(ok.capacityBytes).toBe(max);
-  });
-});
+    test('ControllerExpandVolume: past what the filesystem holds (4 TiB at 4 KiB blocks) is OUT_OF_RANGE and the volume keeps its size; up to maximum_volume_size is OK', async () => {
+      const max = await maximumVolumeSize();
+      const vol = await createVolume({ capacityRange: { requiredBytes: BigInt(MiB) } }, own);
+      const past = own.controller.call('controllerExpandVolume', {
+        volumeId: vol.volumeId,
+        capacityRange: { requiredBytes: BigInt(4 * TiB) },
+      });
+      expect(await codeOf(past)).toBe(status.OUT_OF_RANGE);
+      expect(own.driver.store.getVolume(vol.volumeId).capacityBytes).toBe(MiB);
+      const ok = await own.controller.call('controllerExpandVolume', {
+        volumeId: vol.volumeId,
+        capacityRange: { requiredBytes: max },
+      });
+      expect(ok.capacityBytes).toBe(max);
+    });
+  },
+);

@@ -11,7 +11,7 @@ import path from 'node:path';
 import { Writable } from 'node:stream';
 import { status } from '@grpc/grpc-js';
 import { afterEach, beforeAll, describe, expect, it } from 'vitest';
-import { type DriverConfig } from '../../src/config.js';
+import type { DriverConfig } from '../../src/config.js';
 import { Controller, VolumeCapability_AccessMode_Mode as Mode } from '../../src/gen/csi/v1/csi_pb.js';
 import { createLogger } from '../../src/logging.js';
 import { startDriver, type RunningDriver } from '../../src/server.js';
@@ -21,7 +21,7 @@ import { missingSmallFileSystem, mountSmallExt4, type SmallFileSystem } from '..
 import { testConfig } from '../support/test-driver.js';
 
 const missing = missingSmallFileSystem();
-const mustRun = process.env['CI'] === 'true';
+const mustRun = process.env.CI === 'true';
 const VOLUME = 256 * MiB;
 const SPAN = 32 * MiB;
 const capability = { accessType: { case: 'block' as const, value: {} }, accessMode: { mode: Mode.SINGLE_NODE_WRITER } };
@@ -42,7 +42,10 @@ async function start(config: DriverConfig): Promise<Running> {
     },
   });
   const driver = await startDriver(config, createLogger('info', sink));
-  const controller = new ServiceClient(Controller, `unix://${driver.endpoint.kind === 'unix' ? driver.endpoint.path : ''}`);
+  const controller = new ServiceClient(
+    Controller,
+    `unix://${driver.endpoint.kind === 'unix' ? driver.endpoint.path : ''}`,
+  );
   return {
     driver,
     controller,
@@ -92,7 +95,10 @@ const cleanup: (() => Promise<void> | void)[] = [];
 afterEach(async () => {
   // Every step runs even if one fails (a driver that cannot stop must not leave the filesystem mounted).
   const errors: unknown[] = [];
-  for (const fn of cleanup.splice(0).reverse()) await Promise.resolve().then(fn).catch((err: unknown) => errors.push(err));
+  for (const fn of cleanup.splice(0).reverse())
+    await Promise.resolve()
+      .then(fn)
+      .catch((err: unknown) => errors.push(err));
   if (errors.length > 0) throw errors[0];
 });
 
@@ -112,7 +118,11 @@ describe.skipIf(missing !== undefined && !mustRun)(`full state disk${missing ? `
     const { controller } = run;
     const store = () => run.driver.store;
     const createVolume = (name: string) =>
-      controller.call('createVolume', { name, capacityRange: { requiredBytes: BigInt(VOLUME) }, volumeCapabilities: [capability] });
+      controller.call('createVolume', {
+        name,
+        capacityRange: { requiredBytes: BigInt(VOLUME) },
+        volumeCapabilities: [capability],
+      });
 
     // Volume a with two snapshots; merging s1 away copies its 8 MiB. Volume b fills the disk.
     const a = (await createVolume('a')).volume!.volumeId;
@@ -123,7 +133,10 @@ describe.skipIf(missing !== undefined && !mustRun)(`full state disk${missing ? `
     const b = (await createVolume('b')).volume!.volumeId;
     await fillUntilFull(store(), b, 3);
     await exhaustCatalog(store(), b);
-    const before = { a: fingerprint(store(), { volumeId: a }, SPAN), s2: fingerprint(store(), { snapshotId: s2 }, SPAN) };
+    const before = {
+      a: fingerprint(store(), { volumeId: a }, SPAN),
+      s2: fingerprint(store(), { snapshotId: s2 }, SPAN),
+    };
 
     const noVolume = await failure(createVolume('c'));
     expect(noVolume?.code).toBe(status.RESOURCE_EXHAUSTED);
@@ -136,7 +149,9 @@ describe.skipIf(missing !== undefined && !mustRun)(`full state disk${missing ? `
     const free = small.freeBytes();
     await controller.call('deleteSnapshot', { snapshotId: s1 });
     await until('the merge that cannot run is counted', async () => {
-      return counter(await metrics(run.driver.metricsUrl!), 'cbt_csi_compaction_failures_total{reason="no_space"}') >= 1;
+      return (
+        counter(await metrics(run.driver.metricsUrl!), 'cbt_csi_compaction_failures_total{reason="no_space"}') >= 1
+      );
     });
     expect(run.logs.some((l) => l.includes('"level":"warn"') && l.includes('compaction failed'))).toBe(true);
     expect(store().spaceUsage().hiddenLayers).toBe(1);

@@ -66,7 +66,9 @@ describe('GroupController', () => {
     const a = await group.call('createVolumeGroupSnapshot', { name: 'g-idem', sourceVolumeIds: vols });
     const b = await group.call('createVolumeGroupSnapshot', { name: 'g-idem', sourceVolumeIds: [...vols].reverse() });
     expect(b.groupSnapshot!.groupSnapshotId).toBe(a.groupSnapshot!.groupSnapshotId);
-    expect(b.groupSnapshot!.snapshots.map((s) => s.snapshotId).sort()).toEqual(a.groupSnapshot!.snapshots.map((s) => s.snapshotId).sort());
+    expect(b.groupSnapshot!.snapshots.map((s) => s.snapshotId).sort()).toEqual(
+      a.groupSnapshot!.snapshots.map((s) => s.snapshotId).sort(),
+    );
   });
 
   test('CreateVolumeGroupSnapshot: a name in use for other volumes is ALREADY_EXISTS', async () => {
@@ -79,44 +81,69 @@ describe('GroupController', () => {
 
   test('CreateVolumeGroupSnapshot: missing name, no volumes, a volume twice or an unknown parameter is INVALID_ARGUMENT; an unknown volume NOT_FOUND', async () => {
     const v = await volume();
-    expect(await codeOf(group.call('createVolumeGroupSnapshot', { sourceVolumeIds: [v] }))).toBe(status.INVALID_ARGUMENT);
-    expect(await codeOf(group.call('createVolumeGroupSnapshot', { name: 'g-none', sourceVolumeIds: [] }))).toBe(status.INVALID_ARGUMENT);
+    expect(await codeOf(group.call('createVolumeGroupSnapshot', { sourceVolumeIds: [v] }))).toBe(
+      status.INVALID_ARGUMENT,
+    );
+    expect(await codeOf(group.call('createVolumeGroupSnapshot', { name: 'g-none', sourceVolumeIds: [] }))).toBe(
+      status.INVALID_ARGUMENT,
+    );
     expect(await codeOf(group.call('createVolumeGroupSnapshot', { name: 'g-twice', sourceVolumeIds: [v, v] }))).toBe(
       status.INVALID_ARGUMENT,
     );
     expect(
-      await codeOf(group.call('createVolumeGroupSnapshot', { name: 'g-param', sourceVolumeIds: [v], parameters: { color: 'red' } })),
+      await codeOf(
+        group.call('createVolumeGroupSnapshot', {
+          name: 'g-param',
+          sourceVolumeIds: [v],
+          parameters: { color: 'red' },
+        }),
+      ),
     ).toBe(status.INVALID_ARGUMENT);
     expect(
-      await codeOf(group.call('createVolumeGroupSnapshot', { name: 'g-unknown', sourceVolumeIds: [v, 'vol-0000000000000000'] })),
+      await codeOf(
+        group.call('createVolumeGroupSnapshot', { name: 'g-unknown', sourceVolumeIds: [v, 'vol-0000000000000000'] }),
+      ),
     ).toBe(status.NOT_FOUND);
   });
 
   test('GetVolumeGroupSnapshot returns the group; an unknown ID is NOT_FOUND; snapshot_ids that are not the members are INVALID_ARGUMENT', async () => {
     const vols = [await volume(), await volume()];
-    const created = (await group.call('createVolumeGroupSnapshot', { name: 'g-get', sourceVolumeIds: vols })).groupSnapshot!;
+    const created = (await group.call('createVolumeGroupSnapshot', { name: 'g-get', sourceVolumeIds: vols }))
+      .groupSnapshot!;
     const ids = created.snapshots.map((s) => s.snapshotId);
-    const got = await group.call('getVolumeGroupSnapshot', { groupSnapshotId: created.groupSnapshotId, snapshotIds: ids });
+    const got = await group.call('getVolumeGroupSnapshot', {
+      groupSnapshotId: created.groupSnapshotId,
+      snapshotIds: ids,
+    });
     expect(got.groupSnapshot!.groupSnapshotId).toBe(created.groupSnapshotId);
-    expect(await codeOf(group.call('getVolumeGroupSnapshot', { groupSnapshotId: 'group-0000000000000000' }))).toBe(status.NOT_FOUND);
+    expect(await codeOf(group.call('getVolumeGroupSnapshot', { groupSnapshotId: 'group-0000000000000000' }))).toBe(
+      status.NOT_FOUND,
+    );
     expect(
-      await codeOf(group.call('getVolumeGroupSnapshot', { groupSnapshotId: created.groupSnapshotId, snapshotIds: [ids[0]!] })),
+      await codeOf(
+        group.call('getVolumeGroupSnapshot', { groupSnapshotId: created.groupSnapshotId, snapshotIds: [ids[0]!] }),
+      ),
     ).toBe(status.INVALID_ARGUMENT);
     expect(await codeOf(group.call('getVolumeGroupSnapshot', {}))).toBe(status.INVALID_ARGUMENT);
   });
 
   test('DeleteVolumeGroupSnapshot deletes every member; repeating it or an unknown ID is OK; a member alone cannot be deleted', async () => {
     const vols = [await volume(), await volume()];
-    const created = (await group.call('createVolumeGroupSnapshot', { name: 'g-del', sourceVolumeIds: vols })).groupSnapshot!;
+    const created = (await group.call('createVolumeGroupSnapshot', { name: 'g-del', sourceVolumeIds: vols }))
+      .groupSnapshot!;
     const member = created.snapshots[0]!.snapshotId;
     expect(await codeOf(d.controller.call('deleteSnapshot', { snapshotId: member }))).toBe(status.FAILED_PRECONDITION);
     expect(
-      await codeOf(group.call('deleteVolumeGroupSnapshot', { groupSnapshotId: created.groupSnapshotId, snapshotIds: [member] })),
+      await codeOf(
+        group.call('deleteVolumeGroupSnapshot', { groupSnapshotId: created.groupSnapshotId, snapshotIds: [member] }),
+      ),
     ).toBe(status.INVALID_ARGUMENT);
     await group.call('deleteVolumeGroupSnapshot', { groupSnapshotId: created.groupSnapshotId });
     await group.call('deleteVolumeGroupSnapshot', { groupSnapshotId: created.groupSnapshotId });
     await group.call('deleteVolumeGroupSnapshot', { groupSnapshotId: 'group-0000000000000000' });
-    expect(await codeOf(group.call('getVolumeGroupSnapshot', { groupSnapshotId: created.groupSnapshotId }))).toBe(status.NOT_FOUND);
+    expect(await codeOf(group.call('getVolumeGroupSnapshot', { groupSnapshotId: created.groupSnapshotId }))).toBe(
+      status.NOT_FOUND,
+    );
     const listed = await d.controller.call('listSnapshots', { snapshotId: member });
     expect(listed.entries).toHaveLength(0);
     expect(await codeOf(group.call('deleteVolumeGroupSnapshot', {}))).toBe(status.INVALID_ARGUMENT);
@@ -124,7 +151,8 @@ describe('GroupController', () => {
 
   test('member snapshots are ordinary snapshots: ListSnapshots shows them with their group ID, and a volume restores from one', async () => {
     const vols = [await volume(), await volume()];
-    const created = (await group.call('createVolumeGroupSnapshot', { name: 'g-members', sourceVolumeIds: vols })).groupSnapshot!;
+    const created = (await group.call('createVolumeGroupSnapshot', { name: 'g-members', sourceVolumeIds: vols }))
+      .groupSnapshot!;
     const member = created.snapshots[1]!;
     const listed = await d.controller.call('listSnapshots', { snapshotId: member.snapshotId });
     expect(listed.entries[0]!.snapshot!.groupSnapshotId).toBe(created.groupSnapshotId);

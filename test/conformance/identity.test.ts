@@ -91,7 +91,9 @@ describe('GetPluginCapabilities', () => {
 
   test('GetPluginCapabilities: GROUP_CONTROLLER_SERVICE is claimed only with the GroupController service served', async () => {
     const { capabilities } = await d.identity.call('getPluginCapabilities', {});
-    expect(capabilities.map(describeCapability)).toContain(`service:${PluginCapability_Service_Type.GROUP_CONTROLLER_SERVICE}`);
+    expect(capabilities.map(describeCapability)).toContain(
+      `service:${PluginCapability_Service_Type.GROUP_CONTROLLER_SERVICE}`,
+    );
     const group = new ServiceClient(GroupController, d.target);
     try {
       const caps = await group.call('groupControllerGetCapabilities', {});
@@ -102,11 +104,17 @@ describe('GetPluginCapabilities', () => {
   });
 
   test('GetPluginCapabilities: every instance of the same version returns the same set, wherever it runs', async () => {
-    const other = await startTestDriver({ nodeId: 'another-node', defaultMetadataStyle: 'FIXED', defaultBlockSize: 65536 });
+    const other = await startTestDriver({
+      nodeId: 'another-node',
+      defaultMetadataStyle: 'FIXED',
+      defaultBlockSize: 65536,
+    });
     try {
       const here = await d.identity.call('getPluginCapabilities', {});
       const there = await other.identity.call('getPluginCapabilities', {});
-      expect(there.capabilities.map(describeCapability).sort()).toEqual(here.capabilities.map(describeCapability).sort());
+      expect(there.capabilities.map(describeCapability).sort()).toEqual(
+        here.capabilities.map(describeCapability).sort(),
+      );
     } finally {
       await other.stop();
     }

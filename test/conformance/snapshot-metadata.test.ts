@@ -75,7 +75,10 @@ class ModelVolume {
   }
 
   /** A new empty volume; `style` is recorded the way the controller records a StorageClass's metadataStyle. */
-  static async create(store: BlockStore, opts: { blocks: number; blockSize?: number; style?: Style }): Promise<ModelVolume> {
+  static async create(
+    store: BlockStore,
+    opts: { blocks: number; blockSize?: number; style?: Style },
+  ): Promise<ModelVolume> {
     const blockSize = opts.blockSize ?? 4 * KiB;
     const info = await store.createVolume({
       capacityBytes: opts.blocks * blockSize,
@@ -196,7 +199,9 @@ function blocksEndingAfter(set: Iterable<number>, blockSize: number, s: number):
 }
 
 function tuplesOf(messages: MetadataMessage[]): Tuple[] {
-  return messages.flatMap((m) => m.blockMetadata.map((t) => ({ offset: Number(t.byteOffset), length: Number(t.sizeBytes) })));
+  return messages.flatMap((m) =>
+    m.blockMetadata.map((t) => ({ offset: Number(t.byteOffset), length: Number(t.sizeBytes) })),
+  );
 }
 
 /** Spec "Metadata Format" + response docs: ascending, non-overlapping across the whole stream, sizes > 0. */
@@ -204,7 +209,8 @@ function expectOrderedAndDisjoint(tuples: Tuple[]): void {
   for (const [i, t] of tuples.entries()) {
     expect(t.length, `tuple ${i} size_bytes`).toBeGreaterThan(0);
     const prev = tuples[i - 1];
-    if (prev) expect(prev.offset + prev.length, `tuple ${i - 1} ends after tuple ${i} starts`).toBeLessThanOrEqual(t.offset);
+    if (prev)
+      expect(prev.offset + prev.length, `tuple ${i - 1} ends after tuple ${i} starts`).toBeLessThanOrEqual(t.offset);
   }
 }
 
@@ -238,8 +244,12 @@ afterAll(async () => {
   await d?.stop();
 });
 
-const allocated = (req: { snapshotId: string; startingOffset?: bigint; maxResults?: number; secrets?: Record<string, string> }) =>
-  d.metadata.collect('getMetadataAllocated', req) as Promise<MetadataMessage[]>;
+const allocated = (req: {
+  snapshotId: string;
+  startingOffset?: bigint;
+  maxResults?: number;
+  secrets?: Record<string, string>;
+}) => d.metadata.collect('getMetadataAllocated', req) as Promise<MetadataMessage[]>;
 const delta = (req: {
   baseSnapshotId: string;
   targetSnapshotId: string;
@@ -279,7 +289,7 @@ describe('GetMetadataAllocated errors', () => {
   });
 
   test('GetMetadataAllocated: a malformed snapshot_id is NOT_FOUND (never interpreted as a path)', async () => {
-    for (const id of ['../../etc/passwd', 'snap-', 'x'.repeat(4096), `${snap.id}/..`, ' ' + snap.id]) {
+    for (const id of ['../../etc/passwd', 'snap-', 'x'.repeat(4096), `${snap.id}/..`, ` ${snap.id}`]) {
       expect(await codeOf(allocated({ snapshotId: id })), id.slice(0, 40)).toBe(status.NOT_FOUND);
     }
   });
@@ -347,7 +357,9 @@ describe('GetMetadataDelta errors', () => {
   });
 
   test('GetMetadataDelta: malformed snapshot IDs are NOT_FOUND (never interpreted as a path)', async () => {
-    expect(await codeOf(delta({ baseSnapshotId: '../../catalog.db', targetSnapshotId: target.id }))).toBe(status.NOT_FOUND);
+    expect(await codeOf(delta({ baseSnapshotId: '../../catalog.db', targetSnapshotId: target.id }))).toBe(
+      status.NOT_FOUND,
+    );
     expect(await codeOf(delta({ baseSnapshotId: base.id, targetSnapshotId: '/etc/passwd' }))).toBe(status.NOT_FOUND);
   });
 
@@ -365,7 +377,9 @@ describe('GetMetadataDelta errors', () => {
   test('GetMetadataDelta: a base that never existed is NOT_FOUND', async () => {
     const vol = await ModelVolume.create(store, { blocks: 8 });
     const s2 = await vol.snapshot();
-    expect(await codeOf(delta({ baseSnapshotId: 'snap-0123456789abcdef', targetSnapshotId: s2.id }))).toBe(status.NOT_FOUND);
+    expect(await codeOf(delta({ baseSnapshotId: 'snap-0123456789abcdef', targetSnapshotId: s2.id }))).toBe(
+      status.NOT_FOUND,
+    );
   });
 
   test('GetMetadataDelta: a negative starting_offset is OUT_OF_RANGE', async () => {
@@ -391,8 +405,12 @@ describe('GetMetadataDelta errors', () => {
     const other = await ModelVolume.create(store, { blocks: 64, style: 'FIXED' });
     other.writeBlocks([1]);
     const foreign = await other.snapshot();
-    expect(await codeOf(delta({ baseSnapshotId: foreign.id, targetSnapshotId: target.id }))).toBe(status.INVALID_ARGUMENT);
-    expect(await codeOf(delta({ baseSnapshotId: base.id, targetSnapshotId: foreign.id }))).toBe(status.INVALID_ARGUMENT);
+    expect(await codeOf(delta({ baseSnapshotId: foreign.id, targetSnapshotId: target.id }))).toBe(
+      status.INVALID_ARGUMENT,
+    );
+    expect(await codeOf(delta({ baseSnapshotId: base.id, targetSnapshotId: foreign.id }))).toBe(
+      status.INVALID_ARGUMENT,
+    );
   });
 
   test('GetMetadataDelta: a base snapshot taken after the target is INVALID_ARGUMENT', async () => {
@@ -494,9 +512,10 @@ describe('GetMetadataAllocated content', () => {
       for (let i = 0; i < snaps.length; i++) {
         for (let j = i + 1; j < snaps.length; j++) {
           const [a, b] = [snaps[i]!, snaps[j]!];
-          expect(tuplesOf(await delta({ baseSnapshotId: a.id, targetSnapshotId: b.id, maxResults: 5 })), `${style} ${i}->${j}`).toEqual(
-            expectedTuples(modelDelta(a, b), 4096, style),
-          );
+          expect(
+            tuplesOf(await delta({ baseSnapshotId: a.id, targetSnapshotId: b.id, maxResults: 5 })),
+            `${style} ${i}->${j}`,
+          ).toEqual(expectedTuples(modelDelta(a, b), 4096, style));
         }
       }
     }
@@ -539,8 +558,12 @@ describe('GetMetadataDelta content', () => {
     const s2 = await vol.snapshot();
     vol.writeBlocks([63]);
     const s3 = await vol.snapshot();
-    expect(tuplesOf(await delta({ baseSnapshotId: s0.id, targetSnapshotId: s3.id }))).toEqual(fixedTuples(modelDelta(s0, s3), 4096));
-    expect(tuplesOf(await delta({ baseSnapshotId: s1.id, targetSnapshotId: s2.id }))).toEqual(fixedTuples(modelDelta(s1, s2), 4096));
+    expect(tuplesOf(await delta({ baseSnapshotId: s0.id, targetSnapshotId: s3.id }))).toEqual(
+      fixedTuples(modelDelta(s0, s3), 4096),
+    );
+    expect(tuplesOf(await delta({ baseSnapshotId: s1.id, targetSnapshotId: s2.id }))).toEqual(
+      fixedTuples(modelDelta(s1, s2), 4096),
+    );
     expect(tuplesOf(await delta({ baseSnapshotId: s2.id, targetSnapshotId: s3.id }))).toEqual(fixedTuples([63], 4096));
   });
 
@@ -673,7 +696,8 @@ describe('stream format', () => {
       const vol = await ModelVolume.create(store, { blocks: 1000, style });
       const base = await vol.snapshot();
       // Runs of varying lengths with gaps, so message boundaries fall inside and between runs.
-      for (let b = 0, len = 1; b < 1000; b += len + (len % 3) + 1, len = (len % 7) + 1) vol.write(b * 4096, Math.min(len, 1000 - b) * 4096);
+      for (let b = 0, len = 1; b < 1000; b += len + (len % 3) + 1, len = (len % 7) + 1)
+        vol.write(b * 4096, Math.min(len, 1000 - b) * 4096);
       const target = await vol.snapshot();
       for (const maxResults of [1, 2, 3, 13]) {
         const a = tuplesOf(await allocated({ snapshotId: target.id, maxResults }));
@@ -702,7 +726,7 @@ describe('stream format', () => {
     }
   });
 
-  test("max_results 0: the driver picks its configured default (tuples a message), and all tuples arrive", async () => {
+  test('max_results 0: the driver picks its configured default (tuples a message), and all tuples arrive', async () => {
     const blocks = DEFAULT_MAX_RESULTS * 2 + DEFAULT_MAX_RESULTS / 2;
     const vol = await ModelVolume.create(store, { blocks, style: 'FIXED' });
     const base = await vol.snapshot();
@@ -731,7 +755,21 @@ describe('starting_offset', () => {
     return { base, target };
   }
   const B = 4096;
-  const OFFSETS = [0, 1, B - 1, B, 2 * B + 100, 3 * B, 4 * B + 7, 10 * B + 1, 12 * B, 13 * B, 31 * B, 32 * B - 1, 32 * B];
+  const OFFSETS = [
+    0,
+    1,
+    B - 1,
+    B,
+    2 * B + 100,
+    3 * B,
+    4 * B + 7,
+    10 * B + 1,
+    12 * B,
+    13 * B,
+    31 * B,
+    32 * B - 1,
+    32 * B,
+  ];
 
   for (const style of ['FIXED', 'VARIABLE'] as const) {
     test(`starting_offset (${style}): the first tuple ends after S, and the stream reports exactly the data ending after S`, async () => {
@@ -739,7 +777,12 @@ describe('starting_offset', () => {
       for (const s of OFFSETS) {
         for (const messages of [
           await allocated({ snapshotId: target.id, startingOffset: BigInt(s), maxResults: 2 }),
-          await delta({ baseSnapshotId: base.id, targetSnapshotId: target.id, startingOffset: BigInt(s), maxResults: 2 }),
+          await delta({
+            baseSnapshotId: base.id,
+            targetSnapshotId: target.id,
+            startingOffset: BigInt(s),
+            maxResults: 2,
+          }),
         ]) {
           const tuples = tuplesOf(messages);
           const first = tuples[0];
@@ -805,15 +848,29 @@ describe('starting_offset', () => {
 
 describe('cancellation', () => {
   /** A driver of its own, with its log lines captured so the test can see each RPC finish. */
-  let own: { driver: RunningDriver; dir: string; lines: Record<string, unknown>[]; identity: ServiceClient<typeof Identity>; metadata: ServiceClient<typeof SnapshotMetadata> };
+  let own: {
+    driver: RunningDriver;
+    dir: string;
+    lines: Record<string, unknown>[];
+    identity: ServiceClient<typeof Identity>;
+    metadata: ServiceClient<typeof SnapshotMetadata>;
+  };
   beforeAll(async () => {
     const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'cbt-csi-cancel-'));
     const lines: Record<string, unknown>[] = [];
-    const capture: DestinationStream = { write: (line: string) => void lines.push(JSON.parse(line) as Record<string, unknown>) };
+    const capture: DestinationStream = {
+      write: (line: string) => void lines.push(JSON.parse(line) as Record<string, unknown>),
+    };
     const config = testConfig(dir, { logLevel: 'info' });
     const driver = await startDriver(config, createLogger('info', capture));
     const target = `unix://${config.endpoint.kind === 'unix' ? config.endpoint.path : ''}`;
-    own = { driver, dir, lines, identity: new ServiceClient(Identity, target), metadata: new ServiceClient(SnapshotMetadata, target) };
+    own = {
+      driver,
+      dir,
+      lines,
+      identity: new ServiceClient(Identity, target),
+      metadata: new ServiceClient(SnapshotMetadata, target),
+    };
   });
   afterAll(async () => {
     if (!own) return;
@@ -826,9 +883,10 @@ describe('cancellation', () => {
   async function rpcLine(method: string, timeoutMs = 10_000): Promise<Record<string, unknown>> {
     const deadline = Date.now() + timeoutMs;
     for (;;) {
-      const line = own.lines.find((l) => l['msg'] === 'rpc' && l['method'] === method);
+      const line = own.lines.find((l) => l.msg === 'rpc' && l.method === method);
       if (line) return line;
-      if (Date.now() > deadline) throw new Error(`no log line for ${method}; lines: ${JSON.stringify(own.lines).slice(0, 2000)}`);
+      if (Date.now() > deadline)
+        throw new Error(`no log line for ${method}; lines: ${JSON.stringify(own.lines).slice(0, 2000)}`);
       await new Promise((r) => setTimeout(r, 50));
     }
   }
@@ -842,7 +900,11 @@ describe('cancellation', () => {
     s.trim(vol.id, 0, BLOCKS * 4096);
     const target = await s.createSnapshot({ volumeId: vol.id, attributes: { metadataStyle: 'FIXED' } });
 
-    const call = own.metadata.stream('getMetadataDelta', { baseSnapshotId: base.id, targetSnapshotId: target.id, maxResults: 256 });
+    const call = own.metadata.stream('getMetadataDelta', {
+      baseSnapshotId: base.id,
+      targetSnapshotId: target.id,
+      maxResults: 256,
+    });
     const ended = new Promise<number>((resolve) => {
       call.on('error', (err: { code: number }) => resolve(err.code));
       call.on('end', () => resolve(0));
@@ -856,16 +918,18 @@ describe('cancellation', () => {
 
     expect((await own.identity.call('probe', {})).ready).toBe(true);
     const line = await rpcLine('GetMetadataDelta');
-    expect(line['code'], JSON.stringify(line)).toBe('CANCELLED');
+    expect(line.code, JSON.stringify(line)).toBe('CANCELLED');
     // Backpressure: a stalled reader got nowhere near the whole stream out of the server.
-    expect(Number(line['tuples'] ?? 0)).toBeLessThan(BLOCKS);
+    expect(Number(line.tuples ?? 0)).toBeLessThan(BLOCKS);
 
     // And the same stream read to the end afterwards is complete.
-    const all = tuplesOf((await own.metadata.collect('getMetadataDelta', {
-      baseSnapshotId: base.id,
-      targetSnapshotId: target.id,
-      maxResults: 4096,
-    })) as MetadataMessage[]);
+    const all = tuplesOf(
+      (await own.metadata.collect('getMetadataDelta', {
+        baseSnapshotId: base.id,
+        targetSnapshotId: target.id,
+        maxResults: 4096,
+      })) as MetadataMessage[],
+    );
     expect(all.length).toBe(BLOCKS);
     expect(all[BLOCKS - 1]).toEqual({ offset: (BLOCKS - 1) * 4096, length: 4096 });
   });

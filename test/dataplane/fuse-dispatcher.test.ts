@@ -45,7 +45,12 @@ interface Reply {
 
 function parseReply(parts: Buffer[]): Reply {
   const all = Buffer.concat(parts);
-  return { len: all.readUInt32LE(0), error: all.readInt32LE(4), unique: all.readBigUInt64LE(8), payload: all.subarray(16) };
+  return {
+    len: all.readUInt32LE(0),
+    error: all.readInt32LE(4),
+    unique: all.readBigUInt64LE(8),
+    payload: all.subarray(16),
+  };
 }
 
 /** Dispatches one request and returns every message the dispatcher sent for it. */
@@ -122,7 +127,15 @@ describe('FuseDispatcher', () => {
 
   it('requests that change the directory are refused with EPERM', async () => {
     const d = await initialised();
-    for (const opcode of [Opcode.CREATE, Opcode.MKNOD, Opcode.MKDIR, Opcode.UNLINK, Opcode.RENAME, Opcode.LINK, Opcode.SYMLINK]) {
+    for (const opcode of [
+      Opcode.CREATE,
+      Opcode.MKNOD,
+      Opcode.MKDIR,
+      Opcode.UNLINK,
+      Opcode.RENAME,
+      Opcode.LINK,
+      Opcode.SYMLINK,
+    ]) {
       const [r] = await exchange(d, request(opcode, 5n, ROOT, Buffer.from('x\0')));
       expect(r!.error).toBe(-Errno.EPERM);
     }
@@ -229,16 +242,21 @@ describe('VolumeFiles', () => {
     const { nodeid } = files.lookup(ROOT, volumeId);
     const { fh } = files.open(nodeid, fs.constants.O_RDWR);
     store.write(volumeId, 1024 * 1024 - 8192, Buffer.alloc(8192, 7));
-    for (const mode of [0, FallocMode.KEEP_SIZE, 0x08 /* collapse range */, FallocMode.PUNCH_HOLE | FallocMode.ZERO_RANGE]) {
+    for (const mode of [
+      0,
+      FallocMode.KEEP_SIZE,
+      0x08 /* collapse range */,
+      FallocMode.PUNCH_HOLE | FallocMode.ZERO_RANGE,
+    ]) {
       await expect(files.fallocate(nodeid, fh, mode, 0, 4096)).rejects.toMatchObject({ errno: Errno.EOPNOTSUPP });
     }
     await expect(files.fallocate(nodeid, fh, FallocMode.ZERO_RANGE, 1024 * 1024 - 4096, 8192)).rejects.toMatchObject({
       errno: Errno.EFBIG,
     });
     await files.fallocate(nodeid, fh, FallocMode.PUNCH_HOLE | FallocMode.KEEP_SIZE, 1024 * 1024 - 4096, 1 << 30);
-    expect(store.read(volumeId, 1024 * 1024 - 8192, 8192).equals(Buffer.concat([Buffer.alloc(4096, 7), Buffer.alloc(4096)]))).toBe(
-      true,
-    );
+    expect(
+      store.read(volumeId, 1024 * 1024 - 8192, 8192).equals(Buffer.concat([Buffer.alloc(4096, 7), Buffer.alloc(4096)])),
+    ).toBe(true);
   });
 
   it('a size change to something the store cannot address (not whole blocks) is EINVAL', async () => {

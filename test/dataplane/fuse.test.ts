@@ -267,7 +267,15 @@ describe.skipIf(missing !== undefined && !mustRun)(`FUSE data plane${missing ? `
     const before = await store.createSnapshot({ volumeId: v.id, name: 'before' });
 
     const punch = { offset: 4 * BLOCK, length: 6 * BLOCK };
-    await run('fallocate', ['--punch-hole', '--keep-size', '-o', String(punch.offset), '-l', String(punch.length), file]);
+    await run('fallocate', [
+      '--punch-hole',
+      '--keep-size',
+      '-o',
+      String(punch.offset),
+      '-l',
+      String(punch.length),
+      file,
+    ]);
     const zero = { offset: 20 * BLOCK, length: 2 * BLOCK };
     await run('fallocate', ['--zero-range', '--keep-size', '-o', String(zero.offset), '-l', String(zero.length), file]);
     const after = await store.createSnapshot({ volumeId: v.id, name: 'after' });

@@ -11,7 +11,16 @@ import path from 'node:path';
 import { status } from '@grpc/grpc-js';
 import { afterAll, beforeAll, expect, it } from 'vitest';
 import { codeOf } from '../support/csi-client.js';
-import { MiB, blockCap, dataPlaneSuite, isMounted, mountCap, sh, startNodeEnv, type NodeEnv } from '../e2e/support/node-env.js';
+import {
+  MiB,
+  blockCap,
+  dataPlaneSuite,
+  isMounted,
+  mountCap,
+  sh,
+  startNodeEnv,
+  type NodeEnv,
+} from '../e2e/support/node-env.js';
 
 let env: NodeEnv | undefined;
 let imageDir: string;
@@ -24,20 +33,18 @@ function fill(dir: string): string[] {
   const fillers: string[] = [];
   fillRound++;
   for (const chunk of [1 * MiB, 64 * 1024, 4096, 1]) {
-    for (let i = 0; ; i++) {
-      const file = path.join(dir, `filler-${fillRound}-${chunk}-${i}`);
+    // One file per chunk size, written until the disk refuses it.
+    const file = path.join(dir, `filler-${fillRound}-${chunk}`);
+    try {
+      const fd = fs.openSync(file, 'w');
+      fillers.push(file);
       try {
-        const fd = fs.openSync(file, 'w');
-        fillers.push(file);
-        try {
-          for (;;) fs.writeSync(fd, Buffer.alloc(chunk));
-        } finally {
-          fs.closeSync(fd);
-        }
-      } catch (err) {
-        if ((err as NodeJS.ErrnoException).code !== 'ENOSPC') throw err;
-        break;
+        for (;;) fs.writeSync(fd, Buffer.alloc(chunk));
+      } finally {
+        fs.closeSync(fd);
       }
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code !== 'ENOSPC') throw err;
     }
   }
   return fillers;
@@ -65,7 +72,13 @@ dataPlaneSuite('node plugin on a full state filesystem', () => {
   it('NodeUnpublishVolume and NodeUnstageVolume work on a full state disk; NodeStageVolume and NodePublishVolume are RESOURCE_EXHAUSTED until space is freed', async () => {
     const e = env!;
     const create = async (name: string, cap: ReturnType<typeof blockCap> | ReturnType<typeof mountCap>) =>
-      (await e.controller.call('createVolume', { name, capacityRange: { requiredBytes: BigInt(8 * MiB) }, volumeCapabilities: [cap] })).volume!.volumeId;
+      (
+        await e.controller.call('createVolume', {
+          name,
+          capacityRange: { requiredBytes: BigInt(8 * MiB) },
+          volumeCapabilities: [cap],
+        })
+      ).volume!.volumeId;
     const block = await create('full-block', blockCap(7));
     const fsVol = await create('full-fs', mountCap());
     const later = await create('full-later', blockCap());
@@ -77,11 +90,35 @@ dataPlaneSuite('node plugin on a full state filesystem', () => {
     const rw = e.path('pods', 'b-rw');
     const ro = e.path('pods', 'b-ro');
     const fTarget = e.path('pods', 'f-target');
-    await e.node.call('nodeStageVolume', { volumeId: block, stagingTargetPath: bStaging, volumeCapability: blockCap(7) });
-    await e.node.call('nodePublishVolume', { volumeId: block, stagingTargetPath: bStaging, targetPath: rw, volumeCapability: blockCap(7) });
-    await e.node.call('nodePublishVolume', { volumeId: block, stagingTargetPath: bStaging, targetPath: ro, volumeCapability: blockCap(7), readonly: true });
-    await e.node.call('nodeStageVolume', { volumeId: fsVol, stagingTargetPath: fStaging, volumeCapability: mountCap() });
-    await e.node.call('nodePublishVolume', { volumeId: fsVol, stagingTargetPath: fStaging, targetPath: fTarget, volumeCapability: mountCap() });
+    await e.node.call('nodeStageVolume', {
+      volumeId: block,
+      stagingTargetPath: bStaging,
+      volumeCapability: blockCap(7),
+    });
+    await e.node.call('nodePublishVolume', {
+      volumeId: block,
+      stagingTargetPath: bStaging,
+      targetPath: rw,
+      volumeCapability: blockCap(7),
+    });
+    await e.node.call('nodePublishVolume', {
+      volumeId: block,
+      stagingTargetPath: bStaging,
+      targetPath: ro,
+      volumeCapability: blockCap(7),
+      readonly: true,
+    });
+    await e.node.call('nodeStageVolume', {
+      volumeId: fsVol,
+      stagingTargetPath: fStaging,
+      volumeCapability: mountCap(),
+    });
+    await e.node.call('nodePublishVolume', {
+      volumeId: fsVol,
+      stagingTargetPath: fStaging,
+      targetPath: fTarget,
+      volumeCapability: mountCap(),
+    });
     fs.writeFileSync(`${fTarget}/before`, 'written before the disk filled');
     sh('sync', []);
 
@@ -98,19 +135,36 @@ dataPlaneSuite('node plugin on a full state filesystem', () => {
     // Taking down freed the blocks of its records: fill those too.
     fillers.push(...fill(mountPoint));
     // Recording a new staging or publication needs space: RESOURCE_EXHAUSTED, and nothing is left half done.
-    expect(await codeOf(e.node.call('nodeStageVolume', { volumeId: later, stagingTargetPath: lStaging, volumeCapability: blockCap() }))).toBe(
-      status.RESOURCE_EXHAUSTED,
-    );
     expect(
-      await codeOf(e.node.call('nodePublishVolume', { volumeId: fsVol, stagingTargetPath: fStaging, targetPath: fTarget, volumeCapability: mountCap() })),
+      await codeOf(
+        e.node.call('nodeStageVolume', { volumeId: later, stagingTargetPath: lStaging, volumeCapability: blockCap() }),
+      ),
+    ).toBe(status.RESOURCE_EXHAUSTED);
+    expect(
+      await codeOf(
+        e.node.call('nodePublishVolume', {
+          volumeId: fsVol,
+          stagingTargetPath: fStaging,
+          targetPath: fTarget,
+          volumeCapability: mountCap(),
+        }),
+      ),
     ).toBe(status.RESOURCE_EXHAUSTED);
     expect(isMounted(fTarget)).toBe(false);
     await e.node.call('nodeUnstageVolume', { volumeId: fsVol, stagingTargetPath: fStaging });
     expect(isMounted(fStaging)).toBe(false);
 
     for (const f of fillers) fs.rmSync(f);
-    await e.node.call('nodeStageVolume', { volumeId: later, stagingTargetPath: lStaging, volumeCapability: blockCap() });
-    await e.node.call('nodeStageVolume', { volumeId: fsVol, stagingTargetPath: fStaging, volumeCapability: mountCap() });
+    await e.node.call('nodeStageVolume', {
+      volumeId: later,
+      stagingTargetPath: lStaging,
+      volumeCapability: blockCap(),
+    });
+    await e.node.call('nodeStageVolume', {
+      volumeId: fsVol,
+      stagingTargetPath: fStaging,
+      volumeCapability: mountCap(),
+    });
     expect(fs.readFileSync(`${fStaging}/before`, 'utf8')).toBe('written before the disk filled');
     await e.node.call('nodeUnstageVolume', { volumeId: fsVol, stagingTargetPath: fStaging });
     await e.node.call('nodeUnstageVolume', { volumeId: later, stagingTargetPath: lStaging });

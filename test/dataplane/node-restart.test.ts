@@ -32,10 +32,20 @@ dataPlaneSuite('node plugin restart with staged volumes', () => {
   }, 60_000);
 
   it('after SIGKILL, a published device fails I/O; after restart, unpublish + unstage + stage + publish brings back the fsynced data', async () => {
-    const block = (await env.controller.call('createVolume', { name: 'r-block', capacityRange: { requiredBytes: BigInt(16 * MiB) }, volumeCapabilities: [blockCap()] }))
-      .volume!.volumeId;
-    const fsVol = (await env.controller.call('createVolume', { name: 'r-fs', capacityRange: { requiredBytes: BigInt(64 * MiB) }, volumeCapabilities: [mountCap()] }))
-      .volume!.volumeId;
+    const block = (
+      await env.controller.call('createVolume', {
+        name: 'r-block',
+        capacityRange: { requiredBytes: BigInt(16 * MiB) },
+        volumeCapabilities: [blockCap()],
+      })
+    ).volume!.volumeId;
+    const fsVol = (
+      await env.controller.call('createVolume', {
+        name: 'r-fs',
+        capacityRange: { requiredBytes: BigInt(64 * MiB) },
+        volumeCapabilities: [mountCap()],
+      })
+    ).volume!.volumeId;
     const bStaging = env.path('b-staging');
     const fStaging = env.path('f-staging');
     fs.mkdirSync(bStaging);
@@ -43,10 +53,28 @@ dataPlaneSuite('node plugin restart with staged volumes', () => {
     const bTarget = env.path('b-target');
     const fTarget = env.path('f-target');
     const stageAndPublish = async () => {
-      await env.node.call('nodeStageVolume', { volumeId: block, stagingTargetPath: bStaging, volumeCapability: blockCap() });
-      await env.node.call('nodePublishVolume', { volumeId: block, stagingTargetPath: bStaging, targetPath: bTarget, volumeCapability: blockCap() });
-      await env.node.call('nodeStageVolume', { volumeId: fsVol, stagingTargetPath: fStaging, volumeCapability: mountCap() });
-      await env.node.call('nodePublishVolume', { volumeId: fsVol, stagingTargetPath: fStaging, targetPath: fTarget, volumeCapability: mountCap() });
+      await env.node.call('nodeStageVolume', {
+        volumeId: block,
+        stagingTargetPath: bStaging,
+        volumeCapability: blockCap(),
+      });
+      await env.node.call('nodePublishVolume', {
+        volumeId: block,
+        stagingTargetPath: bStaging,
+        targetPath: bTarget,
+        volumeCapability: blockCap(),
+      });
+      await env.node.call('nodeStageVolume', {
+        volumeId: fsVol,
+        stagingTargetPath: fStaging,
+        volumeCapability: mountCap(),
+      });
+      await env.node.call('nodePublishVolume', {
+        volumeId: fsVol,
+        stagingTargetPath: fStaging,
+        targetPath: fTarget,
+        volumeCapability: mountCap(),
+      });
     };
     await stageAndPublish();
     const scratch = env.path('scratch');
@@ -61,7 +89,9 @@ dataPlaneSuite('node plugin restart with staged volumes', () => {
 
     // The dead instance's device fails writes: nothing is acknowledged that the store never saw.
     expect(() => directWrite(bTarget, 0, Buffer.alloc(4096, 1), scratch)).toThrow();
-    expect(spawnSync('dd', [`if=${bTarget}`, 'of=/dev/null', 'bs=4096', 'count=1', 'iflag=direct', 'status=none']).status).not.toBe(0);
+    expect(
+      spawnSync('dd', [`if=${bTarget}`, 'of=/dev/null', 'bs=4096', 'count=1', 'iflag=direct', 'status=none']).status,
+    ).not.toBe(0);
 
     await env.restartDriver();
     // The old FUSE mount is gone from the mount table (lazily detached); no new one until something is staged.
@@ -77,7 +107,14 @@ dataPlaneSuite('node plugin restart with staged volumes', () => {
     expect(await codeOf(env.controller.call('deleteVolume', { volumeId: block }))).toBe(status.FAILED_PRECONDITION);
     // Publishing onto a dead staging is refused rather than handing out a dead device again.
     expect(
-      await codeOf(env.node.call('nodePublishVolume', { volumeId: block, stagingTargetPath: bStaging, targetPath: env.path('b-other'), volumeCapability: blockCap() })),
+      await codeOf(
+        env.node.call('nodePublishVolume', {
+          volumeId: block,
+          stagingTargetPath: bStaging,
+          targetPath: env.path('b-other'),
+          volumeCapability: blockCap(),
+        }),
+      ),
     ).toBe(status.FAILED_PRECONDITION);
 
     // What kubelet does when the pod is restarted.
@@ -88,7 +125,11 @@ dataPlaneSuite('node plugin restart with staged volumes', () => {
     expect(isMounted(fTarget) || isMounted(fStaging) || isMounted(bTarget)).toBe(false);
     await stageAndPublish();
 
-    expect(directRead(bTarget, 16 * MiB, scratch).subarray(1 * MiB, 1 * MiB + before.length).equals(before)).toBe(true);
+    expect(
+      directRead(bTarget, 16 * MiB, scratch)
+        .subarray(1 * MiB, 1 * MiB + before.length)
+        .equals(before),
+    ).toBe(true);
     expect(fs.readFileSync(`${fTarget}/kept`, 'utf8')).toBe('fsynced before the kill');
     const after = Buffer.alloc(4096, 0x3c);
     directWrite(bTarget, 0, after, scratch);
@@ -97,7 +138,9 @@ dataPlaneSuite('node plugin restart with staged volumes', () => {
       [block, bTarget],
       [fsVol, fTarget],
     ] as const) {
-      expect((await env.node.call('nodeGetVolumeStats', { volumeId, volumePath })).volumeCondition?.abnormal).toBe(false);
+      expect((await env.node.call('nodeGetVolumeStats', { volumeId, volumePath })).volumeCondition?.abnormal).toBe(
+        false,
+      );
     }
 
     await env.node.call('nodeUnpublishVolume', { volumeId: block, targetPath: bTarget });
@@ -108,8 +151,13 @@ dataPlaneSuite('node plugin restart with staged volumes', () => {
   }, 120_000);
 
   it('after SIGKILL, NodeStageVolume on the same path and capability re-stages directly (no unstage needed) when nothing is published', async () => {
-    const vol = (await env.controller.call('createVolume', { name: 'r-restage', capacityRange: { requiredBytes: BigInt(64 * MiB) }, volumeCapabilities: [mountCap()] }))
-      .volume!.volumeId;
+    const vol = (
+      await env.controller.call('createVolume', {
+        name: 'r-restage',
+        capacityRange: { requiredBytes: BigInt(64 * MiB) },
+        volumeCapabilities: [mountCap()],
+      })
+    ).volume!.volumeId;
     const staging = env.path('restage');
     fs.mkdirSync(staging);
     await env.node.call('nodeStageVolume', { volumeId: vol, stagingTargetPath: staging, volumeCapability: mountCap() });
@@ -121,7 +169,9 @@ dataPlaneSuite('node plugin restart with staged volumes', () => {
     await env.restartDriver();
     await env.node.call('nodeStageVolume', { volumeId: vol, stagingTargetPath: staging, volumeCapability: mountCap() });
     expect(fs.readFileSync(`${staging}/f`, 'utf8')).toBe('x');
-    expect((await env.node.call('nodeGetVolumeStats', { volumeId: vol, volumePath: staging })).volumeCondition?.abnormal).toBe(false);
+    expect(
+      (await env.node.call('nodeGetVolumeStats', { volumeId: vol, volumePath: staging })).volumeCondition?.abnormal,
+    ).toBe(false);
     await env.node.call('nodeUnstageVolume', { volumeId: vol, stagingTargetPath: staging });
   }, 120_000);
 });

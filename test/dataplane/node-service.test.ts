@@ -35,7 +35,10 @@ const CAP_SYS_RESOURCE = 24;
 
 /** Whether this process (and so the driver it starts) has a capability in its effective set. */
 function hasCapability(bit: number): boolean {
-  const line = fs.readFileSync('/proc/self/status', 'utf8').split('\n').find((l) => l.startsWith('CapEff:'));
+  const line = fs
+    .readFileSync('/proc/self/status', 'utf8')
+    .split('\n')
+    .find((l) => l.startsWith('CapEff:'));
   return ((BigInt(`0x${line?.split(/\s+/)[1] ?? '0'}`) >> BigInt(bit)) & 1n) === 1n;
 }
 
@@ -77,7 +80,13 @@ dataPlaneSuite('CSI Node service', () => {
       const res = await env.node.call('nodeGetCapabilities', {});
       const types = res.capabilities.map((c) => (c.type.case === 'rpc' ? c.type.value.type : RpcType.UNKNOWN)).sort();
       expect(types).toEqual(
-        [RpcType.STAGE_UNSTAGE_VOLUME, RpcType.GET_VOLUME_STATS, RpcType.EXPAND_VOLUME, RpcType.VOLUME_CONDITION, RpcType.SINGLE_NODE_MULTI_WRITER].sort(),
+        [
+          RpcType.STAGE_UNSTAGE_VOLUME,
+          RpcType.GET_VOLUME_STATS,
+          RpcType.EXPAND_VOLUME,
+          RpcType.VOLUME_CONDITION,
+          RpcType.SINGLE_NODE_MULTI_WRITER,
+        ].sort(),
       );
     });
 
@@ -93,49 +102,95 @@ dataPlaneSuite('CSI Node service', () => {
     it('NodeStageVolume: volume_id, staging_target_path and volume_capability are required (INVALID_ARGUMENT)', async () => {
       const vol = await createVolume();
       const staging = stagingDir('required');
-      expect(await codeOf(env.node.call('nodeStageVolume', { stagingTargetPath: staging, volumeCapability: mountCap() }))).toBe(status.INVALID_ARGUMENT);
-      expect(await codeOf(env.node.call('nodeStageVolume', { volumeId: vol, volumeCapability: mountCap() }))).toBe(status.INVALID_ARGUMENT);
-      expect(await codeOf(env.node.call('nodeStageVolume', { volumeId: vol, stagingTargetPath: staging }))).toBe(status.INVALID_ARGUMENT);
+      expect(
+        await codeOf(env.node.call('nodeStageVolume', { stagingTargetPath: staging, volumeCapability: mountCap() })),
+      ).toBe(status.INVALID_ARGUMENT);
+      expect(await codeOf(env.node.call('nodeStageVolume', { volumeId: vol, volumeCapability: mountCap() }))).toBe(
+        status.INVALID_ARGUMENT,
+      );
+      expect(await codeOf(env.node.call('nodeStageVolume', { volumeId: vol, stagingTargetPath: staging }))).toBe(
+        status.INVALID_ARGUMENT,
+      );
       // A capability without an access type or without an access mode is malformed.
       expect(
-        await codeOf(env.node.call('nodeStageVolume', { volumeId: vol, stagingTargetPath: staging, volumeCapability: { accessMode: { mode: 1 } } })),
+        await codeOf(
+          env.node.call('nodeStageVolume', {
+            volumeId: vol,
+            stagingTargetPath: staging,
+            volumeCapability: { accessMode: { mode: 1 } },
+          }),
+        ),
       ).toBe(status.INVALID_ARGUMENT);
       expect(loopDevicesUnder(env.stateDir)).toEqual([]);
     });
 
     it('NodeStageVolume: a relative staging_target_path is INVALID_ARGUMENT', async () => {
       const vol = await createVolume();
-      expect(await codeOf(env.node.call('nodeStageVolume', { volumeId: vol, stagingTargetPath: 'relative/staging', volumeCapability: mountCap() }))).toBe(
-        status.INVALID_ARGUMENT,
-      );
+      expect(
+        await codeOf(
+          env.node.call('nodeStageVolume', {
+            volumeId: vol,
+            stagingTargetPath: 'relative/staging',
+            volumeCapability: mountCap(),
+          }),
+        ),
+      ).toBe(status.INVALID_ARGUMENT);
     });
 
     it('NodeStageVolume: an unknown or malformed volume_id is NOT_FOUND', async () => {
       const staging = stagingDir('unknown');
-      expect(await codeOf(env.node.call('nodeStageVolume', { volumeId: 'vol-0123456789abcdef', stagingTargetPath: staging, volumeCapability: mountCap() }))).toBe(
-        status.NOT_FOUND,
-      );
-      expect(await codeOf(env.node.call('nodeStageVolume', { volumeId: '../../etc', stagingTargetPath: staging, volumeCapability: mountCap() }))).toBe(
-        status.NOT_FOUND,
-      );
+      expect(
+        await codeOf(
+          env.node.call('nodeStageVolume', {
+            volumeId: 'vol-0123456789abcdef',
+            stagingTargetPath: staging,
+            volumeCapability: mountCap(),
+          }),
+        ),
+      ).toBe(status.NOT_FOUND);
+      expect(
+        await codeOf(
+          env.node.call('nodeStageVolume', {
+            volumeId: '../../etc',
+            stagingTargetPath: staging,
+            volumeCapability: mountCap(),
+          }),
+        ),
+      ).toBe(status.NOT_FOUND);
     });
 
     it('NodeStageVolume: capabilities the volume cannot have (a MULTI_NODE mode, an unknown fs_type) are FAILED_PRECONDITION', async () => {
       const vol = await createVolume();
       const staging = stagingDir('exceeds');
       expect(
-        await codeOf(env.node.call('nodeStageVolume', { volumeId: vol, stagingTargetPath: staging, volumeCapability: mountCap('', MULTI_NODE_MULTI_WRITER) })),
+        await codeOf(
+          env.node.call('nodeStageVolume', {
+            volumeId: vol,
+            stagingTargetPath: staging,
+            volumeCapability: mountCap('', MULTI_NODE_MULTI_WRITER),
+          }),
+        ),
       ).toBe(status.FAILED_PRECONDITION);
-      expect(await codeOf(env.node.call('nodeStageVolume', { volumeId: vol, stagingTargetPath: staging, volumeCapability: mountCap('btrfs') }))).toBe(
-        status.FAILED_PRECONDITION,
-      );
+      expect(
+        await codeOf(
+          env.node.call('nodeStageVolume', {
+            volumeId: vol,
+            stagingTargetPath: staging,
+            volumeCapability: mountCap('btrfs'),
+          }),
+        ),
+      ).toBe(status.FAILED_PRECONDITION);
       expect(isMounted(staging)).toBe(false);
     });
 
     it('NodeStageVolume (mount): formats a blank volume as ext4 by default, mounts it at the staging path on a direct-I/O loop device', async () => {
       const vol = await createVolume();
       const staging = stagingDir('ext4-default');
-      await env.node.call('nodeStageVolume', { volumeId: vol, stagingTargetPath: staging, volumeCapability: mountCap() });
+      await env.node.call('nodeStageVolume', {
+        volumeId: vol,
+        stagingTargetPath: staging,
+        volumeCapability: mountCap(),
+      });
       const mount = mountAt(staging);
       expect(mount?.fsType).toBe('ext4');
       const devices = loopDevicesUnder(env.stateDir).filter((d) => d.backFile.endsWith(`/${vol}`));
@@ -143,7 +198,11 @@ dataPlaneSuite('CSI Node service', () => {
       expect(devices[0]!.dio).toBe(true);
       expect(mount?.source).toBe(devices[0]!.name);
       // Idempotent: the same request again is OK and changes nothing.
-      await env.node.call('nodeStageVolume', { volumeId: vol, stagingTargetPath: staging, volumeCapability: mountCap() });
+      await env.node.call('nodeStageVolume', {
+        volumeId: vol,
+        stagingTargetPath: staging,
+        volumeCapability: mountCap(),
+      });
       expect(loopDevicesUnder(env.stateDir).filter((d) => d.backFile.endsWith(`/${vol}`))).toHaveLength(1);
       await env.node.call('nodeUnstageVolume', { volumeId: vol, stagingTargetPath: staging });
       expect(isMounted(staging)).toBe(false);
@@ -154,7 +213,12 @@ dataPlaneSuite('CSI Node service', () => {
       // xfs needs at least 300 MB.
       const vol = await createVolume(320 * MiB);
       const staging = stagingDir('keeps');
-      const stage = () => env.node.call('nodeStageVolume', { volumeId: vol, stagingTargetPath: staging, volumeCapability: mountCap('xfs') });
+      const stage = () =>
+        env.node.call('nodeStageVolume', {
+          volumeId: vol,
+          stagingTargetPath: staging,
+          volumeCapability: mountCap('xfs'),
+        });
       await stage();
       expect(mountAt(staging)?.fsType).toBe('xfs');
       fs.writeFileSync(`${staging}/kept.txt`, 'still here');
@@ -163,17 +227,31 @@ dataPlaneSuite('CSI Node service', () => {
       expect(fs.readFileSync(`${staging}/kept.txt`, 'utf8')).toBe('still here');
       // The volume holds xfs now: asking for ext4 on it is refused rather than reformatting it.
       await env.node.call('nodeUnstageVolume', { volumeId: vol, stagingTargetPath: staging });
-      expect(await codeOf(env.node.call('nodeStageVolume', { volumeId: vol, stagingTargetPath: staging, volumeCapability: mountCap('ext4') }))).toBe(
-        status.FAILED_PRECONDITION,
-      );
+      expect(
+        await codeOf(
+          env.node.call('nodeStageVolume', {
+            volumeId: vol,
+            stagingTargetPath: staging,
+            volumeCapability: mountCap('ext4'),
+          }),
+        ),
+      ).toBe(status.FAILED_PRECONDITION);
       expect(isMounted(staging)).toBe(false);
     });
 
     it('NodeStageVolume (mount): mount_flags are applied to the staging mount', async () => {
       const vol = await createVolume();
       const staging = stagingDir('flags');
-      await env.node.call('nodeStageVolume', { volumeId: vol, stagingTargetPath: staging, volumeCapability: mountCap('ext4', SINGLE_NODE_WRITER, ['noatime', 'nosuid']) });
-      const options = fs.readFileSync('/proc/self/mountinfo', 'utf8').split('\n').find((l) => l.split(' ')[4] === staging) ?? '';
+      await env.node.call('nodeStageVolume', {
+        volumeId: vol,
+        stagingTargetPath: staging,
+        volumeCapability: mountCap('ext4', SINGLE_NODE_WRITER, ['noatime', 'nosuid']),
+      });
+      const options =
+        fs
+          .readFileSync('/proc/self/mountinfo', 'utf8')
+          .split('\n')
+          .find((l) => l.split(' ')[4] === staging) ?? '';
       expect(options).toMatch(/\bnoatime\b/);
       expect(options).toMatch(/\bnosuid\b/);
       await env.node.call('nodeUnstageVolume', { volumeId: vol, stagingTargetPath: staging });
@@ -182,12 +260,24 @@ dataPlaneSuite('CSI Node service', () => {
     it('NodeStageVolume: the same volume and path with a different volume_capability is ALREADY_EXISTS', async () => {
       const vol = await createVolume();
       const staging = stagingDir('incompatible');
-      await env.node.call('nodeStageVolume', { volumeId: vol, stagingTargetPath: staging, volumeCapability: mountCap() });
-      expect(await codeOf(env.node.call('nodeStageVolume', { volumeId: vol, stagingTargetPath: staging, volumeCapability: blockCap() }))).toBe(
-        status.ALREADY_EXISTS,
-      );
+      await env.node.call('nodeStageVolume', {
+        volumeId: vol,
+        stagingTargetPath: staging,
+        volumeCapability: mountCap(),
+      });
       expect(
-        await codeOf(env.node.call('nodeStageVolume', { volumeId: vol, stagingTargetPath: staging, volumeCapability: mountCap('', SINGLE_NODE_MULTI_WRITER) })),
+        await codeOf(
+          env.node.call('nodeStageVolume', { volumeId: vol, stagingTargetPath: staging, volumeCapability: blockCap() }),
+        ),
+      ).toBe(status.ALREADY_EXISTS);
+      expect(
+        await codeOf(
+          env.node.call('nodeStageVolume', {
+            volumeId: vol,
+            stagingTargetPath: staging,
+            volumeCapability: mountCap('', SINGLE_NODE_MULTI_WRITER),
+          }),
+        ),
       ).toBe(status.ALREADY_EXISTS);
       await env.node.call('nodeUnstageVolume', { volumeId: vol, stagingTargetPath: staging });
     });
@@ -195,7 +285,11 @@ dataPlaneSuite('CSI Node service', () => {
     it('NodeStageVolume (block): attaches a direct-I/O loop device and mounts nothing at the staging path', async () => {
       const vol = await createVolume(32 * MiB);
       const staging = stagingDir('block');
-      await env.node.call('nodeStageVolume', { volumeId: vol, stagingTargetPath: staging, volumeCapability: blockCap() });
+      await env.node.call('nodeStageVolume', {
+        volumeId: vol,
+        stagingTargetPath: staging,
+        volumeCapability: blockCap(),
+      });
       expect(isMounted(staging)).toBe(false);
       const devices = loopDevicesUnder(env.stateDir).filter((d) => d.backFile.endsWith(`/${vol}`));
       expect(devices.map((d) => d.dio)).toEqual([true]);
@@ -206,7 +300,11 @@ dataPlaneSuite('CSI Node service', () => {
     it('DeleteVolume: a staged volume cannot be deleted (FAILED_PRECONDITION) until it is unstaged', async () => {
       const vol = await createVolume();
       const staging = stagingDir('held');
-      await env.node.call('nodeStageVolume', { volumeId: vol, stagingTargetPath: staging, volumeCapability: blockCap() });
+      await env.node.call('nodeStageVolume', {
+        volumeId: vol,
+        stagingTargetPath: staging,
+        volumeCapability: blockCap(),
+      });
       expect(await codeOf(env.controller.call('deleteVolume', { volumeId: vol }))).toBe(status.FAILED_PRECONDITION);
       await env.node.call('nodeUnstageVolume', { volumeId: vol, stagingTargetPath: staging });
       await env.controller.call('deleteVolume', { volumeId: vol });
@@ -216,26 +314,46 @@ dataPlaneSuite('CSI Node service', () => {
   describe('NodeUnstageVolume', () => {
     it('NodeUnstageVolume: volume_id and staging_target_path are required; a relative path is INVALID_ARGUMENT', async () => {
       const vol = await createVolume();
-      expect(await codeOf(env.node.call('nodeUnstageVolume', { stagingTargetPath: stagingDir('u1') }))).toBe(status.INVALID_ARGUMENT);
+      expect(await codeOf(env.node.call('nodeUnstageVolume', { stagingTargetPath: stagingDir('u1') }))).toBe(
+        status.INVALID_ARGUMENT,
+      );
       expect(await codeOf(env.node.call('nodeUnstageVolume', { volumeId: vol }))).toBe(status.INVALID_ARGUMENT);
-      expect(await codeOf(env.node.call('nodeUnstageVolume', { volumeId: vol, stagingTargetPath: 'rel' }))).toBe(status.INVALID_ARGUMENT);
+      expect(await codeOf(env.node.call('nodeUnstageVolume', { volumeId: vol, stagingTargetPath: 'rel' }))).toBe(
+        status.INVALID_ARGUMENT,
+      );
     });
 
     it('NodeUnstageVolume: a volume that is not staged there is OK (idempotent); an unknown volume is NOT_FOUND', async () => {
       const vol = await createVolume();
       await env.node.call('nodeUnstageVolume', { volumeId: vol, stagingTargetPath: stagingDir('never') });
-      expect(await codeOf(env.node.call('nodeUnstageVolume', { volumeId: 'vol-00000000000000ff', stagingTargetPath: stagingDir('never') }))).toBe(
-        status.NOT_FOUND,
-      );
+      expect(
+        await codeOf(
+          env.node.call('nodeUnstageVolume', {
+            volumeId: 'vol-00000000000000ff',
+            stagingTargetPath: stagingDir('never'),
+          }),
+        ),
+      ).toBe(status.NOT_FOUND);
     });
 
     it('NodeUnstageVolume: refused (FAILED_PRECONDITION) while the volume is still published', async () => {
       const vol = await createVolume();
       const staging = stagingDir('busy');
       const target = targetPath('busy');
-      await env.node.call('nodeStageVolume', { volumeId: vol, stagingTargetPath: staging, volumeCapability: mountCap() });
-      await env.node.call('nodePublishVolume', { volumeId: vol, stagingTargetPath: staging, targetPath: target, volumeCapability: mountCap() });
-      expect(await codeOf(env.node.call('nodeUnstageVolume', { volumeId: vol, stagingTargetPath: staging }))).toBe(status.FAILED_PRECONDITION);
+      await env.node.call('nodeStageVolume', {
+        volumeId: vol,
+        stagingTargetPath: staging,
+        volumeCapability: mountCap(),
+      });
+      await env.node.call('nodePublishVolume', {
+        volumeId: vol,
+        stagingTargetPath: staging,
+        targetPath: target,
+        volumeCapability: mountCap(),
+      });
+      expect(await codeOf(env.node.call('nodeUnstageVolume', { volumeId: vol, stagingTargetPath: staging }))).toBe(
+        status.FAILED_PRECONDITION,
+      );
       expect(isMounted(staging)).toBe(true);
       await env.node.call('nodeUnpublishVolume', { volumeId: vol, targetPath: target });
       await env.node.call('nodeUnstageVolume', { volumeId: vol, stagingTargetPath: staging });
@@ -247,19 +365,39 @@ dataPlaneSuite('CSI Node service', () => {
     it('NodePublishVolume: required fields are INVALID_ARGUMENT, a missing staging_target_path is FAILED_PRECONDITION', async () => {
       const vol = await createVolume();
       const staging = stagingDir('p-required');
-      const base = { volumeId: vol, stagingTargetPath: staging, targetPath: targetPath('p-required'), volumeCapability: mountCap() };
+      const base = {
+        volumeId: vol,
+        stagingTargetPath: staging,
+        targetPath: targetPath('p-required'),
+        volumeCapability: mountCap(),
+      };
       expect(await codeOf(env.node.call('nodePublishVolume', { ...base, volumeId: '' }))).toBe(status.INVALID_ARGUMENT);
-      expect(await codeOf(env.node.call('nodePublishVolume', { ...base, targetPath: '' }))).toBe(status.INVALID_ARGUMENT);
-      expect(await codeOf(env.node.call('nodePublishVolume', { ...base, targetPath: 'pods/relative' }))).toBe(status.INVALID_ARGUMENT);
-      expect(await codeOf(env.node.call('nodePublishVolume', { ...base, volumeCapability: undefined }))).toBe(status.INVALID_ARGUMENT);
-      expect(await codeOf(env.node.call('nodePublishVolume', { ...base, stagingTargetPath: '' }))).toBe(status.FAILED_PRECONDITION);
+      expect(await codeOf(env.node.call('nodePublishVolume', { ...base, targetPath: '' }))).toBe(
+        status.INVALID_ARGUMENT,
+      );
+      expect(await codeOf(env.node.call('nodePublishVolume', { ...base, targetPath: 'pods/relative' }))).toBe(
+        status.INVALID_ARGUMENT,
+      );
+      expect(await codeOf(env.node.call('nodePublishVolume', { ...base, volumeCapability: undefined }))).toBe(
+        status.INVALID_ARGUMENT,
+      );
+      expect(await codeOf(env.node.call('nodePublishVolume', { ...base, stagingTargetPath: '' }))).toBe(
+        status.FAILED_PRECONDITION,
+      );
     });
 
     it('NodePublishVolume: a volume that is not staged is FAILED_PRECONDITION; an unknown one is NOT_FOUND', async () => {
       const vol = await createVolume();
-      const req = { volumeId: vol, stagingTargetPath: stagingDir('p-unstaged'), targetPath: targetPath('p-unstaged'), volumeCapability: mountCap() };
+      const req = {
+        volumeId: vol,
+        stagingTargetPath: stagingDir('p-unstaged'),
+        targetPath: targetPath('p-unstaged'),
+        volumeCapability: mountCap(),
+      };
       expect(await codeOf(env.node.call('nodePublishVolume', req))).toBe(status.FAILED_PRECONDITION);
-      expect(await codeOf(env.node.call('nodePublishVolume', { ...req, volumeId: 'vol-00000000000000fe' }))).toBe(status.NOT_FOUND);
+      expect(await codeOf(env.node.call('nodePublishVolume', { ...req, volumeId: 'vol-00000000000000fe' }))).toBe(
+        status.NOT_FOUND,
+      );
       expect(fs.existsSync(req.targetPath)).toBe(false);
     });
 
@@ -267,7 +405,11 @@ dataPlaneSuite('CSI Node service', () => {
       const vol = await createVolume();
       const staging = stagingDir('p-mount');
       const target = targetPath('p-mount');
-      await env.node.call('nodeStageVolume', { volumeId: vol, stagingTargetPath: staging, volumeCapability: mountCap() });
+      await env.node.call('nodeStageVolume', {
+        volumeId: vol,
+        stagingTargetPath: staging,
+        volumeCapability: mountCap(),
+      });
       const req = { volumeId: vol, stagingTargetPath: staging, targetPath: target, volumeCapability: mountCap() };
       await env.node.call('nodePublishVolume', req);
       await env.node.call('nodePublishVolume', req); // idempotent
@@ -284,13 +426,31 @@ dataPlaneSuite('CSI Node service', () => {
       const vol = await createVolume();
       const staging = stagingDir('p-ro');
       const target = targetPath('p-ro');
-      await env.node.call('nodeStageVolume', { volumeId: vol, stagingTargetPath: staging, volumeCapability: mountCap() });
-      await env.node.call('nodePublishVolume', { volumeId: vol, stagingTargetPath: staging, targetPath: target, volumeCapability: mountCap(), readonly: true });
+      await env.node.call('nodeStageVolume', {
+        volumeId: vol,
+        stagingTargetPath: staging,
+        volumeCapability: mountCap(),
+      });
+      await env.node.call('nodePublishVolume', {
+        volumeId: vol,
+        stagingTargetPath: staging,
+        targetPath: target,
+        volumeCapability: mountCap(),
+        readonly: true,
+      });
       expect(() => fs.writeFileSync(`${target}/x`, 'no')).toThrow(/EROFS/);
       fs.writeFileSync(`${staging}/y`, 'yes');
       // The same target with another readonly flag, or another capability, is ALREADY_EXISTS.
       expect(
-        await codeOf(env.node.call('nodePublishVolume', { volumeId: vol, stagingTargetPath: staging, targetPath: target, volumeCapability: mountCap(), readonly: false })),
+        await codeOf(
+          env.node.call('nodePublishVolume', {
+            volumeId: vol,
+            stagingTargetPath: staging,
+            targetPath: target,
+            volumeCapability: mountCap(),
+            readonly: false,
+          }),
+        ),
       ).toBe(status.ALREADY_EXISTS);
       expect(
         await codeOf(
@@ -318,8 +478,22 @@ dataPlaneSuite('CSI Node service', () => {
         const t2 = targetPath(`p-multi-${mode}-2`);
         const cap = mountCap('', mode);
         await env.node.call('nodeStageVolume', { volumeId: vol, stagingTargetPath: staging, volumeCapability: cap });
-        await env.node.call('nodePublishVolume', { volumeId: vol, stagingTargetPath: staging, targetPath: t1, volumeCapability: cap });
-        expect(await codeOf(env.node.call('nodePublishVolume', { volumeId: vol, stagingTargetPath: staging, targetPath: t2, volumeCapability: cap }))).toBe(second);
+        await env.node.call('nodePublishVolume', {
+          volumeId: vol,
+          stagingTargetPath: staging,
+          targetPath: t1,
+          volumeCapability: cap,
+        });
+        expect(
+          await codeOf(
+            env.node.call('nodePublishVolume', {
+              volumeId: vol,
+              stagingTargetPath: staging,
+              targetPath: t2,
+              volumeCapability: cap,
+            }),
+          ),
+        ).toBe(second);
         for (const t of [t1, t2]) await env.node.call('nodeUnpublishVolume', { volumeId: vol, targetPath: t });
         await env.node.call('nodeUnstageVolume', { volumeId: vol, stagingTargetPath: staging });
       }
@@ -330,8 +504,17 @@ dataPlaneSuite('CSI Node service', () => {
       const staging = stagingDir('p-block');
       const rw = targetPath('p-block-rw');
       const ro = targetPath('p-block-ro');
-      await env.node.call('nodeStageVolume', { volumeId: vol, stagingTargetPath: staging, volumeCapability: blockCap(SINGLE_NODE_MULTI_WRITER) });
-      await env.node.call('nodePublishVolume', { volumeId: vol, stagingTargetPath: staging, targetPath: rw, volumeCapability: blockCap(SINGLE_NODE_MULTI_WRITER) });
+      await env.node.call('nodeStageVolume', {
+        volumeId: vol,
+        stagingTargetPath: staging,
+        volumeCapability: blockCap(SINGLE_NODE_MULTI_WRITER),
+      });
+      await env.node.call('nodePublishVolume', {
+        volumeId: vol,
+        stagingTargetPath: staging,
+        targetPath: rw,
+        volumeCapability: blockCap(SINGLE_NODE_MULTI_WRITER),
+      });
       await env.node.call('nodePublishVolume', {
         volumeId: vol,
         stagingTargetPath: staging,
@@ -342,7 +525,11 @@ dataPlaneSuite('CSI Node service', () => {
       expect(fs.statSync(rw).isBlockDevice()).toBe(true);
       const data = Buffer.alloc(8192, 0x5a);
       directWrite(rw, 4096, data, env.path('scratch'));
-      expect(directRead(ro, 16 * MiB, env.path('scratch')).subarray(4096, 4096 + 8192).equals(data)).toBe(true);
+      expect(
+        directRead(ro, 16 * MiB, env.path('scratch'))
+          .subarray(4096, 4096 + 8192)
+          .equals(data),
+      ).toBe(true);
       expect(() => directWrite(ro, 0, Buffer.alloc(512, 1), env.path('scratch'))).toThrow();
       for (const t of [rw, ro]) await env.node.call('nodeUnpublishVolume', { volumeId: vol, targetPath: t });
       expect(fs.existsSync(rw) || fs.existsSync(ro)).toBe(false);
@@ -353,23 +540,45 @@ dataPlaneSuite('CSI Node service', () => {
     it('NodePublishVolume: a block publish of a volume staged for mount is FAILED_PRECONDITION', async () => {
       const vol = await createVolume();
       const staging = stagingDir('p-kind');
-      await env.node.call('nodeStageVolume', { volumeId: vol, stagingTargetPath: staging, volumeCapability: mountCap() });
+      await env.node.call('nodeStageVolume', {
+        volumeId: vol,
+        stagingTargetPath: staging,
+        volumeCapability: mountCap(),
+      });
       expect(
-        await codeOf(env.node.call('nodePublishVolume', { volumeId: vol, stagingTargetPath: staging, targetPath: targetPath('p-kind'), volumeCapability: blockCap() })),
+        await codeOf(
+          env.node.call('nodePublishVolume', {
+            volumeId: vol,
+            stagingTargetPath: staging,
+            targetPath: targetPath('p-kind'),
+            volumeCapability: blockCap(),
+          }),
+        ),
       ).toBe(status.FAILED_PRECONDITION);
       await env.node.call('nodeUnstageVolume', { volumeId: vol, stagingTargetPath: staging });
     });
 
     it('NodeUnpublishVolume: required fields are INVALID_ARGUMENT; an unknown volume is NOT_FOUND', async () => {
-      expect(await codeOf(env.node.call('nodeUnpublishVolume', { targetPath: targetPath('u') }))).toBe(status.INVALID_ARGUMENT);
-      expect(await codeOf(env.node.call('nodeUnpublishVolume', { volumeId: await createVolume() }))).toBe(status.INVALID_ARGUMENT);
-      expect(await codeOf(env.node.call('nodeUnpublishVolume', { volumeId: 'vol-00000000000000fd', targetPath: targetPath('u') }))).toBe(status.NOT_FOUND);
+      expect(await codeOf(env.node.call('nodeUnpublishVolume', { targetPath: targetPath('u') }))).toBe(
+        status.INVALID_ARGUMENT,
+      );
+      expect(await codeOf(env.node.call('nodeUnpublishVolume', { volumeId: await createVolume() }))).toBe(
+        status.INVALID_ARGUMENT,
+      );
+      expect(
+        await codeOf(
+          env.node.call('nodeUnpublishVolume', { volumeId: 'vol-00000000000000fd', targetPath: targetPath('u') }),
+        ),
+      ).toBe(status.NOT_FOUND);
     });
   });
 
   describe('paths the driver does not own (issue 15 item 1)', () => {
     /** A volume staged at a CO-made staging directory, ready to publish. */
-    async function staged(name: string, cap: ReturnType<typeof mountCap> | ReturnType<typeof blockCap>): Promise<{ vol: string; staging: string }> {
+    async function staged(
+      name: string,
+      cap: ReturnType<typeof mountCap> | ReturnType<typeof blockCap>,
+    ): Promise<{ vol: string; staging: string }> {
       const vol = await createVolume(16 * MiB);
       const staging = stagingDir(name);
       await env.node.call('nodeStageVolume', { volumeId: vol, stagingTargetPath: staging, volumeCapability: cap });
@@ -390,19 +599,26 @@ dataPlaneSuite('CSI Node service', () => {
     it('NodePublishVolume (block): an existing non-empty file, a directory or a FIFO at target_path is FAILED_PRECONDITION naming the path; the file is not covered and survives unpublish', async () => {
       const { vol, staging } = await staged('own-block', blockCap());
       const file = targetPath('own-block-file');
-      fs.writeFileSync(file, 'somebody else\'s data');
+      fs.writeFileSync(file, "somebody else's data");
       const dir = targetPath('own-block-dir');
       fs.mkdirSync(dir);
       const fifo = targetPath('own-block-fifo');
       sh('mkfifo', [fifo]);
       for (const target of [file, dir, fifo]) {
-        const res = await errorOf(env.node.call('nodePublishVolume', { volumeId: vol, stagingTargetPath: staging, targetPath: target, volumeCapability: blockCap() }));
+        const res = await errorOf(
+          env.node.call('nodePublishVolume', {
+            volumeId: vol,
+            stagingTargetPath: staging,
+            targetPath: target,
+            volumeCapability: blockCap(),
+          }),
+        );
         expect(res.code, target).toBe(status.FAILED_PRECONDITION);
         expect(res.details).toContain(target);
         expect(isMounted(target)).toBe(false);
         await env.node.call('nodeUnpublishVolume', { volumeId: vol, targetPath: target });
       }
-      expect(fs.readFileSync(file, 'utf8')).toBe('somebody else\'s data');
+      expect(fs.readFileSync(file, 'utf8')).toBe("somebody else's data");
       expect(fs.statSync(dir).isDirectory() && fs.statSync(fifo).isFIFO()).toBe(true);
       await env.node.call('nodeUnstageVolume', { volumeId: vol, stagingTargetPath: staging });
     });
@@ -411,7 +627,12 @@ dataPlaneSuite('CSI Node service', () => {
       const { vol, staging } = await staged('own-block-empty', blockCap());
       const target = targetPath('own-block-empty');
       fs.writeFileSync(target, '');
-      await env.node.call('nodePublishVolume', { volumeId: vol, stagingTargetPath: staging, targetPath: target, volumeCapability: blockCap() });
+      await env.node.call('nodePublishVolume', {
+        volumeId: vol,
+        stagingTargetPath: staging,
+        targetPath: target,
+        volumeCapability: blockCap(),
+      });
       expect(fs.statSync(target).isBlockDevice()).toBe(true);
       await env.node.call('nodeUnpublishVolume', { volumeId: vol, targetPath: target });
       expect(isMounted(target)).toBe(false);
@@ -427,7 +648,14 @@ dataPlaneSuite('CSI Node service', () => {
       const file = targetPath('own-mount-file');
       fs.writeFileSync(file, '');
       for (const target of [dir, file]) {
-        const res = await errorOf(env.node.call('nodePublishVolume', { volumeId: vol, stagingTargetPath: staging, targetPath: target, volumeCapability: mountCap() }));
+        const res = await errorOf(
+          env.node.call('nodePublishVolume', {
+            volumeId: vol,
+            stagingTargetPath: staging,
+            targetPath: target,
+            volumeCapability: mountCap(),
+          }),
+        );
         expect(res.code, target).toBe(status.FAILED_PRECONDITION);
         expect(res.details).toContain(target);
         expect(isMounted(target)).toBe(false);
@@ -436,7 +664,12 @@ dataPlaneSuite('CSI Node service', () => {
       // An empty directory the CO made is used, and left in place at unpublish.
       const made = targetPath('own-mount-made');
       fs.mkdirSync(made);
-      await env.node.call('nodePublishVolume', { volumeId: vol, stagingTargetPath: staging, targetPath: made, volumeCapability: mountCap() });
+      await env.node.call('nodePublishVolume', {
+        volumeId: vol,
+        stagingTargetPath: staging,
+        targetPath: made,
+        volumeCapability: mountCap(),
+      });
       expect(isMounted(made)).toBe(true);
       await env.node.call('nodeUnpublishVolume', { volumeId: vol, targetPath: made });
       expect(isMounted(made)).toBe(false);
@@ -456,7 +689,14 @@ dataPlaneSuite('CSI Node service', () => {
       const layerBytes = fs.statSync(layerFile!).size;
       const candidates = [`${env.stateDir}/published-here`, `${link}/published-here`, layerFile!];
       for (const target of candidates) {
-        const res = await errorOf(env.node.call('nodePublishVolume', { volumeId: vol, stagingTargetPath: staging, targetPath: target, volumeCapability: blockCap() }));
+        const res = await errorOf(
+          env.node.call('nodePublishVolume', {
+            volumeId: vol,
+            stagingTargetPath: staging,
+            targetPath: target,
+            volumeCapability: blockCap(),
+          }),
+        );
         expect(res.code, target).toBe(status.INVALID_ARGUMENT);
         expect(res.details).toContain(target);
         await env.node.call('nodeUnpublishVolume', { volumeId: vol, targetPath: target });
@@ -465,14 +705,28 @@ dataPlaneSuite('CSI Node service', () => {
       expect(fs.statSync(layerFile!).size).toBe(layerBytes);
       const other = await createVolume(16 * MiB);
       for (const stagingPath of [`${env.stateDir}/staged-here`, `${link}/staged-here`]) {
-        const res = await errorOf(env.node.call('nodeStageVolume', { volumeId: other, stagingTargetPath: stagingPath, volumeCapability: mountCap() }));
+        const res = await errorOf(
+          env.node.call('nodeStageVolume', {
+            volumeId: other,
+            stagingTargetPath: stagingPath,
+            volumeCapability: mountCap(),
+          }),
+        );
         expect(res.code, stagingPath).toBe(status.INVALID_ARGUMENT);
         expect(res.details).toContain(stagingPath);
         expect(isMounted(stagingPath)).toBe(false);
       }
       await env.node.call('nodeUnstageVolume', { volumeId: vol, stagingTargetPath: staging });
       await env.controller.call('deleteVolume', { volumeId: vol });
-      expect(await codeOf(env.controller.call('createVolume', { name: `after-state-${n}`, capacityRange: { requiredBytes: BigInt(MiB) }, volumeCapabilities: [mountCap()] }))).toBe(status.OK);
+      expect(
+        await codeOf(
+          env.controller.call('createVolume', {
+            name: `after-state-${n}`,
+            capacityRange: { requiredBytes: BigInt(MiB) },
+            volumeCapabilities: [mountCap()],
+          }),
+        ),
+      ).toBe(status.OK);
     });
 
     it('NodePublishVolume and NodeStageVolume: a symlink at target_path or staging_target_path is refused naming the path and never followed', async () => {
@@ -481,7 +735,14 @@ dataPlaneSuite('CSI Node service', () => {
       fs.mkdirSync(elsewhere);
       const target = targetPath('own-link');
       fs.symlinkSync(elsewhere, target);
-      const res = await errorOf(env.node.call('nodePublishVolume', { volumeId: vol, stagingTargetPath: staging, targetPath: target, volumeCapability: mountCap() }));
+      const res = await errorOf(
+        env.node.call('nodePublishVolume', {
+          volumeId: vol,
+          stagingTargetPath: staging,
+          targetPath: target,
+          volumeCapability: mountCap(),
+        }),
+      );
       expect([status.INVALID_ARGUMENT, status.FAILED_PRECONDITION]).toContain(res.code);
       expect(res.details).toContain(target);
       expect(isMounted(elsewhere) || isMounted(target)).toBe(false);
@@ -492,7 +753,13 @@ dataPlaneSuite('CSI Node service', () => {
       const other = await createVolume(16 * MiB);
       const stagingLink = env.path('staging', 'own-link-staging');
       fs.symlinkSync(elsewhere, stagingLink);
-      const st = await errorOf(env.node.call('nodeStageVolume', { volumeId: other, stagingTargetPath: stagingLink, volumeCapability: mountCap() }));
+      const st = await errorOf(
+        env.node.call('nodeStageVolume', {
+          volumeId: other,
+          stagingTargetPath: stagingLink,
+          volumeCapability: mountCap(),
+        }),
+      );
       expect([status.INVALID_ARGUMENT, status.FAILED_PRECONDITION]).toContain(st.code);
       expect(st.details).toContain(stagingLink);
       expect(isMounted(elsewhere) || isMounted(stagingLink)).toBe(false);
@@ -505,23 +772,30 @@ dataPlaneSuite('CSI Node service', () => {
       fs.writeFileSync(emptyFile, '');
       const emptyDir = targetPath('own-unknown-dir');
       fs.mkdirSync(emptyDir);
-      for (const target of [emptyFile, emptyDir]) await env.node.call('nodeUnpublishVolume', { volumeId: vol, targetPath: target });
+      for (const target of [emptyFile, emptyDir])
+        await env.node.call('nodeUnpublishVolume', { volumeId: vol, targetPath: target });
       expect(fs.existsSync(emptyFile) && fs.existsSync(emptyDir)).toBe(true);
       await env.node.call('nodeUnstageVolume', { volumeId: vol, stagingTargetPath: staging });
       // Not staged at all: the same.
-      for (const target of [emptyFile, emptyDir]) await env.node.call('nodeUnpublishVolume', { volumeId: vol, targetPath: target });
+      for (const target of [emptyFile, emptyDir])
+        await env.node.call('nodeUnpublishVolume', { volumeId: vol, targetPath: target });
       expect(fs.existsSync(emptyFile) && fs.existsSync(emptyDir)).toBe(true);
     });
 
     it('NodeUnpublishVolume: a target that still holds files after the unmount is unpublished (OK), the files are left alone, and unstage and DeleteVolume still work', async () => {
       const { vol, staging } = await staged('own-leftover', mountCap());
       const target = targetPath('own-leftover');
-      await env.node.call('nodePublishVolume', { volumeId: vol, stagingTargetPath: staging, targetPath: target, volumeCapability: mountCap() });
+      await env.node.call('nodePublishVolume', {
+        volumeId: vol,
+        stagingTargetPath: staging,
+        targetPath: target,
+        volumeCapability: mountCap(),
+      });
       // Something else takes the mount down and writes into the bare directory.
       sh('umount', [target]);
-      fs.writeFileSync(`${target}/left-behind`, 'not the driver\'s');
+      fs.writeFileSync(`${target}/left-behind`, "not the driver's");
       await env.node.call('nodeUnpublishVolume', { volumeId: vol, targetPath: target });
-      expect(fs.readFileSync(`${target}/left-behind`, 'utf8')).toBe('not the driver\'s');
+      expect(fs.readFileSync(`${target}/left-behind`, 'utf8')).toBe("not the driver's");
       await env.node.call('nodeUnpublishVolume', { volumeId: vol, targetPath: target });
       await env.node.call('nodeUnstageVolume', { volumeId: vol, stagingTargetPath: staging });
       await env.controller.call('deleteVolume', { volumeId: vol });
@@ -534,7 +808,13 @@ dataPlaneSuite('CSI Node service', () => {
       const file = env.path('staging', 'own-staging-file');
       fs.writeFileSync(file, '');
       for (const stagingPath of [dir, file]) {
-        const res = await errorOf(env.node.call('nodeStageVolume', { volumeId: vol, stagingTargetPath: stagingPath, volumeCapability: mountCap() }));
+        const res = await errorOf(
+          env.node.call('nodeStageVolume', {
+            volumeId: vol,
+            stagingTargetPath: stagingPath,
+            volumeCapability: mountCap(),
+          }),
+        );
         expect(res.code, stagingPath).toBe(status.FAILED_PRECONDITION);
         expect(res.details).toContain(stagingPath);
         expect(isMounted(stagingPath)).toBe(false);
@@ -548,7 +828,11 @@ dataPlaneSuite('CSI Node service', () => {
       const vol = await createVolume(16 * MiB);
       fs.mkdirSync(env.path('staging'), { recursive: true });
       const absent = env.path('staging', 'own-staging-absent');
-      await env.node.call('nodeStageVolume', { volumeId: vol, stagingTargetPath: absent, volumeCapability: mountCap() });
+      await env.node.call('nodeStageVolume', {
+        volumeId: vol,
+        stagingTargetPath: absent,
+        volumeCapability: mountCap(),
+      });
       expect(isMounted(absent)).toBe(true);
       await env.node.call('nodeUnstageVolume', { volumeId: vol, stagingTargetPath: absent });
       expect(fs.existsSync(absent)).toBe(false);
@@ -564,10 +848,23 @@ dataPlaneSuite('CSI Node service', () => {
       const vol = await createVolume(64 * MiB);
       const staging = stagingDir('s-mount');
       const target = targetPath('s-mount');
-      await env.node.call('nodeStageVolume', { volumeId: vol, stagingTargetPath: staging, volumeCapability: mountCap() });
-      await env.node.call('nodePublishVolume', { volumeId: vol, stagingTargetPath: staging, targetPath: target, volumeCapability: mountCap() });
+      await env.node.call('nodeStageVolume', {
+        volumeId: vol,
+        stagingTargetPath: staging,
+        volumeCapability: mountCap(),
+      });
+      await env.node.call('nodePublishVolume', {
+        volumeId: vol,
+        stagingTargetPath: staging,
+        targetPath: target,
+        volumeCapability: mountCap(),
+      });
       for (const volumePath of [staging, target]) {
-        const res = await env.node.call('nodeGetVolumeStats', { volumeId: vol, volumePath, stagingTargetPath: staging });
+        const res = await env.node.call('nodeGetVolumeStats', {
+          volumeId: vol,
+          volumePath,
+          stagingTargetPath: staging,
+        });
         const st = fs.statfsSync(volumePath);
         const bytes = res.usage.find((u) => u.unit === VolumeUsage_Unit.BYTES)!;
         const inodes = res.usage.find((u) => u.unit === VolumeUsage_Unit.INODES)!;
@@ -584,7 +881,11 @@ dataPlaneSuite('CSI Node service', () => {
     it('NodeGetVolumeStats (block): the total bytes are the volume capacity', async () => {
       const vol = await createVolume(24 * MiB);
       const staging = stagingDir('s-block');
-      await env.node.call('nodeStageVolume', { volumeId: vol, stagingTargetPath: staging, volumeCapability: blockCap() });
+      await env.node.call('nodeStageVolume', {
+        volumeId: vol,
+        stagingTargetPath: staging,
+        volumeCapability: blockCap(),
+      });
       const res = await env.node.call('nodeGetVolumeStats', { volumeId: vol, volumePath: staging });
       expect(res.usage.map((u) => [u.unit, u.total])).toEqual([[VolumeUsage_Unit.BYTES, BigInt(24 * MiB)]]);
       expect(res.volumeCondition?.abnormal).toBe(false);
@@ -593,12 +894,26 @@ dataPlaneSuite('CSI Node service', () => {
 
     it('NodeGetVolumeStats: an unknown volume, or a path where the volume is not (a relative one included), is NOT_FOUND; missing fields are INVALID_ARGUMENT', async () => {
       const vol = await createVolume();
-      expect(await codeOf(env.node.call('nodeGetVolumeStats', { volumeId: 'vol-00000000000000fc', volumePath: stagingDir('s-x') }))).toBe(status.NOT_FOUND);
-      expect(await codeOf(env.node.call('nodeGetVolumeStats', { volumeId: vol, volumePath: stagingDir('s-x') }))).toBe(status.NOT_FOUND);
+      expect(
+        await codeOf(
+          env.node.call('nodeGetVolumeStats', { volumeId: 'vol-00000000000000fc', volumePath: stagingDir('s-x') }),
+        ),
+      ).toBe(status.NOT_FOUND);
+      expect(await codeOf(env.node.call('nodeGetVolumeStats', { volumeId: vol, volumePath: stagingDir('s-x') }))).toBe(
+        status.NOT_FOUND,
+      );
       expect(await codeOf(env.node.call('nodeGetVolumeStats', { volumeId: vol }))).toBe(status.INVALID_ARGUMENT);
-      expect(await codeOf(env.node.call('nodeGetVolumeStats', { volumePath: stagingDir('s-x') }))).toBe(status.INVALID_ARGUMENT);
-      expect(await codeOf(env.node.call('nodeGetVolumeStats', { volumeId: vol, volumePath: 'some/path' }))).toBe(status.NOT_FOUND);
-      expect(await codeOf(env.node.call('nodeGetVolumeStats', { volumeId: 'vol-00000000000000fc', volumePath: 'some/path' }))).toBe(status.NOT_FOUND);
+      expect(await codeOf(env.node.call('nodeGetVolumeStats', { volumePath: stagingDir('s-x') }))).toBe(
+        status.INVALID_ARGUMENT,
+      );
+      expect(await codeOf(env.node.call('nodeGetVolumeStats', { volumeId: vol, volumePath: 'some/path' }))).toBe(
+        status.NOT_FOUND,
+      );
+      expect(
+        await codeOf(
+          env.node.call('nodeGetVolumeStats', { volumeId: 'vol-00000000000000fc', volumePath: 'some/path' }),
+        ),
+      ).toBe(status.NOT_FOUND);
     });
   });
 
@@ -607,9 +922,17 @@ dataPlaneSuite('CSI Node service', () => {
       it(`NodeExpandVolume (${fsType}): after ControllerExpandVolume, the device and the mounted filesystem grow; capacity_bytes is the new size`, async () => {
         const vol = await createVolume(320 * MiB);
         const staging = stagingDir(`e-${fsType}`);
-        await env.node.call('nodeStageVolume', { volumeId: vol, stagingTargetPath: staging, volumeCapability: mountCap(fsType) });
+        await env.node.call('nodeStageVolume', {
+          volumeId: vol,
+          stagingTargetPath: staging,
+          volumeCapability: mountCap(fsType),
+        });
         const before = fs.statfsSync(staging);
-        await env.controller.call('controllerExpandVolume', { volumeId: vol, capacityRange: { requiredBytes: BigInt(640 * MiB) }, volumeCapability: mountCap(fsType) });
+        await env.controller.call('controllerExpandVolume', {
+          volumeId: vol,
+          capacityRange: { requiredBytes: BigInt(640 * MiB) },
+          volumeCapability: mountCap(fsType),
+        });
         const res = await env.node.call('nodeExpandVolume', {
           volumeId: vol,
           volumePath: staging,
@@ -629,11 +952,27 @@ dataPlaneSuite('CSI Node service', () => {
       const vol = await createVolume(64 * MiB);
       const staging = stagingDir('e-published');
       const target = targetPath('e-published');
-      await env.node.call('nodeStageVolume', { volumeId: vol, stagingTargetPath: staging, volumeCapability: mountCap('ext4') });
-      await env.node.call('nodePublishVolume', { volumeId: vol, stagingTargetPath: staging, targetPath: target, volumeCapability: mountCap('ext4') });
+      await env.node.call('nodeStageVolume', {
+        volumeId: vol,
+        stagingTargetPath: staging,
+        volumeCapability: mountCap('ext4'),
+      });
+      await env.node.call('nodePublishVolume', {
+        volumeId: vol,
+        stagingTargetPath: staging,
+        targetPath: target,
+        volumeCapability: mountCap('ext4'),
+      });
       const before = fs.statfsSync(target);
-      await env.controller.call('controllerExpandVolume', { volumeId: vol, capacityRange: { requiredBytes: BigInt(128 * MiB) } });
-      const expand = env.node.call('nodeExpandVolume', { volumeId: vol, volumePath: target, stagingTargetPath: staging });
+      await env.controller.call('controllerExpandVolume', {
+        volumeId: vol,
+        capacityRange: { requiredBytes: BigInt(128 * MiB) },
+      });
+      const expand = env.node.call('nodeExpandVolume', {
+        volumeId: vol,
+        volumePath: target,
+        stagingTargetPath: staging,
+      });
       if (hasCapability(CAP_SYS_RESOURCE)) {
         expect((await expand).capacityBytes).toBe(BigInt(128 * MiB));
         expect(fs.statfsSync(target).blocks).toBeGreaterThan(before.blocks);
@@ -649,9 +988,20 @@ dataPlaneSuite('CSI Node service', () => {
     it('NodeExpandVolume (block): the device takes the new capacity', async () => {
       const vol = await createVolume(16 * MiB);
       const staging = stagingDir('e-block');
-      await env.node.call('nodeStageVolume', { volumeId: vol, stagingTargetPath: staging, volumeCapability: blockCap() });
-      await env.controller.call('controllerExpandVolume', { volumeId: vol, capacityRange: { requiredBytes: BigInt(48 * MiB) } });
-      const res = await env.node.call('nodeExpandVolume', { volumeId: vol, volumePath: staging, volumeCapability: blockCap() });
+      await env.node.call('nodeStageVolume', {
+        volumeId: vol,
+        stagingTargetPath: staging,
+        volumeCapability: blockCap(),
+      });
+      await env.controller.call('controllerExpandVolume', {
+        volumeId: vol,
+        capacityRange: { requiredBytes: BigInt(48 * MiB) },
+      });
+      const res = await env.node.call('nodeExpandVolume', {
+        volumeId: vol,
+        volumePath: staging,
+        volumeCapability: blockCap(),
+      });
       expect(res.capacityBytes).toBe(BigInt(48 * MiB));
       const device = loopDevicesUnder(env.stateDir).find((d) => d.backFile.endsWith(`/${vol}`))!.name;
       expect(Number(sh('blockdev', ['--getsize64', device]).trim())).toBe(48 * MiB);
@@ -661,16 +1011,38 @@ dataPlaneSuite('CSI Node service', () => {
     it('NodeExpandVolume: more than the volume has is OUT_OF_RANGE, a path where it is not staged NOT_FOUND, missing fields INVALID_ARGUMENT', async () => {
       const vol = await createVolume(16 * MiB);
       const staging = stagingDir('e-bad');
-      await env.node.call('nodeStageVolume', { volumeId: vol, stagingTargetPath: staging, volumeCapability: blockCap() });
-      expect(await codeOf(env.node.call('nodeExpandVolume', { volumeId: vol, volumePath: staging, capacityRange: { requiredBytes: BigInt(32 * MiB) } }))).toBe(
-        status.OUT_OF_RANGE,
-      );
-      expect(await codeOf(env.node.call('nodeExpandVolume', { volumeId: vol, volumePath: stagingDir('e-elsewhere') }))).toBe(status.NOT_FOUND);
-      expect(await codeOf(env.node.call('nodeExpandVolume', { volumeId: 'vol-00000000000000fb', volumePath: staging }))).toBe(status.NOT_FOUND);
-      expect(await codeOf(env.node.call('nodeExpandVolume', { volumeId: 'vol-00000000000000fb', volumePath: 'some/path' }))).toBe(status.NOT_FOUND);
+      await env.node.call('nodeStageVolume', {
+        volumeId: vol,
+        stagingTargetPath: staging,
+        volumeCapability: blockCap(),
+      });
+      expect(
+        await codeOf(
+          env.node.call('nodeExpandVolume', {
+            volumeId: vol,
+            volumePath: staging,
+            capacityRange: { requiredBytes: BigInt(32 * MiB) },
+          }),
+        ),
+      ).toBe(status.OUT_OF_RANGE);
+      expect(
+        await codeOf(env.node.call('nodeExpandVolume', { volumeId: vol, volumePath: stagingDir('e-elsewhere') })),
+      ).toBe(status.NOT_FOUND);
+      expect(
+        await codeOf(env.node.call('nodeExpandVolume', { volumeId: 'vol-00000000000000fb', volumePath: staging })),
+      ).toBe(status.NOT_FOUND);
+      expect(
+        await codeOf(env.node.call('nodeExpandVolume', { volumeId: 'vol-00000000000000fb', volumePath: 'some/path' })),
+      ).toBe(status.NOT_FOUND);
       expect(await codeOf(env.node.call('nodeExpandVolume', { volumeId: vol }))).toBe(status.INVALID_ARGUMENT);
       expect(
-        await codeOf(env.node.call('nodeExpandVolume', { volumeId: vol, volumePath: staging, volumeCapability: blockCap(MULTI_NODE_MULTI_WRITER) })),
+        await codeOf(
+          env.node.call('nodeExpandVolume', {
+            volumeId: vol,
+            volumePath: staging,
+            volumeCapability: blockCap(MULTI_NODE_MULTI_WRITER),
+          }),
+        ),
       ).toBe(status.INVALID_ARGUMENT);
       await env.node.call('nodeUnstageVolume', { volumeId: vol, stagingTargetPath: staging });
     });
@@ -681,10 +1053,18 @@ dataPlaneSuite('CSI Node service', () => {
       const vol = await createVolume();
       const staging = stagingDir('ro-stage');
       // Formatted once writable, then staged for reading only.
-      await env.node.call('nodeStageVolume', { volumeId: vol, stagingTargetPath: staging, volumeCapability: mountCap() });
+      await env.node.call('nodeStageVolume', {
+        volumeId: vol,
+        stagingTargetPath: staging,
+        volumeCapability: mountCap(),
+      });
       fs.writeFileSync(`${staging}/data`, 'written before');
       await env.node.call('nodeUnstageVolume', { volumeId: vol, stagingTargetPath: staging });
-      await env.node.call('nodeStageVolume', { volumeId: vol, stagingTargetPath: staging, volumeCapability: mountCap('', SINGLE_NODE_READER_ONLY) });
+      await env.node.call('nodeStageVolume', {
+        volumeId: vol,
+        stagingTargetPath: staging,
+        volumeCapability: mountCap('', SINGLE_NODE_READER_ONLY),
+      });
       expect(fs.readFileSync(`${staging}/data`, 'utf8')).toBe('written before');
       expect(() => fs.writeFileSync(`${staging}/more`, 'x')).toThrow(/EROFS/);
       expect(loopDevicesUnder(env.stateDir).find((d) => d.backFile.endsWith(`/${vol}`))?.ro).toBe(true);

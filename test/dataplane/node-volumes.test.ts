@@ -42,7 +42,13 @@ beforeEach(async () => {
   const stateDir = path.join(dir, 'state');
   fs.mkdirSync(path.join(dir, 'pods'));
   fs.mkdirSync(path.join(dir, 'staging'));
-  w = { dir, stateDir, store: BlockStore.open(path.join(stateDir, 'store'), { autoCompact: false }), host: new FakeHost(), logs: [] } as unknown as World;
+  w = {
+    dir,
+    stateDir,
+    store: BlockStore.open(path.join(stateDir, 'store'), { autoCompact: false }),
+    host: new FakeHost(),
+    logs: [],
+  } as unknown as World;
   await startInstance();
 });
 
@@ -311,7 +317,9 @@ describe('restart', () => {
     await startInstance();
     await expect(w.store.deleteVolume(vol)).rejects.toThrow();
     expect((await w.nv.stats(vol, target)).condition.abnormal).toBe(true);
-    expect((await refusal(w.nv.publish(publishReq(vol, 'block', p('pods', 'other'))))).kind).toBe('failed-precondition');
+    expect((await refusal(w.nv.publish(publishReq(vol, 'block', p('pods', 'other'))))).kind).toBe(
+      'failed-precondition',
+    );
     await w.nv.unpublish(vol, target);
     expect(fs.existsSync(target)).toBe(false);
     await w.nv.unstage(vol, p('staging', vol));
@@ -342,7 +350,15 @@ describe('restart', () => {
     const stagingFile = path.join(nodeDir, `${vol}.json`);
     const rec = JSON.parse(fs.readFileSync(stagingFile, 'utf8')) as Record<string, unknown>;
     const [pubName] = publicationFiles(vol);
-    const { targetPath, realPath: _r, created: _c, ...pub } = JSON.parse(fs.readFileSync(path.join(nodeDir, `${vol}.publishes`, pubName!), 'utf8')) as Record<string, unknown>;
+    const {
+      targetPath,
+      realPath: _r,
+      created: _c,
+      ...pub
+    } = JSON.parse(fs.readFileSync(path.join(nodeDir, `${vol}.publishes`, pubName!), 'utf8')) as Record<
+      string,
+      unknown
+    >;
     const { stagingRealPath: _s, stagingCreated: _sc, ...legacy } = rec;
     fs.rmSync(path.join(nodeDir, `${vol}.publishes`), { recursive: true });
     fs.writeFileSync(stagingFile, JSON.stringify({ ...legacy, publishes: { [targetPath as string]: pub } }));

@@ -29,7 +29,7 @@ const BLOCK = 4096;
 const WRITES_PER_PHASE = 120;
 
 let env: NodeEnv;
-const seed = Number(process.env['CBT_E2E_SEED'] ?? Date.now() % 2 ** 31);
+const seed = Number(process.env.CBT_E2E_SEED ?? Date.now() % 2 ** 31);
 
 /** Seeded, so a failure can be replayed with CBT_E2E_SEED. */
 const rng = mulberry32;
@@ -56,7 +56,12 @@ async function stageAndPublish(volumeId: string, name: string): Promise<Publishe
   fs.mkdirSync(staging, { recursive: true });
   fs.mkdirSync(env.path('pods'), { recursive: true });
   await env.node.call('nodeStageVolume', { volumeId, stagingTargetPath: staging, volumeCapability: blockCap() });
-  await env.node.call('nodePublishVolume', { volumeId, stagingTargetPath: staging, targetPath: target, volumeCapability: blockCap() });
+  await env.node.call('nodePublishVolume', {
+    volumeId,
+    stagingTargetPath: staging,
+    targetPath: target,
+    volumeCapability: blockCap(),
+  });
   return { volumeId, staging, target };
 }
 
@@ -89,12 +94,16 @@ type Extent = { offset: number; length: number };
 
 async function allocatedExtents(snapshotId: string): Promise<Extent[]> {
   const messages = await env.metadata.collect('getMetadataAllocated', { snapshotId });
-  return messages.flatMap((m) => m.blockMetadata.map((t) => ({ offset: Number(t.byteOffset), length: Number(t.sizeBytes) })));
+  return messages.flatMap((m) =>
+    m.blockMetadata.map((t) => ({ offset: Number(t.byteOffset), length: Number(t.sizeBytes) })),
+  );
 }
 
 async function deltaExtents(baseSnapshotId: string, targetSnapshotId: string): Promise<Extent[]> {
   const messages = await env.metadata.collect('getMetadataDelta', { baseSnapshotId, targetSnapshotId });
-  return messages.flatMap((m) => m.blockMetadata.map((t) => ({ offset: Number(t.byteOffset), length: Number(t.sizeBytes) })));
+  return messages.flatMap((m) =>
+    m.blockMetadata.map((t) => ({ offset: Number(t.byteOffset), length: Number(t.sizeBytes) })),
+  );
 }
 
 function blocksOf(extents: readonly Extent[]): Set<number> {
@@ -105,7 +114,8 @@ function blocksOf(extents: readonly Extent[]): Set<number> {
 
 /** Copies extents from a restored snapshot's bytes into the backup volume, through its device. */
 function copyExtents(extents: readonly Extent[], from: Buffer, device: string): void {
-  for (const e of extents) directWrite(device, e.offset, from.subarray(e.offset, e.offset + e.length), env.path('scratch'));
+  for (const e of extents)
+    directWrite(device, e.offset, from.subarray(e.offset, e.offset + e.length), env.path('scratch'));
 }
 
 const sorted = (s: Set<number>) => [...s].sort((a, b) => a - b);
@@ -143,9 +153,14 @@ dataPlaneSuite('block volume end to end: CBT through a real device', () => {
 
     // Full backup: only the allocated blocks of snapshot 1, onto a fresh (zero) volume.
     const allocated = await allocatedExtents(snap1);
-    expect(sorted(blocksOf(allocated)), 'allocated(snap1) is exactly the blocks written before it').toEqual(sorted(written1));
+    expect(sorted(blocksOf(allocated)), 'allocated(snap1) is exactly the blocks written before it').toEqual(
+      sorted(written1),
+    );
     copyExtents(allocated, bytes1, backup.target);
-    expect(directRead(backup.target, CAPACITY, scratch).equals(bytes1), 'fresh volume + allocated blocks == snapshot 1').toBe(true);
+    expect(
+      directRead(backup.target, CAPACITY, scratch).equals(bytes1),
+      'fresh volume + allocated blocks == snapshot 1',
+    ).toBe(true);
 
     // Incremental backup: only the changed blocks between the snapshots.
     const delta = await deltaExtents(snap1, snap2);
@@ -155,7 +170,10 @@ dataPlaneSuite('block volume end to end: CBT through a real device', () => {
     expect(missed, 'every block written between the snapshots is in the delta (no miss)').toEqual([]);
     expect(extra, 'no block left alone between the snapshots is in the delta (exact)').toEqual([]);
     copyExtents(delta, bytes2, backup.target);
-    expect(directRead(backup.target, CAPACITY, scratch).equals(bytes2), 'copy of snapshot 1 + delta blocks == snapshot 2').toBe(true);
+    expect(
+      directRead(backup.target, CAPACITY, scratch).equals(bytes2),
+      'copy of snapshot 1 + delta blocks == snapshot 2',
+    ).toBe(true);
 
     for (const p of [restore1, restore2, backup, source]) await release(p);
   }, 300_000);

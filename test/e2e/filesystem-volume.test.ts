@@ -24,7 +24,12 @@ async function stageAndPublish(volumeId: string, name: string, fsType: string): 
   fs.mkdirSync(staging, { recursive: true });
   fs.mkdirSync(env.path('pods'), { recursive: true });
   await env.node.call('nodeStageVolume', { volumeId, stagingTargetPath: staging, volumeCapability: mountCap(fsType) });
-  await env.node.call('nodePublishVolume', { volumeId, stagingTargetPath: staging, targetPath: target, volumeCapability: mountCap(fsType) });
+  await env.node.call('nodePublishVolume', {
+    volumeId,
+    stagingTargetPath: staging,
+    targetPath: target,
+    volumeCapability: mountCap(fsType),
+  });
   return { volumeId, staging, target };
 }
 
@@ -95,7 +100,10 @@ dataPlaneSuite('filesystem volume end to end: files survive snapshot and restore
       const before = digest(source.target);
       expect(before.size).toBe(files.length);
 
-      const snap = await env.controller.call('createSnapshot', { sourceVolumeId: source.volumeId, name: `fs-snap-${expectedType}` });
+      const snap = await env.controller.call('createSnapshot', {
+        sourceVolumeId: source.volumeId,
+        name: `fs-snap-${expectedType}`,
+      });
       // After the cut: a new file and a changed one, which the restore must not see.
       writeDurably(path.join(source.target, 'after.txt'), Buffer.from('written after the snapshot'));
       writeDurably(path.join(source.target, 'small.txt'), Buffer.from('changed after the snapshot'));

@@ -42,7 +42,12 @@ async function publish(volumeId: string): Promise<Published> {
   fs.mkdirSync(staging, { recursive: true });
   fs.mkdirSync(env.path('pods'), { recursive: true });
   await env.node.call('nodeStageVolume', { volumeId, stagingTargetPath: staging, volumeCapability: blockCap() });
-  await env.node.call('nodePublishVolume', { volumeId, stagingTargetPath: staging, targetPath: target, volumeCapability: blockCap() });
+  await env.node.call('nodePublishVolume', {
+    volumeId,
+    stagingTargetPath: staging,
+    targetPath: target,
+    volumeCapability: blockCap(),
+  });
   return { volumeId, staging, target };
 }
 
@@ -53,10 +58,17 @@ async function release(p: Published): Promise<void> {
 
 async function snapshot(volumeId: string): Promise<string> {
   await new Promise((r) => setTimeout(r, 2));
-  return (await env.controller.call('createSnapshot', { name: `ka-snap-${++names}`, sourceVolumeId: volumeId })).snapshot!.snapshotId;
+  return (await env.controller.call('createSnapshot', { name: `ka-snap-${++names}`, sourceVolumeId: volumeId }))
+    .snapshot!.snapshotId;
 }
 
-async function writePattern(device: string, file: string, pattern: (typeof PATTERNS)[number], seed: number, count: number): Promise<void> {
+async function writePattern(
+  device: string,
+  file: string,
+  pattern: (typeof PATTERNS)[number],
+  seed: number,
+  count: number,
+): Promise<void> {
   const target = await openPathTarget(device);
   try {
     appendAnswerRun(file, await generate({ pattern, seed, count, blockSize: 4096 }, target));
@@ -90,7 +102,12 @@ dataPlaneSuite('known answers through a published block device', () => {
         const runs = readAnswerRuns(file);
         const s1At = await reader.snapshotCreatedAtMs(s1);
         const s2At = await reader.snapshotCreatedAtMs(s2);
-        const allocated = await checkAnswers({ runs, snapshotCreatedAtMs: s1At, reported: await reader.extents(s1, undefined), granularity: 0 });
+        const allocated = await checkAnswers({
+          runs,
+          snapshotCreatedAtMs: s1At,
+          reported: await reader.extents(s1, undefined),
+          granularity: 0,
+        });
         expect(allocated).toMatchObject({ ok: true, runsUsed: [0], missing: [], extraNotAllowed: [] });
         const delta = await checkAnswers({
           runs,
@@ -104,7 +121,13 @@ dataPlaneSuite('known answers through a published block device', () => {
             return buf;
           },
         });
-        expect(delta).toMatchObject({ ok: true, runsUsed: [1], missing: [], extraNotAllowed: [], checksumMismatches: [] });
+        expect(delta).toMatchObject({
+          ok: true,
+          runsUsed: [1],
+          missing: [],
+          extraNotAllowed: [],
+          checksumMismatches: [],
+        });
         expect(delta.blocksCompared).toBeGreaterThan(0);
       } finally {
         await handle.close();

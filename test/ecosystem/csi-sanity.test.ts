@@ -28,8 +28,17 @@ function countSpecs(reportFile: string) {
   const count = (state: string) => specs.filter((s) => s.State === state).length;
   const failures = specs
     .filter((s) => !['passed', 'skipped', 'pending'].includes(s.State))
-    .map((s) => `${s.State}: ${[...(s.ContainerHierarchyTexts ?? []), s.LeafNodeText].join(' ')}: ${s.Failure?.Message ?? ''}`);
-  return { passed: count('passed'), failed: specs.length - count('passed') - count('skipped') - count('pending'), pending: count('pending'), skipped: count('skipped'), failures };
+    .map(
+      (s) =>
+        `${s.State}: ${[...(s.ContainerHierarchyTexts ?? []), s.LeafNodeText].join(' ')}: ${s.Failure?.Message ?? ''}`,
+    );
+  return {
+    passed: count('passed'),
+    failed: specs.length - count('passed') - count('skipped') - count('pending'),
+    pending: count('pending'),
+    skipped: count('skipped'),
+    failures,
+  };
 }
 
 /** Runs csi-sanity to completion; resolves with its exit code and output. */
@@ -55,36 +64,42 @@ afterEach(async () => {
   env = undefined;
 });
 
-suiteUnless(missingDataPlane() ?? missingTools(['csi-sanity']), `csi-sanity ${COMPONENTS['csi-sanity']!.version}`, () => {
-  test.each(['mount', 'block'])(
-    '--csi.testvolumeaccesstype=%s: every spec passes or is skipped for a capability the driver does not advertise',
-    async (mode) => {
-      // A fresh driver and state directory per mode: csi-sanity reuses volume names within a run.
-      env = await startNodeEnv();
-      const report = env.path('sanity-report.json');
-      const { code, output } = await runSanity(
-        [
-          `--csi.endpoint=${env.target.replace(/^unix:\/\//, '')}`,
-          `--csi.testvolumeaccesstype=${mode}`,
-          `--csi.testvolumesize=${GiB}`,
-          `--csi.testvolumeexpandsize=${2 * GiB}`,
-          // csi-sanity creates these itself and they must not exist yet.
-          `--csi.mountdir=${env.path('sanity-mnt')}`,
-          `--csi.stagingdir=${env.path('sanity-stg')}`,
-          `--ginkgo.json-report=${report}`,
-          '--ginkgo.no-color',
-          '--ginkgo.timeout=8m',
-        ],
-        env.path('csi-sanity.log'),
-      );
-      expect(fs.existsSync(report), `csi-sanity wrote no report (exit ${code}):\n${output.slice(-3000)}`).toBe(true);
-      const counts = countSpecs(report);
-      console.log(`csi-sanity ${mode}: ${counts.passed} passed, ${counts.failed} failed, ${counts.pending} pending, ${counts.skipped} skipped`);
-      expect(counts.failures, output.slice(-3000)).toEqual([]);
-      expect(code, output.slice(-3000)).toBe(0);
-      // The driver advertises controller, node, snapshot, clone and expansion: most specs must run.
-      expect(counts.passed).toBeGreaterThanOrEqual(60);
-    },
-    600_000,
-  );
-});
+suiteUnless(
+  missingDataPlane() ?? missingTools(['csi-sanity']),
+  `csi-sanity ${COMPONENTS['csi-sanity']!.version}`,
+  () => {
+    test.each(['mount', 'block'])(
+      '--csi.testvolumeaccesstype=%s: every spec passes or is skipped for a capability the driver does not advertise',
+      async (mode) => {
+        // A fresh driver and state directory per mode: csi-sanity reuses volume names within a run.
+        env = await startNodeEnv();
+        const report = env.path('sanity-report.json');
+        const { code, output } = await runSanity(
+          [
+            `--csi.endpoint=${env.target.replace(/^unix:\/\//, '')}`,
+            `--csi.testvolumeaccesstype=${mode}`,
+            `--csi.testvolumesize=${GiB}`,
+            `--csi.testvolumeexpandsize=${2 * GiB}`,
+            // csi-sanity creates these itself and they must not exist yet.
+            `--csi.mountdir=${env.path('sanity-mnt')}`,
+            `--csi.stagingdir=${env.path('sanity-stg')}`,
+            `--ginkgo.json-report=${report}`,
+            '--ginkgo.no-color',
+            '--ginkgo.timeout=8m',
+          ],
+          env.path('csi-sanity.log'),
+        );
+        expect(fs.existsSync(report), `csi-sanity wrote no report (exit ${code}):\n${output.slice(-3000)}`).toBe(true);
+        const counts = countSpecs(report);
+        console.log(
+          `csi-sanity ${mode}: ${counts.passed} passed, ${counts.failed} failed, ${counts.pending} pending, ${counts.skipped} skipped`,
+        );
+        expect(counts.failures, output.slice(-3000)).toEqual([]);
+        expect(code, output.slice(-3000)).toBe(0);
+        // The driver advertises controller, node, snapshot, clone and expansion: most specs must run.
+        expect(counts.passed).toBeGreaterThanOrEqual(60);
+      },
+      600_000,
+    );
+  },
+);

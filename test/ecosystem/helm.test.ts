@@ -9,7 +9,7 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { parseAllDocuments, stringify } from 'yaml';
-import { afterAll, beforeAll, describe, expect, test } from 'vitest';
+import { afterAll, beforeAll, expect, test } from 'vitest';
 import { REPO_ROOT } from '../support/test-driver.js';
 import { SIDECAR_NEEDS } from '../packaging/sidecar-needs.js';
 import { crdFiles, startControlPlane, type ControlPlane } from './support/control-plane.js';
@@ -30,12 +30,42 @@ let caPem = '';
 const MATRIX: [string, () => Values][] = [
   ['default (mode single, TLS by helm)', () => ({})],
   ['mode daemonset', () => ({ mode: 'daemonset' })],
-  ['a custom audience and backup-client ServiceAccounts', () => ({ snapshotMetadata: { audience: 'backup.example.com/cbt' }, backupClientRole: { serviceAccounts: [CLIENT, { namespace: 'other', name: 'reader' }] } })],
-  ['TLS by cert-manager', () => ({ snapshotMetadata: { tls: { mode: 'certManager', caBundle: caPem, certManager: { issuerRef: { name: 'cbt-ca' } } } } })],
-  ['TLS from an existing Secret', () => ({ snapshotMetadata: { tls: { mode: 'secret', existingSecret: 'cbt-snapshot-metadata-tls', caBundle: caPem } } })],
-  ['FIXED metadata', () => ({ driver: { metadataStyle: 'FIXED' }, storageClass: { parameters: { metadataStyle: 'FIXED' } } })],
-  ['a custom block size', () => ({ driver: { defaultBlockSize: '64Ki' }, storageClass: { parameters: { blockSize: '64Ki' } } })],
-  ['group snapshots and deleted-snapshot retention', () => ({ volumeGroupSnapshotClass: { create: true }, driver: { deletedSnapshotRetentionDays: 7, deletedSnapshotMaxPerVolume: 32 } })],
+  [
+    'a custom audience and backup-client ServiceAccounts',
+    () => ({
+      snapshotMetadata: { audience: 'backup.example.com/cbt' },
+      backupClientRole: { serviceAccounts: [CLIENT, { namespace: 'other', name: 'reader' }] },
+    }),
+  ],
+  [
+    'TLS by cert-manager',
+    () => ({
+      snapshotMetadata: {
+        tls: { mode: 'certManager', caBundle: caPem, certManager: { issuerRef: { name: 'cbt-ca' } } },
+      },
+    }),
+  ],
+  [
+    'TLS from an existing Secret',
+    () => ({
+      snapshotMetadata: { tls: { mode: 'secret', existingSecret: 'cbt-snapshot-metadata-tls', caBundle: caPem } },
+    }),
+  ],
+  [
+    'FIXED metadata',
+    () => ({ driver: { metadataStyle: 'FIXED' }, storageClass: { parameters: { metadataStyle: 'FIXED' } } }),
+  ],
+  [
+    'a custom block size',
+    () => ({ driver: { defaultBlockSize: '64Ki' }, storageClass: { parameters: { blockSize: '64Ki' } } }),
+  ],
+  [
+    'group snapshots and deleted-snapshot retention',
+    () => ({
+      volumeGroupSnapshotClass: { create: true },
+      driver: { deletedSnapshotRetentionDays: 7, deletedSnapshotMaxPerVolume: 32 },
+    }),
+  ],
 ];
 
 let dir = '';
@@ -44,7 +74,15 @@ let dir = '';
 const toYaml = (objects: object[]) => objects.map((o) => stringify(o)).join('---\n');
 
 function helm(args: string[]): { status: number; stdout: string; stderr: string } {
-  const r = spawnSync(tool('helm'), args, { encoding: 'utf8', env: { ...process.env, HELM_CACHE_HOME: path.join(dir, 'helm-cache'), HELM_CONFIG_HOME: path.join(dir, 'helm-config'), HELM_DATA_HOME: path.join(dir, 'helm-data') } });
+  const r = spawnSync(tool('helm'), args, {
+    encoding: 'utf8',
+    env: {
+      ...process.env,
+      HELM_CACHE_HOME: path.join(dir, 'helm-cache'),
+      HELM_CONFIG_HOME: path.join(dir, 'helm-config'),
+      HELM_DATA_HOME: path.join(dir, 'helm-data'),
+    },
+  });
   return { status: r.status ?? -1, stdout: r.stdout ?? '', stderr: r.stderr ?? r.error?.message ?? '' };
 }
 
@@ -72,7 +110,11 @@ function render(name: string, values: Values): { file: string; objects: Obj[] } 
 const containers = (objects: Obj[]) =>
   objects
     .filter((o) => o.kind === 'StatefulSet' || o.kind === 'DaemonSet')
-    .flatMap((o) => ((o['spec'] as { template: { spec: { containers: { name: string; args?: string[] }[] } } }).template.spec.containers));
+    .flatMap(
+      (o) =>
+        (o.spec as { template: { spec: { containers: { name: string; args?: string[] }[] } } }).template.spec
+          .containers,
+    );
 
 interface Rule {
   apiGroups: string[];
@@ -82,15 +124,17 @@ interface Rule {
 }
 const grantsTokenCreate = (rule: Rule) =>
   (rule.apiGroups.includes('') || rule.apiGroups.includes('*')) &&
-  (rule.resources.includes('serviceaccounts/token') || rule.resources.includes('*') || rule.resources.includes('serviceaccounts/*')) &&
+  (rule.resources.includes('serviceaccounts/token') ||
+    rule.resources.includes('*') ||
+    rule.resources.includes('serviceaccounts/*')) &&
   (rule.verbs.includes('create') || rule.verbs.includes('*'));
 
-suiteUnless(missingTools(['helm']), `helm ${COMPONENTS['helm']!.version}: lint and template`, () => {
+suiteUnless(missingTools(['helm']), `helm ${COMPONENTS.helm!.version}: lint and template`, () => {
   beforeAll(() => {
     dir = fs.mkdtempSync(path.join(os.tmpdir(), 'cbt-helm-'));
     // The CA the chart generates in mode helm serves as the user's CA of the other TLS modes.
     const secret = render('ca-source', {}).objects.find((o) => o.kind === 'Secret')!;
-    caPem = Buffer.from((secret['data'] as Record<string, string>)['ca.crt']!, 'base64').toString();
+    caPem = Buffer.from((secret.data as Record<string, string>)['ca.crt']!, 'base64').toString();
     expect(caPem).toMatch(/^-----BEGIN CERTIFICATE-----/);
   });
   afterAll(() => {
@@ -102,7 +146,7 @@ suiteUnless(missingTools(['helm']), `helm ${COMPONENTS['helm']!.version}: lint a
     expect(r.status, r.stdout + r.stderr).toBe(0);
   });
 
-  test.each(MATRIX)('helm template renders objects that keep the chart\'s promises: %s', (name, values) => {
+  test.each(MATRIX)("helm template renders objects that keep the chart's promises: %s", (name, values) => {
     const v = values();
     const { objects } = render(name, v);
     expect(objects.length).toBeGreaterThan(5);
@@ -112,109 +156,205 @@ suiteUnless(missingTools(['helm']), `helm ${COMPONENTS['helm']!.version}: lint a
     const sidecar = containers(objects).find((c) => c.name === 'csi-snapshot-metadata');
     expect(Boolean(sms)).toBe(Boolean(sidecar));
     if (sms && sidecar) {
-      const audience = (sms['spec'] as { audience: string }).audience;
+      const audience = (sms.spec as { audience: string }).audience;
       expect(sidecar.args).toContain(`--audience=${audience}`);
-      const wanted = ((v['snapshotMetadata'] as Values | undefined)?.['audience'] as string | undefined) ?? 'cbt-csi-snapshot-metadata';
+      const wanted =
+        ((v.snapshotMetadata as Values | undefined)?.audience as string | undefined) ?? 'cbt-csi-snapshot-metadata';
       expect(audience).toBe(wanted);
     }
     // No cluster-wide token creation; token creation only for a client itself, in its namespace.
     const clusterRoles = objects.filter((o) => o.kind === 'ClusterRole');
-    expect(clusterRoles.filter((r) => (r['rules'] as Rule[]).some(grantsTokenCreate)).map((r) => r.metadata.name)).toEqual([]);
-    for (const role of objects.filter((o) => o.kind === 'Role' && (o['rules'] as Rule[]).some(grantsTokenCreate))) {
-      const binding = objects.find((o) => o.kind === 'RoleBinding' && (o['roleRef'] as { name: string }).name === role.metadata.name)!;
-      const subjects = binding['subjects'] as { name: string; namespace: string }[];
+    expect(clusterRoles.filter((r) => (r.rules as Rule[]).some(grantsTokenCreate)).map((r) => r.metadata.name)).toEqual(
+      [],
+    );
+    for (const role of objects.filter((o) => o.kind === 'Role' && (o.rules as Rule[]).some(grantsTokenCreate))) {
+      const binding = objects.find(
+        (o) => o.kind === 'RoleBinding' && (o.roleRef as { name: string }).name === role.metadata.name,
+      )!;
+      const subjects = binding.subjects as { name: string; namespace: string }[];
       expect(subjects).toHaveLength(1);
       expect(subjects[0]!.namespace).toBe(role.metadata.namespace);
-      for (const rule of (role['rules'] as Rule[]).filter(grantsTokenCreate)) expect(rule.resourceNames).toEqual([subjects[0]!.name]);
+      for (const rule of (role.rules as Rule[]).filter(grantsTokenCreate))
+        expect(rule.resourceNames).toEqual([subjects[0]!.name]);
     }
   });
 });
 
-suiteUnless(missingTools(['helm', 'etcd', 'kube-apiserver', 'kubectl']), `chart renders validated by kube-apiserver ${COMPONENTS['kubernetes']!.version}`, () => {
-  let cp: ControlPlane;
+suiteUnless(
+  missingTools(['helm', 'etcd', 'kube-apiserver', 'kubectl']),
+  `chart renders validated by kube-apiserver ${COMPONENTS.kubernetes!.version}`,
+  () => {
+    let cp: ControlPlane;
 
-  beforeAll(async () => {
-    dir = fs.mkdtempSync(path.join(os.tmpdir(), 'cbt-helm-'));
-    const secret = render('ca-source', {}).objects.find((o) => o.kind === 'Secret')!;
-    caPem = Buffer.from((secret['data'] as Record<string, string>)['ca.crt']!, 'base64').toString();
-    cp = await startControlPlane();
-    for (const file of crdFiles()) cp.kubectl(['apply', '--server-side', '-f', file]);
-    cp.kubectl(['wait', '--for=condition=Established', '--timeout=60s', 'crd', '--all']);
-    for (const ns of [NAMESPACE, CLIENT.namespace, 'other']) cp.kubectl(['create', 'namespace', ns]);
-  }, 240_000);
-  afterAll(async () => {
-    await cp?.stop();
-    if (dir) fs.rmSync(dir, { recursive: true, force: true });
-  });
+    beforeAll(async () => {
+      dir = fs.mkdtempSync(path.join(os.tmpdir(), 'cbt-helm-'));
+      const secret = render('ca-source', {}).objects.find((o) => o.kind === 'Secret')!;
+      caPem = Buffer.from((secret.data as Record<string, string>)['ca.crt']!, 'base64').toString();
+      cp = await startControlPlane();
+      for (const file of crdFiles()) cp.kubectl(['apply', '--server-side', '-f', file]);
+      cp.kubectl(['wait', '--for=condition=Established', '--timeout=60s', 'crd', '--all']);
+      for (const ns of [NAMESPACE, CLIENT.namespace, 'other']) cp.kubectl(['create', 'namespace', ns]);
+    }, 240_000);
+    afterAll(async () => {
+      await cp?.stop();
+      if (dir) fs.rmSync(dir, { recursive: true, force: true });
+    });
 
-  test.each(MATRIX)('kubectl apply --dry-run=server accepts every object: %s', (name, values) => {
-    const { file, objects } = render(name, values());
-    // cert-manager's Certificate has no CRD here (cert-manager is not part of this cluster): it is the
-    // one object left to the client-side checks above.
-    const kept = objects.filter((o) => o.apiVersion !== 'cert-manager.io/v1');
-    expect(objects.length - kept.length).toBe(name.includes('cert-manager') ? 1 : 0);
-    const input = toYaml(kept);
-    const r = cp.kubectl(['apply', '--dry-run=server', '-f', '-'], { input, allowFail: true });
-    expect(r.status, `${r.stderr}\n(render: ${file})`).toBe(0);
-    expect(r.stdout.trim().split('\n')).toHaveLength(kept.length);
-  });
+    test.each(MATRIX)('kubectl apply --dry-run=server accepts every object: %s', (name, values) => {
+      const { file, objects } = render(name, values());
+      // cert-manager's Certificate has no CRD here (cert-manager is not part of this cluster): it is the
+      // one object left to the client-side checks above.
+      const kept = objects.filter((o) => o.apiVersion !== 'cert-manager.io/v1');
+      expect(objects.length - kept.length).toBe(name.includes('cert-manager') ? 1 : 0);
+      const input = toYaml(kept);
+      const r = cp.kubectl(['apply', '--dry-run=server', '-f', '-'], { input, allowFail: true });
+      expect(r.status, `${r.stderr}\n(render: ${file})`).toBe(0);
+      expect(r.stdout.trim().split('\n')).toHaveLength(kept.length);
+    });
 
-  test("each sidecar's roles alone, applied for real, let the API server allow everything in its table", () => {
-    const { objects } = render('rbac', { backupClientRole: { serviceAccounts: [CLIENT] } });
-    const rbac = objects.filter((o) => ['ServiceAccount', 'ClusterRole', 'Role', 'ClusterRoleBinding', 'RoleBinding'].includes(o.kind));
-    cp.kubectl(['apply', '-f', '-'], { input: toYaml(rbac) });
-    // One ServiceAccount per sidecar, bound to that sidecar's roles only.
-    const probes: Obj[] = [];
-    for (const sidecar of Object.keys(SIDECAR_NEEDS)) {
-      const role = `${RELEASE}-${sidecar}`;
-      const subject = [{ kind: 'ServiceAccount', name: `probe-${sidecar}`, namespace: NAMESPACE }];
-      probes.push({ apiVersion: 'v1', kind: 'ServiceAccount', metadata: { name: `probe-${sidecar}`, namespace: NAMESPACE } });
-      probes.push({ apiVersion: 'rbac.authorization.k8s.io/v1', kind: 'ClusterRoleBinding', metadata: { name: `probe-${sidecar}` }, roleRef: { apiGroup: 'rbac.authorization.k8s.io', kind: 'ClusterRole', name: role }, subjects: subject });
-      if (rbac.some((o) => o.kind === 'Role' && o.metadata.name === role)) {
-        probes.push({ apiVersion: 'rbac.authorization.k8s.io/v1', kind: 'RoleBinding', metadata: { name: `probe-${sidecar}`, namespace: NAMESPACE }, roleRef: { apiGroup: 'rbac.authorization.k8s.io', kind: 'Role', name: role }, subjects: subject });
-      }
-    }
-    cp.kubectl(['apply', '-f', '-'], { input: toYaml(probes) });
-
-    const questions: { label: string; expected: boolean; user: string; attrs: Record<string, string> }[] = [];
-    const sa = (ns: string, name: string) => `system:serviceaccount:${ns}:${name}`;
-    for (const [sidecar, { needs }] of Object.entries(SIDECAR_NEEDS)) {
-      for (const n of needs) {
-        const [resource, subresource] = n.resource.split('/');
-        for (const verb of n.verbs) {
-          questions.push({
-            label: `${sidecar}: ${verb} ${n.group || 'core'}/${n.resource}`,
-            expected: true,
-            user: sa(NAMESPACE, `probe-${sidecar}`),
-            attrs: { group: n.group, resource: resource!, ...(subresource ? { subresource } : {}), verb, ...(n.scope === 'namespace' ? { namespace: NAMESPACE } : {}) },
+    test("each sidecar's roles alone, applied for real, let the API server allow everything in its table", () => {
+      const { objects } = render('rbac', { backupClientRole: { serviceAccounts: [CLIENT] } });
+      const rbac = objects.filter((o) =>
+        ['ServiceAccount', 'ClusterRole', 'Role', 'ClusterRoleBinding', 'RoleBinding'].includes(o.kind),
+      );
+      cp.kubectl(['apply', '-f', '-'], { input: toYaml(rbac) });
+      // One ServiceAccount per sidecar, bound to that sidecar's roles only.
+      const probes: Obj[] = [];
+      for (const sidecar of Object.keys(SIDECAR_NEEDS)) {
+        const role = `${RELEASE}-${sidecar}`;
+        const subject = [{ kind: 'ServiceAccount', name: `probe-${sidecar}`, namespace: NAMESPACE }];
+        probes.push({
+          apiVersion: 'v1',
+          kind: 'ServiceAccount',
+          metadata: { name: `probe-${sidecar}`, namespace: NAMESPACE },
+        });
+        probes.push({
+          apiVersion: 'rbac.authorization.k8s.io/v1',
+          kind: 'ClusterRoleBinding',
+          metadata: { name: `probe-${sidecar}` },
+          roleRef: { apiGroup: 'rbac.authorization.k8s.io', kind: 'ClusterRole', name: role },
+          subjects: subject,
+        });
+        if (rbac.some((o) => o.kind === 'Role' && o.metadata.name === role)) {
+          probes.push({
+            apiVersion: 'rbac.authorization.k8s.io/v1',
+            kind: 'RoleBinding',
+            metadata: { name: `probe-${sidecar}`, namespace: NAMESPACE },
+            roleRef: { apiGroup: 'rbac.authorization.k8s.io', kind: 'Role', name: role },
+            subjects: subject,
           });
         }
       }
-    }
-    const token = (ns: string, name: string) => ({ group: '', resource: 'serviceaccounts', subresource: 'token', verb: 'create', namespace: ns, name });
-    questions.push(
-      { label: 'backup client: a token for itself', expected: true, user: sa(CLIENT.namespace, CLIENT.name), attrs: token(CLIENT.namespace, CLIENT.name) },
-      { label: "backup client: a token for the driver's ServiceAccount", expected: false, user: sa(CLIENT.namespace, CLIENT.name), attrs: token(NAMESPACE, RELEASE) },
-      { label: 'backup client: a token for another ServiceAccount of its namespace', expected: false, user: sa(CLIENT.namespace, CLIENT.name), attrs: token(CLIENT.namespace, 'default') },
-      { label: 'backup client: get VolumeSnapshots anywhere', expected: true, user: sa(CLIENT.namespace, CLIENT.name), attrs: { group: 'snapshot.storage.k8s.io', resource: 'volumesnapshots', verb: 'get', namespace: 'other' } },
-      { label: 'backup client: get the SnapshotMetadataService', expected: true, user: sa(CLIENT.namespace, CLIENT.name), attrs: { group: 'cbt.storage.k8s.io', resource: 'snapshotmetadataservices', verb: 'get' } },
-      { label: 'backup client: delete VolumeSnapshots', expected: false, user: sa(CLIENT.namespace, CLIENT.name), attrs: { group: 'snapshot.storage.k8s.io', resource: 'volumesnapshots', verb: 'delete', namespace: CLIENT.namespace } },
-      { label: "the driver's ServiceAccount: a token for any ServiceAccount", expected: false, user: sa(NAMESPACE, RELEASE), attrs: token('kube-system', 'default') },
-    );
-    const reviews = {
-      apiVersion: 'v1',
-      kind: 'List',
-      items: questions.map((q) => ({
-        apiVersion: 'authorization.k8s.io/v1',
-        kind: 'SubjectAccessReview',
-        spec: { user: q.user, groups: ['system:serviceaccounts', `system:serviceaccounts:${q.user.split(':')[2]}`, 'system:authenticated'], resourceAttributes: q.attrs },
-      })),
-    };
-    // One line per review, in order: whether the API server's RBAC authorizer allows it.
-    const out = cp.kubectl(['create', '-f', '-', '-o', 'jsonpath={.status.allowed}{"\\n"}'], { input: JSON.stringify(reviews) }).stdout;
-    const allowed = out.trim().split('\n').map((l) => l === 'true');
-    expect(allowed).toHaveLength(questions.length);
-    const wrong = questions.filter((q, i) => allowed[i] !== q.expected).map((q) => `${q.label}: expected ${q.expected ? 'allowed' : 'denied'}`);
-    expect(wrong).toEqual([]);
-  });
-});
+      cp.kubectl(['apply', '-f', '-'], { input: toYaml(probes) });
+
+      const questions: { label: string; expected: boolean; user: string; attrs: Record<string, string> }[] = [];
+      const sa = (ns: string, name: string) => `system:serviceaccount:${ns}:${name}`;
+      for (const [sidecar, { needs }] of Object.entries(SIDECAR_NEEDS)) {
+        for (const n of needs) {
+          const [resource, subresource] = n.resource.split('/');
+          for (const verb of n.verbs) {
+            questions.push({
+              label: `${sidecar}: ${verb} ${n.group || 'core'}/${n.resource}`,
+              expected: true,
+              user: sa(NAMESPACE, `probe-${sidecar}`),
+              attrs: {
+                group: n.group,
+                resource: resource!,
+                ...(subresource ? { subresource } : {}),
+                verb,
+                ...(n.scope === 'namespace' ? { namespace: NAMESPACE } : {}),
+              },
+            });
+          }
+        }
+      }
+      const token = (ns: string, name: string) => ({
+        group: '',
+        resource: 'serviceaccounts',
+        subresource: 'token',
+        verb: 'create',
+        namespace: ns,
+        name,
+      });
+      questions.push(
+        {
+          label: 'backup client: a token for itself',
+          expected: true,
+          user: sa(CLIENT.namespace, CLIENT.name),
+          attrs: token(CLIENT.namespace, CLIENT.name),
+        },
+        {
+          label: "backup client: a token for the driver's ServiceAccount",
+          expected: false,
+          user: sa(CLIENT.namespace, CLIENT.name),
+          attrs: token(NAMESPACE, RELEASE),
+        },
+        {
+          label: 'backup client: a token for another ServiceAccount of its namespace',
+          expected: false,
+          user: sa(CLIENT.namespace, CLIENT.name),
+          attrs: token(CLIENT.namespace, 'default'),
+        },
+        {
+          label: 'backup client: get VolumeSnapshots anywhere',
+          expected: true,
+          user: sa(CLIENT.namespace, CLIENT.name),
+          attrs: { group: 'snapshot.storage.k8s.io', resource: 'volumesnapshots', verb: 'get', namespace: 'other' },
+        },
+        {
+          label: 'backup client: get the SnapshotMetadataService',
+          expected: true,
+          user: sa(CLIENT.namespace, CLIENT.name),
+          attrs: { group: 'cbt.storage.k8s.io', resource: 'snapshotmetadataservices', verb: 'get' },
+        },
+        {
+          label: 'backup client: delete VolumeSnapshots',
+          expected: false,
+          user: sa(CLIENT.namespace, CLIENT.name),
+          attrs: {
+            group: 'snapshot.storage.k8s.io',
+            resource: 'volumesnapshots',
+            verb: 'delete',
+            namespace: CLIENT.namespace,
+          },
+        },
+        {
+          label: "the driver's ServiceAccount: a token for any ServiceAccount",
+          expected: false,
+          user: sa(NAMESPACE, RELEASE),
+          attrs: token('kube-system', 'default'),
+        },
+      );
+      const reviews = {
+        apiVersion: 'v1',
+        kind: 'List',
+        items: questions.map((q) => ({
+          apiVersion: 'authorization.k8s.io/v1',
+          kind: 'SubjectAccessReview',
+          spec: {
+            user: q.user,
+            groups: [
+              'system:serviceaccounts',
+              `system:serviceaccounts:${q.user.split(':')[2]}`,
+              'system:authenticated',
+            ],
+            resourceAttributes: q.attrs,
+          },
+        })),
+      };
+      // One line per review, in order: whether the API server's RBAC authorizer allows it.
+      const out = cp.kubectl(['create', '-f', '-', '-o', 'jsonpath={.status.allowed}{"\\n"}'], {
+        input: JSON.stringify(reviews),
+      }).stdout;
+      const allowed = out
+        .trim()
+        .split('\n')
+        .map((l) => l === 'true');
+      expect(allowed).toHaveLength(questions.length);
+      const wrong = questions
+        .filter((q, i) => allowed[i] !== q.expected)
+        .map((q) => `${q.label}: expected ${q.expected ? 'allowed' : 'denied'}`);
+      expect(wrong).toEqual([]);
+    });
+  },
+);

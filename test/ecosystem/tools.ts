@@ -21,12 +21,17 @@ export interface Component {
 }
 
 export const VERSIONS_FILE = path.join(REPO_ROOT, 'scripts/ecosystem/versions.json');
-export const COMPONENTS = (JSON.parse(fs.readFileSync(VERSIONS_FILE, 'utf8')) as { components: Record<string, Component> }).components;
+export const COMPONENTS = (
+  JSON.parse(fs.readFileSync(VERSIONS_FILE, 'utf8')) as { components: Record<string, Component> }
+).components;
 
 /** The cache build.sh installs into (same rule as the script). */
 export function ecosystemCache(): string {
   const env = process.env;
-  return env['CBT_CSI_ECOSYSTEM_CACHE'] ?? path.join(env['XDG_CACHE_HOME'] ?? path.join(os.homedir(), '.cache'), 'cbt-csi-ecosystem');
+  return (
+    env.CBT_CSI_ECOSYSTEM_CACHE ??
+    path.join(env.XDG_CACHE_HOME ?? path.join(os.homedir(), '.cache'), 'cbt-csi-ecosystem')
+  );
 }
 
 /** The component that builds a program. */
@@ -65,7 +70,7 @@ export function missingTools(binaries: readonly string[]): string | undefined {
 /** describe() when `missing` is undefined; else skipped with the reason, or one failing test under CI=true. */
 export function suiteUnless(missing: string | undefined, name: string, body: () => void): void {
   if (!missing) describe(name, body);
-  else if (process.env['CI'] === 'true') {
+  else if (process.env.CI === 'true') {
     describe(name, () =>
       it(`has what it needs (CI=true): ${missing}`, () => {
         throw new Error(missing);

@@ -22,8 +22,23 @@ import {
   probeFileSystem,
   type FileSystemLimits,
 } from '../../storage-engine/capacity.js';
-import { missingSmallFileSystem, mountSmallExt4, smallFileSystemSuite, type SmallFileSystem } from '../support/small-filesystem.js';
-import { GiB, KiB, MiB, TiB, caught, expectEngineError, expectSameBytes, pattern, useTempStores } from './support/example-support.js';
+import {
+  missingSmallFileSystem,
+  mountSmallExt4,
+  smallFileSystemSuite,
+  type SmallFileSystem,
+} from '../support/small-filesystem.js';
+import {
+  GiB,
+  KiB,
+  MiB,
+  TiB,
+  caught,
+  expectEngineError,
+  expectSameBytes,
+  pattern,
+  useTempStores,
+} from './support/example-support.js';
 
 const stores = useTempStores();
 
@@ -60,8 +75,12 @@ describe('the rules, on given filesystem limits', () => {
 
   test('with a provisioning limit, the largest volume is also no more than what is left under it, in whole blocks', () => {
     const limits = ext4(MAX_ADDRESSABLE_BYTES);
-    expect(maximumVolumeBytes(limits, { capacityLimitBytes: 10 * GiB, provisionedBytes: 4 * GiB }, 4 * KiB)).toBe(6 * GiB);
-    expect(maximumVolumeBytes(limits, { capacityLimitBytes: 10 * GiB, provisionedBytes: 4 * GiB + 1 }, MiB)).toBe(6 * GiB - MiB);
+    expect(maximumVolumeBytes(limits, { capacityLimitBytes: 10 * GiB, provisionedBytes: 4 * GiB }, 4 * KiB)).toBe(
+      6 * GiB,
+    );
+    expect(maximumVolumeBytes(limits, { capacityLimitBytes: 10 * GiB, provisionedBytes: 4 * GiB + 1 }, MiB)).toBe(
+      6 * GiB - MiB,
+    );
     expect(maximumVolumeBytes(limits, { capacityLimitBytes: 10 * GiB, provisionedBytes: 12 * GiB }, 4 * KiB)).toBe(0);
   });
 
@@ -143,7 +162,11 @@ describe("the temp directory's filesystem", () => {
     const { store } = stores.open();
     const B = 4 * KiB;
     const largest = store.capacity(B).maximumVolumeBytes;
-    await expectEngineError(() => store.createVolume({ name: 'huge', capacityBytes: largest + B, blockSize: B }), OutOfRangeError, 'OUT_OF_RANGE');
+    await expectEngineError(
+      () => store.createVolume({ name: 'huge', capacityBytes: largest + B, blockSize: B }),
+      OutOfRangeError,
+      'OUT_OF_RANGE',
+    );
     expect(store.findVolumeByName('huge')).toBeUndefined();
     const v = await store.createVolume({ capacityBytes: GiB, blockSize: B });
     await expectEngineError(() => store.growVolume(v.id, largest + B), OutOfRangeError, 'OUT_OF_RANGE');
@@ -179,10 +202,11 @@ describe('a tmpfs state filesystem (files of any size the engine addresses)', ()
     fs.rmSync(dir, { recursive: true, force: true });
   });
   afterEach(() => {
-    if (dir) for (const entry of fs.readdirSync(dir)) fs.rmSync(path.join(dir, entry), { recursive: true, force: true });
+    if (dir)
+      for (const entry of fs.readdirSync(dir)) fs.rmSync(path.join(dir, entry), { recursive: true, force: true });
   });
 
-  test.skipIf(missing !== undefined && process.env['CI'] !== 'true')(
+  test.skipIf(missing !== undefined && process.env.CI !== 'true')(
     `exactly 2^32 blocks is the largest volume (inclusive): created, last block written and read back${missing ? ` (skipped: ${missing})` : ''}`,
     async () => {
       if (!dir) throw new Error(`CI=true but tmpfs cannot be mounted: ${missing}`);
@@ -194,7 +218,11 @@ describe('a tmpfs state filesystem (files of any size the engine addresses)', ()
       store.write(v.id, MAX_BLOCKS * B - B, data);
       await store.flush(v.id);
       expectSameBytes(store.read(v.id, MAX_BLOCKS * B - B, B), data, 'last block');
-      await expectEngineError(() => store.createVolume({ capacityBytes: (MAX_BLOCKS + 1) * B, blockSize: B }), OutOfRangeError, 'OUT_OF_RANGE');
+      await expectEngineError(
+        () => store.createVolume({ capacityBytes: (MAX_BLOCKS + 1) * B, blockSize: B }),
+        OutOfRangeError,
+        'OUT_OF_RANGE',
+      );
     },
   );
 });

@@ -115,7 +115,10 @@ const QUERIES: Array<{ key: string; options: ExtentQueryOptions }> = [
   { key: 'FIXED', options: { style: 'FIXED' } },
   { key: 'VARIABLE', options: { style: 'VARIABLE' } },
   // Starting inside block 22 (in s3's run 20..26) and block 45 (inside s4's run 40..50).
-  { key: 'FIXED from mid-block 22 in batches of 3', options: { style: 'FIXED', startingOffset: 22 * B + 5, batchSize: 3 } },
+  {
+    key: 'FIXED from mid-block 22 in batches of 3',
+    options: { style: 'FIXED', startingOffset: 22 * B + 5, batchSize: 3 },
+  },
   {
     key: 'VARIABLE from mid-block 45 in batches of 2',
     options: { style: 'VARIABLE', startingOffset: 45 * B + 5, batchSize: 2 },
@@ -175,7 +178,10 @@ async function expectMatchesModel(h: History, snapLabels: string[], volLabels: s
       const target = snapOf(h, b);
       if (!related(base.model, target.model)) continue;
       for (const q of QUERIES) {
-        expect(await collect(store.delta(base.info.id, target.info.id, q.options)), `delta ${a}->${b} ${q.key}`).toEqual(
+        expect(
+          await collect(store.delta(base.info.id, target.info.id, q.options)),
+          `delta ${a}->${b} ${q.key}`,
+        ).toEqual(
           extentsOf(modelDelta(base.model, target.model), B, q.options.style ?? 'VARIABLE', q.options.startingOffset),
         );
       }
@@ -274,7 +280,11 @@ describe('compaction gives space back', () => {
     expect(after.layers).toBe(before.layers - 1);
     // The overridden blocks' bytes are gone from disk (allow one block of allocation slack).
     expect(before.layerBytes - after.layerBytes).toBeGreaterThanOrEqual((overridden - 1) * B);
-    await expectMatchesModel(h, ALL_SNAPS.filter((l) => l !== 's1'), ['V', 'C']);
+    await expectMatchesModel(
+      h,
+      ALL_SNAPS.filter((l) => l !== 's1'),
+      ['V', 'C'],
+    );
   });
 
   test("a clone's source layer stays hidden while the clone builds on it, and merges once the clone is gone", async () => {
@@ -361,7 +371,7 @@ describe('compaction gives space back', () => {
     const v = await store.createVolume({ capacityBytes: 64 * B });
     const ids = new Map<string, string>([['V', v.id]]);
     for (let i = 1; i <= 5; i++) {
-      store.write(v.id, (i * 7 % 64) * B + i, pattern(i, 9 * B));
+      store.write(v.id, ((i * 7) % 64) * B + i, pattern(i, 9 * B));
       ids.set(`s${i}`, (await store.createSnapshot({ volumeId: v.id })).id);
     }
     store.write(v.id, 0, pattern(99, 3 * B));
@@ -376,7 +386,14 @@ describe('compaction gives space back', () => {
     }
     await store.compact();
     const usage = store.spaceUsage();
-    expect(usage).toMatchObject({ volumes: 0, snapshots: 0, layers: 0, hiddenLayers: 0, layerBytes: 0, provisionedBytes: 0 });
+    expect(usage).toMatchObject({
+      volumes: 0,
+      snapshots: 0,
+      layers: 0,
+      hiddenLayers: 0,
+      layerBytes: 0,
+      provisionedBytes: 0,
+    });
     expect(layerFiles(dir)).toEqual([]);
   });
 
@@ -417,86 +434,95 @@ describe('compaction concurrent with I/O', () => {
   test.each([
     ['with no snapshot taken meanwhile', false],
     ['with a snapshot taken a few turns into the merge into the head, freezing the layer being merged into', true],
-  ])('writes, trims and flushes issued while compaction merges into the live head lose nothing (%s)', async (_what, snapshotMidway) => {
-    const { store, dir } = stores.open({ autoCompact: false });
-    // Big enough that both merges (s1's layer into s2's, then that into the head) take many copy chunks.
-    const blocks = 16384;
-    const info = await store.createVolume({ capacityBytes: blocks * B, blockSize: B });
-    const model = new ModelVolume(B, blocks * B);
-    const write = (offset: number, data: Buffer): void => {
-      store.write(info.id, offset, data);
-      model.write(offset, data);
-    };
-    write(0, pattern(1, 8192 * B));
-    const s1 = await store.createSnapshot({ volumeId: info.id });
-    model.snapshot();
-    write(4096 * B, pattern(2, 4096 * B));
-    write(12000 * B + 17, pattern(3, 5 * B));
-    const s2 = await store.createSnapshot({ volumeId: info.id });
-    model.snapshot();
-    await store.deleteSnapshot(s1.id);
-    await store.deleteSnapshot(s2.id);
+  ])(
+    'writes, trims and flushes issued while compaction merges into the live head lose nothing (%s)',
+    async (_what, snapshotMidway) => {
+      const { store, dir } = stores.open({ autoCompact: false });
+      // Big enough that both merges (s1's layer into s2's, then that into the head) take many copy chunks.
+      const blocks = 16384;
+      const info = await store.createVolume({ capacityBytes: blocks * B, blockSize: B });
+      const model = new ModelVolume(B, blocks * B);
+      const write = (offset: number, data: Buffer): void => {
+        store.write(info.id, offset, data);
+        model.write(offset, data);
+      };
+      write(0, pattern(1, 8192 * B));
+      const s1 = await store.createSnapshot({ volumeId: info.id });
+      model.snapshot();
+      write(4096 * B, pattern(2, 4096 * B));
+      write(12000 * B + 17, pattern(3, 5 * B));
+      const s2 = await store.createSnapshot({ volumeId: info.id });
+      model.snapshot();
+      await store.deleteSnapshot(s1.id);
+      await store.deleteSnapshot(s2.id);
 
-    let settled = false;
-    const compaction = store.compact().finally(() => {
-      settled = true;
-    });
-    let mid: { id: string; model: ModelSnap } | undefined;
-    let rng = 12345;
-    const next = (n: number): number => {
-      rng ^= rng << 13;
-      rng ^= rng >>> 17;
-      rng ^= rng << 5;
-      return (rng >>> 0) % n;
-    };
-    let headMergeTurns = 0;
-    for (let i = 0; (!settled || i < 64) && i < 5000; i++) {
-      // Several operations a turn, mostly inside the range being merged, unaligned, sometimes spanning blocks.
-      for (let k = 0; k < 8; k++) {
-        const offset = next(8300 * B);
-        if (k === 4) {
-          const length = next(3 * B) + 1;
-          store.trim(info.id, offset, length);
-          model.trim(offset, length);
-        } else {
-          write(offset, pattern(1000 + 8 * i + k, next(3 * B) + 1));
+      let settled = false;
+      const compaction = store.compact().finally(() => {
+        settled = true;
+      });
+      let mid: { id: string; model: ModelSnap } | undefined;
+      let rng = 12345;
+      const next = (n: number): number => {
+        rng ^= rng << 13;
+        rng ^= rng >>> 17;
+        rng ^= rng << 5;
+        return (rng >>> 0) % n;
+      };
+      let headMergeTurns = 0;
+      for (let i = 0; (!settled || i < 64) && i < 5000; i++) {
+        // Several operations a turn, mostly inside the range being merged, unaligned, sometimes spanning blocks.
+        for (let k = 0; k < 8; k++) {
+          const offset = next(8300 * B);
+          if (k === 4) {
+            const length = next(3 * B) + 1;
+            store.trim(info.id, offset, length);
+            model.trim(offset, length);
+          } else {
+            write(offset, pattern(1000 + 8 * i + k, next(3 * B) + 1));
+          }
         }
+        // Once only the merge into the head is left (one hidden layer), count turns.
+        const inHeadMerge = !settled && store.spaceUsage().hiddenLayers === 1;
+        if (inHeadMerge) headMergeTurns++;
+        // Flushes wait on fsync, during which compaction runs freely; none before the merge into the head
+        // has been overlapped for a few turns, so a slow disk cannot let it finish unobserved.
+        if (headMergeTurns >= 3 && i % 3 === 0) await store.flush(info.id);
+        if (snapshotMidway && inHeadMerge && headMergeTurns === 3) {
+          const snap = await store.createSnapshot({ volumeId: info.id });
+          mid = { id: snap.id, model: model.snapshot() };
+        }
+        await tick();
       }
-      // Once only the merge into the head is left (one hidden layer), count turns.
-      const inHeadMerge = !settled && store.spaceUsage().hiddenLayers === 1;
-      if (inHeadMerge) headMergeTurns++;
-      // Flushes wait on fsync, during which compaction runs freely; none before the merge into the head
-      // has been overlapped for a few turns, so a slow disk cannot let it finish unobserved.
-      if (headMergeTurns >= 3 && i % 3 === 0) await store.flush(info.id);
-      if (snapshotMidway && inHeadMerge && headMergeTurns === 3) {
-        const snap = await store.createSnapshot({ volumeId: info.id });
-        mid = { id: snap.id, model: model.snapshot() };
+      const report = await compaction;
+      expect(report.merged).toBe(2);
+      // The loop must really have overlapped the merge into the head, or this test proves nothing.
+      expect(headMergeTurns).toBeGreaterThanOrEqual(3);
+      if (snapshotMidway && !mid) throw new Error('no snapshot was taken during the merge into the head');
+      await store.compact();
+
+      expectSameBytes(store.read(info.id, 0, blocks * B), model.content, 'live volume after concurrent compaction');
+      if (mid)
+        expectSameBytes(
+          store.readSnapshot(mid.id, 0, blocks * B),
+          mid.model.content,
+          'snapshot taken during compaction',
+        );
+      const end = await store.createSnapshot({ volumeId: info.id });
+      const endModel = model.snapshot();
+      expect(await collect(store.allocated(end.id))).toEqual(extentsOf(modelAllocated(endModel), B, 'VARIABLE'));
+      if (mid) {
+        expect(await collect(store.delta(mid.id, end.id, { style: 'FIXED' }))).toEqual(
+          extentsOf(modelDelta(mid.model, endModel), B, 'FIXED'),
+        );
       }
-      await tick();
-    }
-    const report = await compaction;
-    expect(report.merged).toBe(2);
-    // The loop must really have overlapped the merge into the head, or this test proves nothing.
-    expect(headMergeTurns).toBeGreaterThanOrEqual(3);
-    if (snapshotMidway && !mid) throw new Error('no snapshot was taken during the merge into the head');
-    await store.compact();
 
-    expectSameBytes(store.read(info.id, 0, blocks * B), model.content, 'live volume after concurrent compaction');
-    if (mid) expectSameBytes(store.readSnapshot(mid.id, 0, blocks * B), mid.model.content, 'snapshot taken during compaction');
-    const end = await store.createSnapshot({ volumeId: info.id });
-    const endModel = model.snapshot();
-    expect(await collect(store.allocated(end.id))).toEqual(extentsOf(modelAllocated(endModel), B, 'VARIABLE'));
-    if (mid) {
-      expect(await collect(store.delta(mid.id, end.id, { style: 'FIXED' }))).toEqual(
-        extentsOf(modelDelta(mid.model, endModel), B, 'FIXED'),
-      );
-    }
-
-    await store.close();
-    const reopened = stores.reopen(dir, { autoCompact: false });
-    expectSameBytes(reopened.read(info.id, 0, blocks * B), model.content, 'live volume after reopen');
-    if (mid) expectSameBytes(reopened.readSnapshot(mid.id, 0, blocks * B), mid.model.content, 'mid snapshot after reopen');
-  });
+      await store.close();
+      const reopened = stores.reopen(dir, { autoCompact: false });
+      expectSameBytes(reopened.read(info.id, 0, blocks * B), model.content, 'live volume after reopen');
+      if (mid)
+        expectSameBytes(reopened.readSnapshot(mid.id, 0, blocks * B), mid.model.content, 'mid snapshot after reopen');
+    },
+  );
 });
 
 describe('compaction that is interrupted', () => {

@@ -160,7 +160,8 @@ class StoreModel {
         continue;
       }
       seen.add(m.name);
-      if (m.status === 'deleted') this.fail(`${when}: snapshot ${m.name} came back after its deletion was acknowledged`);
+      if (m.status === 'deleted')
+        this.fail(`${when}: snapshot ${m.name} came back after its deletion was acknowledged`);
       if (m.id !== undefined && m.id !== s.id) this.fail(`${when}: snapshot ${m.name} has id ${s.id}, was ${m.id}`);
       if (s.sourceVolumeId !== this.volume(m.vol).id) this.fail(`${when}: snapshot ${m.name} names the wrong volume`);
       m.id = s.id;
@@ -242,7 +243,8 @@ class StoreModel {
           this.fail(`child deletes snapshot ${op.name}, which the model does not know alive`);
           break;
         }
-        if (m.id !== op.snapshotId) this.fail(`child deletes ${op.name} as ${op.snapshotId}, but it is ${String(m.id)}`);
+        if (m.id !== op.snapshotId)
+          this.fail(`child deletes ${op.name} as ${op.snapshotId}, but it is ${String(m.id)}`);
         m.status = 'maybe';
         break;
       }
@@ -285,12 +287,18 @@ function describeCandidates(c: Candidates | undefined): string {
 
 function decodeAll(data: Buffer, vol: number, blocks: number): number[] {
   const values: number[] = [];
-  for (let b = 0; b < blocks; b++) values.push(decodeBlock(data.subarray(b * BLOCK_SIZE, (b + 1) * BLOCK_SIZE), vol, b));
+  for (let b = 0; b < blocks; b++)
+    values.push(decodeBlock(data.subarray(b * BLOCK_SIZE, (b + 1) * BLOCK_SIZE), vol, b));
   return values;
 }
 
 /** Compares what was read with what the model allows; returns how many blocks broke the rule. */
-function checkContent(model: StoreModel, what: string, read: readonly number[], allowed: readonly Candidates[]): number {
+function checkContent(
+  model: StoreModel,
+  what: string,
+  read: readonly number[],
+  allowed: readonly Candidates[],
+): number {
   let bad = 0;
   for (const [b, value] of read.entries()) {
     const ok = allowed[b]?.includes(value) ?? false;
@@ -304,7 +312,12 @@ function checkContent(model: StoreModel, what: string, read: readonly number[], 
   return bad;
 }
 
-async function extentBlocks(stream: ExtentStream, capacityBytes: number, what: string, model: StoreModel): Promise<Set<number>> {
+async function extentBlocks(
+  stream: ExtentStream,
+  capacityBytes: number,
+  what: string,
+  model: StoreModel,
+): Promise<Set<number>> {
   const extents: Extent[] = [];
   for await (const batch of stream) extents.push(...batch);
   const shape = extentShapeViolation(extents, BLOCK_SIZE, 'VARIABLE', capacityBytes, 0);
@@ -349,7 +362,8 @@ function checkReferencedFilesExist(dir: string, model: StoreModel, when: string)
 /** Invariant 5 after a clean open and close: the files are exactly the catalog's, and nothing else. */
 function checkNoOrphans(dir: string, model: StoreModel): void {
   for (const entry of fs.readdirSync(dir)) {
-    if (entry !== 'layers' && !CATALOG_FILES.includes(entry)) model.fail(`unexpected entry ${entry} in the store directory`);
+    if (entry !== 'layers' && !CATALOG_FILES.includes(entry))
+      model.fail(`unexpected entry ${entry} in the store directory`);
   }
   const referenced = referencedLayerFiles(dir);
   for (const f of fs.readdirSync(path.join(dir, 'layers'))) {
@@ -363,7 +377,9 @@ async function checkExtentQueries(store: BlockStore, model: StoreModel, vm: Volu
   const listed = store.listSnapshots({ sourceVolumeId: vm.id }).map((s) => model.snapshots.get(s.name ?? ''));
   const alive = [...model.snapshots.values()].filter((m) => m.vol === vm.index && m.status === 'alive');
   if (listed.length !== alive.length || listed.some((m, i) => m !== alive[i])) {
-    model.fail(`volume ${vm.index}: listSnapshots gives ${listed.map((m) => m?.name).join(',')}, not the creation order`);
+    model.fail(
+      `volume ${vm.index}: listSnapshots gives ${listed.map((m) => m?.name).join(',')}, not the creation order`,
+    );
     return;
   }
   const capacity = vm.blocks * BLOCK_SIZE;
@@ -430,7 +446,15 @@ async function verify(dir: string, model: StoreModel, round: number): Promise<vo
       const seq = model.seq++;
       const info = await store.createSnapshot({ volumeId: vm.id, name });
       const content = vm.cur.slice();
-      model.snapshots.set(name, { name, id: info.id, vol: vm.index, seq, content, status: 'alive', createInFlight: false });
+      model.snapshots.set(name, {
+        name,
+        id: info.id,
+        vol: vm.index,
+        seq,
+        content,
+        status: 'alive',
+        createInFlight: false,
+      });
     }
     for (const vm of model.volumes) await checkExtentQueries(store, model, vm);
   } finally {
@@ -511,69 +535,81 @@ afterAll(() => {
 });
 
 describe('block store under kill -9', () => {
-  it(
-    `keeps flushed writes, acknowledged snapshots, complete deltas and exactly its own files across ${KILLS} kills at random moments`,
-    async () => {
-      const started = Date.now();
-      const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'cbt-crash-'));
-      dirs.push(dir);
-      const rand = prng(SEED);
-      const model = new StoreModel();
+  it(`keeps flushed writes, acknowledged snapshots, complete deltas and exactly its own files across ${KILLS} kills at random moments`, async () => {
+    const started = Date.now();
+    const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'cbt-crash-'));
+    dirs.push(dir);
+    const rand = prng(SEED);
+    const model = new StoreModel();
 
-      const setup = BlockStore.open(dir);
-      try {
-        for (const [i, blocks] of VOLUME_BLOCKS.entries()) {
-          const info = await setup.createVolume({ name: `crash-${i}`, capacityBytes: blocks * BLOCK_SIZE, blockSize: BLOCK_SIZE });
-          model.volumes.push(new VolumeModel(i, info.id, blocks));
-        }
-      } finally {
-        await setup.close();
+    const setup = BlockStore.open(dir);
+    try {
+      for (const [i, blocks] of VOLUME_BLOCKS.entries()) {
+        const info = await setup.createVolume({
+          name: `crash-${i}`,
+          capacityBytes: blocks * BLOCK_SIZE,
+          blockSize: BLOCK_SIZE,
+        });
+        model.volumes.push(new VolumeModel(i, info.id, blocks));
       }
+    } finally {
+      await setup.close();
+    }
 
-      const inFlightAtKill = new Map<string, number>();
-      let operations = 0;
-      let verified = 0;
-      for (let round = 0; round < KILLS; round++) {
-        const atOpen = rand() < KILL_AT_OPEN_SHARE;
-        const delayMs = atOpen ? Math.floor(rand() * 20) : 30 + Math.floor(rand() * 571);
-        const config: ChildConfig = {
-          seed: Math.floor(rand() * 2 ** 31),
-          firstWriteId: round * 1_000_000 + 1,
-          snapshotPrefix: `${round}-`,
-          maxSnapshotsPerVolume: MAX_SNAPSHOTS_PER_VOLUME,
-        };
-        const run = await runChild(dir, config, atOpen ? 'open' : 'ready', delayMs);
-        const context =
-          `seed ${SEED} (CBT_CRASH_SEED), round ${round}, child seed ${config.seed}, store ${dir} (CBT_CRASH_KEEP=1 keeps it), ` +
-          `killed ${String(run.killedAfterMs)} ms after ${atOpen ? 'open' : 'ready'}`;
-        const tailOf = (lines: readonly ChildLine[]): string => lines.slice(-6).map((l) => JSON.stringify(l)).join('\n');
-        expect(run.stalled, `${context}: child never reached ${atOpen ? 'open' : 'ready'}:\n${tailOf(run.lines)}\n${run.stderr}`).toBe(false);
-        expect(run.signal, `${context}: child ended on its own (code ${String(run.code)}):\n${run.stderr}`).toBe('SIGKILL');
-        const { inFlight } = model.applyRun(run.lines);
-        operations += run.lines.filter((l) => l.t === 'intent').length;
-        inFlightAtKill.set(inFlight, (inFlightAtKill.get(inFlight) ?? 0) + 1);
-
-        const last = round === KILLS - 1;
-        if (last || rand() >= UNVERIFIED_SHARE) {
-          try {
-            await verify(dir, model, round);
-          } catch (err) {
-            model.fail(`verification threw: ${err instanceof Error ? (err.stack ?? err.message) : String(err)}`);
-          }
-          verified++;
-        } else {
-          checkReferencedFilesExist(dir, model, 'right after the kill');
-        }
-        expect(model.failures, `${context}, killed in ${inFlight}; last lines:\n${tailOf(run.lines)}\n${run.stderr}`).toEqual([]);
-      }
-      const seconds = (Date.now() - started) / 1000;
-      console.log(
-        `crash test: ${KILLS} kills (${verified} verified), ${operations} operations, ${seconds.toFixed(1)} s, seed ${SEED}, ` +
-          `in flight at kill: ${JSON.stringify(Object.fromEntries(inFlightAtKill))}`,
+    const inFlightAtKill = new Map<string, number>();
+    let operations = 0;
+    let verified = 0;
+    for (let round = 0; round < KILLS; round++) {
+      const atOpen = rand() < KILL_AT_OPEN_SHARE;
+      const delayMs = atOpen ? Math.floor(rand() * 20) : 30 + Math.floor(rand() * 571);
+      const config: ChildConfig = {
+        seed: Math.floor(rand() * 2 ** 31),
+        firstWriteId: round * 1_000_000 + 1,
+        snapshotPrefix: `${round}-`,
+        maxSnapshotsPerVolume: MAX_SNAPSHOTS_PER_VOLUME,
+      };
+      const run = await runChild(dir, config, atOpen ? 'open' : 'ready', delayMs);
+      const context =
+        `seed ${SEED} (CBT_CRASH_SEED), round ${round}, child seed ${config.seed}, store ${dir} (CBT_CRASH_KEEP=1 keeps it), ` +
+        `killed ${String(run.killedAfterMs)} ms after ${atOpen ? 'open' : 'ready'}`;
+      const tailOf = (lines: readonly ChildLine[]): string =>
+        lines
+          .slice(-6)
+          .map((l) => JSON.stringify(l))
+          .join('\n');
+      expect(
+        run.stalled,
+        `${context}: child never reached ${atOpen ? 'open' : 'ready'}:\n${tailOf(run.lines)}\n${run.stderr}`,
+      ).toBe(false);
+      expect(run.signal, `${context}: child ended on its own (code ${String(run.code)}):\n${run.stderr}`).toBe(
+        'SIGKILL',
       );
-      // A harness whose kills all land at the same point would test one thing many times.
-      if (KILLS >= 10) expect([...inFlightAtKill.keys()].length).toBeGreaterThan(1);
-    },
-    600_000,
-  );
+      const { inFlight } = model.applyRun(run.lines);
+      operations += run.lines.filter((l) => l.t === 'intent').length;
+      inFlightAtKill.set(inFlight, (inFlightAtKill.get(inFlight) ?? 0) + 1);
+
+      const last = round === KILLS - 1;
+      if (last || rand() >= UNVERIFIED_SHARE) {
+        try {
+          await verify(dir, model, round);
+        } catch (err) {
+          model.fail(`verification threw: ${err instanceof Error ? (err.stack ?? err.message) : String(err)}`);
+        }
+        verified++;
+      } else {
+        checkReferencedFilesExist(dir, model, 'right after the kill');
+      }
+      expect(
+        model.failures,
+        `${context}, killed in ${inFlight}; last lines:\n${tailOf(run.lines)}\n${run.stderr}`,
+      ).toEqual([]);
+    }
+    const seconds = (Date.now() - started) / 1000;
+    console.log(
+      `crash test: ${KILLS} kills (${verified} verified), ${operations} operations, ${seconds.toFixed(1)} s, seed ${SEED}, ` +
+        `in flight at kill: ${JSON.stringify(Object.fromEntries(inFlightAtKill))}`,
+    );
+    // A harness whose kills all land at the same point would test one thing many times.
+    if (KILLS >= 10) expect([...inFlightAtKill.keys()].length).toBeGreaterThan(1);
+  }, 600_000);
 });

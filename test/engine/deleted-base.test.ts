@@ -23,7 +23,8 @@ function open(options: StoreOptions = {}, dir?: string): { store: BlockStore; di
 
 async function deltaBlocks(store: BlockStore, base: string, target: string): Promise<number[]> {
   const out: number[] = [];
-  for await (const batch of store.delta(base, target, { style: 'FIXED' })) for (const e of batch) out.push(e.offset / B);
+  for await (const batch of store.delta(base, target, { style: 'FIXED' }))
+    for (const e of batch) out.push(e.offset / B);
   return out;
 }
 
@@ -81,7 +82,9 @@ describe('deltas from deleted base snapshots (invariant 8)', () => {
     // s1's layer sits right under the live head: compaction merges it into the head.
     await store.deleteSnapshot(s1.id);
     expect((await store.compact()).merged).toBe(1);
-    expect(await deltaBlocks(store, s0.id, (await store.createSnapshot({ volumeId: v.id, name: 'probe' })).id)).toEqual([4, 5, 6]);
+    expect(await deltaBlocks(store, s0.id, (await store.createSnapshot({ volumeId: v.id, name: 'probe' })).id)).toEqual(
+      [4, 5, 6],
+    );
     await store.deleteSnapshot(store.findSnapshotByName('probe')!.id);
     await store.compact();
     // Now the head holds blocks brought in from below (4, 5 from s1; 6 its own): a rewrite of a brought-in

@@ -39,7 +39,10 @@ function record(): void {
   });
   for (const method of ['appendJournal', 'freezeLayer'] as const) {
     const original = Catalog.prototype[method];
-    vi.spyOn(Catalog.prototype, method).mockImplementation(function (this: Catalog, ...args: Parameters<typeof original>) {
+    vi.spyOn(Catalog.prototype, method).mockImplementation(function (
+      this: Catalog,
+      ...args: Parameters<typeof original>
+    ) {
       events.push(method);
       return (original as (...a: typeof args) => void).apply(this, args);
     });
@@ -65,7 +68,8 @@ function expectSyncBeforeEachCommit(): void {
   for (const e of events) {
     if (e === 'write') unsynced = true;
     else if (e === 'sync') unsynced = false;
-    else expect(unsynced, `${e} committed bits of data written after the last fdatasync: ${events.join(' ')}`).toBe(false);
+    else
+      expect(unsynced, `${e} committed bits of data written after the last fdatasync: ${events.join(' ')}`).toBe(false);
   }
   expect(events.some((e) => e === 'appendJournal' || e === 'freezeLayer')).toBe(true);
 }

@@ -69,9 +69,9 @@ describe('group snapshots (invariant 9)', () => {
     const g = await store.createGroupSnapshot({ name: 'g', members: [{ volumeId: a!.id }, { volumeId: b!.id }] });
     const again = await store.createGroupSnapshot({ name: 'g', members: [{ volumeId: b!.id }, { volumeId: a!.id }] });
     expect(again).toEqual(g);
-    await expect(store.createGroupSnapshot({ name: 'g', members: [{ volumeId: a!.id }, { volumeId: c!.id }] })).rejects.toThrow(
-      AlreadyExistsError,
-    );
+    await expect(
+      store.createGroupSnapshot({ name: 'g', members: [{ volumeId: a!.id }, { volumeId: c!.id }] }),
+    ).rejects.toThrow(AlreadyExistsError);
     await expect(store.createGroupSnapshot({ members: [{ volumeId: a!.id }, { volumeId: a!.id }] })).rejects.toThrow(
       InvalidArgumentError,
     );
@@ -90,7 +90,10 @@ describe('group snapshots (invariant 9)', () => {
     const [a, b] = await Promise.all([0, 1].map(() => store.createVolume({ capacityBytes: 16 * B })));
     store.write(a!.id, 0, Buffer.alloc(B, 1));
     store.write(b!.id, B, Buffer.alloc(B, 2));
-    const g1 = await store.createGroupSnapshot({ name: 'g1', members: [{ volumeId: a!.id }, { volumeId: b!.id, attributes: { k: 'v' } }] });
+    const g1 = await store.createGroupSnapshot({
+      name: 'g1',
+      members: [{ volumeId: a!.id }, { volumeId: b!.id, attributes: { k: 'v' } }],
+    });
     store.write(a!.id, 3 * B, Buffer.alloc(B, 3));
     const g2 = await store.createGroupSnapshot({ name: 'g2', members: [{ volumeId: a!.id }, { volumeId: b!.id }] });
     const [a1, b1] = g1.snapshots;
@@ -100,7 +103,8 @@ describe('group snapshots (invariant 9)', () => {
     const restored = await store.createVolume({ capacityBytes: 16 * B, sourceSnapshotId: b1!.id });
     expect(store.read(restored.id, B, B)).toEqual(Buffer.alloc(B, 2));
     const changed: number[] = [];
-    for await (const batch of store.delta(a1!.id, a2!.id, { style: 'FIXED' })) for (const e of batch) changed.push(e.offset / B);
+    for await (const batch of store.delta(a1!.id, a2!.id, { style: 'FIXED' }))
+      for (const e of batch) changed.push(e.offset / B);
     expect(changed).toEqual([3]);
 
     await expect(store.deleteSnapshot(a1!.id)).rejects.toThrow(BusyError);
@@ -112,7 +116,8 @@ describe('group snapshots (invariant 9)', () => {
     expect(() => again.getSnapshot(a1!.id)).toThrow(NotFoundError);
     // The deleted members leave change records: deltas from them stay exact.
     const fromDeleted: number[] = [];
-    for await (const batch of again.delta(a1!.id, a2!.id, { style: 'FIXED' })) for (const e of batch) fromDeleted.push(e.offset / B);
+    for await (const batch of again.delta(a1!.id, a2!.id, { style: 'FIXED' }))
+      for (const e of batch) fromDeleted.push(e.offset / B);
     expect(fromDeleted).toEqual([3]);
     expect(again.read(restored.id, B, B)).toEqual(Buffer.alloc(B, 2));
     await again.close();

@@ -516,14 +516,24 @@ async function checkDelta(
     }
     // A deleted base whose layers are all gone is forgotten (nothing can be a later target): unknown, not unrelated.
     const allowed = baseDeleted ? [UnrelatedSnapshotsError, NotFoundError] : [UnrelatedSnapshotsError];
-    expect(allowed.some((e) => error instanceof e), `${what}: base is not in target's lineage, got ${String(error)}`).toBe(true);
+    expect(
+      allowed.some((e) => error instanceof e),
+      `${what}: base is not in target's lineage, got ${String(error)}`,
+    ).toBe(true);
     return;
   }
   // Invariant 1 holds in the model by construction; checking it here guards the model itself.
   for (const block of m.differingBlocks(base.content, target.content)) {
     if (!expected.has(block)) throw new Error(`${what}: model misses changed block ${block} (model bug)`);
   }
-  await checkExtentQuery((options) => store.delta(base.id, target.id, options), expected, target, m.blockSize, rng, what);
+  await checkExtentQuery(
+    (options) => store.delta(base.id, target.id, options),
+    expected,
+    target,
+    m.blockSize,
+    rng,
+    what,
+  );
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -537,38 +547,34 @@ describe('BlockStore against the in-memory block model', () => {
     fs.rmSync(root, { recursive: true, force: true });
   });
 
-  it(
-    'after every random write/trim/flush/snapshot/clone/grow/delete/compact/reopen, reads, allocated, ' +
-      'delta and listings equal the model exactly',
-    async () => {
-      await fc.assert(
-        fc.asyncProperty(
-          fc.constantFrom(4096, 8192),
-          fc.integer({ min: MIN_BLOCKS, max: MAX_BLOCKS }),
-          fc.boolean(),
-          fc.integer(),
-          fc.commands(commandArbs, { maxCommands: MAX_COMMANDS, size: 'max' }),
-          async (blockSize, initialBlocks, autoCompact, checkSeed, cmds) => {
-            const dir = fs.mkdtempSync(path.join(root, 'run-'));
-            const options: StoreOptions = { defaultBlockSize: blockSize, autoCompact };
-            const real: Real = { dir, options, store: BlockStore.open(dir, options), rng: mulberry32(checkSeed) };
-            try {
-              await fc.asyncModelRun(async () => {
-                const model = new BlockModel(blockSize);
-                const capacityBytes = initialBlocks * blockSize;
-                const info = await real.store.createVolume({ capacityBytes, blockSize });
-                model.createVolume(info.id, capacityBytes);
-                return { model, real };
-              }, cmds);
-            } finally {
-              await real.store.close();
-              fs.rmSync(dir, { recursive: true, force: true });
-            }
-          },
-        ),
-        { numRuns: NUM_RUNS },
-      );
-    },
-    600_000,
-  );
+  it('after every random write/trim/flush/snapshot/clone/grow/delete/compact/reopen, reads, allocated, ' +
+    'delta and listings equal the model exactly', async () => {
+    await fc.assert(
+      fc.asyncProperty(
+        fc.constantFrom(4096, 8192),
+        fc.integer({ min: MIN_BLOCKS, max: MAX_BLOCKS }),
+        fc.boolean(),
+        fc.integer(),
+        fc.commands(commandArbs, { maxCommands: MAX_COMMANDS, size: 'max' }),
+        async (blockSize, initialBlocks, autoCompact, checkSeed, cmds) => {
+          const dir = fs.mkdtempSync(path.join(root, 'run-'));
+          const options: StoreOptions = { defaultBlockSize: blockSize, autoCompact };
+          const real: Real = { dir, options, store: BlockStore.open(dir, options), rng: mulberry32(checkSeed) };
+          try {
+            await fc.asyncModelRun(async () => {
+              const model = new BlockModel(blockSize);
+              const capacityBytes = initialBlocks * blockSize;
+              const info = await real.store.createVolume({ capacityBytes, blockSize });
+              model.createVolume(info.id, capacityBytes);
+              return { model, real };
+            }, cmds);
+          } finally {
+            await real.store.close();
+            fs.rmSync(dir, { recursive: true, force: true });
+          }
+        },
+      ),
+      { numRuns: NUM_RUNS },
+    );
+  }, 600_000);
 });

@@ -144,7 +144,7 @@ function missingPidNamespaces(): string | undefined {
 }
 
 const missing = missingPidNamespaces();
-const mustRun = process.env['CI'] === 'true';
+const mustRun = process.env.CI === 'true';
 /** Each child runs as PID 1 of a new PID namespace; SIGKILL to unshare kills it (--kill-child). */
 const OWN_PID_NAMESPACE = ['unshare', '--pid', '--fork', '--mount-proc', '--kill-child'];
 

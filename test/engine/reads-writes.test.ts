@@ -76,7 +76,12 @@ function expectSnapshotContent(store: BlockStore, snap: TrackedSnap, label: stri
   expectSameBytes(store.readSnapshot(snap.id, 0, snap.model.capacityBytes), snap.model.content, label);
 }
 
-async function expectDelta(store: BlockStore, base: TrackedSnap, target: TrackedSnap, expectedBlocks?: number[]): Promise<void> {
+async function expectDelta(
+  store: BlockStore,
+  base: TrackedSnap,
+  target: TrackedSnap,
+  expectedBlocks?: number[],
+): Promise<void> {
   const blocks = modelDelta(base.model, target.model);
   if (expectedBlocks) expect(blocks, 'model delta (test premise)').toEqual(expectedBlocks);
   for (const style of ['FIXED', 'VARIABLE'] as ExtentStyle[]) {
@@ -322,12 +327,16 @@ describe('extent queries from a starting offset', () => {
       for (const style of ['FIXED', 'VARIABLE'] as ExtentStyle[]) {
         const expected = extentsOf([...range(5, 10), 20], B, style);
         const label = `${style} from ${startingOffset}`;
-        expect(await collect(store.allocated(s1.id, { style, startingOffset })), `allocated ${label}`).toEqual(expected);
+        expect(await collect(store.allocated(s1.id, { style, startingOffset })), `allocated ${label}`).toEqual(
+          expected,
+        );
         expect(await collect(store.delta(s0.id, s1.id, { style, startingOffset })), `delta ${label}`).toEqual(expected);
       }
     }
     expect(await collect(store.allocated(s1.id, { startingOffset: 10 * B }))).toEqual([{ offset: 20 * B, length: B }]);
-    expect(await collect(store.allocated(s1.id, { startingOffset: 21 * B - 1 }))).toEqual([{ offset: 20 * B, length: B }]);
+    expect(await collect(store.allocated(s1.id, { startingOffset: 21 * B - 1 }))).toEqual([
+      { offset: 20 * B, length: B },
+    ]);
     expect(await collect(store.allocated(s1.id, { startingOffset: 21 * B }))).toEqual([]);
   });
 
@@ -410,7 +419,10 @@ describe('grow', () => {
       style: 'FIXED',
     });
     const alloc = store.allocated(s1.id);
-    expect({ capacityBytes: alloc.capacityBytes, style: alloc.style }).toEqual({ capacityBytes: 16 * B, style: 'VARIABLE' });
+    expect({ capacityBytes: alloc.capacityBytes, style: alloc.style }).toEqual({
+      capacityBytes: 16 * B,
+      style: 'VARIABLE',
+    });
   });
 });
 

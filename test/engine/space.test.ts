@@ -6,16 +6,7 @@
 import * as path from 'node:path';
 import { describe, expect, test } from 'vitest';
 import type { BlockStore } from '../../storage-engine/index.js';
-import {
-  GiB,
-  KiB,
-  MiB,
-  TiB,
-  diskUsage,
-  expectSameBytes,
-  pattern,
-  useTempStores,
-} from './support/example-support.js';
+import { GiB, KiB, MiB, TiB, diskUsage, expectSameBytes, pattern, useTempStores } from './support/example-support.js';
 
 const stores = useTempStores();
 const B = 4096;

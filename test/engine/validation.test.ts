@@ -138,12 +138,15 @@ describe('createVolume capacity and block size', () => {
     );
   });
 
-  test.each([4096, 8192, 65536, 1048576])('block size %i (a power of two from 4 KiB to 1 MiB) is accepted', async (blockSize) => {
-    const f = await fixture();
-    const v = await f.store.createVolume({ capacityBytes: 4 * MiB, blockSize });
-    expect(v.blockSize).toBe(blockSize);
-    expect(v.capacityBytes).toBe(4 * MiB);
-  });
+  test.each([4096, 8192, 65536, 1048576])(
+    'block size %i (a power of two from 4 KiB to 1 MiB) is accepted',
+    async (blockSize) => {
+      const f = await fixture();
+      const v = await f.store.createVolume({ capacityBytes: 4 * MiB, blockSize });
+      expect(v.blockSize).toBe(blockSize);
+      expect(v.capacityBytes).toBe(4 * MiB);
+    },
+  );
 
   test.each([
     ['4 KiB', 4096],
@@ -193,7 +196,12 @@ describe('byte ranges of read, write, trim and readSnapshot', () => {
 
   test.each(invalid)('read with a %s is InvalidArgument', async (_what, offset, length) => {
     const f = await fixture();
-    await refusedWithoutChange(f, () => f.store.read(f.base.id, offset, length), InvalidArgumentError, 'INVALID_ARGUMENT');
+    await refusedWithoutChange(
+      f,
+      () => f.store.read(f.base.id, offset, length),
+      InvalidArgumentError,
+      'INVALID_ARGUMENT',
+    );
   });
   test.each(outOfRange)('read with a %s is OutOfRange', async (_what, offset, length) => {
     const f = await fixture();
@@ -202,7 +210,12 @@ describe('byte ranges of read, write, trim and readSnapshot', () => {
 
   test.each(invalid)('trim with a %s is InvalidArgument and zeroes nothing', async (_what, offset, length) => {
     const f = await fixture();
-    await refusedWithoutChange(f, () => f.store.trim(f.base.id, offset, length), InvalidArgumentError, 'INVALID_ARGUMENT');
+    await refusedWithoutChange(
+      f,
+      () => f.store.trim(f.base.id, offset, length),
+      InvalidArgumentError,
+      'INVALID_ARGUMENT',
+    );
   });
   test.each(outOfRange)('trim with a %s is OutOfRange and zeroes nothing', async (_what, offset, length) => {
     const f = await fixture();
@@ -272,7 +285,7 @@ describe('unknown and malformed IDs are NotFound', () => {
     ['prefix followed by traversal', 'vol-../../../../etc'],
     ['ID with a NUL byte', 'vol-0123456789abcde\0'],
     ['upper-case hex', 'vol-0123456789ABCDEF'],
-    ['very long string', 'vol-' + 'a'.repeat(100_000)],
+    ['very long string', `vol-${'a'.repeat(100_000)}`],
   ];
 
   const volumeCalls: Array<[string, (f: Fixture, id: string) => unknown]> = [
@@ -284,7 +297,10 @@ describe('unknown and malformed IDs are NotFound', () => {
     ['trim', (f, id) => f.store.trim(id, 0, BLOCK)],
     ['flush', (f, id) => f.store.flush(id)],
     ['createSnapshot', (f, id) => f.store.createSnapshot({ volumeId: id, name: 'n' })],
-    ['createVolume from a volume', (f, id) => f.store.createVolume({ name: 'n', sourceVolumeId: id, capacityBytes: CAP })],
+    [
+      'createVolume from a volume',
+      (f, id) => f.store.createVolume({ name: 'n', sourceVolumeId: id, capacityBytes: CAP }),
+    ],
     ['hold', (f, id) => f.store.hold(id, 'node-1')],
   ];
   const snapshotCalls: Array<[string, (f: Fixture, id: string) => unknown]> = [
@@ -392,7 +408,8 @@ describe('clones', () => {
     const f = await fixture();
     await refusedWithoutChange(
       f,
-      () => f.store.createVolume({ name: 'c', sourceSnapshotId: f.s1.id, sourceVolumeId: f.base.id, capacityBytes: CAP }),
+      () =>
+        f.store.createVolume({ name: 'c', sourceSnapshotId: f.s1.id, sourceVolumeId: f.base.id, capacityBytes: CAP }),
       InvalidArgumentError,
       'INVALID_ARGUMENT',
     );
@@ -507,7 +524,11 @@ describe('idempotent creation by name', () => {
     await f.store.deleteVolume(f.other.id);
     const again = await f.store.createSnapshot({ volumeId: f.other.id, name: 'last-of-other' });
     expect(again).toEqual(snap);
-    await expectEngineError(() => f.store.createSnapshot({ volumeId: f.other.id, name: 'new' }), NotFoundError, 'NOT_FOUND');
+    await expectEngineError(
+      () => f.store.createSnapshot({ volumeId: f.other.id, name: 'new' }),
+      NotFoundError,
+      'NOT_FOUND',
+    );
   });
 });
 

@@ -22,7 +22,16 @@ import os from 'node:os';
 import path from 'node:path';
 import type { ChildProcess } from 'node:child_process';
 import * as grpc from '@grpc/grpc-js';
-import { create, fromBinary, toBinary, toJson, type DescField, type DescMessage, type DescMethod, ScalarType } from '@bufbuild/protobuf';
+import {
+  create,
+  fromBinary,
+  toBinary,
+  toJson,
+  type DescField,
+  type DescMessage,
+  type DescMethod,
+  ScalarType,
+} from '@bufbuild/protobuf';
 import { isWrapperDesc } from '@bufbuild/protobuf/wkt';
 import fc from 'fast-check';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
@@ -40,7 +49,7 @@ import { TOPOLOGY_NODE_KEY } from '../../src/config.js';
 import { ServiceClient, type RpcError } from '../support/csi-client.js';
 import { spawnDriver } from '../support/test-driver.js';
 
-const RUNS = Number.parseInt(process.env['CBT_FUZZ_RUNS'] ?? '', 10) || 150;
+const RUNS = Number.parseInt(process.env.CBT_FUZZ_RUNS ?? '', 10) || 150;
 const RAW_RUNS = Math.max(10, Math.round(RUNS / 3));
 const NODE_ID = 'fuzz-node';
 /** A call that takes longer than this is a hang, and a failure. */
@@ -130,7 +139,7 @@ const blockCapability = (mode = VolumeCapability_AccessMode_Mode.SINGLE_NODE_WRI
   accessType: { case: 'block' as const, value: {} },
   accessMode: { mode },
 });
-const mountCapability = (fsType: string) => ({
+const _mountCapability = (fsType: string) => ({
   accessType: { case: 'mount' as const, value: { fsType, mountFlags: [] } },
   accessMode: { mode: VolumeCapability_AccessMode_Mode.SINGLE_NODE_WRITER },
 });
@@ -160,9 +169,14 @@ async function setUpObjects(): Promise<void> {
   const s1a = await snapshot(v1.volumeId, 'preserved-variable-a');
   const s1b = await snapshot(v1.volumeId, 'preserved-variable-b');
   const s2a = await snapshot(v2.volumeId, 'preserved-fixed-a');
-  const v3 = await volume('preserved-clone', 2n * GiB, {}, {
-    volumeContentSource: { type: { case: 'snapshot', value: { snapshotId: s1a.snapshotId } } },
-  });
+  const v3 = await volume(
+    'preserved-clone',
+    2n * GiB,
+    {},
+    {
+      volumeContentSource: { type: { case: 'snapshot', value: { snapshotId: s1a.snapshotId } } },
+    },
+  );
   pools.preservedVolumes.push(v1, v2, v3);
   pools.preservedSnapshots.push(s1a, s1b, s2a);
 
@@ -170,9 +184,14 @@ async function setUpObjects(): Promise<void> {
   const x1 = await volume('sacrificial', 16n * MiB, { metadataStyle: 'FIXED' });
   const xs1 = await snapshot(x1.volumeId, 'sacrificial-a');
   const xs2 = await snapshot(x1.volumeId, 'sacrificial-b');
-  const x2 = await volume('sacrificial-clone', 16n * MiB, {}, {
-    volumeContentSource: { type: { case: 'volume', value: { volumeId: x1.volumeId } } },
-  });
+  const x2 = await volume(
+    'sacrificial-clone',
+    16n * MiB,
+    {},
+    {
+      volumeContentSource: { type: { case: 'volume', value: { volumeId: x1.volumeId } } },
+    },
+  );
   pools.sacrificialVolumes.push(x1.volumeId, x2.volumeId);
   pools.sacrificialSnapshots.push(xs1.snapshotId, xs2.snapshotId);
 
@@ -227,6 +246,7 @@ const nastyConstants = [
   '-1',
   '1e309',
   '0x10',
+  // biome-ignore lint/suspicious/noTemplateCurlyInString: a shell-looking string is the hostile input
   '${HOME}',
   '$(reboot)',
   'vol-',
@@ -239,7 +259,10 @@ const nastyConstants = [
 
 function hugeString(): fc.Arbitrary<string> {
   return fc
-    .tuple(fc.integer({ min: 1024, max: 64 * 1024 }), fc.constantFrom('x', 'é', '😀', '\u0000', '../', 'vol-', '\u202e'))
+    .tuple(
+      fc.integer({ min: 1024, max: 64 * 1024 }),
+      fc.constantFrom('x', 'é', '😀', '\u0000', '../', 'vol-', '\u202e'),
+    )
     .map(([n, unit]) => unit.repeat(Math.ceil(n / unit.length)).slice(0, n));
 }
 
@@ -288,7 +311,10 @@ function idArb(kind: 'volume' | 'snapshot'): fc.Arbitrary<string> {
     {
       weight: 2,
       arbitrary: fc
-        .tuple(fc.constantFrom('vol-', 'snap-', prefix), fc.oneof(fc.stringMatching(/^[0-9a-f]{16}$/), junkString(false)))
+        .tuple(
+          fc.constantFrom('vol-', 'snap-', prefix),
+          fc.oneof(fc.stringMatching(/^[0-9a-f]{16}$/), junkString(false)),
+        )
         .map(([p, s]) => p + s),
     },
     { weight: 2, arbitrary: junkString(true) },
@@ -367,7 +393,15 @@ function mapArb(value: fc.Arbitrary<string>, key: fc.Arbitrary<string>): fc.Arbi
 
 function parametersArb(): fc.Arbitrary<Record<string, string>> {
   const key = fc.oneof(
-    { weight: 4, arbitrary: fc.constantFrom('blockSize', 'metadataStyle', 'csi.storage.k8s.io/pvc/name', 'csi.storage.k8s.io/pv/name') },
+    {
+      weight: 4,
+      arbitrary: fc.constantFrom(
+        'blockSize',
+        'metadataStyle',
+        'csi.storage.k8s.io/pvc/name',
+        'csi.storage.k8s.io/pv/name',
+      ),
+    },
     { weight: 1, arbitrary: fc.constantFrom('BlockSize', 'blocksize', 'metadata_style', 'csi.storage.k8s.io/') },
     { weight: 2, arbitrary: junkString(false) },
   );
@@ -375,8 +409,26 @@ function parametersArb(): fc.Arbitrary<Record<string, string>> {
     {
       weight: 4,
       arbitrary: fc.constantFrom(
-        '4096', '4Ki', '64Ki', '1Mi', '1MiB', '2Mi', '512', '4097', '0', '-4096', '4096.0', ' 4096 ', '1e3',
-        '99999999999999999999999', 'FIXED', 'VARIABLE', 'fixed_length', 'VARIABLE_LENGTH', 'UNKNOWN', '',
+        '4096',
+        '4Ki',
+        '64Ki',
+        '1Mi',
+        '1MiB',
+        '2Mi',
+        '512',
+        '4097',
+        '0',
+        '-4096',
+        '4096.0',
+        ' 4096 ',
+        '1e3',
+        '99999999999999999999999',
+        'FIXED',
+        'VARIABLE',
+        'fixed_length',
+        'VARIABLE_LENGTH',
+        'UNKNOWN',
+        '',
       ),
     },
     { weight: 2, arbitrary: junkString(true) },
@@ -385,7 +437,10 @@ function parametersArb(): fc.Arbitrary<Record<string, string>> {
 }
 
 function secretsArb(): fc.Arbitrary<Record<string, string>> {
-  return mapArb(junkString(true), fc.oneof(fc.constantFrom('password', 'token', 'csi.storage.k8s.io/secret'), junkString(false)));
+  return mapArb(
+    junkString(true),
+    fc.oneof(fc.constantFrom('password', 'token', 'csi.storage.k8s.io/secret'), junkString(false)),
+  );
 }
 
 function segmentsArb(): fc.Arbitrary<Record<string, string>> {
@@ -482,7 +537,10 @@ function fieldArb(field: DescField, depth: number): fc.Arbitrary<unknown> {
       if (field.listKind === 'scalar') element = scalarArb(field.scalar, field.name);
       else if (field.listKind === 'enum') element = enumArb(field.enum.values);
       else element = depth >= MAX_DEPTH ? fc.constant({}) : messageArb(field.message, depth + 1);
-      return fc.oneof({ weight: 4, arbitrary: fc.array(element, { maxLength: 3 }) }, { weight: 1, arbitrary: fc.array(element, { maxLength: 40 }) });
+      return fc.oneof(
+        { weight: 4, arbitrary: fc.array(element, { maxLength: 3 }) },
+        { weight: 1, arbitrary: fc.array(element, { maxLength: 40 }) },
+      );
     }
     case 'map':
       if (field.name === 'parameters' || field.name === 'mutable_parameters') return parametersArb();
@@ -523,7 +581,10 @@ function capabilityArb(): fc.Arbitrary<Init> {
     ),
     // Mostly the SINGLE_NODE_* modes a one-node driver serves; sometimes the multi-node ones it refuses.
     accessMode: fc.record({
-      mode: fc.oneof({ weight: 4, arbitrary: fc.constantFrom(1, 2, 6, 7) }, { weight: 1, arbitrary: fc.constantFrom(3, 4, 5) }),
+      mode: fc.oneof(
+        { weight: 4, arbitrary: fc.constantFrom(1, 2, 6, 7) },
+        { weight: 1, arbitrary: fc.constantFrom(3, 4, 5) },
+      ),
     }),
   });
 }
@@ -559,7 +620,13 @@ function volumeRefArb(): fc.Arbitrary<string> {
 
 /** A request the driver should accept (or refuse only for the state it is in), per RPC. */
 function templateArb(method: DescMethod): fc.Arbitrary<Init> | undefined {
-  const listPaging = { maxEntries: fc.integer({ min: 0, max: 5 }), startingToken: fc.oneof(fc.constant(''), fc.nat(1000).map((n) => `${REF}token:${n}`)) };
+  const listPaging = {
+    maxEntries: fc.integer({ min: 0, max: 5 }),
+    startingToken: fc.oneof(
+      fc.constant(''),
+      fc.nat(1000).map((n) => `${REF}token:${n}`),
+    ),
+  };
   switch (method.name) {
     case 'CreateVolume':
       return fc.record(
@@ -571,7 +638,10 @@ function templateArb(method: DescMethod): fc.Arbitrary<Init> | undefined {
           ),
           capacityRange: fc.record(
             {
-              requiredBytes: fc.oneof(fc.integer({ min: 0, max: 1 << 16 }).map((n) => BigInt(n) * 4096n), fc.constantFrom(...pools.capacities)),
+              requiredBytes: fc.oneof(
+                fc.integer({ min: 0, max: 1 << 16 }).map((n) => BigInt(n) * 4096n),
+                fc.constantFrom(...pools.capacities),
+              ),
               limitBytes: fc.oneof(
                 { weight: 4, arbitrary: fc.constant(0n) },
                 { weight: 1, arbitrary: fc.integer({ min: 1, max: 1 << 18 }).map((n) => BigInt(n) * 4096n) },
@@ -595,7 +665,11 @@ function templateArb(method: DescMethod): fc.Arbitrary<Init> | undefined {
     case 'CreateSnapshot':
       return fc.record({
         sourceVolumeId: volumeRefArb(),
-        name: fc.oneof(fc.nat().map((n) => `fuzz-snap-${n}`), fc.constantFrom(...pools.names), fc.nat(15).map((n) => `race-${n}`)),
+        name: fc.oneof(
+          fc.nat().map((n) => `fuzz-snap-${n}`),
+          fc.constantFrom(...pools.names),
+          fc.nat(15).map((n) => `race-${n}`),
+        ),
       });
     case 'ControllerExpandVolume':
       return fc.record(
@@ -613,21 +687,35 @@ function templateArb(method: DescMethod): fc.Arbitrary<Init> | undefined {
       );
     case 'ValidateVolumeCapabilities':
       return fc.record(
-        { volumeId: volumeRefArb(), volumeCapabilities: fc.array(capabilityArb(), { minLength: 1, maxLength: 2 }), parameters: validParametersArb() },
+        {
+          volumeId: volumeRefArb(),
+          volumeCapabilities: fc.array(capabilityArb(), { minLength: 1, maxLength: 2 }),
+          parameters: validParametersArb(),
+        },
         { requiredKeys: ['volumeId', 'volumeCapabilities'] },
       );
     case 'GetCapacity':
       return fc.record({
         volumeCapabilities: fc.array(capabilityArb(), { maxLength: 2 }),
         parameters: validParametersArb(),
-        accessibleTopology: fc.constantFrom({ segments: { [TOPOLOGY_NODE_KEY]: NODE_ID } }, { segments: { [TOPOLOGY_NODE_KEY]: 'elsewhere' } }),
+        accessibleTopology: fc.constantFrom(
+          { segments: { [TOPOLOGY_NODE_KEY]: NODE_ID } },
+          { segments: { [TOPOLOGY_NODE_KEY]: 'elsewhere' } },
+        ),
       });
     case 'ListVolumes':
       return fc.record(listPaging);
     case 'ListSnapshots':
-      return fc.record({ ...listPaging, sourceVolumeId: volumeRefArb(), snapshotId: snapshotRefArb() }, { requiredKeys: [] });
+      return fc.record(
+        { ...listPaging, sourceVolumeId: volumeRefArb(), snapshotId: snapshotRefArb() },
+        { requiredKeys: [] },
+      );
     case 'GetMetadataAllocated':
-      return fc.record({ snapshotId: snapshotRefArb(), startingOffset: smallOffsetArb(), maxResults: fc.integer({ min: 0, max: 8 }) });
+      return fc.record({
+        snapshotId: snapshotRefArb(),
+        startingOffset: smallOffsetArb(),
+        maxResults: fc.integer({ min: 0, max: 8 }),
+      });
     case 'GetMetadataDelta': {
       // Pairs from one chain (which the driver must answer) as often as arbitrary pairs.
       const [s1a, s1b] = pools.preservedSnapshots;
@@ -638,7 +726,11 @@ function templateArb(method: DescMethod): fc.Arbitrary<Init> | undefined {
       );
       return fc
         .record({ pair, startingOffset: smallOffsetArb(), maxResults: fc.integer({ min: 0, max: 8 }) })
-        .map(({ pair: [baseSnapshotId, targetSnapshotId], ...rest }) => ({ baseSnapshotId, targetSnapshotId, ...rest }));
+        .map(({ pair: [baseSnapshotId, targetSnapshotId], ...rest }) => ({
+          baseSnapshotId,
+          targetSnapshotId,
+          ...rest,
+        }));
     }
     default:
       return undefined;
@@ -689,10 +781,13 @@ function resolveRefs(value: unknown): unknown {
 function sparePreserved(method: DescMethod, init: Init): Init {
   const volumes = new Set(pools.preservedVolumes.map((v) => v.volumeId));
   const snapshots = new Set(pools.preservedSnapshots.map((s) => s.snapshotId));
-  if ((method.name === 'DeleteVolume' || method.name === 'ControllerExpandVolume') && volumes.has(init['volumeId'] as string)) {
+  if (
+    (method.name === 'DeleteVolume' || method.name === 'ControllerExpandVolume') &&
+    volumes.has(init.volumeId as string)
+  ) {
     return { ...init, volumeId: pools.sacrificialVolumes[0] };
   }
-  if (method.name === 'DeleteSnapshot' && snapshots.has(init['snapshotId'] as string)) {
+  if (method.name === 'DeleteSnapshot' && snapshots.has(init.snapshotId as string)) {
     return { ...init, snapshotId: pools.sacrificialSnapshots[0] };
   }
   return init;
@@ -771,21 +866,21 @@ function judge(method: DescMethod, outcome: Outcome): string | undefined {
   }
   if (outcome.code !== 0) return undefined;
   for (const bytes of outcome.messages) {
-    let reply;
+    let reply: Init;
     try {
       reply = fromBinary(method.output, bytes) as unknown as Init;
     } catch (err) {
       return `the OK reply does not decode as ${method.output.typeName}: ${String(err)}`;
     }
     if (method.name === 'CreateVolume') {
-      const v = reply['volume'] as Volume | undefined;
+      const v = reply.volume as Volume | undefined;
       if (v?.volumeId) pools.createdVolumes.push(v.volumeId);
     }
     if (method.name === 'CreateSnapshot') {
-      const s = reply['snapshot'] as Snapshot | undefined;
+      const s = reply.snapshot as Snapshot | undefined;
       if (s?.snapshotId) pools.createdSnapshots.push(s.snapshotId);
     }
-    const token = reply['nextToken'];
+    const token = reply.nextToken;
     if (typeof token === 'string' && token !== '' && !pools.tokens.includes(token)) pools.tokens.push(token);
   }
   return undefined;
@@ -795,7 +890,11 @@ function judge(method: DescMethod, outcome: Outcome): string | undefined {
  * Runs a property; once the driver is dead, every further run (fast-check's shrinking) passes, so the
  * counterexample reported is the request that was sent when it died, not a shrunk unrelated one.
  */
-async function fuzz<T>(arb: fc.Arbitrary<T>, numRuns: number, run: (value: T) => Promise<string | undefined>): Promise<void> {
+async function fuzz<T>(
+  arb: fc.Arbitrary<T>,
+  numRuns: number,
+  run: (value: T) => Promise<string | undefined>,
+): Promise<void> {
   let firstDeath: string | undefined;
   await fc.assert(
     fc.asyncProperty(arb, async (value) => {
@@ -861,18 +960,28 @@ function rawArb(method: DescMethod): fc.Arbitrary<RawPayload> {
   const allMethods = SERVICES.flatMap((s) => s.methods);
   const mutation: fc.Arbitrary<Mutation> = fc.oneof(
     fc.double({ min: 0, max: 1, noNaN: true }).map((at): Mutation => ({ kind: 'truncate', at })),
-    fc.tuple(fc.double({ min: 0, max: 1, noNaN: true }), fc.integer({ min: 1, max: 255 })).map(
-      ([at, mask]): Mutation => ({ kind: 'flip', at, mask }),
-    ),
-    fc.tuple(fc.double({ min: 0, max: 1, noNaN: true }), fc.uint8Array({ minLength: 1, maxLength: 12 })).map(
-      ([at, bytes]): Mutation => ({ kind: 'insert', at, bytes }),
-    ),
+    fc
+      .tuple(fc.double({ min: 0, max: 1, noNaN: true }), fc.integer({ min: 1, max: 255 }))
+      .map(([at, mask]): Mutation => ({ kind: 'flip', at, mask })),
+    fc
+      .tuple(fc.double({ min: 0, max: 1, noNaN: true }), fc.uint8Array({ minLength: 1, maxLength: 12 }))
+      .map(([at, bytes]): Mutation => ({ kind: 'insert', at, bytes })),
   );
   const encodedOf = (desc: DescMessage) =>
-    fc.record({ init: messageArb(desc), desc: fc.constant(desc), mutations: fc.array(mutation, { minLength: 0, maxLength: 3 }) });
+    fc.record({
+      init: messageArb(desc),
+      desc: fc.constant(desc),
+      mutations: fc.array(mutation, { minLength: 0, maxLength: 3 }),
+    });
   return fc.oneof(
-    { weight: 3, arbitrary: fc.record({ bytes: fc.uint8Array({ maxLength: 2048 }), mutations: fc.constant<Mutation[]>([]) }) },
-    { weight: 2, arbitrary: fc.record({ bytes: fc.constantFrom(...handmade), mutations: fc.constant<Mutation[]>([]) }) },
+    {
+      weight: 3,
+      arbitrary: fc.record({ bytes: fc.uint8Array({ maxLength: 2048 }), mutations: fc.constant<Mutation[]>([]) }),
+    },
+    {
+      weight: 2,
+      arbitrary: fc.record({ bytes: fc.constantFrom(...handmade), mutations: fc.constant<Mutation[]>([]) }),
+    },
     { weight: 4, arbitrary: encodedOf(method.input) },
     // A valid request of another method: a different schema on the same bytes.
     { weight: 2, arbitrary: fc.constantFrom(...allMethods).chain((m) => encodedOf(m.input)) },
@@ -906,7 +1015,12 @@ interface H2Outcome {
  * One raw HTTP/2 request. It resolves at the trailers: a server that answers before reading the whole body
  * (an oversized message) may leave the request half open, and waiting for the stream to close would hang.
  */
-function h2Request(socket: string, pathName: string, headers: http2.OutgoingHttpHeaders, body: Uint8Array): Promise<H2Outcome> {
+function h2Request(
+  socket: string,
+  pathName: string,
+  headers: http2.OutgoingHttpHeaders,
+  body: Uint8Array,
+): Promise<H2Outcome> {
   return new Promise((resolve) => {
     const session = http2.connect('http://localhost', { createConnection: () => net.connect(socket) });
     let httpStatus = 0;
@@ -979,7 +1093,9 @@ function framingArb(): fc.Arbitrary<Framing> {
     fc.constant<Framing>({ kind: 'empty' }),
     fc.constant<Framing>({ kind: 'oversized' }),
     // Malformed grpc-timeout values, and 0n: a well-formed deadline that has already passed.
-    fc.constantFrom('-1S', '99999999999H', 'abc', '1', '0n', '').map((value): Framing => ({ kind: 'timeout-header', value })),
+    fc
+      .constantFrom('-1S', '99999999999H', 'abc', '1', '0n', '')
+      .map((value): Framing => ({ kind: 'timeout-header', value })),
     fc.integer({ min: 2, max: 255 }).map((flags): Framing => ({ kind: 'flags', flags })),
   );
 }
@@ -1037,14 +1153,18 @@ describe('fuzz: the running driver answers random and malformed requests with sp
       identity: new ServiceClient(Identity, target),
       controller: new ServiceClient(Controller, target),
       metadata: new ServiceClient(SnapshotMetadata, target),
-      raw: new grpc.Client(target, grpc.credentials.createInsecure(), { 'grpc.max_receive_message_length': 64 * 1024 * 1024 }),
+      raw: new grpc.Client(target, grpc.credentials.createInsecure(), {
+        'grpc.max_receive_message_length': 64 * 1024 * 1024,
+      }),
     };
     await setUpObjects();
   });
 
   afterAll(async () => {
     if (fx === undefined) return;
-    const lines = [...histogram].map(([rpc, row]) => `${rpc.padEnd(48)} ${[...row].map(([c, n]) => `${c}=${n}`).join(' ')}`);
+    const lines = [...histogram].map(
+      ([rpc, row]) => `${rpc.padEnd(48)} ${[...row].map(([c, n]) => `${c}=${n}`).join(' ')}`,
+    );
     if (lines.length > 0) process.stderr.write(`fuzz status counts:\n${lines.join('\n')}\n`);
     fx.identity.close();
     fx.controller.close();
@@ -1098,7 +1218,10 @@ describe('fuzz: the running driver answers random and malformed requests with sp
         const outcome = await send(method, bytes);
         count(`${rpc} (raw)`, outcome.code);
         const problem = judge(method, outcome);
-        return problem && `${rpc} raw bytes ${Buffer.from(bytes.subarray(0, 256)).toString('hex')}${bytes.length > 256 ? `… (${bytes.length} bytes)` : ''}\n→ ${problem}`;
+        return (
+          problem &&
+          `${rpc} raw bytes ${Buffer.from(bytes.subarray(0, 256)).toString('hex')}${bytes.length > 256 ? `… (${bytes.length} bytes)` : ''}\n→ ${problem}`
+        );
       });
     });
   }
@@ -1106,27 +1229,38 @@ describe('fuzz: the running driver answers random and malformed requests with sp
   const BATCH = 8;
   it(`mixed RPCs ${BATCH} at a time (creates, deletes, snapshots and queries racing on the same names and IDs) get spec statuses`, async () => {
     // Weighted towards the RPCs that change state, so that they race each other.
-    const mutating = new Set(['CreateVolume', 'DeleteVolume', 'CreateSnapshot', 'DeleteSnapshot', 'ControllerExpandVolume']);
+    const mutating = new Set([
+      'CreateVolume',
+      'DeleteVolume',
+      'CreateSnapshot',
+      'DeleteSnapshot',
+      'ControllerExpandVolume',
+    ]);
     const method = fc.oneof(
       { weight: 3, arbitrary: fc.constantFrom(...ALL_METHODS.filter((m) => mutating.has(m.name))) },
       { weight: 1, arbitrary: fc.constantFrom(...ALL_METHODS.filter((m) => !mutating.has(m.name))) },
     );
     const call = method.chain((m) => requestArb(m).map((init) => ({ method: m, init })));
-    await fuzz(fc.array(call, { minLength: BATCH, maxLength: BATCH }), Math.max(10, Math.round(RUNS / 5)), async (batch) => {
-      const outcomes = await Promise.all(
-        batch.map(async ({ method, init: generated }) => {
-          const init = sparePreserved(method, resolveRefs(generated) as Init);
-          const outcome = await send(method, toBinary(method.input, create(method.input, init as never)));
-          count(`${method.name} (concurrent)`, outcome.code);
-          return { method, init, outcome };
-        }),
-      );
-      for (const { method, init, outcome } of outcomes) {
-        const problem = judge(method, outcome);
-        if (problem) return `${method.parent.name}.${method.name} ${printable(method, init)} (one of ${BATCH} at once)\n→ ${problem}`;
-      }
-      return undefined;
-    });
+    await fuzz(
+      fc.array(call, { minLength: BATCH, maxLength: BATCH }),
+      Math.max(10, Math.round(RUNS / 5)),
+      async (batch) => {
+        const outcomes = await Promise.all(
+          batch.map(async ({ method, init: generated }) => {
+            const init = sparePreserved(method, resolveRefs(generated) as Init);
+            const outcome = await send(method, toBinary(method.input, create(method.input, init as never)));
+            count(`${method.name} (concurrent)`, outcome.code);
+            return { method, init, outcome };
+          }),
+        );
+        for (const { method, init, outcome } of outcomes) {
+          const problem = judge(method, outcome);
+          if (problem)
+            return `${method.parent.name}.${method.name} ${printable(method, init)} (one of ${BATCH} at once)\n→ ${problem}`;
+        }
+        return undefined;
+      },
+    );
   });
 
   it('broken gRPC framing (unframed, short, compressed without codec, two messages, oversized, bad timeout) gets a spec status (DEADLINE_EXCEEDED for an expired deadline)', async () => {
@@ -1140,7 +1274,9 @@ describe('fuzz: the running driver answers random and malformed requests with sp
       count('framing', code);
       if (!childAlive()) return `the driver exited after ${JSON.stringify(framing)} to ${method.name}`;
       const expired = framing.kind === 'timeout-header' && /^\d{1,8}[HMSmun]$/.test(framing.value);
-      const allowed = expired ? res.grpcStatus === grpc.status.DEADLINE_EXCEEDED || ALLOWED.has(res.grpcStatus ?? -1) : ALLOWED.has(res.grpcStatus ?? -1);
+      const allowed = expired
+        ? res.grpcStatus === grpc.status.DEADLINE_EXCEEDED || ALLOWED.has(res.grpcStatus ?? -1)
+        : ALLOWED.has(res.grpcStatus ?? -1);
       if (res.grpcStatus === undefined || !allowed) {
         return `${method.name} ${JSON.stringify(framing, (_k, v: unknown) => (v instanceof Uint8Array ? Buffer.from(v).toString('hex') : v))} → HTTP ${res.httpStatus}, grpc-status ${res.grpcStatus} "${res.message}"`;
       }

@@ -78,7 +78,10 @@ function valuesPathsUsed(source: string): string[] {
 
 /** `cbt-csi serve --help`, as the CLI prints it. */
 function serveHelp(): string {
-  const r = spawnSync(process.execPath, ['--import', 'tsx', CLI, 'serve', '--help'], { cwd: REPO_ROOT, encoding: 'utf8' });
+  const r = spawnSync(process.execPath, ['--import', 'tsx', CLI, 'serve', '--help'], {
+    cwd: REPO_ROOT,
+    encoding: 'utf8',
+  });
   expect(r.status, r.stderr).toBe(0);
   return r.stdout;
 }
@@ -111,7 +114,8 @@ function renderDriverArgs(v: Tree): string[] {
     const gtM = /^\{\{-? if gt \(int \.Values\.([\w.]+)\) 0 \}\}$/.exec(line);
     if (withM) {
       withValue = at(v, withM[1]!);
-      skip = withValue === undefined || withValue === null || withValue === '' || withValue === 0 || withValue === false;
+      skip =
+        withValue === undefined || withValue === null || withValue === '' || withValue === 0 || withValue === false;
       continue;
     }
     if (gtM) {
@@ -147,7 +151,8 @@ afterEach(async () => {
     } catch {
       // already gone
     }
-    if (child.exitCode === null && child.signalCode === null) await new Promise((resolve) => child.once('exit', resolve));
+    if (child.exitCode === null && child.signalCode === null)
+      await new Promise((resolve) => child.once('exit', resolve));
   }
   for (const dir of dirs.splice(0)) fs.rmSync(dir, { recursive: true, force: true });
 });
@@ -159,7 +164,10 @@ function tempDir(): string {
 }
 
 /** Runs a command line from the docs (argv, no shell) until it prints `listening on`, or it exits. */
-function startUntilListening(argv: string[], env: NodeJS.ProcessEnv = {}): Promise<{ child: ChildProcess; stderr: string }> {
+function startUntilListening(
+  argv: string[],
+  env: NodeJS.ProcessEnv = {},
+): Promise<{ child: ChildProcess; stderr: string }> {
   const child = spawn(argv[0]!, argv.slice(1), {
     cwd: REPO_ROOT,
     env: { ...process.env, ...env },
@@ -203,13 +211,13 @@ describe('values.yaml and values.schema.json', () => {
   test('the schema rejects unknown keys, bad enums and a certManager TLS without a CA', () => {
     const copy = () => structuredClone(values);
     const typo = copy();
-    (typo['driver'] as Tree)['stateDirr'] = '/x';
+    (typo.driver as Tree).stateDirr = '/x';
     expect(validate(typo)).toBe(false);
     const mode = copy();
-    mode['mode'] = 'replicated';
+    mode.mode = 'replicated';
     expect(validate(mode)).toBe(false);
     const certManager = copy();
-    ((certManager['snapshotMetadata'] as Tree)['tls'] as Tree)['mode'] = 'certManager';
+    ((certManager.snapshotMetadata as Tree).tls as Tree).mode = 'certManager';
     expect(validate(certManager)).toBe(false);
   });
 
@@ -264,25 +272,29 @@ describe('chart files', () => {
   const docsYaml = fs
     .readdirSync(path.join(REPO_ROOT, 'docs'))
     .filter((f) => f.endsWith('.md'))
-    .flatMap((f) => codeBlocks(read(path.join(REPO_ROOT, 'docs', f))).filter((b) => b.lang === 'yaml').map((b, i) => [`${f} #${i + 1}`, b.body] as const));
+    .flatMap((f) =>
+      codeBlocks(read(path.join(REPO_ROOT, 'docs', f)))
+        .filter((b) => b.lang === 'yaml')
+        .map((b, i) => [`${f} #${i + 1}`, b.body] as const),
+    );
   test.each(docsYaml)('manifest %s in the docs parses, and each document has apiVersion and kind', (_name, body) => {
     const docs = parseAllDocuments(body);
     expect(docs.length).toBeGreaterThan(0);
     for (const doc of docs) {
       expect(doc.errors).toEqual([]);
       const obj = doc.toJS() as Tree;
-      expect(typeof obj['apiVersion']).toBe('string');
-      expect(typeof obj['kind']).toBe('string');
+      expect(typeof obj.apiVersion).toBe('string');
+      expect(typeof obj.kind).toBe('string');
     }
   });
 
   test('Chart.yaml names the chart and a semver version', () => {
     const chart = parse(read(path.join(CHART, 'Chart.yaml'))) as Tree;
-    expect(chart['apiVersion']).toBe('v2');
-    expect(chart['name']).toBe('cbt-csi');
-    expect(String(chart['version'])).toMatch(/^\d+\.\d+\.\d+$/);
+    expect(chart.apiVersion).toBe('v2');
+    expect(chart.name).toBe('cbt-csi');
+    expect(String(chart.version)).toMatch(/^\d+\.\d+\.\d+$/);
     const pkg = JSON.parse(read(path.join(REPO_ROOT, 'package.json'))) as { version: string };
-    expect(chart['appVersion']).toBe(pkg.version);
+    expect(chart.appVersion).toBe(pkg.version);
   });
 });
 
@@ -314,13 +326,20 @@ describe('what the chart tells the driver', () => {
       if (a.startsWith('--metrics-address=')) return '--metrics-address=127.0.0.1:0';
       return a;
     });
-    const { stderr } = await startUntilListening([process.execPath, '--import', 'tsx', CLI, 'serve', ...args], { NODE_NAME: 'node-a' });
+    const { stderr } = await startUntilListening([process.execPath, '--import', 'tsx', CLI, 'serve', ...args], {
+      NODE_NAME: 'node-a',
+    });
     expect(stderr).toContain(`listening on unix://${dir}/csi.sock`);
   });
 
   test('optional driver flags render from their values, and the driver accepts them', async () => {
     const v = structuredClone(values);
-    Object.assign(v['driver'] as Tree, { capacity: '10Gi', maxVolumesPerNode: 7, metricsPort: 0, defaultBlockSize: '64Ki' });
+    Object.assign(v.driver as Tree, {
+      capacity: '10Gi',
+      maxVolumesPerNode: 7,
+      metricsPort: 0,
+      defaultBlockSize: '64Ki',
+    });
     const args = renderDriverArgs(v);
     expect(args).toContain('--capacity=10Gi');
     expect(args).toContain('--max-volumes-per-node=7');
@@ -328,33 +347,37 @@ describe('what the chart tells the driver', () => {
     expect(args.some((a) => a.startsWith('--metrics-address'))).toBe(false);
     const dir = tempDir();
     const local = args.map((a) =>
-      a.startsWith('--endpoint=') ? `--endpoint=unix://${dir}/csi.sock` : a.startsWith('--state-dir=') ? `--state-dir=${dir}/state` : a,
+      a.startsWith('--endpoint=')
+        ? `--endpoint=unix://${dir}/csi.sock`
+        : a.startsWith('--state-dir=')
+          ? `--state-dir=${dir}/state`
+          : a,
     );
     await startUntilListening([process.execPath, '--import', 'tsx', CLI, 'serve', ...local], { NODE_NAME: 'node-a' });
   });
 
   test('the driver name in values is the driver default and the e2e definition name', () => {
-    expect(help).toContain(`(default: "${String(values['driverName'])}")`);
+    expect(help).toContain(`(default: "${String(values.driverName)}")`);
     const e2e = parse(read(path.join(REPO_ROOT, 'test-driver.yaml'))) as { DriverInfo: { Name: string } };
-    expect(e2e.DriverInfo.Name).toBe(values['driverName']);
+    expect(e2e.DriverInfo.Name).toBe(values.driverName);
   });
 
   test("the StorageClass's parameters are ones parseVolumeParameters accepts, with the fsType the node can make", () => {
-    const sc = values['storageClass'] as { parameters: Record<string, string>; fsType: string };
+    const sc = values.storageClass as { parameters: Record<string, string>; fsType: string };
     const defaults = { blockSize: 4096, metadataStyle: 'VARIABLE' as const };
     const rendered = { 'csi.storage.k8s.io/fstype': sc.fsType, ...sc.parameters };
     expect(() => parseVolumeParameters(rendered, defaults)).not.toThrow();
     expect(SUPPORTED_FS_TYPES).toContain(sc.fsType);
-    const provisioner = (values['sidecars'] as Tree)['provisioner'] as { defaultFsType: string };
+    const provisioner = (values.sidecars as Tree).provisioner as { defaultFsType: string };
     expect(SUPPORTED_FS_TYPES).toContain(provisioner.defaultFsType);
     // The same parameters with a key the driver does not know would fail provisioning.
     expect(() => parseVolumeParameters({ ...rendered, blocksize: '4096' }, defaults)).toThrow(/unknown parameter/);
   });
 
   test('the schema allows only block sizes the driver accepts (power of two, 4Ki to 1Mi)', () => {
-    const driver = values['driver'] as { defaultBlockSize: string };
+    const driver = values.driver as { defaultBlockSize: string };
     expect(() => parseBlockSize(driver.defaultBlockSize)).not.toThrow();
-    const sc = (values['storageClass'] as { parameters: { blockSize: string } }).parameters;
+    const sc = (values.storageClass as { parameters: { blockSize: string } }).parameters;
     expect(() => parseBlockSize(sc.blockSize)).not.toThrow();
   });
 });
@@ -362,10 +385,10 @@ describe('what the chart tells the driver', () => {
 // ------------------------------------------------------------------ sidecars
 
 describe('sidecars', () => {
-  const sidecars = values['sidecars'] as Record<string, { image: { repository: string; tag: string } }>;
+  const sidecars = values.sidecars as Record<string, { image: { repository: string; tag: string } }>;
   const images = {
     ...Object.fromEntries(Object.entries(sidecars).map(([k, v]) => [k, v.image])),
-    snapshotMetadata: (values['snapshotMetadata'] as { image: { repository: string; tag: string } }).image,
+    snapshotMetadata: (values.snapshotMetadata as { image: { repository: string; tag: string } }).image,
   };
   const version = (tag: string) => tag.slice(1).split('.').map(Number) as [number, number, number];
   const atLeast = (tag: string, min: string) => {
@@ -392,17 +415,22 @@ describe('sidecars', () => {
   });
 
   test('every sidecar image is the version pinned in scripts/ecosystem/versions.json (what CI builds and tests)', () => {
-    const pins = (JSON.parse(read(path.join(REPO_ROOT, 'scripts/ecosystem/versions.json'))) as {
-      components: Record<string, { version: string; images?: Record<string, string> }>;
-    }).components;
-    const pinned = Object.values(pins).flatMap((c) => Object.entries(c.images ?? {}).map(([valuesPath, repository]) => ({ valuesPath, repository, tag: c.version })));
+    const pins = (
+      JSON.parse(read(path.join(REPO_ROOT, 'scripts/ecosystem/versions.json'))) as {
+        components: Record<string, { version: string; images?: Record<string, string> }>;
+      }
+    ).components;
+    const pinned = Object.values(pins).flatMap((c) =>
+      Object.entries(c.images ?? {}).map(([valuesPath, repository]) => ({ valuesPath, repository, tag: c.version })),
+    );
     // Every image in values.yaml has a pin, and every pin is an image in values.yaml.
     expect(pinned.map((p) => p.valuesPath).sort()).toEqual(
       Object.keys(images)
         .map((k) => (k === 'snapshotMetadata' ? 'snapshotMetadata.image' : `sidecars.${k}.image`))
         .sort(),
     );
-    for (const p of pinned) expect(at(values, p.valuesPath), p.valuesPath).toEqual({ repository: p.repository, tag: p.tag });
+    for (const p of pinned)
+      expect(at(values, p.valuesPath), p.valuesPath).toEqual({ repository: p.repository, tag: p.tag });
   });
 
   test('the SnapshotMetadataService uses the API version the pinned sidecar serves (v1beta1 from v1.0.0)', () => {
@@ -451,18 +479,20 @@ const CLIENT = { namespace: 'backup', name: 'backup-app' };
 function renderRbacTemplate(file: string): RbacObject[] {
   const source = templates.get(file)!.replace(/\{\{-?\s*\/\*[\s\S]*?\*\/\s*-?\}\}/g, '');
   const substitutions: Record<string, string> = {
-    '$fullname': RELEASE,
+    $fullname: RELEASE,
     'include "cbt-csi.fullname" .': RELEASE,
     '.Release.Namespace': NAMESPACE,
     '.namespace': CLIENT.namespace,
     '.name': CLIENT.name,
     '.name | quote': JSON.stringify(CLIENT.name),
-    '$bindingName': `${RELEASE}-backup-client-${CLIENT.namespace}-${CLIENT.name}`,
-    '$tokenRole': `${RELEASE}-backup-client-token-${CLIENT.name}`,
+    $bindingName: `${RELEASE}-backup-client-${CLIENT.namespace}-${CLIENT.name}`,
+    $tokenRole: `${RELEASE}-backup-client-token-${CLIENT.name}`,
   };
   const lines = source
     .split('\n')
-    .filter((line) => !/^\s*\{\{-?\s*(if|else|end|range|with|\$\w+\s*:=|include "cbt-csi\.labels")[^}]*\}\}\s*$/.test(line))
+    .filter(
+      (line) => !/^\s*\{\{-?\s*(if|else|end|range|with|\$\w+\s*:=|include "cbt-csi\.labels")[^}]*\}\}\s*$/.test(line),
+    )
     .map((line) =>
       line.replace(/\{\{-?\s*(.*?)\s*-?\}\}/g, (_, expr: string) => {
         const value = substitutions[expr];
@@ -489,8 +519,14 @@ const grants = (rule: Rule, group: string, resource: string, verb: string) =>
 function rolesBoundTo(sa: { name: string; namespace: string }, roleNames?: Set<string>) {
   const bound: { role: RbacObject; scope: 'cluster' | string }[] = [];
   for (const b of bindings) {
-    if (!b.subjects?.some((s) => s.kind === 'ServiceAccount' && s.name === sa.name && s.namespace === sa.namespace)) continue;
-    const role = roles.find((r) => r.kind === b.roleRef!.kind && r.metadata.name === b.roleRef!.name && (r.kind === 'ClusterRole' || r.metadata.namespace === b.metadata.namespace));
+    if (!b.subjects?.some((s) => s.kind === 'ServiceAccount' && s.name === sa.name && s.namespace === sa.namespace))
+      continue;
+    const role = roles.find(
+      (r) =>
+        r.kind === b.roleRef!.kind &&
+        r.metadata.name === b.roleRef!.name &&
+        (r.kind === 'ClusterRole' || r.metadata.namespace === b.metadata.namespace),
+    );
     if (!role || (roleNames && !roleNames.has(role.metadata.name))) continue;
     bound.push({ role, scope: b.kind === 'ClusterRoleBinding' ? 'cluster' : b.metadata.namespace! });
   }
@@ -500,27 +536,29 @@ function rolesBoundTo(sa: { name: string; namespace: string }, roleNames?: Set<s
 describe('RBAC', () => {
   test('the plugin pod runs as the ServiceAccount the sidecar roles are bound to', () => {
     expect(podSpec).toContain('serviceAccountName: {{ include "cbt-csi.fullname" . }}');
-    expect(templates.get('rbac.yaml')).toMatch(/kind: ServiceAccount\nmetadata:\n\s+name: \{\{ \$fullname \}\}\n\s+namespace: \{\{ \.Release\.Namespace \}\}/);
+    expect(templates.get('rbac.yaml')).toMatch(
+      /kind: ServiceAccount\nmetadata:\n\s+name: \{\{ \$fullname \}\}\n\s+namespace: \{\{ \.Release\.Namespace \}\}/,
+    );
   });
 
   test.each(Object.entries(SIDECAR_NEEDS).map(([sidecar, { source, needs }]) => [sidecar, source, needs] as const))(
     'the %s roles alone grant everything that sidecar needs (%s)',
     (sidecar, _source, needs) => {
-    // Only this sidecar's own roles count, though the pod's containers share one ServiceAccount.
-    const own = rolesBoundTo({ name: RELEASE, namespace: NAMESPACE }, new Set([`${RELEASE}-${sidecar}`]));
-    expect(own.length).toBeGreaterThan(0);
-    const missing: string[] = [];
-    for (const n of needs) {
-      for (const verb of n.verbs) {
-        const ok = own.some(
-          ({ role, scope }) =>
-            (scope === 'cluster' || (n.scope === 'namespace' && scope === NAMESPACE)) &&
-            role.rules!.some((rule) => !rule.resourceNames?.length && grants(rule, n.group, n.resource, verb)),
-        );
-        if (!ok) missing.push(`${verb} ${n.group || 'core'}/${n.resource} (${n.scope})`);
+      // Only this sidecar's own roles count, though the pod's containers share one ServiceAccount.
+      const own = rolesBoundTo({ name: RELEASE, namespace: NAMESPACE }, new Set([`${RELEASE}-${sidecar}`]));
+      expect(own.length).toBeGreaterThan(0);
+      const missing: string[] = [];
+      for (const n of needs) {
+        for (const verb of n.verbs) {
+          const ok = own.some(
+            ({ role, scope }) =>
+              (scope === 'cluster' || (n.scope === 'namespace' && scope === NAMESPACE)) &&
+              role.rules!.some((rule) => !rule.resourceNames?.length && grants(rule, n.group, n.resource, verb)),
+          );
+          if (!ok) missing.push(`${verb} ${n.group || 'core'}/${n.resource} (${n.scope})`);
+        }
       }
-    }
-    expect(missing).toEqual([]);
+      expect(missing).toEqual([]);
     },
   );
 
@@ -532,10 +570,12 @@ describe('RBAC', () => {
     expect(offenders).toEqual([]);
   });
 
-  test("a backup client may request tokens only for itself, in its own namespace, and read snapshots cluster-wide", () => {
+  test('a backup client may request tokens only for itself, in its own namespace, and read snapshots cluster-wide', () => {
     const bound = rolesBoundTo(CLIENT);
     const tokenGrants = bound.flatMap(({ role, scope }) =>
-      role.rules!.filter((rule) => grants(rule, '', 'serviceaccounts/token', 'create')).map((rule) => ({ scope, names: rule.resourceNames ?? [] })),
+      role
+        .rules!.filter((rule) => grants(rule, '', 'serviceaccounts/token', 'create'))
+        .map((rule) => ({ scope, names: rule.resourceNames ?? [] })),
     );
     expect(tokenGrants).toEqual([{ scope: CLIENT.namespace, names: [CLIENT.name] }]);
     const clusterRules = bound.filter((b) => b.scope === 'cluster').flatMap(({ role }) => role.rules!);
@@ -546,7 +586,11 @@ describe('RBAC', () => {
       ['cbt.storage.k8s.io', 'snapshotmetadataservices', 'get'],
       ['cbt.storage.k8s.io', 'snapshotmetadataservices', 'list'],
     ];
-    for (const [g, r, v] of reads) expect(clusterRules.some((rule) => grants(rule, g, r, v)), `${v} ${g}/${r}`).toBe(true);
+    for (const [g, r, v] of reads)
+      expect(
+        clusterRules.some((rule) => grants(rule, g, r, v)),
+        `${v} ${g}/${r}`,
+      ).toBe(true);
     // Read only: nothing cluster-wide that writes.
     const writes = clusterRules.filter((rule) => rule.verbs.some((v) => !['get', 'list', 'watch'].includes(v)));
     expect(writes).toEqual([]);
@@ -554,10 +598,14 @@ describe('RBAC', () => {
 
   test('NOTES.txt binds backup clients cluster-wide only to the read-only role, and tokens with a Role in their namespace', () => {
     const notes = templates.get('NOTES.txt')!;
-    const clusterBindings = [...notes.matchAll(/kubectl create clusterrolebinding .*--clusterrole=(\{\{.*?\}\}|\S+)/g)].map((m) => m[1]!);
+    const clusterBindings = [
+      ...notes.matchAll(/kubectl create clusterrolebinding .*--clusterrole=(\{\{.*?\}\}|\S+)/g),
+    ].map((m) => m[1]!);
     expect(clusterBindings).toEqual(['{{ $role }}']);
     expect(notes).toContain('{{- $role := printf "%s-backup-client" (include "cbt-csi.fullname" .) }}');
-    expect(notes).toMatch(/kubectl -n <ns> create role <sa>-token --verb=create --resource=serviceaccounts\/token --resource-name=<sa>/);
+    expect(notes).toMatch(
+      /kubectl -n <ns> create role <sa>-token --verb=create --resource=serviceaccounts\/token --resource-name=<sa>/,
+    );
     expect(notes).toMatch(/kubectl -n <ns> create rolebinding <sa>-token --role=<sa>-token --serviceaccount=<ns>:<sa>/);
   });
 });
@@ -571,10 +619,14 @@ describe('the snapshot-metadata audience', () => {
   });
 
   test('the audience value is read in one place only, the helper', () => {
-    const readers = [...templates].filter(([, source]) => source.includes('.Values.snapshotMetadata.audience')).map(([file]) => file);
+    const readers = [...templates]
+      .filter(([, source]) => source.includes('.Values.snapshotMetadata.audience'))
+      .map(([file]) => file);
     expect(readers).toEqual(['_helpers.tpl']);
     expect(templates.get('_helpers.tpl')!.match(/\.Values\.snapshotMetadata\.audience/g)).toHaveLength(1);
-    expect(templates.get('_helpers.tpl')).toMatch(/define "cbt-csi\.snapshotMetadataAudience" -\}\}\n\{\{- \.Values\.snapshotMetadata\.audience -\}\}/);
+    expect(templates.get('_helpers.tpl')).toMatch(
+      /define "cbt-csi\.snapshotMetadataAudience" -\}\}\n\{\{- \.Values\.snapshotMetadata\.audience -\}\}/,
+    );
   });
 });
 
@@ -582,13 +634,24 @@ describe('the snapshot-metadata audience', () => {
 
 describe('test-driver.yaml claims exactly what the driver advertises', () => {
   const e2e = parse(read(path.join(REPO_ROOT, 'test-driver.yaml'))) as {
-    DriverInfo: { Capabilities: Record<string, boolean>; TopologyKeys: string[]; SupportedFsType: Record<string, unknown> };
+    DriverInfo: {
+      Capabilities: Record<string, boolean>;
+      TopologyKeys: string[];
+      SupportedFsType: Record<string, unknown>;
+    };
   };
   const caps = e2e.DriverInfo.Capabilities;
   const ctx = { config: { driverName: 'cbt.csi.dev' } as DriverConfig } as DriverContext;
-  const plugin = (identityService(ctx).getPluginCapabilities as () => { capabilities: { type: { case: string; value: { type: number } } }[] })();
-  const pluginService = (t: PluginService) => plugin.capabilities.some((c) => c.type.case === 'service' && c.type.value.type === t);
-  const online = plugin.capabilities.some((c) => c.type.case === 'volumeExpansion' && c.type.value.type === Expansion.ONLINE);
+  const plugin = (
+    identityService(ctx).getPluginCapabilities as () => {
+      capabilities: { type: { case: string; value: { type: number } } }[];
+    }
+  )();
+  const pluginService = (t: PluginService) =>
+    plugin.capabilities.some((c) => c.type.case === 'service' && c.type.value.type === t);
+  const online = plugin.capabilities.some(
+    (c) => c.type.case === 'volumeExpansion' && c.type.value.type === Expansion.ONLINE,
+  );
   const controller = (t: ControllerRpc) => CONTROLLER_CAPABILITIES.includes(t);
   const node = (t: NodeRpc) => NODE_CAPABILITIES.includes(t);
   const multiNode = SUPPORTED_ACCESS_MODES.some((m) => Mode[m]!.startsWith('MULTI_NODE'));
@@ -631,7 +694,9 @@ describe("the docs' driver commands", () => {
     const docsText = ['quickstart-local.md', 'quickstart-kind.md', 'troubleshooting.md', 'node-data-plane.md']
       .map((f) => read(path.join(REPO_ROOT, 'docs', f)))
       .join('\n');
-    const commands = [...docsText.matchAll(/(?:npm start --|cbt-csi serve|dist\/src\/cli\.js serve)([^\n`]*)/g)].map((m) => m[1]!);
+    const commands = [...docsText.matchAll(/(?:npm start --|cbt-csi serve|dist\/src\/cli\.js serve)([^\n`]*)/g)].map(
+      (m) => m[1]!,
+    );
     expect(commands.length).toBeGreaterThan(2);
     const used = new Set(commands.flatMap((c) => [...flagsOf(c)]));
     expect([...used].filter((f) => !cliFlags.has(f) && f !== 'help')).toEqual([]);

@@ -10,9 +10,19 @@ export interface Need {
   verbs: string[];
   scope: 'cluster' | 'namespace';
 }
-export const need = (group: string, resource: string, verbs: string[], scope: Need['scope'] = 'cluster'): Need => ({ group, resource, verbs, scope });
+export const need = (group: string, resource: string, verbs: string[], scope: Need['scope'] = 'cluster'): Need => ({
+  group,
+  resource,
+  verbs,
+  scope,
+});
 const EVENTS = need('', 'events', ['list', 'watch', 'create', 'update', 'patch']);
-const LEASES = need('coordination.k8s.io', 'leases', ['get', 'watch', 'list', 'delete', 'update', 'create'], 'namespace');
+const LEASES = need(
+  'coordination.k8s.io',
+  'leases',
+  ['get', 'watch', 'list', 'delete', 'update', 'create'],
+  'namespace',
+);
 
 export const SIDECAR_NEEDS: Record<string, { source: string; needs: Need[] }> = {
   provisioner: {
@@ -29,7 +39,12 @@ export const SIDECAR_NEEDS: Record<string, { source: string; needs: Need[] }> = 
       need('', 'nodes', ['get', 'list', 'watch']),
       need('storage.k8s.io', 'volumeattachments', ['get', 'list', 'watch']),
       LEASES,
-      need('storage.k8s.io', 'csistoragecapacities', ['get', 'list', 'watch', 'create', 'update', 'patch', 'delete'], 'namespace'),
+      need(
+        'storage.k8s.io',
+        'csistoragecapacities',
+        ['get', 'list', 'watch', 'create', 'update', 'patch', 'delete'],
+        'namespace',
+      ),
       need('', 'pods', ['get'], 'namespace'),
       need('apps', 'replicasets', ['get'], 'namespace'),
     ],
@@ -67,7 +82,15 @@ export const SIDECAR_NEEDS: Record<string, { source: string; needs: Need[] }> = 
     // pkg/internal/server/grpc/snapshotter_secret.go, which that role lacks.
     source: 'external-snapshot-metadata v1.1.0 deploy/snapshot-metadata-cluster-role.yaml + snapshotter_secret.go',
     needs: [
-      need('cbt.storage.k8s.io', 'snapshotmetadataservices', ['get', 'list', 'watch', 'create', 'update', 'patch', 'delete']),
+      need('cbt.storage.k8s.io', 'snapshotmetadataservices', [
+        'get',
+        'list',
+        'watch',
+        'create',
+        'update',
+        'patch',
+        'delete',
+      ]),
       need('authentication.k8s.io', 'tokenreviews', ['create', 'get']),
       need('authorization.k8s.io', 'subjectaccessreviews', ['create', 'get']),
       need('snapshot.storage.k8s.io', 'volumesnapshots', ['get', 'list']),
@@ -76,4 +99,3 @@ export const SIDECAR_NEEDS: Record<string, { source: string; needs: Need[] }> = 
     ],
   },
 };
-

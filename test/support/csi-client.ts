@@ -3,11 +3,20 @@
  * kubelet and the sidecars (grpc-go) talk to a driver. Messages are encoded with our generated schemas.
  */
 import * as grpc from '@grpc/grpc-js';
-import { create, fromBinary, toBinary, type DescMethod, type MessageInitShape, type MessageShape } from '@bufbuild/protobuf';
+import {
+  create,
+  fromBinary,
+  toBinary,
+  type DescMethod,
+  type MessageInitShape,
+  type MessageShape,
+} from '@bufbuild/protobuf';
 import type { GenService, GenServiceMethods } from '@bufbuild/protobuf/codegenv2';
 
 type Methods<S> = S extends GenService<infer M> ? M : never;
-type UnaryNames<M extends GenServiceMethods> = { [K in keyof M]: M[K]['methodKind'] extends 'unary' ? K : never }[keyof M];
+type UnaryNames<M extends GenServiceMethods> = {
+  [K in keyof M]: M[K]['methodKind'] extends 'unary' ? K : never;
+}[keyof M];
 type StreamNames<M extends GenServiceMethods> = {
   [K in keyof M]: M[K]['methodKind'] extends 'server_streaming' ? K : never;
 }[keyof M];

@@ -18,7 +18,13 @@ export function chunk(seed: number, index: number): Buffer {
 }
 
 /** Writes `mib` MiB from `offset` and flushes. */
-export async function writeChunks(store: BlockStore, volumeId: string, offset: number, mib: number, seed: number): Promise<void> {
+export async function writeChunks(
+  store: BlockStore,
+  volumeId: string,
+  offset: number,
+  mib: number,
+  seed: number,
+): Promise<void> {
   for (let i = 0; i < mib; i++) store.write(volumeId, offset + i * MiB, chunk(seed, i));
   await store.flush(volumeId);
 }
@@ -58,7 +64,7 @@ export async function exhaustCatalog(store: BlockStore, volumeId: string, maxFlu
   const { blockSize, capacityBytes } = store.getVolume(volumeId);
   for (let n = 0; n < maxFlushes; n++) {
     // Every other block, so no trim merges with the one before it into the same run.
-    store.trim(volumeId, ((2 * n * blockSize) % capacityBytes), blockSize);
+    store.trim(volumeId, (2 * n * blockSize) % capacityBytes, blockSize);
     try {
       await store.flush(volumeId);
     } catch (err) {
@@ -70,7 +76,11 @@ export async function exhaustCatalog(store: BlockStore, volumeId: string, maxFlu
 }
 
 /** SHA-256 of a byte range of a snapshot or a volume, read through the store. */
-export function fingerprint(store: BlockStore, what: { snapshotId: string } | { volumeId: string }, length: number): string {
+export function fingerprint(
+  store: BlockStore,
+  what: { snapshotId: string } | { volumeId: string },
+  length: number,
+): string {
   const hash = createHash('sha256');
   for (let off = 0; off < length; off += 4 * MiB) {
     const n = Math.min(4 * MiB, length - off);

@@ -24,7 +24,7 @@ export function missingSmallFileSystem(mkfs = 'mkfs.ext4'): string | undefined {
   if (process.getuid?.() !== 0) return 'loop mounts need root';
   if (!fs.existsSync('/dev/loop-control')) return 'loop devices are missing (/dev/loop-control)';
   for (const tool of [mkfs, 'mount', 'umount']) {
-    const found = (process.env['PATH'] ?? '').split(':').some((d) => d && fs.existsSync(path.join(d, tool)));
+    const found = (process.env.PATH ?? '').split(':').some((d) => d && fs.existsSync(path.join(d, tool)));
     if (!found) return `${tool} is not on PATH`;
   }
   return undefined;
@@ -34,7 +34,7 @@ export function missingSmallFileSystem(mkfs = 'mkfs.ext4'): string | undefined {
 export function smallFileSystemSuite(name: string, body: () => void, mkfs = 'mkfs.ext4'): void {
   const missing = missingSmallFileSystem(mkfs);
   if (!missing) describe(name, body);
-  else if (process.env['CI'] === 'true') {
+  else if (process.env.CI === 'true') {
     describe(name, () =>
       it(`can make a loop-mounted filesystem (CI=true): ${missing}`, () => {
         throw new Error(missing);
@@ -55,7 +55,9 @@ export function mountSmallExt4(options: { sizeBytes: number; blockSize?: 1024 | 
   fs.closeSync(fs.openSync(image, 'w'));
   fs.truncateSync(image, options.sizeBytes);
   try {
-    execFileSync('mkfs.ext4', ['-q', '-F', '-m', '0', '-b', String(options.blockSize ?? 4096), image], { stdio: 'pipe' });
+    execFileSync('mkfs.ext4', ['-q', '-F', '-m', '0', '-b', String(options.blockSize ?? 4096), image], {
+      stdio: 'pipe',
+    });
     execFileSync('mount', ['-o', 'loop', image, dir], { stdio: 'pipe' });
   } catch (err) {
     fs.rmSync(base, { recursive: true, force: true });

@@ -39,7 +39,7 @@ export function testConfig(dir: string, overrides: Partial<DriverConfig> = {}): 
     defaultMetadataStyle: 'VARIABLE',
     capacityBytes: undefined,
     defaultMaxResults: 4096,
-    logLevel: (process.env['CBT_TEST_LOG'] as DriverConfig['logLevel'] | undefined) ?? 'silent',
+    logLevel: (process.env.CBT_TEST_LOG as DriverConfig['logLevel'] | undefined) ?? 'silent',
     metricsAddress: undefined,
     ...overrides,
   };
@@ -51,7 +51,8 @@ export async function startTestDriver(overrides: Partial<DriverConfig> = {}): Pr
   const config = testConfig(dir, overrides);
   const driver = await startDriver(config, createLogger(config.logLevel));
   const socket = driver.endpoint.kind === 'unix' ? driver.endpoint.path : '';
-  const target = driver.endpoint.kind === 'unix' ? `unix://${socket}` : `${driver.endpoint.host}:${driver.endpoint.port}`;
+  const target =
+    driver.endpoint.kind === 'unix' ? `unix://${socket}` : `${driver.endpoint.host}:${driver.endpoint.port}`;
   const identity = new ServiceClient(Identity, target);
   const controller = new ServiceClient(Controller, target);
   const metadata = new ServiceClient(SnapshotMetadata, target);

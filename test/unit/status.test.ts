@@ -52,7 +52,9 @@ describe('node data-plane errors', () => {
   });
 
   test('translateNodeErrors turns NodeErrors and failed tools into statuses, and passes anything else on unchanged', async () => {
-    const refused = await translateNodeErrors(() => Promise.reject(new NodeError('not-found', 'no such volume'))).catch((e: unknown) => e);
+    const refused = await translateNodeErrors(() => Promise.reject(new NodeError('not-found', 'no such volume'))).catch(
+      (e: unknown) => e,
+    );
     expect(refused).toBeInstanceOf(ConnectError);
     expect((refused as ConnectError).code).toBe(Code.NotFound);
     const tool = new CommandError('mount', ['x'], 32, null, 'mount: wrong fs type', false);
@@ -82,7 +84,10 @@ describe('statuses the server writes itself', () => {
   });
 
   test("connect's INTERNAL for an undecodable body becomes INVALID_ARGUMENT; other trailers pass unchanged", () => {
-    const undecodable = { 'grpc-status': String(Code.Internal), 'grpc-message': encodeURIComponent('parse binary: premature EOF') };
+    const undecodable = {
+      'grpc-status': String(Code.Internal),
+      'grpc-message': encodeURIComponent('parse binary: premature EOF'),
+    };
     expect(Number(correctUndecodableStatus(undecodable)['grpc-status'])).toBe(Code.InvalidArgument);
     const internal = { 'grpc-status': String(Code.Internal), 'grpc-message': 'internal%20error' };
     expect(correctUndecodableStatus(internal)).toBe(internal);

@@ -53,13 +53,19 @@ async function addFault(rule: Record<string, unknown>): Promise<void> {
 }
 
 /** Reads a delta stream, counting messages, and returns how it ended. */
-async function readDelta(maxResults = 10): Promise<{ messages: number; code: number; details: string; ms: number; gaps: number[] }> {
+async function readDelta(
+  maxResults = 10,
+): Promise<{ messages: number; code: number; details: string; ms: number; gaps: number[] }> {
   const started = Date.now();
   let last = started;
   const gaps: number[] = [];
   let messages = 0;
   try {
-    for await (const _m of t.metadata.stream('getMetadataDelta', { baseSnapshotId: base, targetSnapshotId: target, maxResults })) {
+    for await (const _m of t.metadata.stream('getMetadataDelta', {
+      baseSnapshotId: base,
+      targetSnapshotId: target,
+      maxResults,
+    })) {
       messages++;
       gaps.push(Date.now() - last);
       last = Date.now();
@@ -82,7 +88,13 @@ describe('fault kinds', () => {
   });
 
   test('fail: fails before the first message with the given code and message; the next call is clean', async () => {
-    await addFault({ rpc: 'GetMetadataDelta', action: 'fail', code: 'RESOURCE_EXHAUSTED', message: 'too busy', times: 1 });
+    await addFault({
+      rpc: 'GetMetadataDelta',
+      action: 'fail',
+      code: 'RESOURCE_EXHAUSTED',
+      message: 'too busy',
+      times: 1,
+    });
     expect(await readDelta()).toMatchObject({ messages: 0, code: status.RESOURCE_EXHAUSTED, details: 'too busy' });
     expect(await readDelta()).toMatchObject({ messages: 10, code: 0 });
   });
@@ -98,7 +110,8 @@ describe('fault kinds', () => {
   test('fail-after N on a stream of N or fewer messages does not fire', async () => {
     await addFault({ rpc: 'GetMetadataDelta', action: 'fail-after', afterMessages: 10 });
     expect(await readDelta()).toMatchObject({ messages: 10, code: 0 });
-    const [rule] = ((await adminRequest(admin, 'GET', '/faults')) as { faults: { matched: number; fired: number }[] }).faults;
+    const [rule] = ((await adminRequest(admin, 'GET', '/faults')) as { faults: { matched: number; fired: number }[] })
+      .faults;
     expect(rule).toMatchObject({ matched: 1, fired: 0 });
   });
 
@@ -193,7 +206,8 @@ describe('which calls a rule applies to', () => {
 
   test('CreateSnapshot and DeleteSnapshot: fail, and delay before the reply', async () => {
     await addFault({ rpc: 'CreateSnapshot', action: 'fail', code: 'RESOURCE_EXHAUSTED', times: 1 });
-    const create = () => t.controller.call('createSnapshot', { name: `fault-snap-${Math.random()}`, sourceVolumeId: otherVolume });
+    const create = () =>
+      t.controller.call('createSnapshot', { name: `fault-snap-${Math.random()}`, sourceVolumeId: otherVolume });
     const err = (await create().catch((e: unknown) => e)) as RpcError;
     expect(err.code).toBe(status.RESOURCE_EXHAUSTED);
     const snap = await create();
@@ -206,7 +220,9 @@ describe('which calls a rule applies to', () => {
   test('fired faults are counted in the metrics by RPC and action', async () => {
     await addFault({ rpc: 'GetMetadataDelta', action: 'fail-after', afterMessages: 1, times: 1 });
     await readDelta();
-    expect(await metricsText()).toMatch(/cbt_csi_faults_fired_total\{rpc="GetMetadataDelta",action="fail-after"\} [1-9]/);
+    expect(await metricsText()).toMatch(
+      /cbt_csi_faults_fired_total\{rpc="GetMetadataDelta",action="fail-after"\} [1-9]/,
+    );
   });
 });
 
@@ -217,16 +233,27 @@ describe('rules and the admin endpoint', () => {
       [{ rpc: 'GetMetadataDelta', action: 'explode' }, /rule\.action: "explode" is not one of/],
       [{ rpc: 'GetMetadataDelta', action: 'fail-after' }, /rule\.afterMessages: required by action fail-after/],
       [{ rpc: 'GetMetadataDelta', action: 'fail', code: 'NOPE' }, /rule\.code: "NOPE" is not a gRPC error code/],
-      [{ rpc: 'GetMetadataDelta', action: 'delay', delayMs: 5, stallMs: 3 }, /rule\.stallMs: does not apply to action delay/],
-      [{ rpc: 'CreateSnapshot', action: 'stall', stallMs: 3 }, /rule\.action: stall applies only to the streaming RPCs/],
+      [
+        { rpc: 'GetMetadataDelta', action: 'delay', delayMs: 5, stallMs: 3 },
+        /rule\.stallMs: does not apply to action delay/,
+      ],
+      [
+        { rpc: 'CreateSnapshot', action: 'stall', stallMs: 3 },
+        /rule\.action: stall applies only to the streaming RPCs/,
+      ],
       [{ rpc: 'GetMetadataDelta', action: 'flaky', probability: 2 }, /rule\.probability: must be a number from 0 to 1/],
       [{ rpc: 'GetMetadataDelta', action: 'fail', times: 0 }, /rule\.times: must be an integer of at least 1/],
       [{ rpc: 'GetMetadataDelta', action: 'fail', tims: 1 }, /rule\.tims: unknown field/],
     ];
     for (const [rule, message] of bad) expect(() => parseFaultRule(rule)).toThrow(message);
-    expect(() => parseFaultRules({ faults: [{ rpc: 'GetMetadataDelta', action: 'fail' }, { rpc: 'X', action: 'fail' }] })).toThrow(
-      /faults\[1\]\.rpc/,
-    );
+    expect(() =>
+      parseFaultRules({
+        faults: [
+          { rpc: 'GetMetadataDelta', action: 'fail' },
+          { rpc: 'X', action: 'fail' },
+        ],
+      }),
+    ).toThrow(/faults\[1\]\.rpc/);
     expect(() => parseFaultRules({ fault: [] })).toThrow(FaultRuleError);
   });
 

@@ -14,7 +14,8 @@ import { ServiceClient } from '../support/csi-client.js';
 import { REPO_ROOT, TSX_LOADER, spawnDriver } from '../support/test-driver.js';
 
 const run = promisify(execFile);
-const cli = (args: string[]) => run(process.execPath, ['--import', TSX_LOADER, path.join(REPO_ROOT, 'src/cli.ts'), ...args]);
+const cli = (args: string[]) =>
+  run(process.execPath, ['--import', TSX_LOADER, path.join(REPO_ROOT, 'src/cli.ts'), ...args]);
 
 let dir: string;
 let admin: string;
@@ -29,11 +30,16 @@ beforeAll(async () => {
     ['faults:', '  - rpc: GetMetadataAllocated', '    action: failed-precondition', '    times: 1', ''].join('\n'),
   );
   const started = await spawnDriver([
-    '--endpoint', `unix://${path.join(dir, 'csi.sock')}`,
-    '--state-dir', path.join(dir, 'state'),
-    '--log-level', 'warn',
-    '--faults', path.join(dir, 'faults.yaml'),
-    '--admin-endpoint', admin,
+    '--endpoint',
+    `unix://${path.join(dir, 'csi.sock')}`,
+    '--state-dir',
+    path.join(dir, 'state'),
+    '--log-level',
+    'warn',
+    '--faults',
+    path.join(dir, 'faults.yaml'),
+    '--admin-endpoint',
+    admin,
   ]);
   child = started.child;
   metadata = new ServiceClient(SnapshotMetadata, `unix://${path.join(dir, 'csi.sock')}`);
@@ -57,11 +63,39 @@ test('serve --faults loads the file; faults list shows it; the rule fires once; 
     (e: { code: number }) => e.code,
   );
   expect(code).toBe(status.FAILED_PRECONDITION);
-  const added = await cli(['faults', 'add', '--admin-endpoint', admin, '--rpc', 'GetMetadataDelta', '--action', 'fail-after', '--after-messages', '2', '--code', 'UNAVAILABLE']);
+  const added = await cli([
+    'faults',
+    'add',
+    '--admin-endpoint',
+    admin,
+    '--rpc',
+    'GetMetadataDelta',
+    '--action',
+    'fail-after',
+    '--after-messages',
+    '2',
+    '--code',
+    'UNAVAILABLE',
+  ]);
   expect(added.stdout).toMatch(/^added 2\tGetMetadataDelta\tfail-after\tforever/m);
-  const json = JSON.parse((await cli(['faults', 'list', '--admin-endpoint', admin, '--json'])).stdout) as { id: number; fired: number }[];
-  expect(json.map((r) => [r.id, r.fired])).toEqual([[1, 1], [2, 0]]);
-  const bad = await cli(['faults', 'add', '--admin-endpoint', admin, '--rpc', 'GetMetadataDelta', '--action', 'delay']).catch((e: { stderr: string }) => e);
+  const json = JSON.parse((await cli(['faults', 'list', '--admin-endpoint', admin, '--json'])).stdout) as {
+    id: number;
+    fired: number;
+  }[];
+  expect(json.map((r) => [r.id, r.fired])).toEqual([
+    [1, 1],
+    [2, 0],
+  ]);
+  const bad = await cli([
+    'faults',
+    'add',
+    '--admin-endpoint',
+    admin,
+    '--rpc',
+    'GetMetadataDelta',
+    '--action',
+    'delay',
+  ]).catch((e: { stderr: string }) => e);
   expect((bad as { stderr: string }).stderr).toMatch(/rule\.delayMs: required by action delay/);
   expect((await cli(['faults', 'clear', '2', '--admin-endpoint', admin])).stdout).toBe('removed 1 rule\n');
   expect((await cli(['faults', 'clear', '--admin-endpoint', admin])).stdout).toBe('removed 1 rule\n');
@@ -71,7 +105,14 @@ test('serve --faults loads the file; faults list shows it; the rule fires once; 
 test('a malformed faults file stops serve with the field named', async () => {
   const file = path.join(dir, 'bad.yaml');
   fs.writeFileSync(file, 'faults:\n  - rpc: GetMetadataDelta\n    action: fail-after\n');
-  const err = await spawnDriver(['--endpoint', `unix://${path.join(dir, 'bad.sock')}`, '--state-dir', path.join(dir, 'bad-state'), '--faults', file]).then(
+  const err = await spawnDriver([
+    '--endpoint',
+    `unix://${path.join(dir, 'bad.sock')}`,
+    '--state-dir',
+    path.join(dir, 'bad-state'),
+    '--faults',
+    file,
+  ]).then(
     () => undefined,
     (e: Error) => e,
   );

@@ -13,7 +13,7 @@ import type { MetadataProfileName } from '../../src/csi/metadata-profiles.js';
 import { appendAnswerRun, readAnswerRuns } from '../../src/vendor/answers.js';
 import { checkAnswers } from '../../src/vendor/check.js';
 import { csiMetadataReader, type MetadataReader } from '../../src/vendor/csi-metadata-reader.js';
-import { generate, openPathTarget, type PatternTarget } from '../../src/vendor/generate.js';
+import { generate, type PatternTarget } from '../../src/vendor/generate.js';
 import { PATTERNS, blockHashes, patternOps } from '../../src/vendor/patterns.js';
 import { REPO_ROOT, TSX_LOADER, startTestDriver, type TestDriver } from '../support/test-driver.js';
 
@@ -49,7 +49,8 @@ async function volume(parameters: Record<string, string> = {}): Promise<string> 
 async function snapshot(volumeId: string): Promise<string> {
   // The cut must come after the run's finish time, which has millisecond resolution.
   await new Promise((r) => setTimeout(r, 2));
-  return (await t.controller.call('createSnapshot', { name: `ka-snap-${++names}`, sourceVolumeId: volumeId })).snapshot!.snapshotId;
+  return (await t.controller.call('createSnapshot', { name: `ka-snap-${++names}`, sourceVolumeId: volumeId })).snapshot!
+    .snapshotId;
 }
 
 /** The volume, written through the engine as the FUSE data plane would. */
@@ -69,7 +70,13 @@ function answersFile(): string {
   return path.join(t.dir, `answers-${++names}.jsonl`);
 }
 
-async function checkSnapshot(file: string, snapshotId: string, baseId?: string, profile: MetadataProfileName = 'exact', objectSize = 4 * MiB) {
+async function checkSnapshot(
+  file: string,
+  snapshotId: string,
+  baseId?: string,
+  profile: MetadataProfileName = 'exact',
+  objectSize = 4 * MiB,
+) {
   return checkAnswers({
     runs: readAnswerRuns(file),
     snapshotCreatedAtMs: await reader.snapshotCreatedAtMs(snapshotId),
@@ -85,7 +92,10 @@ describe('patterns', () => {
     for (const pattern of PATTERNS) {
       const spec = { pattern, seed: 7, count: 50, blockSize: 4096, capacityBytes: CAPACITY };
       const ops = (s: typeof spec) =>
-        [...patternOps(s)].map((op) => `${op.kind} ${op.block}+${op.blocks} ${op.kind === 'write' ? blockHashes(op.data, 4096).join(',') : ''}`);
+        [...patternOps(s)].map(
+          (op) =>
+            `${op.kind} ${op.block}+${op.blocks} ${op.kind === 'write' ? blockHashes(op.data, 4096).join(',') : ''}`,
+        );
       const a = ops(spec);
       expect(ops(spec)).toEqual(a);
       expect(ops({ ...spec, seed: 8 })).not.toEqual(a);
@@ -99,15 +109,32 @@ describe('generate + snapshot + check round trips (engine, over CSI)', () => {
       const vol = await volume();
       const file = answersFile();
       // A first run gives trims something to discard and the delta a history to differ from.
-      appendAnswerRun(file, await generate({ pattern: 'random', seed: 1, count: 300, blockSize: 4096 }, engineTarget(vol)));
+      appendAnswerRun(
+        file,
+        await generate({ pattern: 'random', seed: 1, count: 300, blockSize: 4096 }, engineTarget(vol)),
+      );
       const s1 = await snapshot(vol);
       appendAnswerRun(file, await generate({ pattern, seed: 2, count: 200, blockSize: 4096 }, engineTarget(vol)));
       const s2 = await snapshot(vol);
       const allocated1 = await checkSnapshot(file, s1);
-      expect(allocated1).toMatchObject({ ok: true, mode: 'allocated', runsUsed: [0], missing: [], extraNotAllowed: [], extraAllowed: [] });
+      expect(allocated1).toMatchObject({
+        ok: true,
+        mode: 'allocated',
+        runsUsed: [0],
+        missing: [],
+        extraNotAllowed: [],
+        extraAllowed: [],
+      });
       expect(allocated1.expectedBytes).toBeGreaterThan(0);
       const delta = await checkSnapshot(file, s2, s1);
-      expect(delta).toMatchObject({ ok: true, mode: 'delta', runsUsed: [1], missing: [], extraNotAllowed: [], checksumMismatches: [] });
+      expect(delta).toMatchObject({
+        ok: true,
+        mode: 'delta',
+        runsUsed: [1],
+        missing: [],
+        extraNotAllowed: [],
+        checksumMismatches: [],
+      });
       expect(delta.expectedBytes).toBeGreaterThan(0);
       expect((await checkSnapshot(file, s2)).ok).toBe(true);
     });
@@ -118,11 +145,19 @@ describe('check finds what is wrong', () => {
   test('a change the driver does not report is missing, and check fails', async () => {
     const vol = await volume();
     const file = answersFile();
-    appendAnswerRun(file, await generate({ pattern: 'sparse', seed: 3, count: 20, blockSize: 4096 }, engineTarget(vol)));
+    appendAnswerRun(
+      file,
+      await generate({ pattern: 'sparse', seed: 3, count: 20, blockSize: 4096 }, engineTarget(vol)),
+    );
     const snap = await snapshot(vol);
     const runs = readAnswerRuns(file);
     const reported = (await reader.extents(snap, undefined)).slice(1); // as a driver that lost its first extent
-    const report = await checkAnswers({ runs, snapshotCreatedAtMs: await reader.snapshotCreatedAtMs(snap), reported, granularity: 0 });
+    const report = await checkAnswers({
+      runs,
+      snapshotCreatedAtMs: await reader.snapshotCreatedAtMs(snap),
+      reported,
+      granularity: 0,
+    });
     expect(report.ok).toBe(false);
     expect(report.missing).toHaveLength(1);
   });
@@ -130,7 +165,10 @@ describe('check finds what is wrong', () => {
   test('a restored block that differs is a checksum mismatch, and check fails', async () => {
     const vol = await volume();
     const file = answersFile();
-    appendAnswerRun(file, await generate({ pattern: 'sequential', seed: 4, count: 10, blockSize: 4096 }, engineTarget(vol)));
+    appendAnswerRun(
+      file,
+      await generate({ pattern: 'sequential', seed: 4, count: 10, blockSize: 4096 }, engineTarget(vol)),
+    );
     const snap = await snapshot(vol);
     const run0 = readAnswerRuns(file)[0]!;
     const corrupt = run0.changed[0]![0] + 4096 * 3;
@@ -151,7 +189,10 @@ describe('check finds what is wrong', () => {
     const vol = await volume({ metadataProfile: 'ceph-rbd', objectSize: '1Mi' });
     const file = answersFile();
     const base = await snapshot(vol);
-    appendAnswerRun(file, await generate({ pattern: 'random', seed: 5, count: 30, blockSize: 4096 }, engineTarget(vol)));
+    appendAnswerRun(
+      file,
+      await generate({ pattern: 'random', seed: 5, count: 30, blockSize: 4096 }, engineTarget(vol)),
+    );
     const target = await snapshot(vol);
     const asCeph = await checkSnapshot(file, target, base, 'ceph-rbd', MiB);
     expect(asCeph).toMatchObject({ ok: true, missing: [], extraNotAllowed: [] });
@@ -168,7 +209,11 @@ describe('check finds what is wrong', () => {
     const snap = await snapshot(vol);
     const [r] = readAnswerRuns(file);
     const created = await reader.snapshotCreatedAtMs(snap);
-    const report = await checkAnswers({ runs: [{ ...r!, finishedAtMs: created + 1000 }], snapshotCreatedAtMs: created, granularity: 0 });
+    const report = await checkAnswers({
+      runs: [{ ...r!, finishedAtMs: created + 1000 }],
+      snapshotCreatedAtMs: created,
+      granularity: 0,
+    });
     expect(report.ok).toBe(false);
     expect(report.problems[0]).toMatch(/still running when the snapshot was cut/);
   });
@@ -180,9 +225,34 @@ describe('file target and the CLI', () => {
     fs.writeFileSync(target, Buffer.alloc(0));
     fs.truncateSync(target, 8 * MiB);
     const file = answersFile();
-    const cli = (args: string[]) => run(process.execPath, ['--import', TSX_LOADER, path.join(REPO_ROOT, 'src/cli.ts'), ...args]);
-    await cli(['generate', '--target', target, '--seed', '9', '--pattern', 'random', '--count', '200', '--answers', file]);
-    const trim = await cli(['generate', '--target', target, '--seed', '10', '--pattern', 'trim', '--count', '40', '--answers', file]);
+    const cli = (args: string[]) =>
+      run(process.execPath, ['--import', TSX_LOADER, path.join(REPO_ROOT, 'src/cli.ts'), ...args]);
+    await cli([
+      'generate',
+      '--target',
+      target,
+      '--seed',
+      '9',
+      '--pattern',
+      'random',
+      '--count',
+      '200',
+      '--answers',
+      file,
+    ]);
+    const trim = await cli([
+      'generate',
+      '--target',
+      target,
+      '--seed',
+      '10',
+      '--pattern',
+      'trim',
+      '--count',
+      '40',
+      '--answers',
+      file,
+    ]);
     expect(trim.stdout).toMatch(/trimmed/);
     const runs = readAnswerRuns(file);
     expect(runs).toHaveLength(2);
@@ -196,16 +266,36 @@ describe('file target and the CLI', () => {
     expect(buf.equals(Buffer.alloc(length))).toBe(true);
     // check with restored data only (no driver): the file is its own restore.
     const later = String(Date.now() + 1000);
-    const ok = await cli(['check', '--answers', file, '--snapshot', 'none', '--restored', target, '--no-metadata', '--created-at', later]);
+    const ok = await cli([
+      'check',
+      '--answers',
+      file,
+      '--snapshot',
+      'none',
+      '--restored',
+      target,
+      '--no-metadata',
+      '--created-at',
+      later,
+    ]);
     expect(ok.stdout).toMatch(/OK/);
     // One flipped byte in a recorded block: exit code 1 and the mismatch named.
     const changed = runs[0]!.changed.find(([o]) => !runs[1]!.trimmed.some(([to, tl]) => o >= to && o < to + tl))!;
     const fdw = fs.openSync(target, 'r+');
     fs.writeSync(fdw, Buffer.from([0x5a]), 0, 1, changed[0]);
     fs.closeSync(fdw);
-    const bad = await cli(['check', '--answers', file, '--snapshot', 'none', '--restored', target, '--no-metadata', '--created-at', later]).catch(
-      (e: { code: number; stdout: string }) => e,
-    );
+    const bad = await cli([
+      'check',
+      '--answers',
+      file,
+      '--snapshot',
+      'none',
+      '--restored',
+      target,
+      '--no-metadata',
+      '--created-at',
+      later,
+    ]).catch((e: { code: number; stdout: string }) => e);
     expect((bad as { code: number }).code).toBe(1);
     expect((bad as { stdout: string }).stdout).toMatch(/1 checksum mismatches/);
   });
@@ -213,7 +303,10 @@ describe('file target and the CLI', () => {
   test('cbt-csi check against the running driver exits 0 when the answers hold', async () => {
     const vol = await volume();
     const file = answersFile();
-    appendAnswerRun(file, await generate({ pattern: 'hotspot', seed: 11, count: 100, blockSize: 4096 }, engineTarget(vol)));
+    appendAnswerRun(
+      file,
+      await generate({ pattern: 'hotspot', seed: 11, count: 100, blockSize: 4096 }, engineTarget(vol)),
+    );
     const snap = await snapshot(vol);
     const res = await run(process.execPath, [
       '--import',

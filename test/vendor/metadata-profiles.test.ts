@@ -60,18 +60,24 @@ function details(err: RpcError): string {
 }
 
 function tuples(messages: { blockMetadata: { byteOffset: bigint; sizeBytes: bigint }[] }[]): Tuple[] {
-  return messages.flatMap((m) => m.blockMetadata.map((b) => ({ offset: Number(b.byteOffset), length: Number(b.sizeBytes) })));
+  return messages.flatMap((m) =>
+    m.blockMetadata.map((b) => ({ offset: Number(b.byteOffset), length: Number(b.sizeBytes) })),
+  );
 }
 
 function expectOrderedDisjoint(list: Tuple[]): void {
-  for (let i = 1; i < list.length; i++) expect(list[i]!.offset).toBeGreaterThanOrEqual(list[i - 1]!.offset + list[i - 1]!.length);
+  for (let i = 1; i < list.length; i++)
+    expect(list[i]!.offset).toBeGreaterThanOrEqual(list[i - 1]!.offset + list[i - 1]!.length);
 }
 
 /** Every byte of `exact` lies inside some tuple of `reported`. */
 function expectCovers(reported: Tuple[], exact: Tuple[]): void {
   for (const e of exact) {
     for (let at = e.offset; at < e.offset + e.length; at += 4 * KiB) {
-      expect(reported.some((r) => r.offset <= at && at < r.offset + r.length), `byte ${at} is reported`).toBe(true);
+      expect(
+        reported.some((r) => r.offset <= at && at < r.offset + r.length),
+        `byte ${at} is reported`,
+      ).toBe(true);
     }
   }
 }
@@ -97,7 +103,8 @@ describe('hostpath profile', () => {
     for (const m of messages) expect(m.blockMetadataType).toBe(BlockMetadataType.FIXED_LENGTH);
     const list = tuples(messages);
     expect(list).toHaveLength(16);
-    for (const [i, tuple] of list.entries()) expect(tuple).toEqual({ offset: 128 * KiB + i * 4 * KiB, length: 4 * KiB });
+    for (const [i, tuple] of list.entries())
+      expect(tuple).toEqual({ offset: 128 * KiB + i * 4 * KiB, length: 4 * KiB });
   });
 
   test('hostpath: at most 256 tuples a message, whether max_results is 0 or larger; smaller max_results honoured', async () => {
@@ -209,7 +216,7 @@ describe('ceph-rbd profile', () => {
     ]);
   });
 
-  test('ceph-rbd: a deleted base snapshot is NOT_FOUND with ceph-csi\'s message', async () => {
+  test("ceph-rbd: a deleted base snapshot is NOT_FOUND with ceph-csi's message", async () => {
     const vol = await volume({ metadataProfile: 'ceph-rbd' });
     const base = await snapshot(vol);
     write(vol, 0, 4 * KiB);

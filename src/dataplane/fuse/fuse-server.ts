@@ -170,7 +170,9 @@ export class FuseDispatcher {
     this.stats.requests++;
     const body = request.subarray(IN_HEADER_SIZE, Math.min(header.len, request.length));
     const reply = (payload?: Buffer): void => {
-      send(payload ? [encodeOutHeader(payload.length, 0, header.unique), payload] : [encodeOutHeader(0, 0, header.unique)]);
+      send(
+        payload ? [encodeOutHeader(payload.length, 0, header.unique), payload] : [encodeOutHeader(0, 0, header.unique)],
+      );
     };
     try {
       await this.handle(header, body, reply);
@@ -182,7 +184,10 @@ export class FuseDispatcher {
         this.options.logger.debug({ opcode: opcodeName(header.opcode), nodeid: header.nodeid, errno }, err.message);
       } else {
         errno = Errno.EIO;
-        this.options.logger.warn({ err, opcode: opcodeName(header.opcode), nodeid: header.nodeid }, 'FUSE request failed');
+        this.options.logger.warn(
+          { err, opcode: opcodeName(header.opcode), nodeid: header.nodeid },
+          'FUSE request failed',
+        );
       }
       if (header.opcode === Opcode.INIT) this.rejectInit(err instanceof Error ? err : new Error(String(err)));
       if (!hasNoReply(header.opcode)) send([encodeOutHeader(0, -errno, header.unique)]);
@@ -226,7 +231,12 @@ export class FuseDispatcher {
         if (s.valid & SetattrValid.MODE) changes.mode = s.mode;
         if (s.valid & SetattrValid.UID) changes.uid = s.uid;
         if (s.valid & SetattrValid.GID) changes.gid = s.gid;
-        const timeBits = SetattrValid.ATIME | SetattrValid.MTIME | SetattrValid.ATIME_NOW | SetattrValid.MTIME_NOW | SetattrValid.CTIME;
+        const timeBits =
+          SetattrValid.ATIME |
+          SetattrValid.MTIME |
+          SetattrValid.ATIME_NOW |
+          SetattrValid.MTIME_NOW |
+          SetattrValid.CTIME;
         if (s.valid & timeBits) changes.times = true;
         return reply(encodeAttrOut(await fs.setattr(h.nodeid, changes), o.attrValidSec));
       }
@@ -428,7 +438,8 @@ export class FuseServer {
         this.ended = true;
         this.endError = err;
         if (err) this.logger.warn({ err, mountPoint: this.mountPoint }, 'FUSE device reader stopped');
-        else if (!this.closing) this.logger.warn({ mountPoint: this.mountPoint }, 'FUSE connection ended (unmounted from outside?)');
+        else if (!this.closing)
+          this.logger.warn({ mountPoint: this.mountPoint }, 'FUSE connection ended (unmounted from outside?)');
       },
     });
     if (isNotifying(this.fs)) this.fs.attachNotifier(this.notifier());
@@ -478,13 +489,19 @@ export class FuseServer {
         try {
           await unmount(this.mountPoint, false);
         } catch (err) {
-          this.logger.warn({ err, mountPoint: this.mountPoint }, 'umount failed; detaching lazily and aborting the connection');
+          this.logger.warn(
+            { err, mountPoint: this.mountPoint },
+            'umount failed; detaching lazily and aborting the connection',
+          );
           await unmount(this.mountPoint, true).catch(() => undefined);
           // A lazy unmount only ends the connection if nothing holds a file; give that a moment, no more.
           graceMs = 250;
         }
         const grace = timeout(graceMs, 'reader stop');
-        const stopped = await Promise.race([this.device.whenReaderStopped().then(() => true), grace.promise.catch(() => false)]);
+        const stopped = await Promise.race([
+          this.device.whenReaderStopped().then(() => true),
+          grace.promise.catch(() => false),
+        ]);
         grace.cancel();
         if (!stopped && this.mountEntry) {
           await abortFuseConnection(this.mountEntry.device);

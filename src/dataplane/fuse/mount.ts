@@ -33,7 +33,12 @@ export function parseMountInfo(text: string): MountInfoEntry[] {
     const mountPoint = left[4];
     const fsType = right[0];
     if (device === undefined || mountPoint === undefined || fsType === undefined) continue;
-    out.push({ device, mountPoint: unescapeMountField(mountPoint), fsType, source: unescapeMountField(right[1] ?? '') });
+    out.push({
+      device,
+      mountPoint: unescapeMountField(mountPoint),
+      fsType,
+      source: unescapeMountField(right[1] ?? ''),
+    });
   }
   return out;
 }
@@ -94,7 +99,8 @@ export async function mountFuse(fd: number, mountPoint: string, options: FuseMou
 /** `umount`, or with `lazy` `umount -l` (detach now, finish when the last user lets go). */
 export async function unmount(mountPoint: string, lazy: boolean): Promise<void> {
   const r = await run('umount', lazy ? ['-l', mountPoint] : [mountPoint]);
-  if (r.code !== 0) throw new MountError(`umount${lazy ? ' -l' : ''} ${mountPoint} failed (${r.code ?? r.signal}): ${r.stderr}`);
+  if (r.code !== 0)
+    throw new MountError(`umount${lazy ? ' -l' : ''} ${mountPoint} failed (${r.code ?? r.signal}): ${r.stderr}`);
 }
 
 /**

@@ -10,11 +10,33 @@
 import { constants as fsConstants } from 'node:fs';
 import type { BlockStore } from '../../../storage-engine/index.js';
 import { EngineError } from '../../../storage-engine/index.js';
-import { FuseError, type AttrChanges, type FuseNotifier, type LookupResult, type NotifyingFilesystem, type OpenResult } from './filesystem.js';
-import { DT_DIR, DT_REG, Errno, FallocMode, FUSE_ROOT_ID, OpenOutFlag, S_IFDIR, S_IFREG, type Attr, type Dirent, type Statfs } from './protocol.js';
+import {
+  FuseError,
+  type AttrChanges,
+  type FuseNotifier,
+  type LookupResult,
+  type NotifyingFilesystem,
+  type OpenResult,
+} from './filesystem.js';
+import {
+  DT_DIR,
+  DT_REG,
+  Errno,
+  FallocMode,
+  FUSE_ROOT_ID,
+  OpenOutFlag,
+  S_IFDIR,
+  S_IFREG,
+  type Attr,
+  type Dirent,
+  type Statfs,
+} from './protocol.js';
 
 /** The block store calls the files need; BlockStore provides them (tests may wrap it). */
-export type VolumeBackend = Pick<BlockStore, 'getVolume' | 'read' | 'write' | 'trim' | 'flush' | 'growVolume' | 'hold' | 'release'>;
+export type VolumeBackend = Pick<
+  BlockStore,
+  'getVolume' | 'read' | 'write' | 'trim' | 'flush' | 'growVolume' | 'hold' | 'release'
+>;
 
 /** File names: what a volume ID looks like, and nothing that could be a path or a dot entry. */
 const NAME_PATTERN = /^[A-Za-z0-9][A-Za-z0-9._-]{0,254}$/;
@@ -79,7 +101,14 @@ export class VolumeFiles implements NotifyingFilesystem {
     }
     this.store.getVolume(volumeId); // throws NotFoundError for unknown IDs
     this.store.hold(volumeId, this.holder);
-    const node: FileNode = { nodeid: this.nextNode++, name, volumeId, lookups: 0, openHandles: new Set(), removed: false };
+    const node: FileNode = {
+      nodeid: this.nextNode++,
+      name,
+      volumeId,
+      lookups: 0,
+      openHandles: new Set(),
+      removed: false,
+    };
     this.byName.set(name, node);
     this.byNode.set(node.nodeid, node);
   }
@@ -219,12 +248,14 @@ export class VolumeFiles implements NotifyingFilesystem {
   async setattr(nodeid: number, changes: AttrChanges): Promise<Attr> {
     if (nodeid === FUSE_ROOT_ID) {
       if (changes.size !== undefined) throw new FuseError(Errno.EISDIR);
-      if (changes.mode !== undefined || changes.uid !== undefined || changes.gid !== undefined) throw new FuseError(Errno.EPERM);
+      if (changes.mode !== undefined || changes.uid !== undefined || changes.gid !== undefined)
+        throw new FuseError(Errno.EPERM);
       return this.rootAttr();
     }
     const node = this.node(nodeid);
     // Ownership and mode are fixed: the files are root's plumbing, not user data.
-    if (changes.mode !== undefined || changes.uid !== undefined || changes.gid !== undefined) throw new FuseError(Errno.EPERM);
+    if (changes.mode !== undefined || changes.uid !== undefined || changes.gid !== undefined)
+      throw new FuseError(Errno.EPERM);
     if (changes.size !== undefined) {
       const current = this.engine(() => this.store.getVolume(node.volumeId));
       // The file is the volume: shrinking would cut data off (and O_TRUNC would wipe it), so only growth

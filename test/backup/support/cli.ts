@@ -11,7 +11,10 @@ export interface CliResult {
 }
 
 /** Starts the command; `done` resolves when it exits. */
-export function startCli(args: string[], env: NodeJS.ProcessEnv = {}): { child: ChildProcess; done: Promise<CliResult> } {
+export function startCli(
+  args: string[],
+  env: NodeJS.ProcessEnv = {},
+): { child: ChildProcess; done: Promise<CliResult> } {
   const child = spawn(process.execPath, ['--import', TSX_LOADER, path.join(REPO_ROOT, 'src/cli.ts'), ...args], {
     cwd: REPO_ROOT,
     env: { ...process.env, ...env },

@@ -29,7 +29,12 @@ export async function publish(env: NodeEnv, volumeId: string): Promise<Published
   fs.mkdirSync(staging, { recursive: true });
   fs.mkdirSync(env.path('pods'), { recursive: true });
   await env.node.call('nodeStageVolume', { volumeId, stagingTargetPath: staging, volumeCapability: blockCap() });
-  await env.node.call('nodePublishVolume', { volumeId, stagingTargetPath: staging, targetPath: device, volumeCapability: blockCap() });
+  await env.node.call('nodePublishVolume', {
+    volumeId,
+    stagingTargetPath: staging,
+    targetPath: device,
+    volumeCapability: blockCap(),
+  });
   return {
     volumeId,
     device,
@@ -41,7 +46,9 @@ export async function publish(env: NodeEnv, volumeId: string): Promise<Published
 }
 
 export async function snapshot(env: NodeEnv, volumeId: string): Promise<string> {
-  return (await env.controller.call('createSnapshot', { sourceVolumeId: volumeId, name: `snap-${process.pid}-${++counter}` })).snapshot!.snapshotId;
+  return (
+    await env.controller.call('createSnapshot', { sourceVolumeId: volumeId, name: `snap-${process.pid}-${++counter}` })
+  ).snapshot!.snapshotId;
 }
 
 /** A snapshot's bytes, read through the device of a volume created from it (then deleted). */

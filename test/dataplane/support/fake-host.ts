@@ -66,27 +66,41 @@ export class FakeHost implements HostOps {
     return this.mountsAt(target).length > 0;
   }
 
-  async mountFilesystem(device: string, target: string, type: FilesystemType, flags: readonly string[], readOnly: boolean): Promise<void> {
+  async mountFilesystem(
+    device: string,
+    target: string,
+    type: FilesystemType,
+    flags: readonly string[],
+    readOnly: boolean,
+  ): Promise<void> {
     this.enter('mountFilesystem', target);
     const dev = this.devices.get(device);
     if (!dev) throw new Error(`mount: ${device}: no such device`);
     if (this.filesystems.get(volumeOf(dev.backFile)) !== type) throw new Error(`mount: ${device}: wrong fs type`);
     if (!fs.statSync(target).isDirectory()) throw new Error(`mount: ${target}: not a directory`);
-    this.mounts.push({ source: device, target: path.resolve(target), fsType: type, readOnly: readOnly || flags.includes('ro') });
+    this.mounts.push({
+      source: device,
+      target: path.resolve(target),
+      fsType: type,
+      readOnly: readOnly || flags.includes('ro'),
+    });
   }
 
   async bindMount(source: string, target: string, readOnly: boolean): Promise<void> {
     this.enter('bindMount', target);
     const st = fs.lstatSync(target);
     const deviceSource = this.devices.has(source);
-    if (deviceSource ? st.isDirectory() : !st.isDirectory()) throw new Error(`mount --bind ${source} ${target}: not a directory / is a directory`);
-    if (!deviceSource && !this.mounts.some((m) => m.target === path.resolve(source))) throw new Error(`bind source ${source} is not a mount in this test`);
+    if (deviceSource ? st.isDirectory() : !st.isDirectory())
+      throw new Error(`mount --bind ${source} ${target}: not a directory / is a directory`);
+    if (!deviceSource && !this.mounts.some((m) => m.target === path.resolve(source)))
+      throw new Error(`bind source ${source} is not a mount in this test`);
     this.mounts.push({ source, target: path.resolve(target), fsType: 'bind', readOnly });
   }
 
   async unmountAll(target: string, options: { lazy?: boolean } = {}): Promise<void> {
     this.enter('unmountAll', `${target}${options.lazy ? ' (lazy)' : ''}`);
-    for (let i = this.mounts.length - 1; i >= 0; i--) if (this.mounts[i]!.target === path.resolve(target)) this.mounts.splice(i, 1);
+    for (let i = this.mounts.length - 1; i >= 0; i--)
+      if (this.mounts[i]!.target === path.resolve(target)) this.mounts.splice(i, 1);
   }
 
   async filesystemUsage(mountPoint: string): Promise<FilesystemUsage> {
@@ -136,7 +150,13 @@ export class FakeHost implements HostOps {
   }
 
   async listLoopDevices(): Promise<LoopDevice[]> {
-    return [...this.devices].map(([name, d]) => ({ name, backFile: d.backFile, readOnly: d.readOnly, directIo: true, autoclear: false }));
+    return [...this.devices].map(([name, d]) => ({
+      name,
+      backFile: d.backFile,
+      readOnly: d.readOnly,
+      directIo: true,
+      autoclear: false,
+    }));
   }
 
   async refreshLoopCapacity(device: string): Promise<void> {
@@ -210,7 +230,8 @@ export class FakeVolumeFiles implements VolumeFilesHost {
    */
   kill(): void {
     this.live = undefined;
-    for (const file of [...this.host.files.keys()]) if (path.dirname(file) === this.mountDir) this.host.files.delete(file);
+    for (const file of [...this.host.files.keys()])
+      if (path.dirname(file) === this.mountDir) this.host.files.delete(file);
     for (const dev of this.host.devices.values()) {
       if (path.dirname(dev.backFile) === this.mountDir) dev.backFile = `/${path.basename(dev.backFile)}`;
     }

@@ -12,7 +12,8 @@ import { FuseServer } from '../../../src/dataplane/fuse/fuse-server.js';
 import { VolumeFiles } from '../../../src/dataplane/fuse/volume-files.js';
 
 const [storeDir, mountPoint, capacity] = process.argv.slice(2);
-if (!storeDir || !mountPoint || !capacity) throw new Error('usage: fuse-child.ts <store-dir> <mount-point> <capacity-bytes>');
+if (!storeDir || !mountPoint || !capacity)
+  throw new Error('usage: fuse-child.ts <store-dir> <mount-point> <capacity-bytes>');
 
 const store = BlockStore.open(storeDir);
 const volume = await store.createVolume({ name: 'child-volume', capacityBytes: Number(capacity) });

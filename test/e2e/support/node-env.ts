@@ -26,7 +26,7 @@ export function missingDataPlane(): string | undefined {
   if (!fs.existsSync('/dev/fuse')) return '/dev/fuse is missing';
   if (!fs.existsSync('/dev/loop-control')) return 'loop devices are missing (/dev/loop-control)';
   for (const tool of TOOLS) {
-    const found = (process.env['PATH'] ?? '').split(':').some((d) => d && fs.existsSync(path.join(d, tool)));
+    const found = (process.env.PATH ?? '').split(':').some((d) => d && fs.existsSync(path.join(d, tool)));
     if (!found) return `${tool} is not on PATH (util-linux, e2fsprogs, xfsprogs)`;
   }
   return undefined;
@@ -36,10 +36,12 @@ export function missingDataPlane(): string | undefined {
 export function dataPlaneSuite(name: string, body: () => void): void {
   const missing = missingDataPlane();
   if (!missing) describe(name, body);
-  else if (process.env['CI'] === 'true') {
-    describe(name, () => it(`has what the node data plane needs (CI=true): ${missing}`, () => {
-      throw new Error(missing);
-    }));
+  else if (process.env.CI === 'true') {
+    describe(name, () =>
+      it(`has what the node data plane needs (CI=true): ${missing}`, () => {
+        throw new Error(missing);
+      }),
+    );
   } else describe.skip(`${name} — skipped: ${missing}`, body);
 }
 
@@ -72,7 +74,17 @@ export async function startNodeEnv(extraArgs: string[] = [], options: NodeEnvOpt
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'cbt-node-'));
   const stateDir = options.stateDir ?? path.join(dir, 'state');
   const socket = path.join(dir, 'csi.sock');
-  const args = ['--endpoint', `unix://${socket}`, '--state-dir', stateDir, '--node-id', 'test-node', '--log-level', process.env['CBT_TEST_LOG'] ?? 'warn', ...extraArgs];
+  const args = [
+    '--endpoint',
+    `unix://${socket}`,
+    '--state-dir',
+    stateDir,
+    '--node-id',
+    'test-node',
+    '--log-level',
+    process.env.CBT_TEST_LOG ?? 'warn',
+    ...extraArgs,
+  ];
   const env: NodeEnv = {
     dir,
     stateDir,
@@ -131,7 +143,9 @@ export function isMounted(target: string): boolean {
 
 /** The mount at `target`, innermost. */
 export function mountAt(target: string) {
-  return parseMountInfo(fs.readFileSync('/proc/self/mountinfo', 'utf8')).filter((m) => m.mountPoint === target).at(-1);
+  return parseMountInfo(fs.readFileSync('/proc/self/mountinfo', 'utf8'))
+    .filter((m) => m.mountPoint === target)
+    .at(-1);
 }
 
 /** Loop devices attached to files of the driver's FUSE mount under `stateDir`. */
@@ -140,8 +154,13 @@ export function loopDevicesUnder(stateDir: string): { name: string; backFile: st
   if (list.status !== 0 || !list.stdout.trim()) return [];
   const devices = (JSON.parse(list.stdout) as { loopdevices: Record<string, unknown>[] }).loopdevices;
   return devices
-    .map((d) => ({ name: String(d['name']), backFile: String(d['back-file']), dio: d['dio'] === true, ro: d['ro'] === true }))
-    .filter((d) => d.backFile.startsWith(path.join(stateDir, 'fuse') + '/'));
+    .map((d) => ({
+      name: String(d.name),
+      backFile: String(d['back-file']),
+      dio: d.dio === true,
+      ro: d.ro === true,
+    }))
+    .filter((d) => d.backFile.startsWith(`${path.join(stateDir, 'fuse')}/`));
 }
 
 /** Runs a tool synchronously (the driver is another process); throws with its stderr on failure. */
@@ -155,12 +174,28 @@ export function sh(command: string, args: string[]): string {
 export function directWrite(device: string, offset: number, data: Buffer, scratch: string): void {
   if (offset % 512 !== 0 || data.length % 512 !== 0) throw new Error('direct I/O needs 512-byte alignment');
   fs.writeFileSync(scratch, data);
-  sh('dd', [`if=${scratch}`, `of=${device}`, 'bs=512', `seek=${offset / 512}`, `count=${data.length / 512}`, 'oflag=direct', 'conv=notrunc,fsync', 'status=none']);
+  sh('dd', [
+    `if=${scratch}`,
+    `of=${device}`,
+    'bs=512',
+    `seek=${offset / 512}`,
+    `count=${data.length / 512}`,
+    'oflag=direct',
+    'conv=notrunc,fsync',
+    'status=none',
+  ]);
 }
 
 /** Reads a whole device (or `length` bytes) with O_DIRECT into memory. */
 export function directRead(device: string, length: number, scratch: string): Buffer {
-  sh('dd', [`if=${device}`, `of=${scratch}`, 'bs=1M', `count=${Math.ceil(length / 2 ** 20)}`, 'iflag=direct', 'status=none']);
+  sh('dd', [
+    `if=${device}`,
+    `of=${scratch}`,
+    'bs=1M',
+    `count=${Math.ceil(length / 2 ** 20)}`,
+    'iflag=direct',
+    'status=none',
+  ]);
   return fs.readFileSync(scratch).subarray(0, length);
 }
 

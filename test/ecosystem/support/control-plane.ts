@@ -16,7 +16,10 @@ export interface ControlPlane {
   kubeconfig: string;
   server: string;
   /** Runs kubectl against the API server; throws with its output unless it exits 0 (or `allowFail`). */
-  kubectl(args: string[], options?: { input?: string; allowFail?: boolean }): { status: number; stdout: string; stderr: string };
+  kubectl(
+    args: string[],
+    options?: { input?: string; allowFail?: boolean },
+  ): { status: number; stdout: string; stderr: string };
   /** Stops the API server and etcd (SIGTERM, then SIGKILL) and removes the temp dir. */
   stop(): Promise<void>;
 }
@@ -112,9 +115,14 @@ export async function startControlPlane(): Promise<ControlPlane> {
     const server = `https://127.0.0.1:${apiPort}`;
     const kubeconfig = path.join(dir, 'kubeconfig');
     const kubectl: ControlPlane['kubectl'] = (args, options = {}) => {
-      const r = spawnSync(tool('kubectl'), [`--kubeconfig=${kubeconfig}`, ...args], { encoding: 'utf8', input: options.input, timeout: 120_000 });
+      const r = spawnSync(tool('kubectl'), [`--kubeconfig=${kubeconfig}`, ...args], {
+        encoding: 'utf8',
+        input: options.input,
+        timeout: 120_000,
+      });
       const result = { status: r.status ?? -1, stdout: r.stdout ?? '', stderr: r.stderr ?? r.error?.message ?? '' };
-      if (result.status !== 0 && !options.allowFail) throw new Error(`kubectl ${args.join(' ')} (exit ${result.status}):\n${result.stderr}${result.stdout}`);
+      if (result.status !== 0 && !options.allowFail)
+        throw new Error(`kubectl ${args.join(' ')} (exit ${result.status}):\n${result.stderr}${result.stdout}`);
       return result;
     };
 
@@ -124,7 +132,9 @@ export async function startControlPlane(): Promise<ControlPlane> {
       for (const child of children) {
         if (child.exitCode !== null) {
           const logName = child === etcd ? 'etcd.log' : 'kube-apiserver.log';
-          throw new Error(`${logName.replace('.log', '')} exited with ${child.exitCode}:\n${fs.readFileSync(path.join(dir, logName), 'utf8').slice(-4000)}`);
+          throw new Error(
+            `${logName.replace('.log', '')} exited with ${child.exitCode}:\n${fs.readFileSync(path.join(dir, logName), 'utf8').slice(-4000)}`,
+          );
         }
       }
       const ca = path.join(certDir, 'apiserver.crt');
@@ -134,8 +144,8 @@ export async function startControlPlane(): Promise<ControlPlane> {
           [
             'apiVersion: v1',
             'kind: Config',
-            'clusters: [{name: test, cluster: {server: "' + server + '", certificate-authority: "' + ca + '"}}]',
-            'users: [{name: admin, user: {token: "' + token + '"}}]',
+            `clusters: [{name: test, cluster: {server: "${server}", certificate-authority: "${ca}"}}]`,
+            `users: [{name: admin, user: {token: "${token}"}}]`,
             'contexts: [{name: test, context: {cluster: test, user: admin}}]',
             'current-context: test',
             '',
@@ -144,7 +154,10 @@ export async function startControlPlane(): Promise<ControlPlane> {
         );
       }
       if (fs.existsSync(kubeconfig) && kubectl(['get', '--raw', '/readyz'], { allowFail: true }).status === 0) break;
-      if (Date.now() > deadline) throw new Error(`kube-apiserver not ready after 180 s:\n${fs.readFileSync(path.join(dir, 'kube-apiserver.log'), 'utf8').slice(-4000)}`);
+      if (Date.now() > deadline)
+        throw new Error(
+          `kube-apiserver not ready after 180 s:\n${fs.readFileSync(path.join(dir, 'kube-apiserver.log'), 'utf8').slice(-4000)}`,
+        );
       await sleep(500);
     }
     return { dir, kubeconfig, server, kubectl, stop };
@@ -168,9 +181,17 @@ export function crdFiles(): string[] {
       encoding: 'utf8',
       env: { ...process.env, GOPROXY: 'off', GOFLAGS: '-mod=mod' },
     });
-    if (r.status !== 0) throw new Error(`go mod download ${crds.module}@${crds.version} (run scripts/ecosystem/build.sh): ${r.stdout}${r.stderr}`);
+    if (r.status !== 0)
+      throw new Error(
+        `go mod download ${crds.module}@${crds.version} (run scripts/ecosystem/build.sh): ${r.stdout}${r.stderr}`,
+      );
     const crdDir = path.join((JSON.parse(r.stdout) as { Dir: string }).Dir, crds.dir);
-    files.push(...fs.readdirSync(crdDir).filter((f) => f.endsWith('.yaml') && f !== 'kustomization.yaml').map((f) => path.join(crdDir, f)));
+    files.push(
+      ...fs
+        .readdirSync(crdDir)
+        .filter((f) => f.endsWith('.yaml') && f !== 'kustomization.yaml')
+        .map((f) => path.join(crdDir, f)),
+    );
   }
   return files;
 }

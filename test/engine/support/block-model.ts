@@ -222,8 +222,10 @@ export function extentShapeViolation(
     if (style === 'FIXED' && e.length !== blockSize) return `${where}: FIXED extent is not one block`;
     if (e.offset + e.length > capacityBytes) return `${where}: past capacity ${capacityBytes}`;
     if (e.offset < previousEnd) return `${where}: not ascending / overlaps the previous one`;
-    if (style === 'VARIABLE' && e.offset === previousEnd) return `${where}: VARIABLE run not maximal (touches the previous one)`;
-    if (i === 0 && e.offset + e.length <= startingOffset) return `${where}: first extent ends at or before startingOffset ${startingOffset}`;
+    if (style === 'VARIABLE' && e.offset === previousEnd)
+      return `${where}: VARIABLE run not maximal (touches the previous one)`;
+    if (i === 0 && e.offset + e.length <= startingOffset)
+      return `${where}: first extent ends at or before startingOffset ${startingOffset}`;
     previousEnd = e.offset + e.length;
   }
   return undefined;

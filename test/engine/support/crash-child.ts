@@ -58,7 +58,6 @@ export interface ChildConfig {
   maxSnapshotsPerVolume: number;
 }
 
-
 /** Fixed non-zero filler shared by all blocks: only the sector headers tell writes apart. */
 const FILLER: Buffer = (() => {
   const next = prng(0xc0ffee);

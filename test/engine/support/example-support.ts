@@ -9,7 +9,7 @@ import * as os from 'node:os';
 import * as path from 'node:path';
 import { afterEach, expect } from 'vitest';
 import { BlockStore } from '../../../storage-engine/index.js';
-import { EngineError, type EngineErrorCode } from '../../../storage-engine/errors.js';
+import type { EngineError, EngineErrorCode } from '../../../storage-engine/errors.js';
 import type { ExtentStream } from '../../../storage-engine/extent-stream.js';
 import type { Extent, ExtentStyle, StoreOptions } from '../../../storage-engine/types.js';
 
@@ -79,7 +79,12 @@ export async function collect(stream: ExtentStream, batchSize?: number): Promise
 }
 
 /** The extents a sorted-or-not set of block indexes should be reported as, from `startingOffset` on. */
-export function extentsOf(blocks: Iterable<number>, blockSize: number, style: ExtentStyle, startingOffset = 0): Extent[] {
+export function extentsOf(
+  blocks: Iterable<number>,
+  blockSize: number,
+  style: ExtentStyle,
+  startingOffset = 0,
+): Extent[] {
   const first = Math.floor(startingOffset / blockSize);
   const sorted = [...new Set(blocks)].filter((b) => b >= first).sort((a, b) => a - b);
   if (style === 'FIXED') return sorted.map((b) => ({ offset: b * blockSize, length: blockSize }));
@@ -268,5 +273,8 @@ export function modelDelta(base: ModelSnap, target: ModelSnap): number[] {
 export function modelAllocated(snap: ModelSnap): number[] {
   const top = new Map<number, BlockTouch>();
   for (const layer of snap.chain) for (const [b, t] of layer) top.set(b, t);
-  return [...top].filter(([, t]) => t === 'written').map(([b]) => b).sort((a, b) => a - b);
+  return [...top]
+    .filter(([, t]) => t === 'written')
+    .map(([b]) => b)
+    .sort((a, b) => a - b);
 }
