@@ -131,7 +131,7 @@ export class BlockStore {
     makePrivateDir(dir);
     this.releaseOwnership = takeOwnership(dir);
     try {
-      this.files = new LayerFiles(dir);
+      this.files = new LayerFiles(dir, () => this.catalog.nextLayerId());
       this.fileSystem = probeFileSystem(dir);
       this.space = new SpaceReserve(dir, options);
       this.catalog = openCatalog(path.join(dir, CATALOG_FILE));
@@ -198,6 +198,7 @@ export class BlockStore {
       this.volumeIo.set(vol.id, new BlockIo(head, indexChain(chainOf(head.id, this.layers)), vol.blockSize));
     }
     this.files.removeOrphans((id) => this.layers.has(id));
+    this.files.prepareSpare();
   }
 
   // ---------------------------------------------------------------- volumes
@@ -853,6 +854,7 @@ export class BlockStore {
     }
     this.closed = true;
     for (const layer of this.layers.values()) layer.close();
+    await this.files.dropSpare();
     this.catalog.close();
     await this.files.settle();
     this.releaseOwnership();

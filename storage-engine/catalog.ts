@@ -111,6 +111,7 @@ export class Catalog {
     this.migrate();
     const db = this.db;
     this.stmt = {
+      layerSequence: db.prepare("SELECT seq FROM sqlite_sequence WHERE name = 'layers'"),
       insertLayer: db.prepare('INSERT INTO layers (parent_id, block_size, frozen, created_at_ms) VALUES (?, ?, 0, ?)'),
       deleteLayer: db.prepare('DELETE FROM layers WHERE id = ?'),
       deleteJournal: db.prepare('DELETE FROM layer_journal WHERE layer_id = ?'),
@@ -242,6 +243,12 @@ export class Catalog {
     } catch (err) {
       return translateIoError(err, 'committing to the catalog');
     }
+  }
+
+  /** The id the next inserted layer row gets (AUTOINCREMENT: never one that was used before). */
+  nextLayerId(): number {
+    const row = this.stmt.layerSequence.get() as { seq: number } | undefined;
+    return (row?.seq ?? 0) + 1;
   }
 
   insertLayer(parentId: number | null, blockSize: number, nowMs: number): number {
