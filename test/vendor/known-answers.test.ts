@@ -26,7 +26,7 @@ let t: TestDriver;
 let reader: MetadataReader;
 beforeAll(async () => {
   t = await startTestDriver();
-  reader = csiMetadataReader(t.socket);
+  reader = csiMetadataReader(`unix://${t.socket}`);
 });
 afterAll(async () => {
   reader?.close();
@@ -81,7 +81,7 @@ async function checkSnapshot(
     runs: readAnswerRuns(file),
     snapshotCreatedAtMs: await reader.snapshotCreatedAtMs(snapshotId),
     ...(baseId ? { baseCreatedAtMs: await reader.snapshotCreatedAtMs(baseId) } : {}),
-    reported: await reader.extents(snapshotId, baseId),
+    reported: (await reader.extents(snapshotId, baseId)).extents,
     granularity: profile === 'ceph-rbd' ? objectSize : profile === 'hostpath' ? 4096 : 0,
     readRestored: async (offset, length) => t.driver.store.readSnapshot(snapshotId, offset, length),
   });
@@ -151,7 +151,7 @@ describe('check finds what is wrong', () => {
     );
     const snap = await snapshot(vol);
     const runs = readAnswerRuns(file);
-    const reported = (await reader.extents(snap, undefined)).slice(1); // as a driver that lost its first extent
+    const reported = (await reader.extents(snap, undefined)).extents.slice(1); // as a driver that lost its first extent
     const report = await checkAnswers({
       runs,
       snapshotCreatedAtMs: await reader.snapshotCreatedAtMs(snap),
