@@ -40,7 +40,7 @@ import {
   parseVolumeParameters,
   type VolumeParameters,
 } from './volume-parameters.js';
-import { profileAttributes } from './metadata-profiles.js';
+import { profileAttributes, profileMismatch } from './metadata-profiles.js';
 
 /** What ControllerGetCapabilities advertises; each one is implemented below. */
 export const CONTROLLER_CAPABILITIES: readonly RpcType[] = [
@@ -63,6 +63,8 @@ interface VolumeWish {
   name: string;
   range: ByteRange;
   params: VolumeParameters;
+  /** The request's parameters as given (the profile ones are compared from these). */
+  parameters: Readonly<Record<string, string>>;
   /** Whether the request named these parameters (else they are defaults, and any value matches). */
   explicit: { blockSize: boolean; metadataStyle: boolean };
   source: { kind: 'snapshot'; snapshotId: string } | { kind: 'volume'; volumeId: string } | undefined;
@@ -89,6 +91,8 @@ export function controllerService(ctx: DriverContext): ServiceImpl<typeof Contro
     if (wish.explicit.metadataStyle && volumeMetadataStyle(volume, config) !== wish.params.metadataStyle) {
       return `its ${PARAM_METADATA_STYLE} is ${volumeMetadataStyle(volume, config)}`;
     }
+    const profile = profileMismatch(wish.parameters, volume.attributes, config.defaultMetadataProfile ?? 'exact');
+    if (profile) return `its ${profile.parameter} is ${profile.actual}`;
     if (!wish.topologyOk) return 'it is on this node, which accessibility_requirements.requisite excludes';
     return undefined;
   };
@@ -362,6 +366,7 @@ function volumeWish(req: CreateVolumeRequest, defaults: VolumeParameters, ctx: D
     name: req.name,
     range,
     params,
+    parameters: req.parameters,
     explicit: {
       blockSize: Object.hasOwn(req.parameters, PARAM_BLOCK_SIZE),
       metadataStyle: Object.hasOwn(req.parameters, PARAM_METADATA_STYLE),
@@ -408,6 +413,13 @@ function parametersMismatch(
   const style = volumeMetadataStyle(volume, ctx.config);
   if (Object.hasOwn(parameters, PARAM_METADATA_STYLE) && params.metadataStyle !== style) {
     return `the volume's ${PARAM_METADATA_STYLE} is ${style}, not ${params.metadataStyle}`;
+  }
+  try {
+    const profile = profileMismatch(parameters, volume.attributes, ctx.config.defaultMetadataProfile ?? 'exact');
+    if (profile) return `the volume's ${profile.parameter} is ${profile.actual}, not ${profile.wanted}`;
+  } catch (err) {
+    if (err instanceof InvalidArgumentError) return err.message;
+    throw err;
   }
   return undefined;
 }
