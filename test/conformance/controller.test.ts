@@ -154,7 +154,11 @@ describe('ControllerGetCapabilities', () => {
   test('ControllerGetCapabilities: PUBLISH_UNPUBLISH_VOLUME, LIST_VOLUMES_PUBLISHED_NODES and PUBLISH_READONLY are not advertised (not implemented)', async () => {
     const res = await d.controller.call('controllerGetCapabilities', {});
     const types = res.capabilities.map((c) => (c.type.case === 'rpc' ? c.type.value.type : -1));
-    for (const t of [RpcType.PUBLISH_UNPUBLISH_VOLUME, RpcType.LIST_VOLUMES_PUBLISHED_NODES, RpcType.PUBLISH_READONLY]) {
+    for (const t of [
+      RpcType.PUBLISH_UNPUBLISH_VOLUME,
+      RpcType.LIST_VOLUMES_PUBLISHED_NODES,
+      RpcType.PUBLISH_READONLY,
+    ]) {
       expect(types).not.toContain(t);
     }
   });
