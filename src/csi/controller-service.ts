@@ -93,9 +93,9 @@ export function controllerService(ctx: DriverContext): ServiceImpl<typeof Contro
 
   /** A volume's value of an attribute, with what a volume stored without it means. */
   const attributeOf = (volume: VolumeInfo, key: string): string => {
-    const stored = volume.attributes[key];
-    if (stored !== undefined) return key === ATTR_METADATA_STYLE ? volumeMetadataStyle(volume, config) : stored;
     if (key === ATTR_METADATA_STYLE) return volumeMetadataStyle(volume, config);
+    const stored = volume.attributes[key];
+    if (stored !== undefined) return stored;
     if (key === ATTR_METADATA_PROFILE) return defaultProfile;
     if (key === ATTR_OBJECT_SIZE) return String(CEPH_RBD_DEFAULT_OBJECT_SIZE);
     if (key === ATTR_MAX_IOPS || key === ATTR_MAX_BANDWIDTH) return '0';

@@ -48,12 +48,13 @@ afterAll(async () => {
 });
 
 async function createVolume(init: Partial<CreateInit> = {}, controller = d.controller) {
-  const res = await controller.call('createVolume', {
+  const request = {
     name: uniq('vol'),
     volumeCapabilities: [mount],
     capacityRange: { requiredBytes: BigInt(8 * MiB) },
     ...init,
-  });
+  } as CreateInit;
+  const res = await controller.call('createVolume', request);
   return res.volume!;
 }
 

@@ -116,7 +116,9 @@ suiteUnless(
         expect(counts.passed).toBeGreaterThan(73);
         // The only skips are specs that need PUBLISH_UNPUBLISH_VOLUME ("volume lifecycle" publishes too).
         expect(
-          counts.skippedSpecs.filter((s) => !/ControllerPublishVolume|ControllerUnpublishVolume|volume lifecycle/.test(s)),
+          counts.skippedSpecs.filter(
+            (s) => !/ControllerPublishVolume|ControllerUnpublishVolume|volume lifecycle/.test(s),
+          ),
         ).toEqual([]);
       },
       600_000,
