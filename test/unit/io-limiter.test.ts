@@ -84,18 +84,21 @@ describe('IoLimiter', () => {
 
   test('maxIops and maxBandwidth both hold: the longer wait of the two wins', async () => {
     const { limiter } = limiterWith(new Map([['vol-a', { iops: 1000, bytesPerSecond: 1024 * 1024 }]]));
-    // Burst: 100 ops and 104857.6 bytes. One 100 KiB request fits both.
-    expect(limiter.admit('vol-a', 100 * 1024)).toBeUndefined();
-    // The next 100 KiB owes ~97.6 KiB of bandwidth (~95 ms) but only fits in ops: it is held.
+    // Burst: 1000 * BURST_SECONDS ops and 1 MiB * BURST_SECONDS. One request of the whole byte burst fits.
+    const burstBytes = 1024 * 1024 * BURST_SECONDS;
+    expect(limiter.admit('vol-a', burstBytes)).toBeUndefined();
+    // The next 100 KiB owes all its bytes (~98 ms) though it fits in ops: it is held.
     const held = limiter.admit('vol-a', 100 * 1024);
     expect(held).toBeInstanceOf(Promise);
+    // Held behind it, not beside it: the debt adds up.
+    expect(limiter.admit('vol-a', 1)).toBeInstanceOf(Promise);
     await held;
   });
 
   test('refresh: a changed limit applies to the next request; limits are read again only for volumes seen', () => {
     const limits = new Map([['vol-a', { iops: 10, bytesPerSecond: 0 }]]);
     const { limiter, reads } = limiterWith(limits);
-    expect(limiter.admit('vol-a', 4096)).toBeUndefined(); // the one-op burst of 10/s
+    for (let i = 0; i < 10 * BURST_SECONDS; i++) expect(limiter.admit('vol-a', 4096)).toBeUndefined();
     expect(limiter.admit('vol-a', 4096)).toBeInstanceOf(Promise);
     limits.set('vol-a', { iops: 0, bytesPerSecond: 0 });
     limiter.refresh('vol-a');
@@ -108,18 +111,20 @@ describe('IoLimiter', () => {
   test('raising a limit takes effect without waiting out the old rate for new requests', () => {
     const limits = new Map([['vol-a', { iops: 100, bytesPerSecond: 0 }]]);
     const { limiter, advance } = limiterWith(limits);
-    for (let i = 0; i < 10; i++) limiter.admit('vol-a', 4096); // burst of 10 used
-    advance(1000);
-    // 1 s at 100/s refills the burst of 10 only.
+    const oldBurst = 100 * BURST_SECONDS;
+    for (let i = 0; i < oldBurst; i++) limiter.admit('vol-a', 4096); // the burst used
+    advance(60_000);
+    // A minute idle refills the burst only.
     let immediate = 0;
-    for (let i = 0; i < 200; i++) if (limiter.admit('vol-a', 4096) === undefined) immediate++;
-    expect(immediate).toBe(10);
+    for (let i = 0; i < 2 * oldBurst; i++) if (limiter.admit('vol-a', 4096) === undefined) immediate++;
+    expect(immediate).toBe(oldBurst);
     limits.set('vol-a', { iops: 10_000, bytesPerSecond: 0 });
     limiter.refresh('vol-a');
-    advance(1000 + 190 * 10); // pay the debt at any rate, then one more second at the new one
+    // The debt of oldBurst ops is paid at the new rate in oldBurst / 10 ms; then the new burst fills.
+    advance(oldBurst / 10 + 1000 * BURST_SECONDS);
     immediate = 0;
-    for (let i = 0; i < 2000; i++) if (limiter.admit('vol-a', 4096) === undefined) immediate++;
-    expect(immediate).toBe(10_000 * BURST_SECONDS);
+    for (let i = 0; i < 3 * 10_000 * BURST_SECONDS; i++) if (limiter.admit('vol-a', 4096) === undefined) immediate++;
+    expect(immediate).toBeCloseTo(10_000 * BURST_SECONDS, 0);
   });
 });
 
