@@ -52,11 +52,17 @@ const READ_MAX_BYTES = 4 * 1024 * 1024;
 export async function startDriver(config: DriverConfig, logger: Logger): Promise<RunningDriver> {
   makePrivateDirectory(config.stateDir);
   const metrics = new DriverMetrics();
+  const reportStoreEvent = storeEventReporter(logger, metrics.registry);
+  let nodeVolumes: NodeVolumes | undefined;
   const store = BlockStore.open(path.join(config.stateDir, 'store'), {
     defaultBlockSize: config.defaultBlockSize,
     // The engine enforces the limit after its last await, so concurrent creates cannot overshoot it.
     capacityLimitBytes: config.capacityBytes,
-    onEvent: storeEventReporter(logger, metrics.registry),
+    onEvent: (event) => {
+      reportStoreEvent(event);
+      // ControllerModifyVolume stored new attributes: the node data plane reads its I/O limits again.
+      if (event.type === 'volume-attributes-changed') nodeVolumes?.volumeAttributesChanged(event.volumeId);
+    },
     deletedSnapshotRetention: {
       maxAgeMs: config.deletedSnapshotMaxAgeMs,
       maxPerVolume: config.deletedSnapshotMaxPerVolume,
@@ -64,7 +70,7 @@ export async function startDriver(config: DriverConfig, logger: Logger): Promise
   });
   const role = config.role ?? 'all';
   // The node data plane shares this process's store: a store is opened once, by one process.
-  const nodeVolumes = role === 'controller' ? undefined : new NodeVolumes({ store, stateDir: config.stateDir, logger });
+  nodeVolumes = role === 'controller' ? undefined : new NodeVolumes({ store, stateDir: config.stateDir, logger });
   try {
     // Recovery only (stale mount, records); the FUSE mount itself is made when a volume is first staged.
     await nodeVolumes?.start();

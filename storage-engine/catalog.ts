@@ -134,6 +134,7 @@ export class Catalog {
       deleteVolume: db.prepare('DELETE FROM volumes WHERE id = ?'),
       setVolumeHead: db.prepare('UPDATE volumes SET head_layer_id = ? WHERE id = ?'),
       setVolumeCapacity: db.prepare('UPDATE volumes SET capacity_bytes = ? WHERE id = ?'),
+      setVolumeAttributes: db.prepare('UPDATE volumes SET attributes = ? WHERE id = ?'),
       allVolumes: db.prepare('SELECT * FROM volumes ORDER BY rowid'),
       insertSnapshot: db.prepare(
         `INSERT INTO snapshots (id, name, source_volume_id, layer_id, capacity_bytes, block_size, attributes, created_at_ms)
@@ -335,6 +336,10 @@ export class Catalog {
 
   setVolumeCapacity(id: string, capacityBytes: number): void {
     this.transaction(() => this.stmt.setVolumeCapacity.run(capacityBytes, id));
+  }
+
+  setVolumeAttributes(id: string, attributes: string): void {
+    this.transaction(() => this.stmt.setVolumeAttributes.run(attributes, id));
   }
 
   allVolumes(): VolumeRow[] {

@@ -136,6 +136,7 @@ describe('ControllerGetCapabilities', () => {
       RpcType.GET_VOLUME,
       RpcType.VOLUME_CONDITION,
       RpcType.SINGLE_NODE_MULTI_WRITER,
+      RpcType.MODIFY_VOLUME,
     ].sort((a, b) => a - b);
     expect(types).toEqual(documented);
   });
@@ -150,13 +151,12 @@ describe('ControllerGetCapabilities', () => {
     expect(got.snapshot?.snapshotId).toBe(snap.snapshotId);
   });
 
-  test('ControllerGetCapabilities: PUBLISH_UNPUBLISH_VOLUME, LIST_VOLUMES_PUBLISHED_NODES, MODIFY_VOLUME and PUBLISH_READONLY are not advertised (not implemented)', async () => {
+  test('ControllerGetCapabilities: PUBLISH_UNPUBLISH_VOLUME, LIST_VOLUMES_PUBLISHED_NODES and PUBLISH_READONLY are not advertised (not implemented)', async () => {
     const res = await d.controller.call('controllerGetCapabilities', {});
     const types = res.capabilities.map((c) => (c.type.case === 'rpc' ? c.type.value.type : -1));
     for (const t of [
       RpcType.PUBLISH_UNPUBLISH_VOLUME,
       RpcType.LIST_VOLUMES_PUBLISHED_NODES,
-      RpcType.MODIFY_VOLUME,
       RpcType.PUBLISH_READONLY,
     ]) {
       expect(types).not.toContain(t);
@@ -186,6 +186,8 @@ describe('ControllerGetCapabilities', () => {
       },
       [RpcType.SINGLE_NODE_MULTI_WRITER]: () =>
         createVolume({ volumeCapabilities: [mount(Mode.SINGLE_NODE_MULTI_WRITER)] }),
+      [RpcType.MODIFY_VOLUME]: () =>
+        d.controller.call('controllerModifyVolume', { volumeId: vol.volumeId, mutableParameters: { maxIops: '100' } }),
     };
     const res = await d.controller.call('controllerGetCapabilities', {});
     for (const c of res.capabilities) {
@@ -308,7 +310,7 @@ describe('CreateVolume: required fields and validation', () => {
     expect(vol.volumeId).not.toBe('');
   });
 
-  test('CreateVolume: mutable_parameters without the MODIFY_VOLUME capability is INVALID_ARGUMENT', async () => {
+  test('CreateVolume: an unknown key in mutable_parameters is INVALID_ARGUMENT', async () => {
     const call = d.controller.call('createVolume', {
       name: uniq('mut'),
       volumeCapabilities: [mount()],
@@ -1610,7 +1612,7 @@ describe('ControllerExpandVolume', () => {
 });
 
 describe('RPCs this controller does not implement', () => {
-  test('ControllerPublishVolume, ControllerUnpublishVolume and ControllerModifyVolume answer UNIMPLEMENTED (12)', async () => {
+  test('ControllerPublishVolume and ControllerUnpublishVolume answer UNIMPLEMENTED (12)', async () => {
     const vol = await createVolume();
     expect(
       await codeOf(
@@ -1623,11 +1625,6 @@ describe('RPCs this controller does not implement', () => {
     ).toBe(status.UNIMPLEMENTED);
     expect(
       await codeOf(d.controller.call('controllerUnpublishVolume', { volumeId: vol.volumeId, nodeId: 'test-node' })),
-    ).toBe(status.UNIMPLEMENTED);
-    expect(
-      await codeOf(
-        d.controller.call('controllerModifyVolume', { volumeId: vol.volumeId, mutableParameters: { a: 'b' } }),
-      ),
     ).toBe(status.UNIMPLEMENTED);
   });
 });

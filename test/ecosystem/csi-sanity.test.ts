@@ -13,6 +13,13 @@ import { COMPONENTS, missingTools, suiteUnless, tool } from './tools.js';
 
 const GiB = 2 ** 30;
 
+/**
+ * --csi.testvolumemutableparameters: what the ModifyVolume specs create volumes with and modify them to (a
+ * VolumeAttributesClass's parameters). Keys with an effect: limits the volumes never reach in the specs,
+ * and the metadata answers' style and profile.
+ */
+const MUTABLE_PARAMETERS = 'maxIops: "5000"\nmaxBandwidth: "256Mi"\nmetadataStyle: VARIABLE\nmetadataProfile: exact\n';
+
 interface SpecReport {
   LeafNodeType: string;
   State: string;
@@ -32,7 +39,11 @@ function countSpecs(reportFile: string) {
       (s) =>
         `${s.State}: ${[...(s.ContainerHierarchyTexts ?? []), s.LeafNodeText].join(' ')}: ${s.Failure?.Message ?? ''}`,
     );
+  const skippedSpecs = specs
+    .filter((s) => s.State === 'skipped')
+    .map((s) => [...(s.ContainerHierarchyTexts ?? []), s.LeafNodeText].join(' '));
   return {
+    skippedSpecs,
     passed: count('passed'),
     failed: specs.length - count('passed') - count('skipped') - count('pending'),
     pending: count('pending'),
@@ -74,12 +85,15 @@ suiteUnless(
         // A fresh driver and state directory per mode: csi-sanity reuses volume names within a run.
         env = await startNodeEnv();
         const report = env.path('sanity-report.json');
+        const mutable = env.path('mutable-parameters.yaml');
+        fs.writeFileSync(mutable, MUTABLE_PARAMETERS);
         const { code, output } = await runSanity(
           [
             `--csi.endpoint=${env.target.replace(/^unix:\/\//, '')}`,
             `--csi.testvolumeaccesstype=${mode}`,
             `--csi.testvolumesize=${GiB}`,
             `--csi.testvolumeexpandsize=${2 * GiB}`,
+            `--csi.testvolumemutableparameters=${mutable}`,
             // csi-sanity creates these itself and they must not exist yet.
             `--csi.mountdir=${env.path('sanity-mnt')}`,
             `--csi.stagingdir=${env.path('sanity-stg')}`,
@@ -94,10 +108,18 @@ suiteUnless(
         console.log(
           `csi-sanity ${mode}: ${counts.passed} passed, ${counts.failed} failed, ${counts.pending} pending, ${counts.skipped} skipped`,
         );
+        console.log(`csi-sanity ${mode} skipped:\n  ${counts.skippedSpecs.join('\n  ')}`);
         expect(counts.failures, output.slice(-3000)).toEqual([]);
         expect(code, output.slice(-3000)).toBe(0);
-        // The driver advertises controller, node, snapshot, clone and expansion: most specs must run.
-        expect(counts.passed).toBeGreaterThanOrEqual(60);
+        // Everything but ControllerPublish (9 specs, which a single-node local driver does not need) runs: more
+        // than csi-driver-host-path v1.16.1's 73.
+        expect(counts.passed).toBeGreaterThan(73);
+        // The only skips are specs that need PUBLISH_UNPUBLISH_VOLUME ("volume lifecycle" publishes too).
+        expect(
+          counts.skippedSpecs.filter(
+            (s) => !/ControllerPublishVolume|ControllerUnpublishVolume|volume lifecycle/.test(s),
+          ),
+        ).toEqual([]);
       },
       600_000,
     );

@@ -60,6 +60,13 @@ const MATRIX: [string, () => Values][] = [
     () => ({ driver: { defaultBlockSize: '64Ki' }, storageClass: { parameters: { blockSize: '64Ki' } } }),
   ],
   [
+    'a VolumeAttributesClass, and I/O limits in the StorageClass',
+    () => ({
+      volumeAttributesClass: { create: true, parameters: { maxIops: '500', metadataStyle: 'FIXED' } },
+      storageClass: { parameters: { maxBandwidth: '256Mi' } },
+    }),
+  ],
+  [
     'group snapshots and deleted-snapshot retention',
     () => ({
       volumeGroupSnapshotClass: { create: true },
@@ -161,6 +168,15 @@ suiteUnless(missingTools(['helm']), `helm ${COMPONENTS.helm!.version}: lint and 
       const wanted =
         ((v.snapshotMetadata as Values | undefined)?.audience as string | undefined) ?? 'cbt-csi-snapshot-metadata';
       expect(audience).toBe(wanted);
+    }
+    // The VolumeAttributesClass is this driver's, and the sidecars that act on one are told to (only then).
+    const vac = objects.find((o) => o.kind === 'VolumeAttributesClass');
+    const wantsVac = Boolean((v.volumeAttributesClass as Values | undefined)?.create);
+    expect(Boolean(vac)).toBe(wantsVac);
+    if (vac) expect(vac.driverName).toBe('cbt.csi.dev');
+    for (const name of ['csi-provisioner', 'csi-resizer']) {
+      const c = containers(objects).find((x) => x.name === name);
+      if (c) expect(c.args?.includes('--feature-gates=VolumeAttributesClass=true'), name).toBe(wantsVac);
     }
     // No cluster-wide token creation; token creation only for a client itself, in its namespace.
     const clusterRoles = objects.filter((o) => o.kind === 'ClusterRole');

@@ -17,6 +17,7 @@ import { CONTROLLER_CAPABILITIES } from '../../src/csi/controller-service.js';
 import type { DriverContext } from '../../src/csi/driver-context.js';
 import { identityService } from '../../src/csi/identity-service.js';
 import { NODE_CAPABILITIES } from '../../src/csi/node-service.js';
+import { MUTABLE_PARAMETERS, modifiedAttributes } from '../../src/csi/mutable-parameters.js';
 import { parseBlockSize, parseVolumeParameters } from '../../src/csi/volume-parameters.js';
 import {
   ControllerServiceCapability_RPC_Type as ControllerRpc,
@@ -372,6 +373,38 @@ describe('what the chart tells the driver', () => {
     expect(SUPPORTED_FS_TYPES).toContain(provisioner.defaultFsType);
     // The same parameters with a key the driver does not know would fail provisioning.
     expect(() => parseVolumeParameters({ ...rendered, blocksize: '4096' }, defaults)).toThrow(/unknown parameter/);
+  });
+
+  test("the example VolumeAttributesClass's parameters are mutable parameters the driver accepts, and the schema allows only those keys", () => {
+    const vac = values.volumeAttributesClass as { parameters: Record<string, string> };
+    expect(Object.keys(vac.parameters).length).toBeGreaterThan(0);
+    expect(() => modifiedAttributes(vac.parameters, {}, 'exact')).not.toThrow();
+    const schemaKeys = Object.keys(
+      at(schema, 'properties.volumeAttributesClass.properties.parameters.properties') as Tree,
+    ).sort();
+    expect(schemaKeys).toEqual([...MUTABLE_PARAMETERS].sort());
+    // blockSize is a StorageClass parameter, never a mutable one: the driver refuses it, the schema too.
+    expect(() => modifiedAttributes({ blockSize: '4096' }, {}, 'exact')).toThrow(/"blockSize" cannot change/);
+    const ajv = new Ajv({ allErrors: true, strict: false });
+    const withBlockSize = structuredClone(values);
+    ((withBlockSize.volumeAttributesClass as Tree).parameters as Tree).blockSize = '4096';
+    expect(ajv.validate(schema, withBlockSize)).toBe(false);
+  });
+
+  test('volumeAttributesClass.create turns VolumeAttributesClass on in csi-provisioner and csi-resizer (their --feature-gates flag)', () => {
+    const gated = (container: string) => {
+      const start = podSpec.indexOf(`- name: ${container}`);
+      const block = podSpec.slice(start, podSpec.indexOf('- name: ', start + 10));
+      return /\{\{- if \.Values\.volumeAttributesClass\.create \}\}\s*\n(\s*#.*\n)*\s*- --feature-gates=VolumeAttributesClass=true\n\s*\{\{- end \}\}/.test(
+        block,
+      );
+    };
+    expect(gated('csi-provisioner')).toBe(true);
+    expect(gated('csi-resizer')).toBe(true);
+    const vac = templates.get('volumeattributesclass.yaml')!;
+    expect(vac).toContain('kind: VolumeAttributesClass');
+    expect(vac).toContain('apiVersion: storage.k8s.io/v1');
+    expect(vac).toContain('driverName: {{ .Values.driverName }}');
   });
 
   test('the schema allows only block sizes the driver accepts (power of two, 4Ki to 1Mi)', () => {

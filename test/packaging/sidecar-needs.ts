@@ -26,8 +26,9 @@ const LEASES = need(
 
 export const SIDECAR_NEEDS: Record<string, { source: string; needs: Need[] }> = {
   provisioner: {
-    // kubernetes-csi/external-provisioner v6.3.0, deploy/kubernetes/rbac.yaml (ClusterRole and Role).
-    source: 'external-provisioner v6.3.0 deploy/kubernetes/rbac.yaml',
+    // kubernetes-csi/external-provisioner v6.3.0, deploy/kubernetes/rbac.yaml (ClusterRole and Role), plus
+    // the VolumeAttributesClass read of pkg/controller/controller.go.
+    source: 'external-provisioner v6.3.0 deploy/kubernetes/rbac.yaml + controller.go',
     needs: [
       need('', 'persistentvolumes', ['get', 'list', 'watch', 'create', 'patch', 'delete']),
       need('', 'persistentvolumeclaims', ['get', 'list', 'watch', 'update']),
@@ -47,6 +48,9 @@ export const SIDECAR_NEEDS: Record<string, { source: string; needs: Need[] }> = 
       ),
       need('', 'pods', ['get'], 'namespace'),
       need('apps', 'replicasets', ['get'], 'namespace'),
+      // Not in that rbac.yaml: pkg/controller/controller.go reads the PVC's VolumeAttributesClass (Get) to pass
+      // its parameters as CreateVolume mutable_parameters.
+      need('storage.k8s.io', 'volumeattributesclasses', ['get']),
     ],
   },
   snapshotter: {

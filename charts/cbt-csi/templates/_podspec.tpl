@@ -164,6 +164,10 @@ spec:
         - --extra-create-metadata
         - --timeout={{ .Values.sidecars.provisioner.timeout }}
         - --default-fstype={{ .Values.sidecars.provisioner.defaultFsType }}
+        {{- if .Values.volumeAttributesClass.create }}
+        # A PVC's VolumeAttributesClass becomes CreateVolume's mutable_parameters.
+        - --feature-gates=VolumeAttributesClass=true
+        {{- end }}
         {{- if $daemonset }}
         # Each node's provisioner creates the volumes of claims scheduled to its node (NODE_NAME).
         - --node-deployment
@@ -220,6 +224,10 @@ spec:
       args:
         - --csi-address=/csi/csi.sock
         - --timeout={{ .Values.sidecars.resizer.timeout }}
+        {{- if .Values.volumeAttributesClass.create }}
+        # A PVC switching VolumeAttributesClass becomes a ControllerModifyVolume (the driver has MODIFY_VOLUME).
+        - --feature-gates=VolumeAttributesClass=true
+        {{- end }}
       volumeMounts:
         - name: socket-dir
           mountPath: /csi
