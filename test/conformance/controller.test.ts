@@ -8,7 +8,7 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { Writable } from 'node:stream';
-import { afterAll, afterEach, beforeAll, describe, expect, test } from 'vitest';
+import { afterAll, afterEach, beforeAll, describe, expect, test, vi } from 'vitest';
 import { status } from '@grpc/grpc-js';
 import type { MessageInitShape } from '@bufbuild/protobuf';
 import { timestampMs } from '@bufbuild/protobuf/wkt';
@@ -1715,6 +1715,8 @@ describe('Rejected requests', () => {
         .readdirSync(path.join(own.dir, 'state', 'store'), { recursive: true })
         .map(String)
         .sort();
+    // The volume's head and the empty spare the store makes ahead, in the background, for its next layer.
+    await vi.waitFor(() => expect(files().filter((f) => f.endsWith('.layer'))).toHaveLength(2));
     const before = files();
     for (const volumeId of ['..', '../store', 'layers', 'catalog.db', `${vol.volumeId}/..`, '/']) {
       expect(await codeOf(own.controller.call('deleteVolume', { volumeId }))).toBe(status.OK);
