@@ -16,6 +16,7 @@ import { Code, ConnectError, createClient, type Client } from '@connectrpc/conne
 import { createGrpcTransport, Http2SessionManager } from '@connectrpc/connect-node';
 import { BlockMetadataType as WireType, SnapshotMetadata } from '../gen/cbt/v1alpha1/schema_pb.js';
 import { asUnavailable, flatten } from './csi-direct-transport.js';
+import { InvalidArgumentError, SnapshotMetadataError } from './errors.js';
 import type { MetadataPage, MetadataRequest, MetadataTransport } from './types.js';
 
 type ClientNode = typeof import('@kubernetes/client-node');
@@ -88,7 +89,7 @@ export class KubernetesTransport implements MetadataTransport {
       endpoint = await this.endpoint(driver);
       token = await this.securityToken(endpoint.audience);
     } catch (err) {
-      throw signal.aborted ? err : asConnectError(err);
+      throw signal.aborted || err instanceof SnapshotMetadataError ? err : asConnectError(err);
     }
     const stream =
       request.kind === 'allocated'
@@ -196,8 +197,17 @@ export class KubernetesTransport implements MetadataTransport {
       let config = this.options.kubeConfig;
       if (!config) {
         config = new k8s.KubeConfig();
-        if (this.options.kubeconfig) config.loadFromFile(this.options.kubeconfig);
-        else config.loadFromDefault();
+        try {
+          if (this.options.kubeconfig) config.loadFromFile(this.options.kubeconfig);
+          else config.loadFromDefault();
+        } catch (err) {
+          // Bad input, not an outage: not retried.
+          const text = err instanceof Error ? err.message : String(err);
+          const which = this.options.kubeconfig ?? 'the default kubeconfig';
+          throw new InvalidArgumentError('INVALID_ARGUMENT', `${which} cannot be loaded: ${text}`, text, {
+            cause: err,
+          });
+        }
       }
       return { k8s, config };
     });
@@ -322,7 +332,11 @@ function apiError(err: unknown, what: string): ConnectError {
             ? Code.InvalidArgument
             : Code.Unavailable;
   const text =
-    code === Code.NotFound ? `${what} does not exist` : `${what}: the API server answered ${httpStatus ?? 'nothing'}`;
+    code === Code.NotFound
+      ? `${what} does not exist`
+      : httpStatus === undefined
+        ? `${what}: the API server is unreachable`
+        : `${what}: the API server answered ${httpStatus}`;
   return new ConnectError(`${text}: ${reason}`, code, undefined, undefined, err);
 }
 

@@ -38,7 +38,9 @@ export function createStaticSnapshot(
     metadata: { name: s.name, namespace: s.namespace },
     spec: { volumeSnapshotClassName: s.className, source: { volumeSnapshotContentName: contentName } },
   };
-  cp.kubectl(['apply', '-f', '-'], { input: JSON.stringify({ apiVersion: 'v1', kind: 'List', items: [content, snapshot] }) });
+  cp.kubectl(['apply', '-f', '-'], {
+    input: JSON.stringify({ apiVersion: 'v1', kind: 'List', items: [content, snapshot] }),
+  });
   const now = new Date();
   cp.kubectl([
     'patch',
