@@ -460,6 +460,20 @@ suiteUnless(
         expect(await collect(k8s.delta(vs1.name, vs2.name, { startingOffset: start, maxResults: 3 }))).toEqual(
           await collect(csi.delta(vs1.snapshotHandle, vs2.snapshotHandle, { startingOffset: start })),
         );
+        // From inside an extent: the one that ends after the offset comes as the driver sent it, as to Go.
+        const inside = delta[Math.floor(delta.length / 2)]!;
+        const unaligned = inside.offset + Math.min(1234, inside.length - 1);
+        const fromInside = await collect(k8s.delta(vs1.name, vs2.name, { startingOffset: unaligned }));
+        expect(fromInside[0]).toEqual(inside);
+        expect(fromInside).toEqual(
+          goExtents(
+            goClient(
+              'list',
+              ['-n', APPS, '-s', vs2.name, '-p', vs1.name, '--starting-offset', String(unaligned)],
+              clientKubeconfig,
+            ).records,
+          ),
+        );
         const listing = await k8s.allocated(vs1.name);
         expect([listing.capacityBytes, listing.blockMetadataType]).toEqual([CAPACITY, 'VARIABLE_LENGTH']);
         await collect(listing);
