@@ -225,7 +225,7 @@ class ResumingStream {
           );
         }
         if (end <= this.cursor) continue;
-        if (this.reopened) offset = this.cursor;
+        if (this.reopened && !this.atStart) offset = this.cursor;
       }
       out.push({ offset, length: end - offset });
       this.cursor = end;

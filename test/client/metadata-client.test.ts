@@ -109,6 +109,10 @@ describe('SnapshotMetadataClient', () => {
     const listing = await new SnapshotMetadataClient(transport, fast).allocated('snap', { startingOffset: start });
     expect(await collect(listing)).toEqual(EXTENTS.slice(2));
     expect(transport.opened).toEqual([start, EXTENTS[4]!.offset + 8192]);
+    // The same when the first stream is cut before its first message.
+    const cutAtOnce = new ScriptedTransport(EXTENTS, [{ after: 0, code: Code.Unavailable }]);
+    const again = await new SnapshotMetadataClient(cutAtOnce, fast).allocated('snap', { startingOffset: start });
+    expect(await collect(again)).toEqual(EXTENTS.slice(2));
   });
 
   it('gives up after maxAttempts reopens without progress, as RetriesExhaustedError, with doubling delays', async () => {
