@@ -13,6 +13,7 @@
  * driver's snapshots, deleting the claims its volumes; and everything stops, leaving no process, mount or
  * loop device. Replay a run's data with CBT_E2E_SEED.
  */
+import { spawnSync } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import path from 'node:path';
 import { afterAll, beforeAll, expect, test } from 'vitest';
@@ -32,7 +33,7 @@ import type { KubeObject } from './support/kube-api.js';
 import { KubeletStandIn, type PublishedBlockVolume } from './support/kubelet-standin.js';
 import { PvControllerStandIn } from './support/pv-controller-standin.js';
 import { parseQuantity } from './support/quantity.js';
-import { suiteUnless } from './tools.js';
+import { suiteUnless, tool } from './tools.js';
 
 const SIDECARS: ChartSidecar[] = ['csi-provisioner', 'csi-snapshotter', 'csi-resizer'];
 const APP = 'app';
@@ -220,6 +221,33 @@ suiteUnless(
       expect(Object.keys(topology).length).toBeGreaterThan(0);
     });
 
+    test("each sidecar runs with its container's args from the chart (paths and ports mapped) as the chart's ServiceAccount", async () => {
+      const sidecars = cluster.processes().filter((p) => (SIDECARS as string[]).includes(p.name));
+      expect(sidecars.map((p) => p.name).sort()).toEqual([...SIDECARS].sort());
+      for (const p of sidecars) {
+        const view = await cluster.container(p.name);
+        const args = p.command.slice(1);
+        const kubeconfig = args.pop()!;
+        expect(kubeconfig).toMatch(/^--kubeconfig=/);
+        expect(args).toEqual(view.args);
+        expect(view.chartArgs).toHaveLength(args.length);
+        view.chartArgs.forEach((chartArg, i) => {
+          // Equal, or the same flag with a container path mapped under the cluster's directory or a port to loopback.
+          if (args[i] !== chartArg)
+            expect(args[i], p.name).toMatch(
+              new RegExp(`^${chartArg.split('=')[0]}=((unix://)?${cluster.dir}/.*|127\\.0\\.0\\.1:\\d+|\\d+)$`),
+            );
+        });
+        const as = (...kubectlArgs: string[]) =>
+          spawnSync(tool('kubectl'), [kubeconfig, ...kubectlArgs], { encoding: 'utf8', timeout: 30_000 });
+        const who = as('auth', 'whoami', '-o', 'jsonpath={.status.userInfo.username}');
+        expect(who.stdout, who.stderr).toBe(`system:serviceaccount:${cluster.namespace}:${view.serviceAccount.name}`);
+        expect(view.serviceAccount.name).toBe(cluster.release);
+        // Not an admin: the chart grants no Secret reads.
+        expect(as('auth', 'can-i', 'list', 'secrets', '--all-namespaces').stdout.trim()).toBe('no');
+      }
+    });
+
     test('csi-provisioner provisions a Block claim in the driver; kubelet stages and publishes it to a pod', async () => {
       const pv = await provisionClaim('data');
       expect(pv.spec.csi.driver).toBe(cluster.driverName);
@@ -326,7 +354,11 @@ suiteUnless(
         );
       }
       for (const name of ['snap-1', 'snap-2'])
-        expect(await cluster.api.find(`${ns('VolumeSnapshot')}/${name}`), name).toBeUndefined();
+        await cluster.waitFor(
+          `${ns('VolumeSnapshot')}/${name}`,
+          (o) => o === undefined,
+          `VolumeSnapshot ${name} deleted`,
+        );
       expect((await controller.call('listSnapshots', {})).entries).toEqual([]);
       for (const snapshotId of snapshotHandles)
         expect((await controller.call('listSnapshots', { snapshotId })).entries).toEqual([]);

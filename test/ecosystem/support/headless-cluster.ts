@@ -322,6 +322,14 @@ export async function startHeadlessCluster(options: HeadlessClusterOptions = {})
         if (spawnSync('losetup', ['-d', d.name]).status === 0)
           forced.push(`loop device ${d.name} left attached: detached`);
       }
+      // CBT_CLUSTER_LOGS=<dir>: every program's log is kept there, for a failure's post-mortem.
+      const keep = process.env.CBT_CLUSTER_LOGS;
+      if (keep) {
+        fs.mkdirSync(keep, { recursive: true });
+        for (const p of procs) fs.copyFileSync(p.log, path.join(keep, path.basename(p.log)));
+        for (const name of ['etcd.log', 'kube-apiserver.log'])
+          if (controlPlane) fs.copyFileSync(path.join(controlPlane.dir, name), path.join(keep, name));
+      }
       await controlPlane?.stop();
       fs.rmSync(dir, { recursive: true, force: true });
       return forced;
@@ -574,7 +582,8 @@ export async function startHeadlessCluster(options: HeadlessClusterOptions = {})
 
 /**
  * What a cluster ran, one line a program: the pinned component and version, and the version the program
- * itself reports (`--version`), so a stale build cannot pass for the pin.
+ * itself reports (`--version`), so a stale build cannot pass for the pin; under each started process, its
+ * args ($DIR: the cluster's directory).
  */
 export function whatRan(cluster: HeadlessCluster): string[] {
   const line = (program: string, component: string, version: string, reported: string) =>
@@ -586,6 +595,8 @@ export function whatRan(cluster: HeadlessCluster): string[] {
   for (const p of cluster.processes()) {
     if (p.name === 'cbt-csi') lines.push(line(p.name, 'cbt-csi', p.version, 'package.json (run from source by tsx)'));
     else lines.push(line(p.name, p.component, p.version, reportedVersion(p.name)));
+    const args = p.name === 'cbt-csi' ? p.command.slice(p.command.indexOf('serve')) : p.command.slice(1);
+    lines.push(`    ${args.join(' ').replaceAll(cluster.dir, '$DIR')}`);
   }
   return lines;
 }

@@ -137,6 +137,31 @@ export class KubeApi {
   }
 
   /**
+   * Removes one finalizer, as the controller that owns it does; others' finalizers stay. Retries when a
+   * concurrent change moved it (the JSON patch tests the index first). Resolves when it is gone.
+   */
+  async removeFinalizer(path: string, finalizer: string): Promise<void> {
+    for (let attempt = 0; ; attempt++) {
+      const object = await this.find(path);
+      const at = object?.metadata.finalizers?.indexOf(finalizer) ?? -1;
+      if (at < 0) return;
+      try {
+        await this.patch(
+          path,
+          [
+            { op: 'test', path: `/metadata/finalizers/${at}`, value: finalizer },
+            { op: 'remove', path: `/metadata/finalizers/${at}` },
+          ],
+          'json',
+        );
+        return;
+      } catch (err) {
+        if (!(err instanceof KubeApiError && (err.status === 422 || err.status === 409)) || attempt >= 20) throw err;
+      }
+    }
+  }
+
+  /**
    * Polls `path` until `done(object)` holds (the object may be undefined: not found); resolves with the
    * last object. On timeout the error names `what` and shows the object as last seen.
    */

@@ -70,18 +70,7 @@ export class PvControllerStandIn {
     const { api } = this.cluster;
     const pvc = await api.get(claimPath(namespace, name));
     if (!pvc.metadata.deletionTimestamp) throw new Error(`claim ${namespace}/${name} is not being deleted`);
-    const finalizers = pvc.metadata.finalizers ?? [];
-    const at = finalizers.indexOf('kubernetes.io/pvc-protection');
-    if (at >= 0) {
-      await api.patch(
-        claimPath(namespace, name),
-        [
-          { op: 'test', path: `/metadata/finalizers/${at}`, value: 'kubernetes.io/pvc-protection' },
-          { op: 'remove', path: `/metadata/finalizers/${at}` },
-        ],
-        'json',
-      );
-    }
+    await api.removeFinalizer(claimPath(namespace, name), 'kubernetes.io/pvc-protection');
     await this.cluster.waitFor(claimPath(namespace, name), (o) => o === undefined, `claim ${namespace}/${name} gone`);
     const pvName = pvc.spec.volumeName as string;
     await api.patch(`/api/v1/persistentvolumes/${pvName}/status`, { status: { phase: 'Released' } });
@@ -102,15 +91,6 @@ export class PvControllerStandIn {
     );
     if (!pv) return;
     if (pv.status?.phase === 'Bound') throw new Error(`PV ${pvName} is being deleted while Bound`);
-    const at = (pv.metadata.finalizers ?? []).indexOf('kubernetes.io/pv-protection');
-    if (at < 0) return;
-    await this.cluster.api.patch(
-      path,
-      [
-        { op: 'test', path: `/metadata/finalizers/${at}`, value: 'kubernetes.io/pv-protection' },
-        { op: 'remove', path: `/metadata/finalizers/${at}` },
-      ],
-      'json',
-    );
+    await this.cluster.api.removeFinalizer(path, 'kubernetes.io/pv-protection');
   }
 }
