@@ -219,6 +219,7 @@ spec:
       image: {{ include "cbt-csi.image" .Values.sidecars.resizer.image }}
       args:
         - --csi-address=/csi/csi.sock
+        # Given explicitly, --timeout is also the ControllerExpandVolume timeout (over --resize-timeout, v2.3.0).
         - --timeout={{ .Values.sidecars.resizer.timeout }}
       volumeMounts:
         - name: socket-dir
