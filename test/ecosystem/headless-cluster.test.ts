@@ -15,6 +15,7 @@
  */
 import { spawnSync } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
+import fs from 'node:fs';
 import path from 'node:path';
 import { afterAll, beforeAll, expect, test } from 'vitest';
 import { connectCsiDirect } from '../../src/client/index.js';
@@ -246,6 +247,18 @@ suiteUnless(
         // Not an admin: the chart grants no Secret reads.
         expect(as('auth', 'can-i', 'list', 'secrets', '--all-namespaces').stdout.trim()).toBe('no');
       }
+    });
+
+    test("csi-snapshot-metadata's container maps as the others: its ports to loopback, its TLS Secret written as kubelet mounts it", async () => {
+      // Not started here (support/snapshot-metadata-sidecar.ts does): what it needs from this cluster.
+      const view = await cluster.container('csi-snapshot-metadata');
+      const grpcPort = (cluster.values.snapshotMetadata as { grpcPort: number }).grpcPort;
+      expect(view.args).toContain(`--port=${view.ports[grpcPort]}`);
+      expect(view.args).toContain(`--csi-address=${cluster.csiEndpoint.replace('unix://', '')}`);
+      const file = (flag: string) => view.args.find((a) => a.startsWith(`${flag}=`))!.slice(flag.length + 1);
+      expect(fs.readFileSync(file('--tls-cert'), 'utf8')).toMatch(/^-----BEGIN CERTIFICATE-----/);
+      expect(fs.readFileSync(file('--tls-key'), 'utf8')).toMatch(/^-----BEGIN (RSA )?PRIVATE KEY-----/);
+      expect(view.serviceAccount).toEqual({ namespace: cluster.namespace, name: cluster.release });
     });
 
     test('csi-provisioner provisions a Block claim in the driver; kubelet stages and publishes it to a pod', async () => {

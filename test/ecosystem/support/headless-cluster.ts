@@ -69,6 +69,8 @@ export interface ContainerView {
   env: Record<string, string>;
   /** Each volume mount: the path inside the container and the directory that stands for it here. */
   mounts: { mountPath: string; local: string }[];
+  /** The pod's ports its args name (containerPort → port on 127.0.0.1); shared by the pod's containers. */
+  ports: Record<number, number>;
   /** The pod's ServiceAccount, whose token the container authenticates with. */
   serviceAccount: { namespace: string; name: string };
 }
@@ -467,7 +469,7 @@ export async function startHeadlessCluster(options: HeadlessClusterOptions = {})
         if (flag) args.push(`${flag[1]}=${await mapValue(flag[1]!, flag[2]!)}`);
         else args.push(arg.startsWith('-') ? arg : await mapValue('', arg));
       }
-      return { name, chartArgs, args, env, mounts, serviceAccount };
+      return { name, chartArgs, args, env, mounts, ports: Object.fromEntries(podPorts), serviceAccount };
     };
 
     // ---- the driver: `cbt-csi serve` with the chart's args

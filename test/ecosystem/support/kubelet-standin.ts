@@ -19,6 +19,9 @@ import type { HeadlessCluster } from './headless-cluster.js';
 import type { KubeObject } from './kube-api.js';
 import { parseQuantity } from './quantity.js';
 
+/** Node's architecture names as Go (and so the kubernetes.io/arch label) spells them. */
+const GOARCH: Partial<Record<NodeJS.Architecture, string>> = { x64: 'amd64', arm64: 'arm64', ia32: '386' };
+
 /** A Block volume as a pod sees it: the device at `targetPath`. */
 export interface PublishedBlockVolume {
   pvName: string;
@@ -63,7 +66,11 @@ export class KubeletStandIn {
       kind: 'Node',
       metadata: {
         name: nodeName,
-        labels: { 'kubernetes.io/hostname': nodeName, 'kubernetes.io/os': 'linux', 'kubernetes.io/arch': 'amd64' },
+        labels: {
+          'kubernetes.io/hostname': nodeName,
+          'kubernetes.io/os': 'linux',
+          'kubernetes.io/arch': GOARCH[process.arch] ?? process.arch,
+        },
       },
     });
     await api.patch(`/api/v1/nodes/${nodeName}`, {
