@@ -309,10 +309,9 @@ export async function startHeadlessCluster(options: HeadlessClusterOptions = {})
       idle.stopped = true;
       const forced: string[] = [];
       api?.close();
-      const cp = new Set(['etcd', 'kube-apiserver']);
-      const ours = procs.filter((p) => !cp.has(p.name));
-      const driver = ours.filter((p) => p.name === 'cbt-csi');
-      for (const p of ours.filter((q) => q.name !== 'cbt-csi').reverse()) await stopProcess(p, forced);
+      // The driver last: the sidecars may be mid-call to it.
+      const driver = procs.filter((p) => p.name === 'cbt-csi');
+      for (const p of procs.filter((q) => q.name !== 'cbt-csi').reverse()) await stopProcess(p, forced);
       // Listed before the driver goes: a loop device's backing file has no path once the FUSE mount is gone.
       const loopsBefore = loopsUnderDir();
       for (const p of driver) await stopProcess(p, forced);
