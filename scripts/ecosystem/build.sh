@@ -16,8 +16,9 @@ repo="$(cd "$here/../.." && pwd)"
 versions="$here/versions.json"
 cache="${CBT_CSI_ECOSYSTEM_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/cbt-csi-ecosystem}"
 jobs="${ECOSYSTEM_BUILD_JOBS:-2}"
-# The longest build first, so the others fill the second slot beside it.
-DEFAULT=(kubernetes helm csi-sanity etcd external-snapshot-metadata snapshot-metadata-client)
+# The longest build first, so the others fill the second slot beside it. The sidecars and snapshot-controller
+# are for the headless cluster (test/ecosystem/headless-cluster.test.ts).
+DEFAULT=(kubernetes helm external-snapshotter external-provisioner external-resizer etcd csi-sanity external-snapshot-metadata snapshot-metadata-client)
 
 export GOTOOLCHAIN=local GOFLAGS=-buildvcs=false CGO_ENABLED=0
 

@@ -38,7 +38,7 @@ export function ecosystemCache(): string {
 }
 
 /** The component that builds a program. */
-function componentOf(binary: string): [string, Component] {
+export function componentOf(binary: string): [string, Component] {
   const found = Object.entries(COMPONENTS).find(([, c]) => binary in c.binaries);
   if (!found) throw new Error(`no component in versions.json builds ${binary}`);
   return found;

@@ -68,8 +68,8 @@ export const SIDECAR_NEEDS: Record<string, { source: string; needs: Need[] }> = 
     ],
   },
   resizer: {
-    // kubernetes-csi/external-resizer v2.2.1, deploy/kubernetes/rbac.yaml.
-    source: 'external-resizer v2.2.1 deploy/kubernetes/rbac.yaml',
+    // kubernetes-csi/external-resizer v2.3.0 (same as v2.2.1), deploy/kubernetes/rbac.yaml.
+    source: 'external-resizer v2.3.0 deploy/kubernetes/rbac.yaml',
     needs: [
       need('', 'persistentvolumes', ['get', 'list', 'watch', 'patch']),
       need('', 'persistentvolumeclaims', ['get', 'list', 'watch']),

@@ -223,6 +223,7 @@ spec:
       image: {{ include "cbt-csi.image" .Values.sidecars.resizer.image }}
       args:
         - --csi-address=/csi/csi.sock
+        # Given explicitly, --timeout is also the ControllerExpandVolume timeout (over --resize-timeout, v2.3.0).
         - --timeout={{ .Values.sidecars.resizer.timeout }}
         {{- if .Values.volumeAttributesClass.create }}
         # A PVC switching VolumeAttributesClass becomes a ControllerModifyVolume (the driver has MODIFY_VOLUME).
