@@ -5,16 +5,18 @@
  *
  *  - an ext4 and an xfs volume are created and published as a mount through the Node service, as kubelet
  *    does; files are written and fsync'd (new files, appends, overwrites in place, a delete) between two
- *    snapshots, each taken with the filesystem frozen (fsfreeze), as a careful backup tool does;
- *  - both snapshots are restored (CreateVolume from snapshot) and published as raw block devices; a
- *    block-level diff of the two restored images must be covered by GetMetadataDelta: no changed block
- *    may be missing;
+ *    snapshots, each taken with the filesystem frozen (fsfreeze), as a careful backup tool does; a third
+ *    snapshot is taken unfrozen, as a plain VolumeSnapshot is (crash-consistent);
+ *  - the snapshots are restored (CreateVolume from snapshot) and published as raw block devices; a
+ *    block-level diff of two restored images must be covered by GetMetadataDelta: no changed block may be
+ *    missing;
  *  - the delta may hold more than the diff only where the driver's granularity explains it: a block the
  *    filesystem rewrote with the bytes it already had (journal, bitmaps, inode tables, directories). The
  *    filesystems' own tools (dumpe2fs/debugfs, xfs_db) say what every extra block is; file data of files
  *    left alone is in neither the diff nor the delta;
  *  - GetMetadataAllocated of each snapshot covers every nonzero block of its image;
- *  - mounted, the restored volumes hold exactly the files as they were at their snapshot.
+ *  - mounted (the unfrozen one after its journal is replayed), the restored volumes hold exactly the files
+ *    as they were at their snapshot.
  *
  * What a backup client can and cannot do with this is in docs/filesystem-volumes.md.
  */
@@ -257,7 +259,7 @@ dataPlaneSuite('filesystem volumes: changed block tracking end to end', () => {
   }, 60_000);
 
   for (const fsType of ['ext4', 'xfs'] as const) {
-    it(`${fsType}: the delta between two snapshots covers every block that differs between their restored images; extra blocks are filesystem metadata or journal; allocated covers every nonzero block`, async () => {
+    it(`${fsType}: the delta between two snapshots (frozen or not) covers every block that differs between their restored images; extra blocks are filesystem metadata or journal; allocated covers every nonzero block`, async () => {
       const vol = await env.controller.call('createVolume', {
         name: `fscbt-${fsType}`,
         capacityRange: { requiredBytes: BigInt(CAPACITY) },
@@ -294,11 +296,20 @@ dataPlaneSuite('filesystem volumes: changed block tracking end to end', () => {
       deleteFile(root, files, 'tmp/scratch.bin');
       const snap2 = await frozenSnapshot(source, `fscbt-${fsType}-2`);
       const files2 = digestFiles(files);
-      // After snapshot 2: must not show in it.
-      createFile(root, files, 'later.txt', Buffer.from('after the second snapshot'));
+      // Snapshot 3 without freezing, as a plain VolumeSnapshot is taken: crash-consistent. The fsync'd
+      // writes before it are in it (some only in the journal until a mount replays it).
+      createFile(root, files, 'new/after-2.bin', randomBytes(300 * 1024));
+      overwriteInPlace(root, files, 'db/table.bin', 200 * 1024, randomBytes(8192));
+      const snap3 = (
+        await env.controller.call('createSnapshot', { sourceVolumeId: source.volumeId, name: `fscbt-${fsType}-3` })
+      ).snapshot!.snapshotId;
+      const files3 = digestFiles(files);
+      // After the last snapshot: must not show in any.
+      createFile(root, files, 'later.txt', Buffer.from('after the last snapshot'));
 
+      const snaps = [snap1, snap2, snap3];
       const restores: Published[] = [];
-      for (const [i, snapshotId] of [snap1, snap2].entries()) {
+      for (const [i, snapshotId] of snaps.entries()) {
         const restored = await env.controller.call('createVolume', {
           name: `fscbt-${fsType}-restore-${i + 1}`,
           capacityRange: { requiredBytes: BigInt(CAPACITY) },
@@ -307,31 +318,41 @@ dataPlaneSuite('filesystem volumes: changed block tracking end to end', () => {
         });
         restores.push(await publish(restored.volume!.volumeId, `restore-${fsType}-${i + 1}`, blockCap()));
       }
-      const [image1, image2] = restores as [Published, Published];
+      const [image1, image2, image3] = restores as [Published, Published, Published];
 
       // The raw images as restored, before anything mounts them.
       const cmp = compareImages(image1.target, image2.target);
+      const cmp23 = compareImages(image2.target, image3.target);
       const delta = await deltaBlocks(snap1, snap2);
-      const [allocated1, allocated2] = [await allocatedBlocks(snap1), await allocatedBlocks(snap2)];
+      const delta23 = await deltaBlocks(snap2, snap3);
+      const allocated = await Promise.all(snaps.map(allocatedBlocks));
 
       // Invariant 1, through a real filesystem: no block that differs is missing from the delta.
+      expect(minus(cmp.differ, delta), 'blocks that differ between restores 1 and 2, missing from the delta').toEqual(
+        [],
+      );
       expect(
-        minus(cmp.differ, delta),
-        'blocks that differ between the restored images, missing from the delta',
+        minus(cmp23.differ, delta23),
+        'blocks that differ between restores 2 and 3, missing from the delta',
       ).toEqual([]);
-      expect(minus(cmp.nonzeroA, allocated1), 'nonzero blocks of snapshot 1 missing from its allocated').toEqual([]);
-      expect(minus(cmp.nonzeroB, allocated2), 'nonzero blocks of snapshot 2 missing from its allocated').toEqual([]);
+      const nonzero = [cmp.nonzeroA, cmp.nonzeroB, cmp23.nonzeroB];
+      for (const [i, blocks] of nonzero.entries()) {
+        expect(minus(blocks, allocated[i]!), `nonzero blocks of snapshot ${i + 1} missing from its allocated`).toEqual(
+          [],
+        );
+      }
       // Not trivially empty: at least the new data (1.5 MiB, appends, overwrites) differs.
       expect(cmp.differ.size).toBeGreaterThanOrEqual((1.5 * MiB + 37 * 1024 + 64 * 1024) / BLOCK);
+      expect(cmp23.differ.size).toBeGreaterThanOrEqual((300 * 1024 + 8192) / BLOCK);
 
       // Mounted, each restore holds the files as they were at its snapshot, and not what came after. The
-      // mount also replays the journal (a frozen xfs still leaves its log to replay), so that the
-      // filesystem's tools can read the image below.
+      // mount replays the journal (snapshot 3 needs it; a frozen xfs too leaves its log to replay), which
+      // the filesystems' tools need before they read an image (below).
       for (const [i, image] of restores.entries()) {
         await release(image);
         const mounted = await publish(image.volumeId, `restore-${fsType}-${i + 1}-fs`, mountCap(fsType));
         expect(digestTree(mounted.target), `files of the volume restored from snapshot ${i + 1}`).toEqual(
-          i === 0 ? files1 : files2,
+          [files1, files2, files3][i],
         );
         await release(mounted);
       }
@@ -367,7 +388,8 @@ dataPlaneSuite('filesystem volumes: changed block tracking end to end', () => {
         [
           `${fsType} (${fsBlockSize}-byte filesystem blocks, ${BLOCK}-byte driver blocks): ${cmp.differ.size} driver ` +
             `blocks differ between the restored images; the delta has ${delta.size} (${extra.length} extra: ` +
-            `rewritten with the same bytes); allocated ${allocated1.size} and ${allocated2.size} blocks`,
+            `rewritten with the same bytes); allocated ${allocated.map((a) => a.size).join(', ')} blocks; ` +
+            `unfrozen snapshot 3: ${cmp23.differ.size} differ from 2, delta ${delta23.size}`,
           '  filesystem blocks that changed:',
           ...summarize(changedOwners).map((l) => `    ${l}`),
           '  filesystem blocks in the extra driver blocks:',
@@ -377,4 +399,4 @@ dataPlaneSuite('filesystem volumes: changed block tracking end to end', () => {
       await release(source);
     }, 600_000);
   }
-});
+}, ['fsfreeze', 'dumpe2fs', 'debugfs', 'xfs_db']);
