@@ -45,6 +45,8 @@ export const DEFAULT_TOMBSTONE_RETENTION: TombstoneRetention = {
   maxPerVolume: 256,
 };
 
+const NONE: Tombstone[] = [];
+
 export class Tombstones {
   private readonly byId = new Map<string, Tombstone>();
   /** The same tombstones by anchor layer; an anchor changes only through applyMove. */
@@ -117,6 +119,16 @@ export class Tombstones {
     this.anchor(t);
     t.changed = changed;
     t.excluded = changed === null ? null : excluded;
+  }
+
+  /**
+   * Tombstones anchored at a layer that exclude some of blocks [first, end): rewriting those blocks in place
+   * changes them. A lookup, then a range count per record: asked before every write.
+   */
+  excludingAny(layerId: number, first: number, end: number): Tombstone[] {
+    const set = this.byAnchor.get(layerId);
+    if (!set) return NONE;
+    return [...set].filter((t) => t.excluded !== null && t.excluded.rangeCardinality(first, end) > 0);
   }
 
   /** Blocks [first, end) of a live anchor were written or trimmed: they now count as changed. */
