@@ -921,11 +921,15 @@ export class BlockStore {
     const lowerBits = Bitmap.or(leaving.written, leaving.trimmed);
     const broughtIn = Bitmap.andNot(lowerBits, Bitmap.or(into.written, into.trimmed));
     const moves = anchored.length === 0 ? [] : this.tombstones.planMerge(leaving.id, lowerBits, broughtIn);
-    for (const m of moves) this.catalog.moveTombstone(m.tombstone.snapshotId, into.id, m.changed, m.excluded);
-    // Writes the live upper layer took since its last commit are committed by this merge too.
-    this.persistAnchoredAt(into.id);
+    // Records already anchored at the upper layer: the brought-in blocks are older than them, not changes.
+    // Stored with their in-memory state, which writes to a live upper layer changed since its last commit
+    // (committed by this merge too).
+    const absorbed = this.tombstones.planAbsorb(into.id, broughtIn);
+    for (const m of [...moves, ...absorbed]) {
+      this.catalog.moveTombstone(m.tombstone.snapshotId, into.id, m.changed, m.excluded);
+    }
     return () => {
-      for (const m of moves) this.tombstones.applyMove(m.tombstone, into.id, m.changed, m.excluded);
+      for (const m of [...moves, ...absorbed]) this.tombstones.applyMove(m.tombstone, into.id, m.changed, m.excluded);
       if (!into.frozen) this.watchIfAnchor(into);
     };
   }

@@ -102,6 +102,24 @@ describe('deltas from deleted base snapshots (invariant 8)', () => {
     await again.close();
   });
 
+  it('stay exact when an older deleted layer is merged into a layer that already anchors a record', async () => {
+    const { store } = open();
+    const v = await store.createVolume({ capacityBytes: 64 * B });
+    writeBlocks(store, v.id, [0, 1], 1);
+    const s0 = await store.createSnapshot({ volumeId: v.id });
+    const s1 = await store.createSnapshot({ volumeId: v.id });
+    writeBlocks(store, v.id, [7], 2);
+    const s2 = await store.createSnapshot({ volumeId: v.id });
+    // s1's record moves up to s2's layer; then s0's layer (blocks 0, 1: older than s1) merges into it too.
+    await store.deleteSnapshot(s1.id);
+    expect((await store.compact()).merged).toBe(1);
+    await store.deleteSnapshot(s0.id);
+    expect((await store.compact()).merged).toBe(1);
+    expect(await deltaBlocks(store, s1.id, s2.id)).toEqual([7]);
+    expect(await deltaBlocks(store, s0.id, s2.id)).toEqual([7]);
+    await store.close();
+  });
+
   it('count a rewrite of a block the merge brought into the live head as a change, even when kill -9 came before any flush', async () => {
     const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'cbt-tomb-'));
     dirs.push(dir);
