@@ -908,5 +908,5 @@ describe('block store under kill -9', () => {
       inGroupOrDelete,
       'kills inside CreateGroupSnapshot, DeleteGroupSnapshot or DeleteSnapshot',
     ).toBeGreaterThanOrEqual(Math.floor(KILLS * 0.4));
-  }, 600_000);
+  }, 900_000);
 });
