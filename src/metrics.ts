@@ -30,6 +30,19 @@ export class DriverMetrics {
     registers: [this.registry],
   });
 
+  readonly peerRpcs = new Counter({
+    name: 'cbt_csi_peer_rpc_total',
+    help: 'Calls forwarded to the node that owns the object (multi-node), by peer node, method and gRPC code',
+    labelNames: ['peer', 'method', 'code'] as const,
+    registers: [this.registry],
+  });
+  readonly peerStreamMessages = new Counter({
+    name: 'cbt_csi_peer_stream_messages_total',
+    help: 'Stream messages read from peers and passed on to our callers, by peer node',
+    labelNames: ['peer'] as const,
+    registers: [this.registry],
+  });
+
   constructor() {
     collectDefaultMetrics({ register: this.registry, prefix: 'cbt_csi_' });
   }
