@@ -245,12 +245,19 @@ function peerConfig(flags: ServeFlags): PeerConfig | undefined {
   };
 }
 
-/** HOST:PORT to listen on (port 0: any free port); IPv6 hosts in brackets. */
+/**
+ * HOST:PORT to listen on (port 0: any free port). The port is after the last colon, so an IPv6 address may
+ * come bare or in brackets (`$(POD_IP):9820` works for both families).
+ */
 function parseListenAddress(value: string): { host: string; port: number } {
-  const m = /^(\[[0-9a-fA-F:.]+\]|[^:[\]\s]+):(\d{1,5})$/.exec(value);
-  const port = m ? Number(m[2]) : Number.NaN;
-  if (!m || port > 65535) throw new Error(`--peer-listen ${value}: expected HOST:PORT`);
-  return { host: m[1]!.replace(/^\[|\]$/g, ''), port };
+  const at = value.lastIndexOf(':');
+  const host = value.slice(0, Math.max(at, 0)).replace(/^\[(.*)\]$/, '$1');
+  const portText = value.slice(at + 1);
+  const port = Number(portText);
+  if (at <= 0 || host === '' || !/^\d{1,5}$/.test(portText) || port > 65535) {
+    throw new Error(`--peer-listen ${value}: expected HOST:PORT`);
+  }
+  return { host, port };
 }
 
 async function serve(flags: ServeFlags): Promise<void> {

@@ -36,9 +36,9 @@ export class DriverMetrics {
     labelNames: ['peer', 'method', 'code'] as const,
     registers: [this.registry],
   });
-  readonly peerStreamMessages = new Counter({
-    name: 'cbt_csi_peer_stream_messages_total',
-    help: 'Stream messages read from peers and passed on to our callers, by peer node',
+  readonly peerMessages = new Counter({
+    name: 'cbt_csi_peer_messages_received_total',
+    help: 'Reply messages read from peers (a stream is read one message at a time, as our caller takes them), by peer node',
     labelNames: ['peer'] as const,
     registers: [this.registry],
   });

@@ -95,7 +95,6 @@ export class PeerClients {
       for (;;) {
         const bytes = await call.next();
         if (bytes === undefined) return;
-        this.options.metrics.peerStreamMessages.inc({ peer: node });
         yield { message: passThrough(method.output, bytes), bytes };
       }
     } finally {
@@ -124,6 +123,7 @@ export class PeerClients {
     const path = `/${method.parent.typeName}/${method.name}`;
     const call = new PeerCall(channel.createCall(path, deadline, null, null, 0), node, address, {
       onTransportFailure: () => this.options.directory.invalidate(node),
+      onMessage: () => this.options.metrics.peerMessages.inc({ peer: node }),
       onStatus: (code) => this.options.metrics.peerRpcs.inc({ peer: node, method: method.name, code: codeName(code) }),
     });
     call.start(Buffer.from(toBinary(method.input, request as MessageShape<typeof method.input>)), ctx.signal);
@@ -155,7 +155,7 @@ class PeerCall {
     private readonly call: GrpcCall,
     private readonly node: string,
     private readonly address: string,
-    private readonly hooks: { onTransportFailure(): void; onStatus(code: number): void },
+    private readonly hooks: { onTransportFailure(): void; onStatus(code: number): void; onMessage(): void },
   ) {}
 
   start(request: Buffer, signal: AbortSignal): void {
@@ -174,6 +174,7 @@ class PeerCall {
         }
       },
       onReceiveMessage: (message: Buffer) => {
+        this.hooks.onMessage();
         this.reading = false;
         this.messages.push(message);
         notify();
