@@ -57,7 +57,7 @@ export class KubernetesPeerDirectory implements PeerDirectory {
     return this.nodes.get(node);
   }
 
-  invalidate(): void {
+  invalidate(_node: string): void {
     // The next lookup lists again (still at most once per minRelistMs).
     this.invalidated = true;
   }
