@@ -147,6 +147,8 @@ class PeerCall {
   private status: grpc.StatusObject | undefined;
   /** Why the call was given up before the peer's status arrived (wrong node answering). */
   private abandoned: ConnectError | undefined;
+  /** Why we cancelled the call (our caller's abort). */
+  private cancelled: ConnectError | undefined;
   private reading = false;
   private wake: (() => void) | undefined;
   private removeAbortListener: (() => void) | undefined;
@@ -185,7 +187,15 @@ class PeerCall {
         notify();
       },
     });
-    const onAbort = () => this.call.cancelWithStatus(grpc.status.CANCELLED, 'the caller cancelled the call');
+    const onAbort = () => {
+      // Our caller went away, or this driver is shutting down: end with what a local call would end with.
+      const reason: unknown = signal.reason;
+      this.cancelled =
+        reason instanceof ConnectError
+          ? reason
+          : new ConnectError('the call was aborted before the owner had answered', Code.Unavailable);
+      this.call.cancelWithStatus(grpc.status.CANCELLED, 'the caller cancelled the call');
+    };
     if (signal.aborted) onAbort();
     else {
       signal.addEventListener('abort', onAbort, { once: true });
@@ -236,7 +246,9 @@ class PeerCall {
     if (status.code === grpc.status.DEADLINE_EXCEEDED) {
       throw new ConnectError(`the deadline passed while node ${this.node} was answering`, Code.DeadlineExceeded);
     }
-    if (status.code === grpc.status.CANCELLED) throw new ConnectError('the call was cancelled', Code.Canceled);
+    if (status.code === grpc.status.CANCELLED) {
+      throw this.cancelled ?? new ConnectError(`node ${this.node} cancelled the call`, Code.Canceled);
+    }
     this.hooks.onTransportFailure();
     throw new ConnectError(
       `node ${this.node}, which holds this object, is unavailable: its driver at ${this.address} did not answer (${status.details})`,
