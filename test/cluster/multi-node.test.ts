@@ -39,7 +39,7 @@ interface NodeData {
   unrelated: string;
 }
 
-/** A long FIXED stream on node-a for the back-pressure test: every block of 64 MiB changed. */
+/** A long FIXED stream on node-c (back-pressure, and a stream cut by its owner's death): every block of 64 MiB changed. */
 interface LongStream {
   base: string;
   target: string;
@@ -161,15 +161,15 @@ suite('multi-node: three driver processes as three nodes', () => {
       created.push({ owner, volume, base, unrelated, style });
     }
     const longVolume = (
-      await nodes[0]!.controller.call('createVolume', {
-        name: 'node-a-long',
+      await nodes[2]!.controller.call('createVolume', {
+        name: 'node-c-long',
         capacityRange: { requiredBytes: BigInt(128 * MiB) },
         volumeCapabilities: [BLOCK_CAPABILITY],
         parameters: { metadataStyle: 'FIXED', blockSize: String(BLOCK) },
       })
     ).volume!.volumeId;
     const longBase = (
-      await nodes[0]!.controller.call('createSnapshot', { sourceVolumeId: longVolume, name: 'long-base' })
+      await nodes[2]!.controller.call('createSnapshot', { sourceVolumeId: longVolume, name: 'long-base' })
     ).snapshot!.snapshotId;
 
     // Writes go into the stores while the drivers are stopped (no root or loop devices needed), then the
@@ -193,7 +193,7 @@ suite('multi-node: three driver processes as three nodes', () => {
       );
       data.set(c.owner.id, { ...c, target: '', changed });
     }
-    await writeBlocks(nodes[0]!.stateDir, longVolume.split('@')[0]!, [{ offset: 0, data: Buffer.alloc(64 * MiB, 7) }]);
+    await writeBlocks(nodes[2]!.stateDir, longVolume.split('@')[0]!, [{ offset: 0, data: Buffer.alloc(64 * MiB, 7) }]);
     await Promise.all(nodes.map((n) => n.start()));
     for (const d of data.values()) {
       d.target = (
@@ -201,7 +201,7 @@ suite('multi-node: three driver processes as three nodes', () => {
       ).snapshot!.snapshotId;
     }
     const longTarget = (
-      await nodes[0]!.controller.call('createSnapshot', { sourceVolumeId: longVolume, name: 'long-target' })
+      await nodes[2]!.controller.call('createSnapshot', { sourceVolumeId: longVolume, name: 'long-target' })
     ).snapshot!.snapshotId;
     long = { base: longBase, target: longTarget, tuples: (64 * MiB) / BLOCK };
   }, 900_000);
@@ -479,7 +479,7 @@ suite('multi-node: three driver processes as three nodes', () => {
 
   it("streams through a non-owner one message at a time: a stalled reader stops the forwarder's reads from the owner", async () => {
     const b = byId('node-b');
-    const before = await peerStreamMessages(b, 'node-a');
+    const before = await peerStreamMessages(b, 'node-c');
     // One tuple a message: 16384 small messages, far more than the HTTP/2 windows and buffers in between hold.
     const call = b.metadata.streamRaw('getMetadataDelta', {
       baseSnapshotId: long.base,
@@ -496,10 +496,10 @@ suite('multi-node: three driver processes as three nodes', () => {
       });
     });
     // Let the buffers between the client and the forwarder fill, until the forwarder stops reading.
-    let read = await peerStreamMessages(b, 'node-a');
+    let read = await peerStreamMessages(b, 'node-c');
     for (;;) {
       await new Promise((r) => setTimeout(r, 1000));
-      const now = await peerStreamMessages(b, 'node-a');
+      const now = await peerStreamMessages(b, 'node-c');
       if (now === read) break;
       read = now;
     }
@@ -516,7 +516,7 @@ suite('multi-node: three driver processes as three nodes', () => {
     const extents = extentsOf(received);
     expect(extents).toHaveLength(long.tuples);
     expect(extents[long.tuples - 1]).toEqual({ offset: (long.tuples - 1) * BLOCK, length: BLOCK });
-    expect((await peerStreamMessages(b, 'node-a')) - before).toBe(long.tuples);
+    expect((await peerStreamMessages(b, 'node-c')) - before).toBe(long.tuples);
   });
 
   describe('mutual TLS on the peer listener', () => {
@@ -572,7 +572,27 @@ suite('multi-node: three driver processes as three nodes', () => {
     const [a, b, c] = [byId('node-a'), byId('node-b'), byId('node-c')];
     const ofC = data.get('node-c')!;
     const expectedC = await rawStream(c.metadata, { kind: 'allocated', snapshotId: ofC.target });
+    // A stream through node-a from node-c, cut by node-c's death after its first message.
+    const cut = a.metadata.streamRaw('getMetadataDelta', {
+      baseSnapshotId: long.base,
+      targetSnapshotId: long.target,
+      maxResults: 1,
+    });
+    const cutError = new Promise<RpcError>((resolve, reject) => {
+      cut.once('error', resolve);
+      cut.once('end', () => reject(new Error('the stream ended although its owner was killed')));
+    });
+    await new Promise<void>((resolve) =>
+      cut.once('data', () => {
+        cut.pause();
+        resolve();
+      }),
+    );
     await c.kill('SIGKILL');
+    cut.resume();
+    const cutStatus = await cutError;
+    expect(cutStatus.code).toBe(grpc.status.UNAVAILABLE);
+    expect(readable(cutStatus.details)).toMatch(/node node-c/);
     try {
       for (const asker of [a, b]) {
         const status = await statusOf(rawStream(asker.metadata, { kind: 'allocated', snapshotId: ofC.target }));
