@@ -7,9 +7,12 @@
  */
 import { spawn } from 'node:child_process';
 import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
 import { afterEach, expect, test } from 'vitest';
 import { missingDataPlane, startNodeEnv, type NodeEnv } from '../e2e/support/node-env.js';
 import { COMPONENTS, missingTools, suiteUnless, tool } from './tools.js';
+import { makePeerCerts, missingOpenssl } from '../support/peer-certs.js';
 
 const GiB = 2 ** 30;
 
@@ -69,21 +72,42 @@ function runSanity(args: string[], logFile: string): Promise<{ code: number | nu
   });
 }
 
+/** serve flags of multi-node mode with no other node: handles name this node, the peer listener runs. */
+function multiNodeArgs(certDir: string): string[] {
+  const certs = makePeerCerts(certDir).valid;
+  return [
+    ...['--node-id', 'sanity-node', '--peer-listen', '127.0.0.1:0', '--peers', ''],
+    ...['--peer-tls-cert', certs.cert, '--peer-tls-key', certs.key, '--peer-tls-ca', certs.ca],
+  ];
+}
+
 let env: NodeEnv | undefined;
+let certDir: string | undefined;
 afterEach(async () => {
   await env?.cleanup();
   env = undefined;
+  if (certDir) fs.rmSync(certDir, { recursive: true, force: true });
+  certDir = undefined;
 });
 
 suiteUnless(
   missingDataPlane() ?? missingTools(['csi-sanity']),
   `csi-sanity ${COMPONENTS['csi-sanity']!.version}`,
   () => {
-    test.each(['mount', 'block'])(
-      '--csi.testvolumeaccesstype=%s: every spec passes or is skipped for a capability the driver does not advertise',
-      async (mode) => {
+    test.each([
+      ['mount', false],
+      ['block', false],
+      ['block', true],
+    ] as const)(
+      '--csi.testvolumeaccesstype=%s (multi-node handles: %s): every spec passes or is skipped for a capability the driver does not advertise',
+      async (mode, multiNode) => {
+        // Multi-node mode (docs/adr/0008): every handle carries the node's ID, and the peer listener is up.
+        const missing = multiNode ? missingOpenssl() : undefined;
+        if (missing) throw new Error(missing);
+        if (multiNode) certDir = fs.mkdtempSync(path.join(os.tmpdir(), 'cbt-sanity-certs-'));
+        const peerArgs = certDir ? multiNodeArgs(certDir) : [];
         // A fresh driver and state directory per mode: csi-sanity reuses volume names within a run.
-        env = await startNodeEnv();
+        env = await startNodeEnv(peerArgs);
         const report = env.path('sanity-report.json');
         const mutable = env.path('mutable-parameters.yaml');
         fs.writeFileSync(mutable, MUTABLE_PARAMETERS);

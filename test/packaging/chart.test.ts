@@ -28,6 +28,8 @@ import {
 } from '../../src/gen/csi/v1/csi_pb.js';
 import { REPO_ROOT } from '../support/test-driver.js';
 import { SIDECAR_NEEDS } from './sidecar-needs.js';
+import { makePeerCerts, missingOpenssl } from '../support/peer-certs.js';
+import { freePort } from '../support/free-port.js';
 
 const CHART = path.join(REPO_ROOT, 'charts/cbt-csi');
 const TEMPLATES = path.join(CHART, 'templates');
@@ -103,7 +105,7 @@ function driverContainer(): string {
  * enough to render here: `{{ .Values.x }}` substitutions, each optional flag inside one
  * `with`/`if` whose condition is read from the values.
  */
-function renderDriverArgs(v: Tree): string[] {
+function renderDriverArgs(v: Tree, release = { name: 'cbt-csi', chart: 'cbt-csi' }): string[] {
   const block = driverContainer();
   const argsBlock = block.slice(block.indexOf('args:'), block.indexOf('env:'));
   const args: string[] = [];
@@ -113,6 +115,10 @@ function renderDriverArgs(v: Tree): string[] {
     const line = raw.trim();
     const withM = /^\{\{-? with \.Values\.([\w.]+) \}\}$/.exec(line);
     const gtM = /^\{\{-? if gt \(int \.Values\.([\w.]+)\) 0 \}\}$/.exec(line);
+    if (/^\{\{-? if \$daemonset \}\}$/.test(line)) {
+      skip = v.mode !== 'daemonset';
+      continue;
+    }
     if (withM) {
       withValue = at(v, withM[1]!);
       skip =
@@ -133,6 +139,8 @@ function renderDriverArgs(v: Tree): string[] {
       line
         .slice(2)
         .replace(/\{\{ \. \}\}/g, String(withValue))
+        .replace(/\{\{ \.Chart\.Name \}\}/g, release.chart)
+        .replace(/\{\{ \.Release\.Name \}\}/g, release.name)
         .replace(/\{\{ \.Values\.([\w.]+) \}\}/g, (_, p: string) => String(at(v, p))),
     );
   }
@@ -355,6 +363,60 @@ describe('what the chart tells the driver', () => {
           : a,
     );
     await startUntilListening([process.execPath, '--import', 'tsx', CLI, 'serve', ...local], { NODE_NAME: 'node-a' });
+  });
+
+  test('mode daemonset gives the driver a mutual-TLS peer listener and pod discovery; mode single gives it none', async () => {
+    expect(renderDriverArgs(values).filter((a) => a.startsWith('--peer'))).toEqual([]);
+    const v = { ...structuredClone(values), mode: 'daemonset' };
+    const args = renderDriverArgs(v, { name: 'rel', chart: 'cbt-csi' });
+    expect(args).toEqual(
+      expect.arrayContaining([
+        `--peer-listen=$(POD_IP):${(values.peer as { port: number }).port}`,
+        '--peer-discovery=kubernetes',
+        '--peer-namespace=$(POD_NAMESPACE)',
+      ]),
+    );
+    // The selector is the plugin pods' labels (the DaemonSet's selectorLabels).
+    const selectorLabels = templates
+      .get('_helpers.tpl')!
+      .split('define "cbt-csi.selectorLabels"')[1]!
+      .split('{{- end -}}')[0]!
+      .split('\n')
+      .map((l) => /^([\w./-]+): (.+)$/.exec(l.trim()))
+      .filter((m): m is RegExpExecArray => m !== null)
+      .map(
+        ([, k, val]) => `${k}=${val!.replace('{{ .Chart.Name }}', 'cbt-csi').replace('{{ .Release.Name }}', 'rel')}`,
+      );
+    expect(selectorLabels).toHaveLength(3);
+    const selector = args
+      .find((a) => a.startsWith('--peer-pod-selector='))!
+      .split('=')
+      .slice(1)
+      .join('=');
+    expect(selector.split(',').sort()).toEqual(selectorLabels.sort());
+    // The driver starts with them, as kubelet gives them ($(VAR) from the pod's env; the Secret's files).
+    const missing = missingOpenssl();
+    if (missing) {
+      if (process.env.CI === 'true') throw new Error(missing);
+      return;
+    }
+    const dir = tempDir();
+    const certs = makePeerCerts(path.join(dir, 'certs')).valid;
+    const port = await freePort();
+    const local = args.map((a) =>
+      a
+        .replace(/^--endpoint=.*/, `--endpoint=unix://${dir}/csi.sock`)
+        .replace(/^--state-dir=.*/, `--state-dir=${dir}/state`)
+        .replace(/^--metrics-address=.*/, '--metrics-address=127.0.0.1:0')
+        .replace(/^--peer-listen=.*/, `--peer-listen=127.0.0.1:${port}`)
+        .replace(/^--peer-tls-cert=.*/, `--peer-tls-cert=${certs.cert}`)
+        .replace(/^--peer-tls-key=.*/, `--peer-tls-key=${certs.key}`)
+        .replace(/^--peer-tls-ca=.*/, `--peer-tls-ca=${certs.ca}`)
+        .replace('$(NODE_NAME)', 'node-a')
+        .replace('$(POD_NAMESPACE)', 'storage'),
+    );
+    const { stderr } = await startUntilListening([process.execPath, '--import', 'tsx', CLI, 'serve', ...local]);
+    expect(stderr).toContain(`cbt-csi peers at 127.0.0.1:${port} (mutual TLS)`);
   });
 
   test('the driver name in values is the driver default and the e2e definition name', () => {

@@ -1,5 +1,6 @@
 /**
- * What each sidecar of the chart needs from the API server, with where that comes from. Each sidecar's
+ * What each sidecar of the chart (and the driver itself, in mode daemonset) needs from the API server, with
+ * where that comes from. Each sidecar's
  * roles (<release>-<sidecar>) must hold all of it on their own: test/packaging/chart.test.ts checks the
  * chart's templates against this table, test/ecosystem/helm.test.ts asks a real API server.
  */
@@ -101,5 +102,10 @@ export const SIDECAR_NEEDS: Record<string, { source: string; needs: Need[] }> = 
       need('snapshot.storage.k8s.io', 'volumesnapshotcontents', ['get', 'list']),
       need('snapshot.storage.k8s.io', 'volumesnapshotclasses', ['get', 'list']),
     ],
+  },
+  driver: {
+    // Mode daemonset: peer discovery lists the plugin pods of its namespace (src/cluster/kubernetes-directory.ts).
+    source: 'src/cluster/kubernetes-directory.ts (mode daemonset)',
+    needs: [need('', 'pods', ['get', 'list'], 'namespace')],
   },
 };
