@@ -42,6 +42,7 @@ import { Bitmap, clipBelow, decodeBitmap } from './bitmap.js';
 import { DEFAULT_TOMBSTONE_RETENTION, type Tombstone, Tombstones } from './tombstones.js';
 import { DEFAULT_BATCH_SIZE, type ExtentStream, extentStream } from './extent-stream.js';
 import { newGroupId, newSnapshotId, newVolumeId } from './ids.js';
+import { type EmitEvent, eventSink } from './events.js';
 import { KeyedMutex } from './keyed-mutex.js';
 import { Layer } from './layer.js';
 import { FILE_MODE, LayerFiles, makePrivateDir } from './layer-files.js';
@@ -102,6 +103,7 @@ export class BlockStore {
   private readonly volumeLocks = new KeyedMutex();
   private readonly compactor: Compactor;
   private readonly space: SpaceReserve;
+  private readonly emit: EmitEvent;
   private readonly defaultBlockSize: number;
   private readonly capacityLimitBytes: number | undefined;
   private readonly autoCompact: boolean;
@@ -123,6 +125,7 @@ export class BlockStore {
     }
     this.capacityLimitBytes = options.capacityLimitBytes;
     this.autoCompact = options.autoCompact ?? true;
+    this.emit = eventSink(options.onEvent);
     this.records = new Records(this.capacityLimitBytes);
     this.tombstones = new Tombstones({
       maxAgeMs: options.deletedSnapshotRetention?.maxAgeMs ?? DEFAULT_TOMBSTONE_RETENTION.maxAgeMs,
@@ -131,7 +134,7 @@ export class BlockStore {
     makePrivateDir(dir);
     this.releaseOwnership = takeOwnership(dir);
     try {
-      this.files = new LayerFiles(dir);
+      this.files = new LayerFiles(dir, () => this.catalog.nextLayerId());
       this.fileSystem = probeFileSystem(dir);
       this.space = new SpaceReserve(dir, options);
       this.catalog = openCatalog(path.join(dir, CATALOG_FILE));
@@ -198,6 +201,7 @@ export class BlockStore {
       this.volumeIo.set(vol.id, new BlockIo(head, indexChain(chainOf(head.id, this.layers)), vol.blockSize));
     }
     this.files.removeOrphans((id) => this.layers.has(id));
+    this.files.prepareSpare();
   }
 
   // ---------------------------------------------------------------- volumes
@@ -378,6 +382,28 @@ export class BlockStore {
       current.capacityBytes = capacityBytes;
       return volumeInfo(current);
     });
+  }
+
+  /**
+   * Sets some of a volume's attributes (others keep their values) in one catalog transaction, then emits
+   * `volume-attributes-changed`. Setting the values it already has changes nothing and emits nothing.
+   */
+  async updateVolumeAttributes(id: string, changes: Attributes): Promise<VolumeInfo> {
+    this.checkOpen();
+    const set = checkAttributes(changes);
+    this.records.volume(id);
+    const updated = await this.volumeLocks.run(id, () => {
+      this.checkOpen();
+      const current = this.records.volume(id);
+      if (Object.entries(set).every(([k, v]) => current.attributes[k] === v)) return undefined;
+      const attributes = { ...current.attributes, ...set };
+      this.catalog.setVolumeAttributes(id, JSON.stringify(attributes));
+      current.attributes = attributes;
+      return volumeInfo(current);
+    });
+    if (!updated) return this.getVolume(id);
+    this.emit({ type: 'volume-attributes-changed', volumeId: id });
+    return updated;
   }
 
   /** Marks a volume in use by `holder`; it cannot be deleted until every holder releases it. */
@@ -880,6 +906,7 @@ export class BlockStore {
     }
     this.closed = true;
     for (const layer of this.layers.values()) layer.close();
+    await this.files.dropSpare();
     this.catalog.close();
     await this.files.settle();
     this.releaseOwnership();
