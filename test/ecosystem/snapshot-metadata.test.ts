@@ -11,6 +11,9 @@
  * library (scripts/ecosystem/snapshot-metadata-client: list, verify) and this project's TypeScript client
  * in Kubernetes mode, which must also equal the CSI-direct answers. Refusals: a ServiceAccount without the
  * role, a token for another audience. The sidecar killed mid-stream: the TypeScript client resumes.
+ *
+ * Then each metadataProfile (exact, hostpath, ceph-rbd) from a StorageClass, as the sidecar passes its
+ * messages on: sizes, style, granularity, empty answers and a deleted base, against `generate`'s answers.
  */
 import { spawnSync } from 'node:child_process';
 import fs from 'node:fs';
@@ -587,6 +590,8 @@ suiteUnless(
         capacity: number;
         base: StaticSnapshot;
         target: StaticSnapshot;
+        /** Cut right after target, with no write between. */
+        unchanged: StaticSnapshot;
         answers: string;
       }
       const cases = new Map<MetadataProfileName, ProfileCase>();
@@ -649,6 +654,7 @@ suiteUnless(
             const base = await snapshot(env, device.volumeId);
             await generateRun(between, seed + 100 + i);
             const target = await snapshot(env, device.volumeId);
+            const unchanged = await snapshot(env, device.volumeId);
             const importAs = (name: string, handle: string) =>
               createStaticSnapshot(cp, {
                 namespace: APPS,
@@ -663,6 +669,7 @@ suiteUnless(
               capacity,
               base: importAs(`${profile}-base`, base),
               target: importAs(`${profile}-target`, target),
+              unchanged: importAs(`${profile}-unchanged`, unchanged),
               answers,
             });
           }),
@@ -778,6 +785,19 @@ suiteUnless(
         } finally {
           await k8s.close();
           await csi.close();
+        }
+      });
+
+      test('nothing changed: exact and hostpath send one empty message with the capacity, ceph-rbd no message at all', () => {
+        for (const c of cases.values()) {
+          const r = goClient('list', ['-n', APPS, '-s', c.unchanged.name, '-p', c.target.name], clientKubeconfig);
+          expect(r.error, c.profile).toBeNull();
+          if (c.profile === 'ceph-rbd') expect(r.records, c.profile).toEqual([]);
+          else {
+            expect(r.records, c.profile).toHaveLength(1);
+            expect(r.records[0], c.profile).toMatchObject({ block_metadata: [], volume_capacity_bytes: c.capacity });
+          }
+          expect(r.summary, c.profile).toEqual({ records: r.records.length });
         }
       });
 
