@@ -127,14 +127,32 @@ const rpcLines = (pod: PluginPod, method: string) =>
 const goList = (snapshot: string, base?: string) =>
   goClientAsync('list', ['-n', APP, '-s', snapshot, ...(base ? ['-p', base] : [])], clientKubeconfig);
 
-/** The csi-snapshot-metadata sidecar of a pod answers /health. */
-async function waitHealthy(pod: PluginPod): Promise<void> {
-  const view = await pod.container('csi-snapshot-metadata');
-  const port = view.ports[(cluster.values.snapshotMetadata as { httpPort: number }).httpPort]!;
+/**
+ * Kubelet's readiness probe of each pod's csi-snapshot-metadata (the chart's: GET /health): the process last
+ * seen healthy. The pod is a ready endpoint of the Service only while that process is still the one running.
+ */
+const healthyPid = new Map<PluginPod, number | undefined>();
+const sidecarOf = (pod: PluginPod) => pod.processes().find((p) => p.name === 'csi-snapshot-metadata')!;
+const endpointReady = (pod: PluginPod) => pod.ready() && healthyPid.get(pod) === sidecarOf(pod).child.pid;
+let prober: NodeJS.Timeout | undefined;
+function startReadinessProbes(httpPorts: Map<PluginPod, number>): void {
+  let probing = false;
+  prober = setInterval(async () => {
+    if (probing) return;
+    probing = true;
+    for (const [pod, port] of httpPorts) {
+      const pid = sidecarOf(pod).child.pid;
+      healthyPid.set(pod, (await healthy(port)) ? pid : undefined);
+    }
+    probing = false;
+  }, 250);
+}
+
+/** Waits until the pod is a ready endpoint of the Service. */
+async function waitReady(pod: PluginPod): Promise<void> {
   const deadline = Date.now() + 60_000;
-  while (!(await healthy(port))) {
-    cluster.assertRunning();
-    if (Date.now() > deadline) throw new Error(`csi-snapshot-metadata on ${pod.nodeName} not healthy after 60 s`);
+  while (!endpointReady(pod)) {
+    if (Date.now() > deadline) throw new Error(`the plugin pod on ${pod.nodeName} not ready after 60 s`);
     await new Promise((resolve) => setTimeout(resolve, 200));
   }
 }
@@ -180,13 +198,16 @@ suiteUnless(
       pvController = new PvControllerStandIn(cluster);
 
       // The chart's one Service, its endpoints the sidecar of every plugin pod that is ready.
-      const grpcPort = (cluster.values.snapshotMetadata as { grpcPort: number }).grpcPort;
+      const { grpcPort, httpPort } = cluster.values.snapshotMetadata as { grpcPort: number; httpPort: number };
       const endpoints = [];
+      const httpPorts = new Map<PluginPod, number>();
       for (const pod of cluster.pods) {
-        await waitHealthy(pod);
-        const port = (await pod.container('csi-snapshot-metadata')).ports[grpcPort]!;
-        endpoints.push({ name: pod.nodeName, port, ready: () => pod.ready() });
+        const { ports } = await pod.container('csi-snapshot-metadata');
+        httpPorts.set(pod, ports[httpPort]!);
+        endpoints.push({ name: pod.nodeName, port: ports[grpcPort]!, ready: () => endpointReady(pod) });
       }
+      startReadinessProbes(httpPorts);
+      for (const pod of cluster.pods) await waitReady(pod);
       service = await ServiceStandIn.start(endpoints);
       const smsPath = `/apis/cbt.storage.k8s.io/v1beta1/snapshotmetadataservices/${cluster.driverName}`;
       smsAddress = (await cluster.api.get(smsPath)).spec.address as string;
@@ -210,6 +231,7 @@ suiteUnless(
     }, 240_000);
 
     afterAll(async () => {
+      clearInterval(prober);
       for (const d of data) d.kubelet.close();
       await service?.close();
       await cluster?.stop();
@@ -506,7 +528,7 @@ suiteUnless(
     test('the driver restarted on its store: every node’s snapshots answer again, exactly', async () => {
       const b = data[1]!;
       await b.pod.restart();
-      await waitHealthy(b.pod);
+      await waitReady(b.pod);
       for (const d of data) {
         for (let i = 0; i < NODES.length; i++) {
           const r = await goList(d.snapshots[1]!.name, d.snapshots[0]!.name);
@@ -561,6 +583,7 @@ suiteUnless(
         d.device = undefined;
         d.kubelet.close();
       }
+      clearInterval(prober);
       await service.close();
       const forced = await cluster.stop();
       expect(forced).toEqual([]);

@@ -123,12 +123,12 @@ export interface PluginPod {
   processes(): RunningProcess[];
   /** Whether every container runs (the pod's Ready condition; a Service sends it connections only then). */
   ready(): boolean;
-  /** Kills the driver (a crash); the pod is not ready until restart(). Its sidecars may exit on their own. */
-  killDriver(signal?: NodeJS.Signals): Promise<void>;
   /**
-   * As kubelet restarts a pod's exited containers: waits for the sidecars to exit on their lost connection,
-   * then starts the driver (until it answers Probe), then the sidecars.
+   * Kills the driver (a crash); the pod is not ready until restart(). From then on its sidecars are started
+   * again whenever they exit (some do when they lose the driver), as kubelet restarts containers.
    */
+  killDriver(signal?: NodeJS.Signals): Promise<void>;
+  /** As kubelet restarts the driver's container: starts it on the same state until it answers Probe. */
   restart(): Promise<void>;
 }
 
@@ -261,6 +261,8 @@ export async function startHeadlessCluster(options: HeadlessClusterOptions = {})
   const podIPPorts = new Map<number, number>();
   /** Pods whose driver was killed on purpose: their processes may be down until restart(). */
   const down = new Set<string>();
+  /** Pods whose sidecars are started again when they exit (kubelet's restart policy), after a killDriver. */
+  const supervised = new Set<string>();
   const idle = { stopped: false };
   const startup: string[] = [];
 
@@ -296,7 +298,7 @@ export async function startHeadlessCluster(options: HeadlessClusterOptions = {})
   const assertRunning = () => {
     if (idle.stopped) return;
     for (const p of procs) {
-      if (p.pod && down.has(p.pod)) continue;
+      if (p.pod && (down.has(p.pod) || supervised.has(p.pod))) continue;
       if (!alive(p.child))
         throw new Error(
           `${p.pod ? `${p.pod}/` : ''}${p.name} exited (${p.child.exitCode ?? p.child.signalCode}); last log:\n${tail(p.log)}`,
@@ -652,6 +654,10 @@ export async function startHeadlessCluster(options: HeadlessClusterOptions = {})
         ready: () => !down.has(podName) && mine().every((p) => alive(p.child)),
         async killDriver(signal = 'SIGKILL') {
           down.add(podName);
+          supervised.add(podName);
+          // From now on kubelet's restartPolicy Always: a sidecar that exits (as some do once they lose their
+          // driver) is started again, and waits for the driver's socket as in a pod.
+          for (const p of mine()) if (p.name !== 'cbt-csi') keepRunning(p);
           const driver = mine().find((p) => p.name === 'cbt-csi')!;
           if (!alive(driver.child)) return;
           const exited = new Promise<void>((resolve) => driver.child.once('exit', () => resolve()));
@@ -660,25 +666,21 @@ export async function startHeadlessCluster(options: HeadlessClusterOptions = {})
         },
         async restart() {
           const driver = mine().find((p) => p.name === 'cbt-csi')!;
-          const sidecars = mine().filter((p) => p !== driver);
-          // In a pod each sidecar exits once it loses its driver (csi-lib-utils' connection-loss handler), and
-          // kubelet starts it again: wait for those exits, so none comes after the pod is ready again.
-          const deadline = Date.now() + 30_000;
-          for (const p of sidecars) {
-            while (alive(p.child)) {
-              if (Date.now() > deadline)
-                throw new Error(`${podName}/${p.name} still runs 30 s after its driver was killed`);
-              await sleep(100);
-            }
-          }
           if (!alive(driver.child)) await startDriver(driver);
-          for (const p of sidecars) {
+          down.delete(podName);
+        },
+      };
+      /** Starts `p` again whenever it exits, after a second (kubelet's back-off, shortened), until the cluster stops. */
+      const keepRunning = (p: RunningProcess) => {
+        p.child.once('exit', () => {
+          setTimeout(() => {
+            if (idle.stopped || !procs.includes(p)) return;
             const [file, ...args] = p.command;
             const again = startProcess(p.name, p.component, p.version, file!, args, envOf.get(p) ?? {}, podName, p);
             envOf.set(again, envOf.get(p) ?? {});
-          }
-          down.delete(podName);
-        },
+            keepRunning(again);
+          }, 1000);
+        });
       };
       return Object.assign(pod, { startDriver });
     };
