@@ -128,7 +128,10 @@ export interface PluginPod {
    * again whenever they exit (some do when they lose the driver), as kubelet restarts containers.
    */
   killDriver(signal?: NodeJS.Signals): Promise<void>;
-  /** As kubelet restarts the driver's container: starts it on the same state until it answers Probe. */
+  /**
+   * As kubelet restarts the driver's container: starts it on the same state until it answers Probe, then
+   * starts the pod's sidecars again (they would exit on their first call to the new driver).
+   */
   restart(): Promise<void>;
 }
 
@@ -667,6 +670,20 @@ export async function startHeadlessCluster(options: HeadlessClusterOptions = {})
         async restart() {
           const driver = mine().find((p) => p.name === 'cbt-csi')!;
           if (!alive(driver.child)) await startDriver(driver);
+          // A sidecar still connected to the killed driver exits on its first call to the new one (csi-lib-utils'
+          // connection-loss check; csi-snapshot-metadata v1.1.0 does so seconds later), and kubelet starts it
+          // again. Started again here at once, so the test does not hang on when that exit comes.
+          for (const p of mine().filter((q) => q !== driver)) {
+            if (alive(p.child)) {
+              const exited = new Promise<void>((resolve) => p.child.once('exit', () => resolve()));
+              p.child.kill('SIGTERM');
+              await exited;
+            }
+            const [file, ...args] = p.command;
+            const again = startProcess(p.name, p.component, p.version, file!, args, envOf.get(p) ?? {}, podName, p);
+            envOf.set(again, envOf.get(p) ?? {});
+            keepRunning(again);
+          }
           down.delete(podName);
         },
       };
