@@ -673,7 +673,7 @@ export async function startHeadlessCluster(options: HeadlessClusterOptions = {})
           // A sidecar still connected to the killed driver exits on its first call to the new one (csi-lib-utils'
           // connection-loss check; csi-snapshot-metadata v1.1.0 does so seconds later), and kubelet starts it
           // again. Started again here at once, so the test does not hang on when that exit comes.
-          for (const p of mine().filter((q) => q !== driver)) {
+          for (const p of mine().filter((q) => q.name !== 'cbt-csi')) {
             if (alive(p.child)) {
               const exited = new Promise<void>((resolve) => p.child.once('exit', () => resolve()));
               p.child.kill('SIGTERM');
