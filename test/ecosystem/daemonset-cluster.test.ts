@@ -501,8 +501,10 @@ suiteUnless(
         expect(String(r.error!.message)).toContain(b.pod.nodeName);
       };
       // Both ready sidecars (node-a's and node-c's) get one of these: each driver says the owner is unreachable.
+      const before = service.routed.length;
       unavailable(await goList(b.snapshots[0]!.name));
       unavailable(await goList(b.snapshots[1]!.name, b.snapshots[0]!.name));
+      expect(service.routed.slice(before).sort()).toEqual([a.pod.nodeName, c.pod.nodeName]);
       for (const d of [a, c]) {
         const r = await goList(d.snapshots[1]!.name, d.snapshots[0]!.name);
         expect(r.error).toBeNull();
@@ -523,6 +525,8 @@ suiteUnless(
       } finally {
         await client.close();
       }
+      // While its driver was down, the Service sent node-b's sidecar no connection.
+      expect(service.routed.slice(before)).not.toContain(b.pod.nodeName);
     });
 
     test('the driver restarted on its store: every node’s snapshots answer again, exactly', async () => {
