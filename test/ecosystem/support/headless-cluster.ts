@@ -195,6 +195,9 @@ export interface HeadlessCluster {
 
 const sleep = (ms: number) => new Promise((resolve) => setTimeout(resolve, ms));
 
+/** How long `cbt-csi serve` may take to answer Probe (tsx compiles it at start; slow under load). */
+const DRIVER_START_TIMEOUT_MS = 180_000;
+
 async function freePort(): Promise<number> {
   return new Promise((resolve, reject) => {
     const server = net.createServer();
@@ -608,7 +611,8 @@ export async function startHeadlessCluster(options: HeadlessClusterOptions = {})
         );
         const identity = new ServiceClient(Identity, csiEndpoint);
         try {
-          const deadline = Date.now() + 90_000;
+          // Three tsx-compiled drivers starting at once on a loaded 2-core machine have taken 75 s.
+          const deadline = Date.now() + DRIVER_START_TIMEOUT_MS;
           for (;;) {
             if (!alive(driver.child)) throw new Error(`cbt-csi serve (${nodeName}) exited:\n${tail(driver.log)}`);
             try {
@@ -617,7 +621,9 @@ export async function startHeadlessCluster(options: HeadlessClusterOptions = {})
               // not listening yet
             }
             if (Date.now() > deadline)
-              throw new Error(`cbt-csi serve (${nodeName}) not ready after 90 s:\n${tail(driver.log)}`);
+              throw new Error(
+                `cbt-csi serve (${nodeName}) not ready after ${DRIVER_START_TIMEOUT_MS / 1000} s:\n${tail(driver.log)}`,
+              );
             await sleep(250);
           }
         } finally {
