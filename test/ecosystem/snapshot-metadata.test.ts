@@ -60,8 +60,9 @@ import {
   toYaml,
   type SnapshotMetadataSidecar,
 } from './support/snapshot-metadata-sidecar.js';
+import { goClient, goExtents } from './support/snapshot-metadata-client.js';
 import { createStaticSnapshot, type StaticSnapshot } from './support/static-snapshots.js';
-import { COMPONENTS, missingTools, suiteUnless, tool } from './tools.js';
+import { COMPONENTS, missingTools, suiteUnless } from './tools.js';
 
 const CAPACITY = 64 * MiB;
 const BLOCK = 4096;
@@ -132,49 +133,6 @@ async function collect(listing: ExtentListing | Promise<ExtentListing>): Promise
   for await (const e of await listing) out.push(e);
   return out;
 }
-
-interface GoRecord {
-  record: number;
-  block_metadata_type: string;
-  volume_capacity_bytes: number;
-  block_metadata: { byte_offset: number; size_bytes: number }[];
-}
-
-/** Runs our Go client (on the upstream iterator) as `kubeconfig`'s ServiceAccount. */
-function goClient(
-  command: 'list' | 'verify',
-  args: string[],
-  kubeconfig: string,
-): { status: number; records: GoRecord[]; summary: Record<string, unknown>; error: Record<string, unknown> | null } {
-  const r = spawnSync(tool('snapshot-metadata-client'), [command, '--kubeconfig', kubeconfig, ...args], {
-    encoding: 'utf8',
-    maxBuffer: 64 * MiB,
-    timeout: 60_000,
-  });
-  const lines = (r.stdout ?? '')
-    .trim()
-    .split('\n')
-    .filter(Boolean)
-    .map((l) => JSON.parse(l) as Record<string, unknown>);
-  const errLine = (r.stderr ?? '').trim().split('\n').at(-1) ?? '';
-  let error: Record<string, unknown> | null = null;
-  if (r.status !== 0) {
-    try {
-      error = JSON.parse(errLine) as Record<string, unknown>;
-    } catch {
-      error = { error: r.stderr || r.error?.message };
-    }
-  }
-  return {
-    status: r.status ?? -1,
-    records: lines.filter((l) => 'record' in l) as unknown as GoRecord[],
-    summary: lines.at(-1) ?? {},
-    error,
-  };
-}
-
-const goExtents = (records: GoRecord[]): Extent[] =>
-  records.flatMap((r) => r.block_metadata.map((t) => ({ offset: t.byte_offset, length: t.size_bytes })));
 
 suiteUnless(
   missing(),
