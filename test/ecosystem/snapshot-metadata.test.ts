@@ -60,7 +60,7 @@ import {
   toYaml,
   type SnapshotMetadataSidecar,
 } from './support/snapshot-metadata-sidecar.js';
-import { goClient, goExtents } from './support/snapshot-metadata-client.js';
+import { type GoRecord, goClient, goExtents } from './support/snapshot-metadata-client.js';
 import { createStaticSnapshot, type StaticSnapshot } from './support/static-snapshots.js';
 import { COMPONENTS, missingTools, suiteUnless } from './tools.js';
 
