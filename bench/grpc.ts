@@ -21,7 +21,7 @@ import type { ExtentStyle } from '../storage-engine/index.js';
 import { packageVersion, type DriverConfig } from '../src/config.js';
 import { createLogger } from '../src/logging.js';
 import { startDriver } from '../src/server.js';
-import { decodeMetadataResponse } from '../src/csi/block-metadata-wire.js';
+import { decodeMetadataResponse } from '../src/client/metadata-wire.js';
 import { ServiceClient } from '../test/support/csi-client.js';
 import {
   distinctSorted,
