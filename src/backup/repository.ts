@@ -7,8 +7,8 @@
  *   REPO/tmp/                         temp files of a backup in progress
  *   REPO/lock                         PID of the process writing, while it writes
  *
- * A backup writes its chunks (each fsync'd, then renamed into place), then its manifest (temp, fsync,
- * rename, directory fsync). The manifest's rename is the commit: a backup killed before it leaves only
+ * A backup writes its chunks (each to tmp/, renamed into place, made durable in batches), then its
+ * manifest (temp, fsync, rename, directory fsync). The manifest's rename is the commit: a backup killed before it leaves only
  * garbage that no manifest names, removed by the next writer, and the repository stays valid.
  */
 import { createHash, randomBytes } from 'node:crypto';
@@ -23,6 +23,7 @@ import {
   writeFileDurably,
   FILE_MODE,
 } from './durable-files.js';
+import type { Extent } from '../client/index.js';
 import { BACKUP_ID, MANIFEST_FORMAT, parseManifest, type Manifest, type ManifestExtent } from './manifest.js';
 
 export const MARKER = 'cbt-backup-repository.json';
@@ -352,6 +353,9 @@ export class RepositoryLock {
   }
 }
 
+/** New chunk bytes after which a flush starts in the background (see ChunkFlusher). */
+const FLUSH_BATCH_BYTES = 64 << 20;
+
 /** A backup being written: chunks go in as they are read; commit() makes it exist. */
 export class BackupWriter {
   readonly id: string;
@@ -360,9 +364,11 @@ export class BackupWriter {
   private bytes = 0;
   /** Chunks stored but not yet deduplicated by a committed manifest: written by this backup. */
   private readonly written = new Set<string>();
-  private readonly newPaths: string[] = [];
+  private readonly flusher: ChunkFlusher;
   newChunks = 0;
   newBytes = 0;
+  /** Chunks put, stored or not. */
+  chunks = 0;
 
   constructor(
     private readonly repo: BackupRepository,
@@ -371,14 +377,29 @@ export class BackupWriter {
   ) {
     const stamp = new Date().toISOString().replace(/[-:]/g, '');
     this.id = `${stamp}-${randomBytes(4).toString('hex')}`;
+    this.flusher = new ChunkFlusher(repo.dir, FLUSH_BATCH_BYTES);
   }
 
-  /** Stores `data` as the volume's bytes at `offset`. Calls may run concurrently; commit() orders them. */
-  async put(offset: number, data: Buffer): Promise<void> {
+  /** Stores `data` as the volume's bytes at `offset`: one extent, one chunk. */
+  put(offset: number, data: Buffer): Promise<void> {
+    return this.putChunk([{ offset, length: data.length }], data);
+  }
+
+  /**
+   * Stores `data` as one chunk holding the volume's bytes of `extents`, back to back in that order (small
+   * extents share a chunk, so an incremental of scattered blocks makes a file per MiB, not per block).
+   * Calls may run concurrently; commit() orders the extents.
+   */
+  async putChunk(extents: readonly Extent[], data: Buffer): Promise<void> {
     const hash = sha256(data);
-    const slot: ManifestExtent = [offset, data.length, hash];
-    this.extents.push(slot);
+    let at = 0;
+    for (const e of extents) {
+      this.extents.push([e.offset, e.length, hash, at]);
+      at += e.length;
+    }
+    if (at !== data.length) throw new Error(`putChunk: the extents hold ${at} bytes, the chunk ${data.length}`);
     this.bytes += data.length;
+    this.chunks++;
     if (this.known.has(hash) || this.written.has(hash)) return;
     this.written.add(hash);
     const final = this.repo.chunkPath(hash);
@@ -394,25 +415,24 @@ export class BackupWriter {
       FILE_MODE,
     );
     try {
-      await handle.writeFile(data);
+      for (let done = 0; done < data.length; )
+        done += (await handle.write(data, done, data.length - done)).bytesWritten;
       await handle.chmod(FILE_MODE);
     } finally {
       await handle.close();
     }
-    // Not synced yet: commit() makes every new chunk durable at once, before the manifest names it. Until
-    // then no manifest names it, so a crash leaves it as garbage, never as data (begin() trusts only
-    // chunks of committed manifests).
+    // Not synced yet: the flusher makes it durable, at the latest in commit(), before the manifest names
+    // it. Until then no manifest names it, so a crash leaves it as garbage, never as data (begin() trusts
+    // only chunks of committed manifests).
     await fs.promises.rename(temp, final);
-    this.newPaths.push(final);
+    this.flusher.add(final, data.length);
     this.newChunks++;
     this.newBytes += data.length;
   }
 
   /** Makes the backup exist: new chunks and their directories made durable, then the manifest written durably. */
   async commit(): Promise<Manifest> {
-    if (this.newPaths.length > 0 && !(await syncFilesystem(this.repo.dir))) {
-      for (const file of this.newPaths) await fsyncFile(file);
-    }
+    await this.flusher.finish();
     for (const dir of this.touchedDirs) await fsyncDir(dir);
     this.extents.sort((a, b) => a[0] - b[0]);
     const manifest: Manifest = {
@@ -430,4 +450,60 @@ export class BackupWriter {
     );
     return manifest;
   }
+}
+
+/**
+ * Makes new chunk files durable in batches while the backup still reads: one syncfs of the repository's
+ * filesystem (`sync -f`) per `batchBytes` of new chunks, at most one at a time, or an fsync per file where
+ * that tool is missing. Without it the kernel would hold a whole backup's chunks dirty until the commit and
+ * write them then, after all the reading, instead of during it.
+ */
+class ChunkFlusher {
+  private pending: string[] = [];
+  private pendingBytes = 0;
+  private running: Promise<void> | undefined;
+  private failure: unknown;
+
+  constructor(
+    private readonly dir: string,
+    private readonly batchBytes: number,
+  ) {}
+
+  add(file: string, bytes: number): void {
+    this.pending.push(file);
+    this.pendingBytes += bytes;
+    if (!this.running && this.pendingBytes >= this.batchBytes) this.start();
+  }
+
+  /** Waits for the flush under way, then flushes whatever is left. Throws if any flush failed. */
+  async finish(): Promise<void> {
+    while (this.running) await this.running;
+    if (this.failure) throw this.failure;
+    const files = this.take();
+    if (files.length > 0) await flushFiles(this.dir, files);
+  }
+
+  private take(): string[] {
+    const files = this.pending;
+    this.pending = [];
+    this.pendingBytes = 0;
+    return files;
+  }
+
+  private start(): void {
+    this.running = flushFiles(this.dir, this.take())
+      .catch((err: unknown) => {
+        this.failure ??= err;
+      })
+      .finally(() => {
+        this.running = undefined;
+        if (!this.failure && this.pendingBytes >= this.batchBytes) this.start();
+      });
+  }
+}
+
+/** Makes `files` durable: one syncfs if the tool is there, else an fsync each. */
+async function flushFiles(dir: string, files: readonly string[]): Promise<void> {
+  if (await syncFilesystem(dir)) return;
+  for (const file of files) await fsyncFile(file);
 }

@@ -31,8 +31,13 @@ export async function restoreBackup(
   const capacity = chain.at(-1)!.capacityBytes;
   // Every chunk must be there before anything is written; hashes are checked as chunks are read.
   const missing = new Set<string>();
+  const seen = new Set<string>();
   for (const m of chain)
-    for (const [, , hash] of m.extents) if (!fs.existsSync(repo.chunkPath(hash))) missing.add(hash);
+    for (const [, , hash] of m.extents) {
+      if (seen.has(hash)) continue;
+      seen.add(hash);
+      if (!fs.existsSync(repo.chunkPath(hash))) missing.add(hash);
+    }
   if (missing.size > 0) {
     throw new RepositoryError(
       'damaged',
@@ -61,22 +66,28 @@ export async function restoreBackup(
         written += n;
       }
     }
+    // Extents that share a chunk come one after another: keep the last chunk read.
+    let cached: { hash: string; data: Buffer } | undefined;
     for (const m of chain) {
-      for (const [offset, length, hash] of m.extents) {
+      for (const [offset, length, hash, chunkOffset] of m.extents) {
         if (offset >= capacity) continue;
-        const data = await repo.readChunk(hash).catch((err: unknown) => {
+        if (cached?.hash !== hash) {
+          const data = await repo.readChunk(hash).catch((err: unknown) => {
+            throw new RepositoryError(
+              'damaged',
+              `backup ${id} cannot be restored: ${(err as Error).message} (it is part of backup ${m.id})`,
+            );
+          });
+          cached = { hash, data };
+        }
+        const data = cached.data;
+        if (chunkOffset + length > data.length)
           throw new RepositoryError(
             'damaged',
-            `backup ${id} cannot be restored: ${(err as Error).message} (it is part of backup ${m.id})`,
-          );
-        });
-        if (data.length !== length)
-          throw new RepositoryError(
-            'damaged',
-            `chunk ${hash} has ${data.length} bytes where backup ${m.id} stored ${length}`,
+            `chunk ${hash} has ${data.length} bytes where backup ${m.id} stored ${length} from byte ${chunkOffset}`,
           );
         const n = Math.min(length, capacity - offset);
-        await target.write(offset, data.subarray(0, n));
+        await target.write(offset, data.subarray(chunkOffset, chunkOffset + n));
         progress.add(n);
         written += n;
       }
