@@ -24,6 +24,7 @@ import {
   FILE_MODE,
 } from './durable-files.js';
 import type { Extent } from '../client/index.js';
+import { createFile } from './direct-io.js';
 import { BACKUP_ID, MANIFEST_FORMAT, parseManifest, type Manifest, type ManifestExtent } from './manifest.js';
 
 export const MARKER = 'cbt-backup-repository.json';
@@ -369,6 +370,8 @@ export class BackupWriter {
   newBytes = 0;
   /** Chunks put, stored or not. */
   chunks = 0;
+  /** Whether chunk files are written with O_DIRECT; cleared when the filesystem refuses it. */
+  private direct = true;
 
   constructor(
     private readonly repo: BackupRepository,
@@ -409,18 +412,7 @@ export class BackupWriter {
       this.touchedDirs.add(dir);
     }
     const temp = tempName(final, this.repo.tmpDir);
-    const handle = await fs.promises.open(
-      temp,
-      fs.constants.O_WRONLY | fs.constants.O_CREAT | fs.constants.O_EXCL,
-      FILE_MODE,
-    );
-    try {
-      for (let done = 0; done < data.length; )
-        done += (await handle.write(data, done, data.length - done)).bytesWritten;
-      await handle.chmod(FILE_MODE);
-    } finally {
-      await handle.close();
-    }
+    this.direct = await createFile(temp, data, FILE_MODE, this.direct);
     // Not synced yet: the flusher makes it durable, at the latest in commit(), before the manifest names
     // it. Until then no manifest names it, so a crash leaves it as garbage, never as data (begin() trusts
     // only chunks of committed manifests).
@@ -432,8 +424,8 @@ export class BackupWriter {
 
   /** Makes the backup exist: new chunks and their directories made durable, then the manifest written durably. */
   async commit(): Promise<Manifest> {
-    await this.flusher.finish();
-    for (const dir of this.touchedDirs) await fsyncDir(dir);
+    // A syncfs after the last rename also made the new directories and names durable.
+    if (!(await this.flusher.finish())) for (const dir of this.touchedDirs) await fsyncDir(dir);
     this.extents.sort((a, b) => a[0] - b[0]);
     const manifest: Manifest = {
       format: MANIFEST_FORMAT,
@@ -463,6 +455,8 @@ class ChunkFlusher {
   private pendingBytes = 0;
   private running: Promise<void> | undefined;
   private failure: unknown;
+  /** Whether every flush so far was a syncfs (which also covers directories), not fsyncs file by file. */
+  private wholeFilesystem = true;
 
   constructor(
     private readonly dir: string,
@@ -475,12 +469,22 @@ class ChunkFlusher {
     if (!this.running && this.pendingBytes >= this.batchBytes) this.start();
   }
 
-  /** Waits for the flush under way, then flushes whatever is left. Throws if any flush failed. */
-  async finish(): Promise<void> {
+  /**
+   * Waits for the flush under way, then flushes whatever is left. Throws if any flush failed. Resolves
+   * whether every flush was a syncfs, so that directories need no fsync of their own.
+   */
+  async finish(): Promise<boolean> {
     while (this.running) await this.running;
     if (this.failure) throw this.failure;
     const files = this.take();
-    if (files.length > 0) await flushFiles(this.dir, files);
+    if (files.length > 0) await this.flush(files);
+    return this.wholeFilesystem;
+  }
+
+  private async flush(files: readonly string[]): Promise<void> {
+    if (await syncFilesystem(this.dir)) return;
+    this.wholeFilesystem = false;
+    for (const file of files) await fsyncFile(file);
   }
 
   private take(): string[] {
@@ -491,7 +495,7 @@ class ChunkFlusher {
   }
 
   private start(): void {
-    this.running = flushFiles(this.dir, this.take())
+    this.running = this.flush(this.take())
       .catch((err: unknown) => {
         this.failure ??= err;
       })
@@ -500,10 +504,4 @@ class ChunkFlusher {
         if (!this.failure && this.pendingBytes >= this.batchBytes) this.start();
       });
   }
-}
-
-/** Makes `files` durable: one syncfs if the tool is there, else an fsync each. */
-async function flushFiles(dir: string, files: readonly string[]): Promise<void> {
-  if (await syncFilesystem(dir)) return;
-  for (const file of files) await fsyncFile(file);
 }

@@ -1,13 +1,16 @@
 /**
- * The repository's own rules, without a driver: identical chunks stored once; verify reports a damaged or
- * missing chunk with every backup it breaks; restore refuses a damaged chunk; a volume that grew between
- * backups restores at its new size; files 0600 and directories 0700 whatever the umask.
+ * The repository's own rules, without a driver: identical chunks stored once; small extents share a chunk
+ * and restore from their place in it; verify reports a damaged or missing chunk with every backup it
+ * breaks; restore refuses a damaged chunk; a volume that grew between backups restores at its new size;
+ * manifests of format 1 still restore; files 0600 and directories 0700 whatever the umask.
  */
 import { randomBytes } from 'node:crypto';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
+import { chunksOf, CHUNK_SIZE } from '../../src/backup/backup-run.js';
+import { allocAligned, createFile } from '../../src/backup/direct-io.js';
 import { BackupRepository, RepositoryError } from '../../src/backup/repository.js';
 import { createProgress } from '../../src/backup/progress.js';
 import { restoreBackup } from '../../src/backup/restore.js';
@@ -134,5 +137,119 @@ describe('backup repository', () => {
         .subarray(0, 8 * MiB)
         .equals(expected),
     ).toBe(true);
+  });
+
+  it('packs small extents into shared chunks: each restores from its offset in the chunk, one file per MiB', async () => {
+    const repo = await BackupRepository.openOrCreate(path.join(dir, 'repo'));
+    const capacity = 64 * MiB;
+    // 600 scattered 4 KiB blocks and one whole aligned MiB, as an incremental's runs.
+    const blocks = [...new Set(Array.from({ length: 600 }, (_, i) => ((i * 7919) % 8000) + 16))].sort((a, b) => a - b);
+    const runs = [...blocks.map((b) => ({ offset: b * 4096, length: 4096 })), { offset: 32 * MiB, length: MiB }];
+    const expected = Buffer.alloc(capacity);
+    const lock = await repo.lock();
+    let manifest: Manifest;
+    try {
+      const w = await repo.begin(
+        {
+          snapshot: 'snap-a',
+          sourceVolume: 'vol-1',
+          base: null,
+          capacityBytes: capacity,
+          blockSize: MiB,
+          toolVersion: 'test',
+        },
+        lock,
+      );
+      for (const chunk of chunksOf(runs)) {
+        const data = Buffer.concat(chunk.map((e) => randomBytes(e.length)));
+        let at = 0;
+        for (const e of chunk) {
+          data.copy(expected, e.offset, at, at + e.length);
+          at += e.length;
+        }
+        await w.putChunk(chunk, data);
+      }
+      manifest = await w.commit();
+    } finally {
+      await lock.release();
+    }
+    const files = fs
+      .readdirSync(path.join(repo.dir, 'chunks'))
+      .flatMap((d) => fs.readdirSync(path.join(repo.dir, 'chunks', d)));
+    // 600 × 4 KiB = 2.3 MiB of small extents in 3 shared chunks, plus the whole MiB on its own.
+    expect(files).toHaveLength(4);
+    expect(manifest.format).toBe(2);
+    expect(manifest.extents).toHaveLength(blocks.length + 1);
+    expect(manifest.extents.some(([, , , chunkOffset]) => chunkOffset > 0)).toBe(true);
+    const target = path.join(dir, 'packed.img');
+    await restoreBackup(repo, manifest.id, target, quiet);
+    expect(fs.readFileSync(target).equals(expected)).toBe(true);
+    expect((await repo.verify()).damaged).toEqual([]);
+  });
+
+  it('chunksOf: whole aligned pieces alone, smaller ones packed in order up to the chunk size, every byte once', () => {
+    const runs = [
+      { offset: 4096, length: 8192 },
+      { offset: CHUNK_SIZE - 4096, length: CHUNK_SIZE + 8192 },
+      { offset: 5 * CHUNK_SIZE, length: 3 * 4096 },
+    ];
+    const chunks = [...chunksOf(runs)];
+    expect(chunks).toEqual([
+      [{ offset: CHUNK_SIZE, length: CHUNK_SIZE }],
+      [
+        { offset: 4096, length: 8192 },
+        { offset: CHUNK_SIZE - 4096, length: 4096 },
+        { offset: 2 * CHUNK_SIZE, length: 4096 },
+        { offset: 5 * CHUNK_SIZE, length: 3 * 4096 },
+      ],
+    ]);
+    // 300 pieces of 4 KiB: 256 fill a chunk exactly, the rest start the next.
+    const many = [...chunksOf(Array.from({ length: 300 }, (_, i) => ({ offset: i * 2 * 4096, length: 4096 })))];
+    expect(many.map((c) => c.length)).toEqual([256, 44]);
+  });
+
+  it('restores a format 1 manifest (three-element extents, a chunk each)', async () => {
+    const repo = await BackupRepository.openOrCreate(path.join(dir, 'repo'));
+    const a = randomBytes(8192);
+    const m = await backup(repo, 4 * MiB, [[MiB, a]], null);
+    const file = path.join(repo.dir, 'backups', `${m.id}.json`);
+    const old = JSON.parse(fs.readFileSync(file, 'utf8')) as { format: number; extents: unknown[][] };
+    old.format = 1;
+    old.extents = old.extents.map((e) => e.slice(0, 3));
+    fs.writeFileSync(file, JSON.stringify(old));
+    const target = path.join(dir, 'old.img');
+    await restoreBackup(repo, m.id, target, quiet);
+    expect(
+      fs
+        .readFileSync(target)
+        .subarray(MiB, MiB + 8192)
+        .equals(a),
+    ).toBe(true);
+    // A format 2 manifest with three-element extents is damaged, not silently read.
+    fs.writeFileSync(file, JSON.stringify({ ...old, format: 2 }));
+    await expect(repo.manifest(m.id)).rejects.toThrow(/bad extent/);
+  });
+
+  it('chunk files: aligned buffers go to disk with O_DIRECT where the filesystem takes it, others through the page cache; 0600 either way', async () => {
+    const old = process.umask(0o022);
+    try {
+      const [aligned] = allocAligned(64 * 1024, 1);
+      randomBytes(64 * 1024).copy(aligned!);
+      const direct = path.join(dir, 'direct');
+      // This machine's /tmp (ext4) takes O_DIRECT; a filesystem that refuses it gets the fallback, which the
+      // odd-length case below exercises.
+      await createFile(direct, aligned!, 0o600, true);
+      expect(fs.readFileSync(direct).equals(aligned!)).toBe(true);
+      const odd = path.join(dir, 'odd');
+      expect(await createFile(odd, aligned!.subarray(0, 1000), 0o600, true)).toBe(true);
+      expect(fs.readFileSync(odd).equals(aligned!.subarray(0, 1000))).toBe(true);
+      const plain = path.join(dir, 'plain');
+      expect(await createFile(plain, Buffer.from(aligned!), 0o600, false)).toBe(false);
+      expect(fs.readFileSync(plain).equals(aligned!)).toBe(true);
+      for (const f of [direct, odd, plain]) expect(fs.statSync(f).mode & 0o777).toBe(0o600);
+      await expect(createFile(direct, aligned!, 0o600, true)).rejects.toMatchObject({ code: 'EEXIST' });
+    } finally {
+      process.umask(old);
+    }
   });
 });
