@@ -42,6 +42,7 @@ import { Bitmap, clipBelow, decodeBitmap } from './bitmap.js';
 import { DEFAULT_TOMBSTONE_RETENTION, type Tombstone, Tombstones } from './tombstones.js';
 import { DEFAULT_BATCH_SIZE, type ExtentStream, extentStream } from './extent-stream.js';
 import { newGroupId, newSnapshotId, newVolumeId } from './ids.js';
+import { type EmitEvent, eventSink } from './events.js';
 import { KeyedMutex } from './keyed-mutex.js';
 import { Layer } from './layer.js';
 import { FILE_MODE, LayerFiles, makePrivateDir } from './layer-files.js';
@@ -102,6 +103,7 @@ export class BlockStore {
   private readonly volumeLocks = new KeyedMutex();
   private readonly compactor: Compactor;
   private readonly space: SpaceReserve;
+  private readonly emit: EmitEvent;
   private readonly defaultBlockSize: number;
   private readonly capacityLimitBytes: number | undefined;
   private readonly autoCompact: boolean;
@@ -123,6 +125,7 @@ export class BlockStore {
     }
     this.capacityLimitBytes = options.capacityLimitBytes;
     this.autoCompact = options.autoCompact ?? true;
+    this.emit = eventSink(options.onEvent);
     this.records = new Records(this.capacityLimitBytes);
     this.tombstones = new Tombstones({
       maxAgeMs: options.deletedSnapshotRetention?.maxAgeMs ?? DEFAULT_TOMBSTONE_RETENTION.maxAgeMs,
@@ -131,7 +134,7 @@ export class BlockStore {
     makePrivateDir(dir);
     this.releaseOwnership = takeOwnership(dir);
     try {
-      this.files = new LayerFiles(dir);
+      this.files = new LayerFiles(dir, () => this.catalog.nextLayerId());
       this.fileSystem = probeFileSystem(dir);
       this.space = new SpaceReserve(dir, options);
       this.catalog = openCatalog(path.join(dir, CATALOG_FILE));
@@ -198,6 +201,7 @@ export class BlockStore {
       this.volumeIo.set(vol.id, new BlockIo(head, indexChain(chainOf(head.id, this.layers)), vol.blockSize));
     }
     this.files.removeOrphans((id) => this.layers.has(id));
+    this.files.prepareSpare();
   }
 
   // ---------------------------------------------------------------- volumes
@@ -380,6 +384,28 @@ export class BlockStore {
     });
   }
 
+  /**
+   * Sets some of a volume's attributes (others keep their values) in one catalog transaction, then emits
+   * `volume-attributes-changed`. Setting the values it already has changes nothing and emits nothing.
+   */
+  async updateVolumeAttributes(id: string, changes: Attributes): Promise<VolumeInfo> {
+    this.checkOpen();
+    const set = checkAttributes(changes);
+    this.records.volume(id);
+    const updated = await this.volumeLocks.run(id, () => {
+      this.checkOpen();
+      const current = this.records.volume(id);
+      if (Object.entries(set).every(([k, v]) => current.attributes[k] === v)) return undefined;
+      const attributes = { ...current.attributes, ...set };
+      this.catalog.setVolumeAttributes(id, JSON.stringify(attributes));
+      current.attributes = attributes;
+      return volumeInfo(current);
+    });
+    if (!updated) return this.getVolume(id);
+    this.emit({ type: 'volume-attributes-changed', volumeId: id });
+    return updated;
+  }
+
   /** Marks a volume in use by `holder`; it cannot be deleted until every holder releases it. */
   hold(volumeId: string, holder: string): void {
     this.checkOpen();
@@ -399,7 +425,9 @@ export class BlockStore {
     if (!(data instanceof Uint8Array)) throw new InvalidArgumentError('write data must be bytes');
     checkRange(offset, data.length, vol.capacityBytes, 'write');
     if (data.length === 0) return;
-    this.io(volumeId).write(offset, data);
+    const io = this.io(volumeId);
+    this.changeRecordsBeforeRewrite(io.head, offset, data.length);
+    io.write(offset, data);
   }
 
   /** Reads bytes at any offset; never-written and trimmed ranges read as zeros. */
@@ -433,7 +461,32 @@ export class BlockStore {
     const vol = this.records.volume(volumeId);
     checkRange(offset, length, vol.capacityBytes, 'trim');
     if (length === 0) return;
-    this.io(volumeId).trim(offset, length);
+    const io = this.io(volumeId);
+    // A trim's partial edge blocks are written with zeros, in place.
+    this.changeRecordsBeforeRewrite(io.head, offset, length);
+    io.trim(offset, length);
+  }
+
+  /**
+   * A write to a block the head already holds lands in place, and its bytes can outlive a kill -9 that comes
+   * before the next flush (the page cache keeps them). Where a change record excludes such a block (a merge
+   * brought it in, unchanged since the deleted snapshot), the record must say the block changed before the
+   * bytes do, or a delta from the deleted snapshot would miss it after the kill (invariant 8): so it is
+   * stored here, ahead of the write. Rare: only the first rewrite of a block a merge into a live head brought in.
+   */
+  private changeRecordsBeforeRewrite(head: Layer, offset: number, length: number): void {
+    const first = Math.floor(offset / head.blockSize);
+    const end = Math.ceil((offset + length) / head.blockSize);
+    const affected = this.tombstones.excludingAny(head.id, first, end);
+    if (affected.length === 0) return;
+    this.catalog.transaction(() => {
+      for (const t of affected) {
+        const excluded = t.excluded!.clone();
+        excluded.removeRange(first, end);
+        this.catalog.moveTombstone(t.snapshotId, t.anchorLayerId, t.changed, excluded);
+      }
+    });
+    this.tombstones.touched(head.id, first, end);
   }
 
   /** Makes every completed write and trim of the volume durable (survives kill -9 and power loss). */
@@ -853,6 +906,7 @@ export class BlockStore {
     }
     this.closed = true;
     for (const layer of this.layers.values()) layer.close();
+    await this.files.dropSpare();
     this.catalog.close();
     await this.files.settle();
     this.releaseOwnership();
@@ -894,11 +948,15 @@ export class BlockStore {
     const lowerBits = Bitmap.or(leaving.written, leaving.trimmed);
     const broughtIn = Bitmap.andNot(lowerBits, Bitmap.or(into.written, into.trimmed));
     const moves = anchored.length === 0 ? [] : this.tombstones.planMerge(leaving.id, lowerBits, broughtIn);
-    for (const m of moves) this.catalog.moveTombstone(m.tombstone.snapshotId, into.id, m.changed, m.excluded);
-    // Writes the live upper layer took since its last commit are committed by this merge too.
-    this.persistAnchoredAt(into.id);
+    // Records already anchored at the upper layer: the brought-in blocks are older than them, not changes.
+    // Stored with their in-memory state, which writes to a live upper layer changed since its last commit
+    // (committed by this merge too).
+    const absorbed = this.tombstones.planAbsorb(into.id, broughtIn);
+    for (const m of [...moves, ...absorbed]) {
+      this.catalog.moveTombstone(m.tombstone.snapshotId, into.id, m.changed, m.excluded);
+    }
     return () => {
-      for (const m of moves) this.tombstones.applyMove(m.tombstone, into.id, m.changed, m.excluded);
+      for (const m of [...moves, ...absorbed]) this.tombstones.applyMove(m.tombstone, into.id, m.changed, m.excluded);
       if (!into.frozen) this.watchIfAnchor(into);
     };
   }
