@@ -424,8 +424,12 @@ export class BackupWriter {
 
   /** Makes the backup exist: new chunks and their directories made durable, then the manifest written durably. */
   async commit(): Promise<Manifest> {
-    // A syncfs after the last rename also made the new directories and names durable.
-    if (!(await this.flusher.finish())) for (const dir of this.touchedDirs) await fsyncDir(dir);
+    // A syncfs after the last rename also made the new directories and names durable. Without one, each
+    // chunks/xx directory is fsync'd for the names renamed into it, and chunks/ for the xx it may have got.
+    if (!(await this.flusher.finish()) && this.touchedDirs.size > 0) {
+      for (const dir of this.touchedDirs) await fsyncDir(dir);
+      await fsyncDir(path.join(this.repo.dir, 'chunks'));
+    }
     this.extents.sort((a, b) => a[0] - b[0]);
     const manifest: Manifest = {
       format: MANIFEST_FORMAT,

@@ -220,6 +220,29 @@ class ResumingStream {
   private finish(): void {
     this.finished = true;
     this.pending = undefined;
+    this.closeController();
+  }
+
+  /** Unhooks the caller's signal from the stream being closed (a listing may reopen many times). */
+  private unhook: (() => void) | undefined;
+
+  /** The signal of a new stream, aborted when the caller's signal is. */
+  private openController(): AbortSignal {
+    const controller = new AbortController();
+    this.controller = controller;
+    const signal = this.signal;
+    if (signal) {
+      const abort = () => controller.abort(signal.reason);
+      signal.addEventListener('abort', abort, { once: true });
+      this.unhook = () => signal.removeEventListener('abort', abort);
+    }
+    return controller.signal;
+  }
+
+  /** Cancels the current stream, if any. */
+  private closeController(): void {
+    this.unhook?.();
+    this.unhook = undefined;
     this.controller?.abort();
   }
 
@@ -276,19 +299,14 @@ class ResumingStream {
       this.signal?.throwIfAborted();
       try {
         if (!this.iterator) {
-          this.controller = new AbortController();
-          const abort = () => this.controller?.abort(this.signal?.reason);
-          this.signal?.addEventListener('abort', abort, { once: true });
-          this.iterator = this.transport
-            .open(this.request(this.cursor), this.controller.signal)
-            [Symbol.asyncIterator]();
+          this.iterator = this.transport.open(this.request(this.cursor), this.openController())[Symbol.asyncIterator]();
         }
         const r = await this.iterator.next();
         if (r.done) return undefined;
         return r.value;
       } catch (err) {
         this.iterator = undefined;
-        this.controller?.abort();
+        this.closeController();
         if (this.signal?.aborted) throw this.signal.reason;
         if (!isResumable(err) || ++attempt > this.retry.maxAttempts) throw typedError(err, this.what);
         const delayMs = Math.min(this.retry.maxDelayMs, this.retry.initialDelayMs * 2 ** (attempt - 1));

@@ -30,17 +30,18 @@ export interface DecodedMetadataResponse {
 }
 
 /** Grown as needed and copied out, so a response costs one exact-size allocation. */
-let scratch = new Float64Array(2 * 4096);
+let scratch: Float64Array<ArrayBuffer> = new Float64Array(2 * 4096);
 
 /** Decodes one response. Throws ProtocolError on bytes that are not a valid response. */
 export function decodeMetadataResponse(bytes: Uint8Array): DecodedMetadataResponse {
   const r = new WireReader(bytes);
   let type = 0;
   let capacity = 0;
-  // Every tuple takes at least 4 bytes (tag, length, tag, one-byte varint), so this bounds the count.
-  const most = bytes.length >>> 1;
-  if (scratch.length < most) scratch = new Float64Array(Math.max(most, 2 * scratch.length));
-  const out = scratch;
+  // A tuple with a size takes at least 4 bytes (tag, length, tag, one-byte varint): two numbers per 4 bytes.
+  // An empty one (`1a 00`) takes 2, so the loop still checks and grows.
+  const likely = bytes.length >>> 1;
+  if (scratch.length < likely) scratch = new Float64Array(Math.max(likely, 2 * scratch.length));
+  let out = scratch;
   let n = 0;
   while (r.pos < bytes.length) {
     const tag = r.varint();
@@ -58,6 +59,7 @@ export function decodeMetadataResponse(bytes: Uint8Array): DecodedMetadataRespon
         }
       }
       if (r.pos !== end) throw malformed('a BlockMetadata runs past its length');
+      if (n === out.length) out = grown(out);
       out[n++] = offset;
       out[n++] = size;
     } else if (tag === TAG_BLOCK_METADATA_TYPE) type = r.varint();
@@ -65,6 +67,13 @@ export function decodeMetadataResponse(bytes: Uint8Array): DecodedMetadataRespon
     else r.skip(tag);
   }
   return { blockMetadataType: type, volumeCapacityBytes: capacity, tuples: out.slice(0, n) };
+}
+
+/** A scratch array twice the size holding `full`'s numbers; it becomes the scratch for later responses. */
+function grown(full: Float64Array<ArrayBuffer>): Float64Array<ArrayBuffer> {
+  scratch = new Float64Array(2 * full.length);
+  scratch.set(full);
+  return scratch;
 }
 
 class WireReader {

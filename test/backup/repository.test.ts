@@ -8,6 +8,7 @@ import { randomBytes } from 'node:crypto';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
+import { execFileSync } from 'node:child_process';
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
 import { chunksOf, CHUNK_SIZE } from '../../src/backup/backup-run.js';
 import { allocAligned, createFile } from '../../src/backup/direct-io.js';
@@ -253,3 +254,75 @@ describe('backup repository', () => {
     }
   });
 });
+
+/** Why a ramfs (a filesystem that refuses O_DIRECT) cannot be mounted here, or undefined if it can. */
+function missingRamfs(): string | undefined {
+  if (process.platform !== 'linux') return 'ramfs is Linux';
+  if (process.getuid?.() !== 0) return 'mounting a ramfs needs root';
+  return undefined;
+}
+
+const ramfsMissing = missingRamfs();
+const onRamfs = ramfsMissing === undefined || process.env.CI === 'true' ? describe : describe.skip;
+
+onRamfs(
+  `a repository on a filesystem that refuses O_DIRECT (ramfs)${ramfsMissing ? ` — skipped: ${ramfsMissing}` : ''}`,
+  () => {
+    let mnt: string;
+    beforeEach(() => {
+      if (ramfsMissing) throw new Error(`CI=true: ${ramfsMissing}`);
+      mnt = fs.mkdtempSync(path.join(os.tmpdir(), 'cbt-ramfs-'));
+      execFileSync('mount', ['-t', 'ramfs', '-o', 'mode=0700', 'ramfs', mnt], { stdio: 'pipe' });
+    });
+    afterEach(() => {
+      if (!mnt) return;
+      execFileSync('umount', [mnt], { stdio: 'pipe' });
+      fs.rmSync(mnt, { recursive: true, force: true });
+    });
+
+    it('chunk files fall back to the page cache: the open O_DIRECT refused leaves no file, the backup commits, restores and verifies', async () => {
+      const probe = path.join(mnt, 'probe');
+      const [aligned] = allocAligned(64 * 1024, 1);
+      randomBytes(64 * 1024).copy(aligned!);
+      // The refused open has already made the file; the fallback removes it and writes it again, 0600.
+      expect(await createFile(probe, aligned!, 0o600, true)).toBe(false);
+      expect(fs.readFileSync(probe).equals(aligned!)).toBe(true);
+      expect(fs.statSync(probe).mode & 0o777).toBe(0o600);
+
+      const repo = await BackupRepository.openOrCreate(path.join(mnt, 'repo'));
+      const capacity = 4 * CHUNK_SIZE;
+      const buffers = allocAligned(CHUNK_SIZE, 2);
+      const expected = Buffer.alloc(capacity);
+      const lock = await repo.lock();
+      let manifest: Manifest;
+      try {
+        const w = await repo.begin(
+          {
+            snapshot: 'snap-ramfs',
+            sourceVolume: 'vol-1',
+            base: null,
+            capacityBytes: capacity,
+            blockSize: CHUNK_SIZE,
+            toolVersion: 'test',
+          },
+          lock,
+        );
+        for (const [i, at] of [CHUNK_SIZE, 3 * CHUNK_SIZE].entries()) {
+          randomBytes(CHUNK_SIZE).copy(buffers[i]!);
+          buffers[i]!.copy(expected, at);
+          await w.put(at, buffers[i]!);
+        }
+        manifest = await w.commit();
+      } finally {
+        await lock.release();
+      }
+      expect(fs.readdirSync(repo.tmpDir)).toEqual([]);
+      const target = path.join(dir, 'from-ramfs.img');
+      await restoreBackup(repo, manifest.id, target, quiet);
+      expect(fs.readFileSync(target).equals(expected)).toBe(true);
+      const report = await repo.verify();
+      expect(report.damaged).toEqual([]);
+      expect(report.chunksChecked).toBe(2);
+    });
+  },
+);

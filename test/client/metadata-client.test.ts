@@ -5,6 +5,7 @@
  * re-chunking. The transport here is scripted so each stream can be cut exactly where a test says; the
  * same behaviour against a real driver that is killed and restarted is in csi-direct.test.ts.
  */
+import { getEventListeners } from 'node:events';
 import { Code, ConnectError } from '@connectrpc/connect';
 import { describe, expect, it } from 'vitest';
 import {
@@ -235,6 +236,23 @@ describe('SnapshotMetadataClient', () => {
     await flat(listing);
     expect(() => listing[Symbol.asyncIterator]()).toThrow(/iterated once/);
     expect(() => listing.batches()).toThrow(/iterated once/);
+  });
+
+  it("a long listing resumed many times holds no listener on the caller's AbortSignal once each stream is done with", async () => {
+    // 19 cuts, a page each: a listener left per reopened stream would pile up (and warn past 10).
+    const cuts = Array.from({ length: 19 }, () => ({ after: 1, code: Code.Unavailable }));
+    const signal = new AbortController().signal;
+    const listing = await new SnapshotMetadataClient(new ScriptedTransport(EXTENTS, cuts, 1), fast).allocated('snap', {
+      signal,
+    });
+    const got: Extent[] = [];
+    for await (const e of listing) {
+      got.push(e);
+      expect(getEventListeners(signal, 'abort').length).toBeLessThanOrEqual(1);
+    }
+    expect(got).toEqual(EXTENTS);
+    expect(listing.resumes).toBe(19);
+    expect(getEventListeners(signal, 'abort')).toHaveLength(0);
   });
 
   it('an early break from for await closes the stream', async () => {

@@ -74,6 +74,15 @@ describe('metadata response decoding (client)', () => {
     expect(Array.from(got.tuples)).toEqual([1 << 20, 4096, 0, 8192]);
   });
 
+  it('returns every tuple however small its encoding: 10,000 empty BlockMetadata entries (2 bytes each) are 10,000 tuples', () => {
+    // The generic decoder reads `1a 00` as a BlockMetadata of offset 0 and size 0; the client then refuses
+    // the zero size, but only if the decoder hands every tuple over rather than dropping some.
+    const count = 10_000;
+    const bytes = Uint8Array.from([0x10, ...varint(1 << 30), ...Array.from({ length: count }, () => [0x1a, 0]).flat()]);
+    expect(fromBinary(GetMetadataAllocatedResponseSchema, bytes).blockMetadata).toHaveLength(count);
+    expect(decodeMetadataResponse(bytes).tuples).toHaveLength(2 * count);
+  });
+
   it('refuses truncated and malformed bytes with a ProtocolError', () => {
     const good = toBinary(
       GetMetadataAllocatedResponseSchema,
