@@ -390,7 +390,7 @@ export class BackupWriter {
 
   /**
    * Stores `data` as one chunk holding the volume's bytes of `extents`, back to back in that order (small
-   * extents share a chunk, so an incremental of scattered blocks makes a file per MiB, not per block).
+   * extents share a chunk, so an incremental of scattered blocks makes a file per chunk size, not per block).
    * Calls may run concurrently; commit() orders the extents.
    */
   async putChunk(extents: readonly Extent[], data: Buffer): Promise<void> {

@@ -19,6 +19,8 @@ export interface RestoreSummary {
 }
 
 const ZEROS = Buffer.alloc(1 << 20);
+/** Chunks a restore holds in memory at once, at most (4 MiB each). */
+const CHUNKS_KEPT = 8;
 
 export async function restoreBackup(
   repo: BackupRepository,
@@ -66,21 +68,28 @@ export async function restoreBackup(
         written += n;
       }
     }
-    // Extents that share a chunk come one after another: keep the last chunk read.
-    let cached: { hash: string; data: Buffer } | undefined;
+    // In a manifest the extents of a shared chunk need not be adjacent (whole chunks sit between them), so
+    // a chunk read is kept until its manifest's last extent in it, up to CHUNKS_KEPT (a backup made by
+    // this tool fills its shared chunks in volume order: one is open at a time).
+    const kept = new Map<string, Buffer>();
     for (const m of chain) {
-      for (const [offset, length, hash, chunkOffset] of m.extents) {
+      const lastUse = new Map<string, number>();
+      for (const [i, [, , hash]] of m.extents.entries()) lastUse.set(hash, i);
+      kept.clear();
+      for (const [i, [offset, length, hash, chunkOffset]] of m.extents.entries()) {
         if (offset >= capacity) continue;
-        if (cached?.hash !== hash) {
-          const data = await repo.readChunk(hash).catch((err: unknown) => {
+        let data = kept.get(hash);
+        if (!data) {
+          data = await repo.readChunk(hash).catch((err: unknown) => {
             throw new RepositoryError(
               'damaged',
               `backup ${id} cannot be restored: ${(err as Error).message} (it is part of backup ${m.id})`,
             );
           });
-          cached = { hash, data };
+          if (kept.size >= CHUNKS_KEPT) kept.delete(kept.keys().next().value!);
+          kept.set(hash, data);
         }
-        const data = cached.data;
+        if (lastUse.get(hash) === i) kept.delete(hash);
         if (chunkOffset + length > data.length)
           throw new RepositoryError(
             'damaged',

@@ -140,12 +140,17 @@ describe('backup repository', () => {
     ).toBe(true);
   });
 
-  it('packs small extents into shared chunks: each restores from its offset in the chunk, one file per MiB', async () => {
+  it('packs small extents into shared chunks: each restores from its offset in the chunk, one file per chunk size', async () => {
     const repo = await BackupRepository.openOrCreate(path.join(dir, 'repo'));
     const capacity = 64 * MiB;
-    // 600 scattered 4 KiB blocks and one whole aligned MiB, as an incremental's runs.
-    const blocks = [...new Set(Array.from({ length: 600 }, (_, i) => ((i * 7919) % 8000) + 16))].sort((a, b) => a - b);
-    const runs = [...blocks.map((b) => ({ offset: b * 4096, length: 4096 })), { offset: 32 * MiB, length: MiB }];
+    // 1,500 scattered 4 KiB blocks (more than a chunk's worth) and one whole aligned chunk, as an
+    // incremental's runs.
+    const blocks = [...new Set(Array.from({ length: 1500 }, (_, i) => ((i * 7919) % 8000) + 16))].sort((a, b) => a - b);
+    expect(blocks.length * 4096).toBeGreaterThan(CHUNK_SIZE);
+    const runs = [
+      ...blocks.map((b) => ({ offset: b * 4096, length: 4096 })),
+      { offset: 8 * CHUNK_SIZE, length: CHUNK_SIZE },
+    ];
     const expected = Buffer.alloc(capacity);
     const lock = await repo.lock();
     let manifest: Manifest;
@@ -156,7 +161,7 @@ describe('backup repository', () => {
           sourceVolume: 'vol-1',
           base: null,
           capacityBytes: capacity,
-          blockSize: MiB,
+          blockSize: CHUNK_SIZE,
           toolVersion: 'test',
         },
         lock,
@@ -177,8 +182,8 @@ describe('backup repository', () => {
     const files = fs
       .readdirSync(path.join(repo.dir, 'chunks'))
       .flatMap((d) => fs.readdirSync(path.join(repo.dir, 'chunks', d)));
-    // 600 × 4 KiB = 2.3 MiB of small extents in 3 shared chunks, plus the whole MiB on its own.
-    expect(files).toHaveLength(4);
+    // The small extents fill shared chunks to the chunk size; the whole chunk is stored on its own.
+    expect(files).toHaveLength(Math.ceil((blocks.length * 4096) / CHUNK_SIZE) + 1);
     expect(manifest.format).toBe(2);
     expect(manifest.extents).toHaveLength(blocks.length + 1);
     expect(manifest.extents.some(([, , , chunkOffset]) => chunkOffset > 0)).toBe(true);
@@ -186,6 +191,53 @@ describe('backup repository', () => {
     await restoreBackup(repo, manifest.id, target, quiet);
     expect(fs.readFileSync(target).equals(expected)).toBe(true);
     expect((await repo.verify()).damaged).toEqual([]);
+  });
+
+  it('restore reads each chunk once when whole chunks sit between the extents of a shared one', async () => {
+    const repo = await BackupRepository.openOrCreate(path.join(dir, 'repo'));
+    const capacity = 4 * CHUNK_SIZE;
+    // The ends of a run around two whole chunks: both ends share a chunk, the whole ones lie between them.
+    const runs = [{ offset: CHUNK_SIZE - 8192, length: 2 * CHUNK_SIZE + 16384 }];
+    const chunks = [...chunksOf(runs)];
+    expect(chunks.map((c) => c.length)).toEqual([1, 1, 2]);
+    const expected = Buffer.alloc(capacity);
+    const lock = await repo.lock();
+    let manifest: Manifest;
+    try {
+      const w = await repo.begin(
+        {
+          snapshot: 'snap-ends',
+          sourceVolume: 'vol-1',
+          base: null,
+          capacityBytes: capacity,
+          blockSize: CHUNK_SIZE,
+          toolVersion: 'test',
+        },
+        lock,
+      );
+      for (const chunk of chunks) {
+        const data = randomBytes(chunk.reduce((n, e) => n + e.length, 0));
+        let at = 0;
+        for (const e of chunk) {
+          data.copy(expected, e.offset, at, at + e.length);
+          at += e.length;
+        }
+        await w.putChunk(chunk, data);
+      }
+      manifest = await w.commit();
+    } finally {
+      await lock.release();
+    }
+    const reads: string[] = [];
+    const readChunk = repo.readChunk.bind(repo);
+    repo.readChunk = (hash: string) => {
+      reads.push(hash);
+      return readChunk(hash);
+    };
+    const target = path.join(dir, 'ends.img');
+    await restoreBackup(repo, manifest.id, target, quiet);
+    expect(fs.readFileSync(target).equals(expected)).toBe(true);
+    expect(reads).toHaveLength(3);
   });
 
   it('chunksOf: whole aligned pieces alone, smaller ones packed in order up to the chunk size, every byte once', () => {
@@ -204,9 +256,12 @@ describe('backup repository', () => {
         { offset: 5 * CHUNK_SIZE, length: 3 * 4096 },
       ],
     ]);
-    // 300 pieces of 4 KiB: 256 fill a chunk exactly, the rest start the next.
-    const many = [...chunksOf(Array.from({ length: 300 }, (_, i) => ({ offset: i * 2 * 4096, length: 4096 })))];
-    expect(many.map((c) => c.length)).toEqual([256, 44]);
+    // Scattered 4 KiB pieces: a chunk's worth fill a chunk exactly, the rest start the next.
+    const perChunk = CHUNK_SIZE / 4096;
+    const many = [
+      ...chunksOf(Array.from({ length: perChunk + 44 }, (_, i) => ({ offset: i * 2 * 4096, length: 4096 }))),
+    ];
+    expect(many.map((c) => c.length)).toEqual([perChunk, 44]);
   });
 
   it('restores a format 1 manifest (three-element extents, a chunk each)', async () => {
