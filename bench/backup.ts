@@ -280,7 +280,8 @@ async function fullCase(ctx: SuiteContext, d: Driver, sizes: Sizes): Promise<voi
       unit: 'MiB/s',
       params: {
         ...params,
-        includes: 'metadata listing, reads, SHA-256, chunk writes, background syncfs, final flush, manifest commit',
+        includes:
+          'metadata listing, reads, SHA-256, chunk writes, background fsyncs, directory fsyncs, manifest commit',
         ms: backups.map((r) => round0(r.ms)).join(' '),
         listingMs: medianOf(lists, 'ms'),
         commitMs: round0(median(commits)),
@@ -388,7 +389,7 @@ async function incrementalCase(ctx: SuiteContext, d: Driver, sizes: Sizes): Prom
       unit: 'ms',
       params: {
         ...params,
-        includes: 'delta listing, reads, SHA-256, chunk writes, syncfs, manifest commit',
+        includes: 'delta listing, reads, SHA-256, chunk writes, fsyncs, manifest commit',
         ms: backups.map((r) => round0(r.ms)).join(' '),
         listingMs: medianOf(lists, 'ms'),
         commitMs: round0(median(commits)),

@@ -7,22 +7,14 @@
  *   REPO/tmp/                         temp files of a backup in progress
  *   REPO/lock                         PID of the process writing, while it writes
  *
- * A backup writes its chunks (each to tmp/, renamed into place, made durable in batches), then its
+ * A backup writes its chunks (each to tmp/, renamed into place, fsync'd in the background), then its
  * manifest (temp, fsync, rename, directory fsync). The manifest's rename is the commit: a backup killed before it leaves only
  * garbage that no manifest names, removed by the next writer, and the repository stays valid.
  */
 import { createHash, randomBytes } from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
-import {
-  fsyncDir,
-  fsyncFile,
-  mkdirPrivate,
-  syncFilesystem,
-  tempName,
-  writeFileDurably,
-  FILE_MODE,
-} from './durable-files.js';
+import { fsyncDir, fsyncFile, mkdirPrivate, tempName, writeFileDurably, FILE_MODE } from './durable-files.js';
 import type { Extent } from '../client/index.js';
 import { createFile } from './direct-io.js';
 import { BACKUP_ID, MANIFEST_FORMAT, parseManifest, type Manifest, type ManifestExtent } from './manifest.js';
@@ -354,8 +346,8 @@ export class RepositoryLock {
   }
 }
 
-/** New chunk bytes after which a flush starts in the background (see ChunkFlusher). */
-const FLUSH_BATCH_BYTES = 64 << 20;
+/** fsyncs of new chunk files (and, at the commit, of their directories) under way at once. */
+const FSYNCS_IN_FLIGHT = 8;
 
 /** A backup being written: chunks go in as they are read; commit() makes it exist. */
 export class BackupWriter {
@@ -365,7 +357,7 @@ export class BackupWriter {
   private bytes = 0;
   /** Chunks stored but not yet deduplicated by a committed manifest: written by this backup. */
   private readonly written = new Set<string>();
-  private readonly flusher: ChunkFlusher;
+  private readonly syncer = new ChunkSyncer();
   newChunks = 0;
   newBytes = 0;
   /** Chunks put, stored or not. */
@@ -380,7 +372,6 @@ export class BackupWriter {
   ) {
     const stamp = new Date().toISOString().replace(/[-:]/g, '');
     this.id = `${stamp}-${randomBytes(4).toString('hex')}`;
-    this.flusher = new ChunkFlusher(repo.dir, FLUSH_BATCH_BYTES);
   }
 
   /** Stores `data` as the volume's bytes at `offset`: one extent, one chunk. */
@@ -413,21 +404,22 @@ export class BackupWriter {
     }
     const temp = tempName(final, this.repo.tmpDir);
     this.direct = await createFile(temp, data, FILE_MODE, this.direct);
-    // Not synced yet: the flusher makes it durable, at the latest in commit(), before the manifest names
+    // Not synced yet: the syncer makes it durable, at the latest in commit(), before the manifest names
     // it. Until then no manifest names it, so a crash leaves it as garbage, never as data (begin() trusts
     // only chunks of committed manifests).
     await fs.promises.rename(temp, final);
-    this.flusher.add(final, data.length);
+    this.syncer.add(final);
     this.newChunks++;
     this.newBytes += data.length;
   }
 
   /** Makes the backup exist: new chunks and their directories made durable, then the manifest written durably. */
   async commit(): Promise<Manifest> {
-    // A syncfs after the last rename also made the new directories and names durable. Without one, each
-    // chunks/xx directory is fsync'd for the names renamed into it, and chunks/ for the xx it may have got.
-    if (!(await this.flusher.finish()) && this.touchedDirs.size > 0) {
-      for (const dir of this.touchedDirs) await fsyncDir(dir);
+    // Every new chunk file fsync'd; then the names renamed into each chunks/xx directory, and the xx
+    // directories chunks/ may have got.
+    await this.syncer.finish();
+    if (this.touchedDirs.size > 0) {
+      await eachLimited([...this.touchedDirs], FSYNCS_IN_FLIGHT, fsyncDir);
       await fsyncDir(path.join(this.repo.dir, 'chunks'));
     }
     this.extents.sort((a, b) => a[0] - b[0]);
@@ -449,63 +441,65 @@ export class BackupWriter {
 }
 
 /**
- * Makes new chunk files durable in batches while the backup still reads: one syncfs of the repository's
- * filesystem (`sync -f`) per `batchBytes` of new chunks, at most one at a time, or an fsync per file where
- * that tool is missing. Without it the kernel would hold a whole backup's chunks dirty until the commit and
- * write them then, after all the reading, instead of during it.
+ * fsyncs new chunk files in the background, FSYNCS_IN_FLIGHT at a time, while the backup still reads:
+ * a chunk written with O_DIRECT is already on the disk, so its fsync only commits its metadata, and
+ * concurrent fsyncs share journal commits. (A syncfs of the repository's filesystem, one call for many
+ * files, also waits for every other writer's dirty data there: 0.3–7 s on a busy shared disk, against
+ * 15–130 ms for 1 to 64 fsyncs of our own.)
  */
-class ChunkFlusher {
-  private pending: string[] = [];
-  private pendingBytes = 0;
-  private running: Promise<void> | undefined;
+class ChunkSyncer {
+  private readonly queue: string[] = [];
+  private next = 0;
+  private active = 0;
   private failure: unknown;
-  /** Whether every flush so far was a syncfs (which also covers directories), not fsyncs file by file. */
-  private wholeFilesystem = true;
+  private waiting: (() => void) | undefined;
 
-  constructor(
-    private readonly dir: string,
-    private readonly batchBytes: number,
-  ) {}
-
-  add(file: string, bytes: number): void {
-    this.pending.push(file);
-    this.pendingBytes += bytes;
-    if (!this.running && this.pendingBytes >= this.batchBytes) this.start();
+  add(file: string): void {
+    this.queue.push(file);
+    this.pump();
   }
 
-  /**
-   * Waits for the flush under way, then flushes whatever is left. Throws if any flush failed. Resolves
-   * whether every flush was a syncfs, so that directories need no fsync of their own.
-   */
-  async finish(): Promise<boolean> {
-    while (this.running) await this.running;
-    if (this.failure) throw this.failure;
-    const files = this.take();
-    if (files.length > 0) await this.flush(files);
-    return this.wholeFilesystem;
-  }
-
-  private async flush(files: readonly string[]): Promise<void> {
-    if (await syncFilesystem(this.dir)) return;
-    this.wholeFilesystem = false;
-    for (const file of files) await fsyncFile(file);
-  }
-
-  private take(): string[] {
-    const files = this.pending;
-    this.pending = [];
-    this.pendingBytes = 0;
-    return files;
-  }
-
-  private start(): void {
-    this.running = this.flush(this.take())
-      .catch((err: unknown) => {
-        this.failure ??= err;
-      })
-      .finally(() => {
-        this.running = undefined;
-        if (!this.failure && this.pendingBytes >= this.batchBytes) this.start();
+  /** Waits until every file added is fsync'd; throws if any fsync failed. */
+  async finish(): Promise<void> {
+    if (this.active > 0 || (this.next < this.queue.length && this.failure === undefined))
+      await new Promise<void>((resolve) => {
+        this.waiting = resolve;
       });
+    if (this.failure !== undefined) throw this.failure;
   }
+
+  private pump(): void {
+    while (this.active < FSYNCS_IN_FLIGHT && this.next < this.queue.length && this.failure === undefined) {
+      const file = this.queue[this.next++]!;
+      this.active++;
+      fsyncFile(file)
+        .catch((err: unknown) => {
+          this.failure ??= err;
+        })
+        .finally(() => {
+          this.active--;
+          this.pump();
+          if (this.active === 0 && this.waiting) {
+            this.waiting();
+            this.waiting = undefined;
+          }
+        });
+    }
+  }
+}
+
+/** Runs `fn` on every item, `limit` at a time; rejects with the first failure once all have settled. */
+async function eachLimited<T>(items: readonly T[], limit: number, fn: (item: T) => Promise<void>): Promise<void> {
+  let next = 0;
+  let failure: unknown;
+  const worker = async (): Promise<void> => {
+    while (next < items.length) {
+      const item = items[next++]!;
+      await fn(item).catch((err: unknown) => {
+        failure ??= err;
+      });
+    }
+  };
+  await Promise.all(Array.from({ length: Math.min(limit, items.length) }, worker));
+  if (failure !== undefined) throw failure;
 }

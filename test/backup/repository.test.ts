@@ -240,6 +240,40 @@ describe('backup repository', () => {
     expect(reads).toHaveLength(3);
   });
 
+  it('commit fsyncs each new chunk file: one that cannot be made durable fails the commit, and no manifest appears', async () => {
+    const repo = await BackupRepository.openOrCreate(path.join(dir, 'repo'));
+    const lock = await repo.lock();
+    try {
+      const w = await repo.begin(
+        {
+          snapshot: 'snap-lost',
+          sourceVolume: 'vol-1',
+          base: null,
+          capacityBytes: 4 * CHUNK_SIZE,
+          blockSize: CHUNK_SIZE,
+          toolVersion: 'test',
+        },
+        lock,
+      );
+      const data = randomBytes(64 * 1024);
+      // The file goes away before its fsync could run (the syncer starts it in the background).
+      const rename = fs.promises.rename;
+      fs.promises.rename = async (from, to) => {
+        await rename(from, to);
+        await fs.promises.rm(to);
+      };
+      try {
+        await w.put(0, data);
+      } finally {
+        fs.promises.rename = rename;
+      }
+      await expect(w.commit()).rejects.toMatchObject({ code: 'ENOENT' });
+    } finally {
+      await lock.release();
+    }
+    expect(await repo.backupIds()).toEqual([]);
+  });
+
   it('chunksOf: whole aligned pieces alone, smaller ones packed in order up to the chunk size, every byte once', () => {
     const runs = [
       { offset: 4096, length: 8192 },
