@@ -32,14 +32,14 @@ class ScriptedTransport implements MetadataTransport {
   constructor(
     private readonly all: Extent[],
     /** For the n-th open: after how many pages to fail, and with which code (undefined: no failure). */
-    private readonly cuts: ({ after: number; code: Code } | undefined)[] = [],
+    private readonly cuts: ({ after: number; code: Code; message?: string } | undefined)[] = [],
     private readonly perPage = 3,
     private readonly type: MetadataPage['blockMetadataType'] = 'VARIABLE_LENGTH',
   ) {}
   async *open(request: MetadataRequest, _signal?: AbortSignal): AsyncIterable<MetadataPage> {
     const n = this.opened.push(request.startingOffset) - 1;
     const cut = this.cuts[n];
-    if (cut && cut.after === 0) throw new ConnectError('cut', cut.code);
+    if (cut && cut.after === 0) throw new ConnectError(cut.message ?? 'cut', cut.code);
     // As the driver does: the first extent is the one that ends after the starting offset.
     const rest = this.all.filter((e) => e.offset + e.length > request.startingOffset);
     let pages = 0;
@@ -50,7 +50,7 @@ class ScriptedTransport implements MetadataTransport {
         capacityBytes: CAPACITY,
         tuples: slice.flatMap((e) => [e.offset, e.length]),
       };
-      if (cut && ++pages === cut.after) throw new ConnectError('stream cut', cut.code);
+      if (cut && ++pages === cut.after) throw new ConnectError(cut.message ?? 'stream cut', cut.code);
     }
   }
   close() {}
@@ -154,6 +154,19 @@ describe('SnapshotMetadataClient', () => {
       })(),
     ).rejects.toBeInstanceOf(FailedPreconditionError);
     expect(seen).toEqual(EXTENTS.slice(0, 3));
+  });
+
+  it('FAILED_PRECONDITION: the advice to take a full backup is given once, whether or not the driver gave it', async () => {
+    for (const message of [
+      'the change record is gone',
+      'changed block tracking is not available: take a full backup',
+    ]) {
+      const transport = new ScriptedTransport(EXTENTS, [{ after: 0, code: Code.FailedPrecondition, message }]);
+      const err = await new SnapshotMetadataClient(transport, fast).delta('a', 'b').catch((e: unknown) => e);
+      expect(err).toBeInstanceOf(FailedPreconditionError);
+      expect((err as Error).message).toContain(message);
+      expect((err as Error).message.match(/take a full backup/gi), message).toHaveLength(1);
+    }
   });
 
   it('stops at once when the caller aborts, without retrying', async () => {
