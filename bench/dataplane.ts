@@ -18,7 +18,7 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { Controller, Node, SnapshotMetadata, VolumeCapability_AccessMode_Mode } from '../src/gen/csi/v1/csi_pb.js';
-import { decodeMetadataResponse } from '../src/csi/block-metadata-wire.js';
+import { decodeMetadataResponse } from '../src/client/metadata-wire.js';
 import { parseMountInfo } from '../src/dataplane/fuse/mount.js';
 import { ServiceClient } from '../test/support/csi-client.js';
 import {

@@ -414,7 +414,7 @@ async function runBackup(
     else {
       process.stdout.write(
         `backup ${summary.id}: ${summary.kind} of snapshot ${summary.snapshot}${summary.base ? ` on ${summary.base}` : ''}, ` +
-          `${formatBytes(summary.bytesRead)} read in ${summary.extents} chunks, ${formatBytes(summary.newBytes)} new, ${summary.seconds.toFixed(1)} s\n`,
+          `${formatBytes(summary.bytesRead)} read in ${summary.extents} extents, ${summary.chunks} chunks, ${formatBytes(summary.newBytes)} new, ${summary.seconds.toFixed(1)} s\n`,
       );
     }
   } finally {
