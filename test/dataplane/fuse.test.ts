@@ -75,6 +75,7 @@ function countingBackend(store: BlockStore): { backend: VolumeBackend; flushes: 
     growVolume: (id, capacity) => store.growVolume(id, capacity),
     hold: (id, holder) => store.hold(id, holder),
     release: (id, holder) => store.release(id, holder),
+    openDirectIo: (id, host) => store.openDirectIo(id, host),
   };
   return { backend, flushes };
 }

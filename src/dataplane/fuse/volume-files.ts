@@ -10,6 +10,7 @@
 import { constants as fsConstants } from 'node:fs';
 import type { BlockStore } from '../../../storage-engine/index.js';
 import { EngineError } from '../../../storage-engine/index.js';
+import { DirectIoRouter, type DirectIoLogger } from './direct-io-host.js';
 import {
   FuseError,
   type AttrChanges,
@@ -31,12 +32,17 @@ import {
   type Dirent,
   type Statfs,
 } from './protocol.js';
+import type { IoThreadLink } from './io-threads.js';
 
-/** The block store calls the files need; BlockStore provides them (tests may wrap it). */
+/**
+ * The block store calls the files need; BlockStore provides them (tests may wrap it). Without
+ * `openDirectIo` every read and write is served on the main thread.
+ */
 export type VolumeBackend = Pick<
   BlockStore,
   'getVolume' | 'read' | 'write' | 'trim' | 'flush' | 'growVolume' | 'hold' | 'release'
->;
+> &
+  Partial<Pick<BlockStore, 'openDirectIo'>>;
 
 /** File names: what a volume ID looks like, and nothing that could be a path or a dot entry. */
 const NAME_PATTERN = /^[A-Za-z0-9][A-Za-z0-9._-]{0,254}$/;
@@ -61,6 +67,8 @@ interface FileNode {
 export interface VolumeFilesOptions {
   /** The holder name used with BlockStore.hold() while a volume is exposed. Default "fuse". */
   holder?: string;
+  /** For direct I/O sessions that fail to start or to apply. */
+  logger?: DirectIoLogger;
 }
 
 export class VolumeFiles implements NotifyingFilesystem {
@@ -72,7 +80,10 @@ export class VolumeFiles implements NotifyingFilesystem {
   private nextNode = FUSE_ROOT_ID + 1;
   private nextHandle = 1;
   private notifier: FuseNotifier | undefined;
+  /** Lets the I/O threads serve reads and writes of open files themselves (direct-io-host.ts). */
+  private directIo: DirectIoRouter | undefined;
   private readonly holder: string;
+  private readonly logger: DirectIoLogger;
   private readonly mountedAtMs = Date.now();
 
   constructor(
@@ -80,10 +91,26 @@ export class VolumeFiles implements NotifyingFilesystem {
     options: VolumeFilesOptions = {},
   ) {
     this.holder = options.holder ?? 'fuse';
+    this.logger = options.logger ?? { warn() {} };
   }
 
   attachNotifier(notifier: FuseNotifier | undefined): void {
     this.notifier = notifier;
+  }
+
+  /** The mount's I/O threads are up (or, with undefined, stopping): serve open files through them. */
+  attachIoThreads(threads: IoThreadLink | undefined): void {
+    this.directIo?.close();
+    this.directIo = undefined;
+    const store = this.store;
+    if (threads && store.openDirectIo) {
+      this.directIo = new DirectIoRouter(
+        { openDirectIo: (id, host) => store.openDirectIo!(id, host) },
+        threads,
+        this.logger,
+      );
+      for (const [fh, node] of this.handles) this.directIo.opened(fh, node.nodeid, node.volumeId);
+    }
   }
 
   // ---------------------------------------------------------------- owner API
@@ -277,6 +304,7 @@ export class VolumeFiles implements NotifyingFilesystem {
     const fh = this.nextHandle++;
     this.handles.set(fh, node);
     node.openHandles.add(fh);
+    this.directIo?.opened(fh, nodeid, node.volumeId);
     return { fh, openFlags: OpenOutFlag.DIRECT_IO | OpenOutFlag.PARALLEL_DIRECT_WRITES };
   }
 
@@ -285,7 +313,9 @@ export class VolumeFiles implements NotifyingFilesystem {
     const capacity = this.engine(() => this.store.getVolume(node.volumeId)).capacityBytes;
     if (offset >= capacity || size === 0) return Buffer.alloc(0);
     const length = Math.min(size, capacity - offset);
-    return this.engine(() => this.store.read(node.volumeId, offset, length));
+    const data = this.engine(() => this.store.read(node.volumeId, offset, length));
+    this.directIo?.servedOnMain(node.volumeId);
+    return data;
   }
 
   write(nodeid: number, fh: number, offset: number, data: Buffer): number {
@@ -296,6 +326,7 @@ export class VolumeFiles implements NotifyingFilesystem {
     if (offset >= capacity) throw new FuseError(Errno.ENOSPC);
     const length = Math.min(data.length, capacity - offset);
     this.engine(() => this.store.write(node.volumeId, offset, data.subarray(0, length)));
+    this.directIo?.servedOnMain(node.volumeId);
     return length;
   }
 
@@ -337,6 +368,7 @@ export class VolumeFiles implements NotifyingFilesystem {
     if (!node || node.nodeid !== nodeid) return;
     this.handles.delete(fh);
     node.openHandles.delete(fh);
+    this.directIo?.released(fh);
     this.maybeDrop(node);
   }
 
