@@ -407,12 +407,11 @@ export class BlockStore {
     if (data.length === 0) return;
     const io = this.io(volumeId);
     const direct = this.directIo.get(volumeId);
-    if (!direct) return io.write(offset, data);
     const B = io.blockSize;
-    direct.host.exclusive(
-      () => io.write(offset, data),
-      [[Math.floor(offset / B), Math.ceil((offset + data.length) / B), true]],
-    );
+    if (direct) {
+      const blocks: ChangedBlocks = [Math.floor(offset / B), Math.ceil((offset + data.length) / B), true];
+      direct.host.exclusive(() => io.write(offset, data), [blocks]);
+    } else io.write(offset, data);
   }
 
   /** Reads bytes at any offset; never-written and trimmed ranges read as zeros. */
@@ -450,8 +449,8 @@ export class BlockStore {
     if (length === 0) return;
     const io = this.io(volumeId);
     const direct = this.directIo.get(volumeId);
-    if (!direct) return io.trim(offset, length);
-    direct.host.exclusive(() => io.trim(offset, length), trimmedBlocks(offset, length, io.blockSize));
+    if (direct) direct.host.exclusive(() => io.trim(offset, length), trimmedBlocks(offset, length, io.blockSize));
+    else io.trim(offset, length);
   }
 
   /** Makes every completed write and trim of the volume durable (survives kill -9 and power loss). */
