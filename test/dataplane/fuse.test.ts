@@ -394,6 +394,38 @@ describe.skipIf(missing !== undefined && !mustRun)(`FUSE data plane${missing ? `
     await detachLoop(dev);
   });
 
+  it('a volume the serveDirectly predicate refuses is served by the main thread, until it is reconsidered', async () => {
+    const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'fuse-test-'));
+    dirs.push(dir);
+    const mountPoint = path.join(dir, 'mnt');
+    fs.mkdirSync(mountPoint);
+    const storeDir = path.join(dir, 'store');
+    const store = BlockStore.open(storeDir);
+    let direct = false;
+    const files = new VolumeFiles(store, { serveDirectly: () => direct });
+    const server = await FuseServer.mount(mountPoint, files);
+    h = { dir, mountPoint, storeDir, store, files, server, flushes: [] };
+    const v = await store.createVolume({ name: 'limited', capacityBytes: 8 * MiB });
+    files.add(v.id, v.id);
+    const dev = await attachLoop(path.join(mountPoint, v.id));
+    const src = path.join(dir, 'limited.bin');
+    fs.writeFileSync(src, pattern(24, MiB));
+    await run('dd', [`if=${src}`, `of=${dev}`, 'bs=4k', 'oflag=direct', 'status=none']);
+    await run('dd', [`if=${dev}`, 'of=/dev/null', 'bs=4k', 'count=256', 'iflag=direct', 'status=none']);
+    expect(server.directRequests).toBe(0);
+    direct = true;
+    files.reconsiderDirectIo(v.id);
+    await run('dd', [`if=${src}`, `of=${dev}`, 'bs=4k', 'seek=256', 'oflag=direct', 'status=none']);
+    expect(server.directRequests).toBeGreaterThanOrEqual(256);
+    direct = false;
+    files.reconsiderDirectIo(v.id);
+    const before = server.directRequests;
+    await run('dd', [`if=${dev}`, 'of=/dev/null', 'bs=4k', 'count=512', 'iflag=direct', 'status=none']);
+    expect(server.directRequests).toBe(before);
+    expect(store.read(v.id, 0, 2 * MiB).equals(Buffer.concat([pattern(24, MiB), pattern(24, MiB)]))).toBe(true);
+    await detachLoop(dev);
+  });
+
   it('a snapshot holds every write answered before it and none after; reads through the device see both sides', async () => {
     const { store, files, server, mountPoint } = await start();
     const v = await store.createVolume({ name: 'cut', capacityBytes: 16 * MiB });

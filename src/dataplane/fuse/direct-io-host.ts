@@ -168,17 +168,21 @@ export class DirectIoRouter implements IoThreadsListener {
     private readonly store: DirectIoStore,
     private readonly threads: IoThreadLink,
     private readonly logger: DirectIoLogger,
+    /**
+     * Whether the I/O threads may answer this volume's reads and writes instead of the main thread's FUSE
+     * dispatcher. Say no for a volume whose requests must be admitted there (I/O limits); call `reconsider`
+     * when the answer changes.
+     */
+    private readonly serveDirectly: (volumeId: string) => boolean = () => true,
     private readonly logEntries = DEFAULT_LOG_ENTRIES,
   ) {
     threads.setListener(this);
   }
 
-  /**
-   * Whether requests of this volume may be answered by the I/O threads instead of reaching the main thread's
-   * FUSE handlers. The one place to say no for a volume whose requests must be admitted on the main thread.
-   */
-  private serveDirectly(_volumeId: string): boolean {
-    return !this.closed;
+  /** `serveDirectly` may answer differently for the volume now: end or start its session accordingly. */
+  reconsider(volumeId: string): void {
+    if (!this.serveDirectly(volumeId)) this.sessions.get(volumeId)?.end();
+    else this.start(volumeId);
   }
 
   /** A file of `volumeId` was opened as `fh`; call before the OPEN reply goes out. */
@@ -254,7 +258,8 @@ export class DirectIoRouter implements IoThreadsListener {
   }
 
   private start(volumeId: string): void {
-    if (this.sessions.has(volumeId) || !this.handles.has(volumeId) || !this.serveDirectly(volumeId)) return;
+    if (this.closed || this.sessions.has(volumeId) || !this.handles.has(volumeId)) return;
+    if (!this.serveDirectly(volumeId)) return;
     const s = new VolumeSession(volumeId, this, this.logEntries);
     let session: DirectIoSession | undefined;
     try {

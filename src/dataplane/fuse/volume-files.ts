@@ -69,6 +69,12 @@ export interface VolumeFilesOptions {
   holder?: string;
   /** For direct I/O sessions that fail to start or to apply. */
   logger?: DirectIoLogger;
+  /**
+   * Whether the I/O threads may answer a volume's reads and writes themselves (default: every volume). A
+   * volume for which this says no is served by the main thread's dispatcher, where requests are admitted;
+   * call `reconsiderDirectIo` when the answer changes.
+   */
+  serveDirectly?: (volumeId: string) => boolean;
 }
 
 export class VolumeFiles implements NotifyingFilesystem {
@@ -84,6 +90,7 @@ export class VolumeFiles implements NotifyingFilesystem {
   private directIo: DirectIoRouter | undefined;
   private readonly holder: string;
   private readonly logger: DirectIoLogger;
+  private readonly serveDirectly: ((volumeId: string) => boolean) | undefined;
   private readonly mountedAtMs = Date.now();
 
   constructor(
@@ -92,6 +99,7 @@ export class VolumeFiles implements NotifyingFilesystem {
   ) {
     this.holder = options.holder ?? 'fuse';
     this.logger = options.logger ?? { warn() {} };
+    this.serveDirectly = options.serveDirectly;
   }
 
   attachNotifier(notifier: FuseNotifier | undefined): void {
@@ -108,6 +116,7 @@ export class VolumeFiles implements NotifyingFilesystem {
         { openDirectIo: (id, host) => store.openDirectIo!(id, host) },
         threads,
         this.logger,
+        this.serveDirectly,
       );
       for (const [fh, node] of this.handles) this.directIo.opened(fh, node.nodeid, node.volumeId);
     }
@@ -161,6 +170,11 @@ export class VolumeFiles implements NotifyingFilesystem {
     if (!node) throw new RangeError(`no file ${name}`);
     await this.store.growVolume(node.volumeId, capacityBytes);
     await this.notifier?.invalidateInode(node.nodeid);
+  }
+
+  /** `serveDirectly` may answer differently for the volume now (its I/O limits changed). */
+  reconsiderDirectIo(volumeId: string): void {
+    this.directIo?.reconsider(volumeId);
   }
 
   /** Names currently in the directory, in the order they were added. */
