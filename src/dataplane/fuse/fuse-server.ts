@@ -314,8 +314,11 @@ export class FuseDispatcher {
       minor: Math.min(kernel.minor, FUSE_KERNEL_MINOR_VERSION),
       maxReadahead: kernel.maxReadahead,
       flags: (kernel.flags & WANTED_INIT_FLAGS) >>> 0,
-      maxBackground: 64,
-      congestionThreshold: 48,
+      // Asynchronous direct I/O from loop devices travels as background requests; every loop device of the
+      // node shares this one connection, so room for several devices' queues (iodepth 32 each, 1 MiB writes
+      // split in two by the loop device) keeps them from waiting on each other.
+      maxBackground: 256,
+      congestionThreshold: 192,
       maxWrite: this.options.maxWrite,
       timeGran: 1,
       maxPages,
@@ -355,7 +358,7 @@ export interface FuseServerOptions extends Partial<DispatcherOptions> {
 
 /** A file system whose files the I/O threads may serve themselves (volume-files.ts). */
 export interface DirectIoFilesystem extends FuseFilesystem {
-  attachIoThreads(threads: IoThreadLink | undefined): void;
+  attachIoThreads(threads: IoThreadLink | undefined, logger: FuseLogger): void;
 }
 
 function defaultIoThreads(): number {
@@ -476,7 +479,7 @@ export class FuseServer {
   private serve(): void {
     this.device.startReading();
     if (isNotifying(this.fs)) this.fs.attachNotifier(this.notifier());
-    if (isDirectIo(this.fs)) this.fs.attachIoThreads(this.threads);
+    if (isDirectIo(this.fs)) this.fs.attachIoThreads(this.threads, this.logger);
   }
 
   private notifier(): FuseNotifier {
@@ -531,7 +534,7 @@ export class FuseServer {
   private async doClose(): Promise<void> {
     if (isNotifying(this.fs)) this.fs.attachNotifier(undefined);
     // Direct writes are recorded in the engine before the connection goes; requests go to the main thread.
-    if (isDirectIo(this.fs)) this.fs.attachIoThreads(undefined);
+    if (isDirectIo(this.fs)) this.fs.attachIoThreads(undefined, this.logger);
     try {
       if (!this.ended) {
         let graceMs = 5000;

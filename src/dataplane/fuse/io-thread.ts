@@ -77,6 +77,16 @@ const ROOM_WAIT_MS = 5000;
 /** How long a read waits for a log entry being published before handing the request to the main thread. */
 const ENTRY_WAIT_MS = 1000;
 
+/** A request buffer and its views (rebuilt when the buffer comes back from the main thread). */
+interface RequestBuffer {
+  bytes: Uint8Array;
+  view: DataView;
+}
+
+function requestBuffer(buffer: ArrayBuffer): RequestBuffer {
+  return { bytes: new Uint8Array(buffer), view: new DataView(buffer) };
+}
+
 interface LayerFile {
   id: number;
   path: string;
@@ -125,7 +135,8 @@ class IoThread {
   private readonly control: Int32Array;
   private readonly stats: Float64Array;
   private seenGeneration = 0;
-  private readonly pool: ArrayBuffer[] = [];
+  /** Request buffers with their views, so a request costs no allocation. */
+  private readonly pool: RequestBuffer[] = [];
   /** Header and payload of READ replies, reused: a reply is written before the next request is read. */
   private readonly readReply: Buffer;
   private readonly writeReply = Buffer.alloc(OUT_HEADER_SIZE + WRITE_OUT_SIZE);
@@ -147,14 +158,14 @@ class IoThread {
     const { fd, bufferSize } = this.d;
     for (;;) {
       for (let m = receiveMessageOnPort(this.d.returnPort); m; m = receiveMessageOnPort(this.d.returnPort)) {
-        if (this.pool.length < this.d.maxPooled) this.pool.push(m.message as ArrayBuffer);
+        if (this.pool.length < this.d.maxPooled) this.pool.push(requestBuffer(m.message as ArrayBuffer));
       }
-      const buffer = this.pool.pop() ?? new ArrayBuffer(bufferSize);
+      const request = this.pool.pop() ?? requestBuffer(new ArrayBuffer(bufferSize));
       let length: number;
       try {
-        length = fs.readSync(fd, new Uint8Array(buffer), 0, bufferSize, null);
+        length = fs.readSync(fd, request.bytes, 0, bufferSize, null);
       } catch (err) {
-        this.pool.push(buffer);
+        this.pool.push(request);
         const code = (err as NodeJS.ErrnoException).code;
         // ENOENT: the request was interrupted and withdrawn before we read it. EINTR/EAGAIN: try again.
         if (code === 'ENOENT' || code === 'EINTR' || code === 'EAGAIN') continue;
@@ -165,11 +176,12 @@ class IoThread {
       }
       this.stats[Stat.requests]!++;
       if (Atomics.load(this.control, 0) !== this.seenGeneration) this.applyControl();
-      if (length >= IN_HEADER_SIZE && this.serveDirectly(buffer, length)) {
+      if (length >= IN_HEADER_SIZE && this.serveDirectly(request, length)) {
         this.stats[Stat.direct]!++;
-        this.pool.push(buffer);
+        this.pool.push(request);
         continue;
       }
+      const buffer = request.bytes.buffer as ArrayBuffer;
       parentPort!.postMessage({ kind: 'request', buffer, length } satisfies FromIoThread, [buffer]);
     }
     for (const s of this.sessions.values()) closeFiles(s);
@@ -242,8 +254,8 @@ class IoThread {
   }
 
   /** Serves a READ or WRITE on the spot; false hands it to the main thread. */
-  private serveDirectly(buffer: ArrayBuffer, length: number): boolean {
-    const view = new DataView(buffer, 0, length);
+  private serveDirectly(req: RequestBuffer, length: number): boolean {
+    const view = req.view;
     const opcode = view.getUint32(4, true);
     if (opcode !== Opcode.READ && opcode !== Opcode.WRITE) return false;
     // fuse_read_in and fuse_write_in both start with fh and offset; size is at 16 in both.
@@ -255,7 +267,7 @@ class IoThread {
     const offset = u64(view, IN_HEADER_SIZE + 8);
     const size = view.getUint32(IN_HEADER_SIZE + 16, true);
     if (size === 0 || offset + size > s.capacityBytes) return false;
-    const request = new Uint8Array(buffer, 0, length);
+    const request = req.bytes;
     try {
       return opcode === Opcode.READ
         ? this.read(s, request, offset, size)
@@ -302,8 +314,9 @@ class IoThread {
       const data = request.subarray(IN_HEADER_SIZE + WRITE_IN_SIZE, IN_HEADER_SIZE + WRITE_IN_SIZE + size);
       let done = 0;
       while (done < size) done += fs.writeSync(s.headWriteFd, data, done, size - done, offset + done);
-      const deadline = Date.now() + ROOM_WAIT_MS;
+      let deadline = 0;
       recorded = s.log.append(offset / B, (offset + size) / B, true, false, () => {
+        deadline ||= Date.now() + ROOM_WAIT_MS;
         if (s.log.shouldAskForDrain()) this.post({ kind: 'drain', volumeId: s.volumeId, id: s.id });
         s.log.waitForRoom(1);
         return Date.now() < deadline;
@@ -339,11 +352,12 @@ class IoThread {
       s.view = undefined;
     }
     const tail = s.log.tail;
-    const deadline = Date.now() + ENTRY_WAIT_MS;
+    let deadline = 0;
     while (s.position < tail) {
       const entry = s.log.read(s.position);
       if (entry === 'pending') {
         // Reserved and being filled in by a writer right now.
+        deadline ||= Date.now() + ENTRY_WAIT_MS;
         if (Date.now() > deadline) return false;
         s.log.waitForEntry(s.position, 1);
         continue;

@@ -67,8 +67,6 @@ interface FileNode {
 export interface VolumeFilesOptions {
   /** The holder name used with BlockStore.hold() while a volume is exposed. Default "fuse". */
   holder?: string;
-  /** For direct I/O sessions that fail to start or to apply. */
-  logger?: DirectIoLogger;
   /**
    * Whether the I/O threads may answer a volume's reads and writes themselves (default: every volume). A
    * volume for which this says no is served by the main thread's dispatcher, where requests are admitted;
@@ -89,7 +87,6 @@ export class VolumeFiles implements NotifyingFilesystem {
   /** Lets the I/O threads serve reads and writes of open files themselves (direct-io-host.ts). */
   private directIo: DirectIoRouter | undefined;
   private readonly holder: string;
-  private readonly logger: DirectIoLogger;
   private readonly serveDirectly: ((volumeId: string) => boolean) | undefined;
   private readonly mountedAtMs = Date.now();
 
@@ -98,7 +95,6 @@ export class VolumeFiles implements NotifyingFilesystem {
     options: VolumeFilesOptions = {},
   ) {
     this.holder = options.holder ?? 'fuse';
-    this.logger = options.logger ?? { warn() {} };
     this.serveDirectly = options.serveDirectly;
   }
 
@@ -106,8 +102,11 @@ export class VolumeFiles implements NotifyingFilesystem {
     this.notifier = notifier;
   }
 
-  /** The mount's I/O threads are up (or, with undefined, stopping): serve open files through them. */
-  attachIoThreads(threads: IoThreadLink | undefined): void {
+  /**
+   * The mount's I/O threads are up (or, with undefined, stopping): serve open files through them. `logger`
+   * hears of sessions that fail to start or to apply.
+   */
+  attachIoThreads(threads: IoThreadLink | undefined, logger: DirectIoLogger = { warn() {} }): void {
     this.directIo?.close();
     this.directIo = undefined;
     const store = this.store;
@@ -115,7 +114,7 @@ export class VolumeFiles implements NotifyingFilesystem {
       this.directIo = new DirectIoRouter(
         { openDirectIo: (id, host) => store.openDirectIo!(id, host) },
         threads,
-        this.logger,
+        logger,
         this.serveDirectly,
       );
       for (const [fh, node] of this.handles) this.directIo.opened(fh, node.nodeid, node.volumeId);
