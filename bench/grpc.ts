@@ -8,17 +8,24 @@
  *   delta-e2e        GetMetadataDelta, 10,000 random changed 4 KiB blocks, 1 TiB vs 1 GiB, VARIABLE and FIXED
  *   stream-rate      a 1,000,000-tuple FIXED stream at the default max_results and at 256
  *   create-snapshot  CreateSnapshot RPC latency on a 1 TiB volume holding 1 GiB
+ *   forwarded-delta  multi-node: a FIXED GetMetadataDelta asked of a node that does not own the snapshot (forwarded
+ *                    over mutual TLS) against the owner asked directly: tuples/s ratio, added first-message latency
  *
  * BENCH_CPU_PROF=<dir> runs the driver child with --cpu-prof, writing its profile to <dir>.
  */
 import { spawn, type ChildProcessByStdio } from 'node:child_process';
+import * as fs from 'node:fs';
+import * as os from 'node:os';
 import * as path from 'node:path';
 import * as readline from 'node:readline';
 import type { Readable, Writable } from 'node:stream';
 import { fileURLToPath, pathToFileURL } from 'node:url';
 import { Controller, SnapshotMetadata, VolumeCapability_AccessMode_Mode } from '../src/gen/csi/v1/csi_pb.js';
 import type { ExtentStyle } from '../storage-engine/index.js';
-import { packageVersion, type DriverConfig } from '../src/config.js';
+import { packageVersion, type DriverConfig, type PeerConfig } from '../src/config.js';
+import { parseStaticPeers } from '../src/cluster/peer-directory.js';
+import { makePeerCerts, missingOpenssl } from '../test/support/peer-certs.js';
+import { freePort } from '../test/support/free-port.js';
 import { createLogger } from '../src/logging.js';
 import { startDriver } from '../src/server.js';
 import { decodeMetadataResponse } from '../src/csi/block-metadata-wire.js';
@@ -62,6 +69,9 @@ type Command =
 interface ChildConfig {
   dir: string;
   socket: string;
+  /** Multi-node: this child's node ID and peer settings (forwarded-delta); none for the other cases. */
+  nodeId?: string;
+  peers?: PeerConfig;
 }
 
 class DriverChild {
@@ -87,10 +97,14 @@ class DriverChild {
     });
   }
 
-  static async start(dir: string, log: (m: string) => void): Promise<DriverChild> {
+  static async start(
+    dir: string,
+    log: (m: string) => void,
+    cluster: Pick<ChildConfig, 'nodeId' | 'peers'> = {},
+  ): Promise<DriverChild> {
     const self = fileURLToPath(import.meta.url);
     const root = path.resolve(path.dirname(self), '..');
-    const config: ChildConfig = { dir, socket: path.join(dir, 'csi.sock') };
+    const config: ChildConfig = { dir, socket: path.join(dir, 'csi.sock'), ...cluster };
     const profDir = process.env.BENCH_CPU_PROF;
     const nodeArgs = profDir ? ['--cpu-prof', `--cpu-prof-dir=${path.resolve(profDir)}`] : [];
     const child = spawn(
@@ -144,13 +158,14 @@ async function driverChildMain(config: ChildConfig): Promise<void> {
     version: packageVersion(),
     endpoint: { kind: 'unix', path: config.socket },
     stateDir: path.join(config.dir, 'state'),
-    nodeId: 'bench-node',
+    nodeId: config.nodeId ?? 'bench-node',
     defaultBlockSize: BLOCK,
     defaultMetadataStyle: 'VARIABLE',
     capacityBytes: undefined,
     defaultMaxResults: DEFAULT_MAX_RESULTS,
     logLevel: 'silent',
     metricsAddress: undefined,
+    peers: config.peers,
   };
   const driver = await startDriver(driverConfig, createLogger('silent'));
   const { store } = driver;
@@ -219,6 +234,8 @@ async function createSnapshot(d: DriverChild, sourceVolumeId: string, name: stri
 }
 
 interface Streamed {
+  /** From the call to the first message. */
+  firstMessageMs: number;
   /** From the call to the last message, and to the status. */
   lastMessageMs: number;
   statusMs: number;
@@ -237,6 +254,7 @@ function streamDelta(
 ): Promise<Streamed> {
   return new Promise((resolve, reject) => {
     const t0 = performance.now();
+    let first = Number.NaN;
     let last = t0;
     let messages = 0;
     let tuples = 0;
@@ -251,6 +269,7 @@ function streamDelta(
     );
     call.on('data', (raw: Buffer) => {
       last = performance.now();
+      if (messages === 0) first = last - t0;
       messages++;
       const { tuples: list } = decodeMetadataResponse(raw);
       tuples += list.length / 2;
@@ -262,7 +281,15 @@ function streamDelta(
     });
     call.on('error', reject);
     call.on('end', () =>
-      resolve({ lastMessageMs: last - t0, statusMs: msSince(t0), messages, tuples, bytes, allFixedSize }),
+      resolve({
+        firstMessageMs: first,
+        lastMessageMs: last - t0,
+        statusMs: msSince(t0),
+        messages,
+        tuples,
+        bytes,
+        allFixedSize,
+      }),
     );
   });
 }
@@ -499,11 +526,128 @@ async function createSnapshotLatency(ctx: SuiteContext, d: DriverChild): Promise
 }
 
 // ---------------------------------------------------------------------------------------------------------------
+// 4. Multi-node: a delta forwarded by a node that does not own the snapshot, against the owner asked directly.
+
+async function forwardedDelta(ctx: SuiteContext, _single: DriverChild): Promise<void> {
+  const changed = ctx.quick ? 20_000 : 500_000;
+  const reps = ctx.quick ? 3 : 7;
+  const capacityBytes = ctx.quick ? 256 * MiB : 4 * GiB;
+  const missing = missingOpenssl();
+  if (missing) throw new Error(`forwarded-delta needs test certificates: ${missing}`);
+  const certs = makePeerCerts(path.join(ctx.dir, 'peer-certs')).valid;
+  const [ownerPort, forwarderPort] = [await freePort(), await freePort()];
+  const peers = `owner=127.0.0.1:${ownerPort},forwarder=127.0.0.1:${forwarderPort}`;
+  const peerConfig = (port: number): PeerConfig => ({
+    listen: { host: '127.0.0.1', port },
+    tls: certs,
+    discovery: { kind: 'static', peers: Object.fromEntries(parseStaticPeers(peers)) },
+  });
+  const childDir = (name: string) => {
+    const d = path.join(ctx.dir, name);
+    fs.mkdirSync(d, { recursive: true });
+    return d;
+  };
+  const owner = await DriverChild.start(childDir('owner'), ctx.log, { nodeId: 'owner', peers: peerConfig(ownerPort) });
+  const forwarder = await DriverChild.start(childDir('forwarder'), ctx.log, {
+    nodeId: 'forwarder',
+    peers: peerConfig(forwarderPort),
+  });
+  try {
+    const volumeId = await createVolume(owner, 'forwarded', capacityBytes, 'FIXED');
+    const base = await createSnapshot(owner, volumeId, 'forwarded-base');
+    const t0 = performance.now();
+    await owner.run({ op: 'writeRange', volumeId: volumeId.split('@')[0]!, offset: 0, length: changed * BLOCK });
+    const target = await createSnapshot(owner, volumeId, 'forwarded-target');
+    ctx.log(`forwarded-delta setup: ${changed} blocks written and snapshotted in ${(msSince(t0) / 1000).toFixed(1)} s`);
+
+    const ways = { direct: owner, forwarded: forwarder } as const;
+    const samples = { direct: [] as Streamed[], forwarded: [] as Streamed[] };
+    for (const [way, d] of Object.entries(ways)) {
+      const first = await streamDelta(d.metadata, base, target, 0); // warm-up (connections, JIT) and the check
+      const verified = first.tuples === changed && first.bytes === changed * BLOCK && first.allFixedSize;
+      if (!verified) ctx.log(`WARNING forwarded-delta ${way}: ${first.tuples} tuples / ${first.bytes} bytes`);
+    }
+    // Alternate the two ways, so a change in the machine's load falls on both alike.
+    for (let r = 0; r < reps; r++) {
+      for (const way of ['direct', 'forwarded'] as const)
+        samples[way].push(await streamDelta(ways[way].metadata, base, target, 0));
+    }
+    const rate = (s: Streamed) => s.tuples / (s.lastMessageMs / 1000);
+    const directRate = median(samples.direct.map(rate));
+    const forwardedRate = median(samples.forwarded.map(rate));
+    const params: Record<string, ParamValue> = {
+      style: 'FIXED',
+      changedBlocks: changed,
+      capacity: sizeLabel(capacityBytes),
+      blockSize: BLOCK,
+      maxResults: `0 (driver default ${DEFAULT_MAX_RESULTS})`,
+      path: 'grpc-js client -> forwarder unix socket -> mutual TLS on loopback -> owner; each driver in its own child process',
+      directTuplesPerS: Math.round(directRate),
+      forwardedTuplesPerS: Math.round(forwardedRate),
+      stat: `median of ${reps}, alternating direct and forwarded`,
+      cpus: os.cpus().length,
+      quick: ctx.quick,
+    };
+    const ratio = forwardedRate / directRate;
+    ctx.emit(
+      targeted(
+        { metric: 'forwarded_delta_rate_ratio', value: round(ratio), unit: 'x', params },
+        '>= 0.5',
+        ratio >= 0.5,
+      ),
+    );
+
+    // First-message latency: a one-message delta (16 changed blocks), many times, alternating the two ways.
+    const small = await createVolume(owner, 'forwarded-first', 64 * MiB, 'FIXED');
+    const smallBase = await createSnapshot(owner, small, 'forwarded-first-base');
+    await owner.run({ op: 'writeRange', volumeId: small.split('@')[0]!, offset: 0, length: 16 * BLOCK });
+    const smallTarget = await createSnapshot(owner, small, 'forwarded-first-target');
+    const firstReps = ctx.quick ? 20 : 100;
+    const firsts = { direct: [] as number[], forwarded: [] as number[] };
+    for (let r = 0; r < firstReps; r++) {
+      for (const way of ['direct', 'forwarded'] as const) {
+        firsts[way].push((await streamDelta(ways[way].metadata, smallBase, smallTarget, 0)).firstMessageMs);
+      }
+    }
+    const added = median(firsts.forwarded) - median(firsts.direct);
+    ctx.emit(
+      targeted(
+        {
+          metric: 'forwarded_delta_added_first_message_ms',
+          value: round(added),
+          unit: 'ms',
+          params: {
+            path: params.path!,
+            tuples: 16,
+            stat: `difference of medians of ${firstReps}, alternating direct and forwarded`,
+            firstMessageDirectP50Ms: round(median(firsts.direct)),
+            firstMessageForwardedP50Ms: round(median(firsts.forwarded)),
+            // Low percentiles show the hop's own cost; the medians also carry the machine's scheduling delays
+            // (three processes wake up per forwarded message instead of two).
+            firstMessageDirectP10Ms: round(percentile(firsts.direct, 10)),
+            firstMessageForwardedP10Ms: round(percentile(firsts.forwarded, 10)),
+            addedAtP10Ms: round(percentile(firsts.forwarded, 10) - percentile(firsts.direct, 10)),
+            cpus: os.cpus().length,
+            quick: ctx.quick,
+          },
+        },
+        '< 5 ms',
+        added < 5,
+      ),
+    );
+  } finally {
+    await forwarder.stop();
+    await owner.stop();
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
 
 const CASES: ReadonlyArray<readonly [string, (ctx: SuiteContext, d: DriverChild) => Promise<void>]> = [
   ['delta-e2e', deltaE2e],
   ['stream-rate', streamRate],
   ['create-snapshot', createSnapshotLatency],
+  ['forwarded-delta', forwardedDelta],
 ];
 
 /** Runs every selected case against one driver child; a failing case does not stop the others. */

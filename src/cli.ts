@@ -10,6 +10,7 @@ import {
   packageVersion,
   parseEndpoint,
   type DriverConfig,
+  type PeerConfig,
   type DriverRole,
   type LogLevel,
 } from './config.js';
@@ -20,6 +21,7 @@ import { parseBlockSize } from './csi/volume-parameters.js';
 import { loadFaultFile, registerVendorCommands } from './vendor/commands.js';
 import { METADATA_PROFILES, type MetadataProfileName } from './csi/metadata-profiles.js';
 import { registerBackupCommands } from './backup/commands.js';
+import { parseStaticPeers } from './cluster/peer-directory.js';
 
 function positiveInteger(value: string): number {
   const n = Number(value);
@@ -141,6 +143,24 @@ export function buildProgram(): Command {
       nonNegativeSeconds,
       25,
     )
+    .option(
+      '--peer-listen <host:port>',
+      "multi-node: serve other nodes' drivers here (mutual TLS); handles then name their node (docs/adr/0008)",
+    )
+    .option('--peer-tls-cert <file>', "multi-node: this driver's certificate (PEM), as server and as client")
+    .option('--peer-tls-key <file>', 'multi-node: the key of --peer-tls-cert (PEM)')
+    .option('--peer-tls-ca <file>', "multi-node: the CA (PEM) peers' certificates must chain to")
+    .option('--peers <list>', "multi-node, static discovery: NODE=HOST:PORT,... of the other nodes' peer listeners")
+    .addOption(
+      new Option('--peer-discovery <how>', 'multi-node: how peers are found (kubernetes: the plugin pods by label)')
+        .choices(['static', 'kubernetes'])
+        .default('static'),
+    )
+    .option('--peer-pod-selector <selector>', 'multi-node, kubernetes discovery: label selector of the plugin pods')
+    .option(
+      '--peer-namespace <namespace>',
+      "multi-node, kubernetes discovery: namespace of the plugin pods (default POD_NAMESPACE, else the pod's own)",
+    )
     .action(async (opts: ServeFlags) => {
       await serve(opts);
     });
@@ -177,6 +197,67 @@ interface ServeFlags {
   deletedSnapshotMax: number;
   faults?: string;
   adminEndpoint?: string;
+  peerListen?: string;
+  peerTlsCert?: string;
+  peerTlsKey?: string;
+  peerTlsCa?: string;
+  peers?: string;
+  peerDiscovery: 'static' | 'kubernetes';
+  peerPodSelector?: string;
+  peerNamespace?: string;
+}
+
+/** Multi-node settings from the flags: none without --peer-listen; everything else it needs is then required. */
+function peerConfig(flags: ServeFlags): PeerConfig | undefined {
+  const peerFlags = [flags.peers, flags.peerTlsCert, flags.peerTlsKey, flags.peerTlsCa, flags.peerPodSelector];
+  if (!flags.peerListen) {
+    if (peerFlags.some((f) => f !== undefined) || flags.peerDiscovery !== 'static') {
+      throw new Error('the --peer-* flags and --peers need --peer-listen');
+    }
+    return undefined;
+  }
+  const listen = parseListenAddress(flags.peerListen);
+  const need = (value: string | undefined, flag: string): string => {
+    if (!value) throw new Error(`--peer-listen needs ${flag}: peers talk mutual TLS only`);
+    return path.resolve(value);
+  };
+  const tls = {
+    cert: need(flags.peerTlsCert, '--peer-tls-cert'),
+    key: need(flags.peerTlsKey, '--peer-tls-key'),
+    ca: need(flags.peerTlsCa, '--peer-tls-ca'),
+  };
+  if (flags.peerDiscovery === 'kubernetes') {
+    if (!flags.peerPodSelector) throw new Error('--peer-discovery kubernetes needs --peer-pod-selector');
+    if (flags.peers) throw new Error('--peers is for --peer-discovery static');
+    return {
+      listen,
+      tls,
+      discovery: { kind: 'kubernetes', podSelector: flags.peerPodSelector, namespace: flags.peerNamespace },
+    };
+  }
+  if (flags.peerPodSelector || flags.peerNamespace) {
+    throw new Error('--peer-pod-selector and --peer-namespace are for --peer-discovery kubernetes');
+  }
+  return {
+    listen,
+    tls,
+    discovery: { kind: 'static', peers: Object.fromEntries(parseStaticPeers(flags.peers ?? '')) },
+  };
+}
+
+/**
+ * HOST:PORT to listen on (port 0: any free port). The port is after the last colon, so an IPv6 address may
+ * come bare or in brackets (`$(POD_IP):9820` works for both families).
+ */
+function parseListenAddress(value: string): { host: string; port: number } {
+  const at = value.lastIndexOf(':');
+  const host = value.slice(0, Math.max(at, 0)).replace(/^\[(.*)\]$/, '$1');
+  const portText = value.slice(at + 1);
+  const port = Number(portText);
+  if (at <= 0 || host === '' || !/^\d{1,5}$/.test(portText) || port > 65535) {
+    throw new Error(`--peer-listen ${value}: expected HOST:PORT`);
+  }
+  return { host, port };
 }
 
 async function serve(flags: ServeFlags): Promise<void> {
@@ -201,13 +282,17 @@ async function serve(flags: ServeFlags): Promise<void> {
     deletedSnapshotMaxPerVolume: flags.deletedSnapshotMax,
     faults: flags.faults ? loadFaultFile(flags.faults) : [],
     adminEndpoint: flags.adminEndpoint ? path.resolve(flags.adminEndpoint) : undefined,
+    peers: peerConfig(flags),
   };
   const logger = createLogger(config.logLevel);
   const driver = await startDriver(config, logger);
   // People starting it by hand want to know where to point a client. One write, "listening" last:
   // whoever waits for that line (a test, a script) then has the metrics URL too.
   const metricsLine = driver.metricsUrl ? `cbt-csi metrics at ${driver.metricsUrl}\n` : '';
-  process.stderr.write(`${metricsLine}cbt-csi listening on ${formatEndpoint(driver.endpoint)}\n`);
+  const peerLine = driver.peerAddress
+    ? `cbt-csi peers at ${driver.peerAddress.host}:${driver.peerAddress.port} (mutual TLS)\n`
+    : '';
+  process.stderr.write(`${metricsLine}${peerLine}cbt-csi listening on ${formatEndpoint(driver.endpoint)}\n`);
   let signals = 0;
   const onSignal = (signal: NodeJS.Signals) => {
     if (++signals > 1) process.exit(1);

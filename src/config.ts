@@ -56,6 +56,30 @@ export interface DriverConfig {
   deletedSnapshotMaxPerVolume?: number;
   /** How long shutdown waits for in-flight calls before resetting them; default DEFAULT_DRAIN_TIMEOUT_MS (server.ts). */
   drainTimeoutMs?: number;
+  /**
+   * Multi-node mode (docs/adr/0008): handles name their node, and requests for other nodes' objects are
+   * forwarded to them over mutual TLS. Undefined: one node, handles unchanged.
+   */
+  peers?: PeerConfig;
+}
+
+/** How this driver reaches, and is reached by, the drivers of other nodes. */
+export interface PeerConfig {
+  /** Where the peer listener binds (port 0: any free port). */
+  listen: { host: string; port: number };
+  /** PEM files: this driver's certificate and key (server and client alike) and the peer CA. */
+  tls: { cert: string; key: string; ca: string };
+  discovery:
+    | { kind: 'static'; peers: Readonly<Record<string, string>> }
+    | {
+        kind: 'kubernetes';
+        /** Label selector of the plugin pods. */
+        podSelector: string;
+        /** Namespace of the plugin pods; default POD_NAMESPACE, else the pod's own. */
+        namespace?: string;
+        /** Their peer port; default the port of `listen`. */
+        port?: number;
+      };
 }
 
 /** Topology key under which volumes are pinned to the node that holds them. */

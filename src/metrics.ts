@@ -30,6 +30,19 @@ export class DriverMetrics {
     registers: [this.registry],
   });
 
+  readonly peerRpcs = new Counter({
+    name: 'cbt_csi_peer_rpc_total',
+    help: 'Calls forwarded to the node that owns the object (multi-node), by peer node, method and gRPC code',
+    labelNames: ['peer', 'method', 'code'] as const,
+    registers: [this.registry],
+  });
+  readonly peerMessages = new Counter({
+    name: 'cbt_csi_peer_messages_received_total',
+    help: 'Reply messages read from peers (a stream is read one message at a time, as our caller takes them), by peer node',
+    labelNames: ['peer'] as const,
+    registers: [this.registry],
+  });
+
   constructor() {
     collectDefaultMetrics({ register: this.registry, prefix: 'cbt_csi_' });
   }

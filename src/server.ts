@@ -9,7 +9,8 @@ import fs from 'node:fs';
 import http2 from 'node:http2';
 import path from 'node:path';
 import net, { type AddressInfo } from 'node:net';
-import type { ConnectRouter } from '@connectrpc/connect';
+import type { DescService } from '@bufbuild/protobuf';
+import type { ConnectRouter, ServiceImpl } from '@connectrpc/connect';
 import { connectNodeAdapter } from '@connectrpc/connect-node';
 import { BlockStore } from '../storage-engine/index.js';
 import { formatEndpoint, type DriverConfig, type Endpoint } from './config.js';
@@ -30,11 +31,17 @@ import { correctUndecodableStatus, unimplementedMethodHeaders } from './rpc/stat
 import { tupleCount } from './csi/block-metadata-wire.js';
 import { FaultInjector } from './vendor/fault-injector.js';
 import { startAdminEndpoint, type AdminEndpoint } from './vendor/admin-endpoint.js';
+import { setUpCluster } from './cluster/cluster.js';
+import { ownedHandle, withoutOwner } from './cluster/node-handles.js';
+import { type RoutePolicy, routedService } from './cluster/routing.js';
+import { startPeerServer, type PeerServer } from './cluster/peer-server.js';
 
 /** A running driver. */
 export interface RunningDriver {
   /** Where it listens (a tcp endpoint shows the bound port). */
   readonly endpoint: Endpoint;
+  /** Where the peer listener is (multi-node mode; the bound port), or undefined. */
+  readonly peerAddress: { host: string; port: number } | undefined;
   readonly metricsUrl: string | undefined;
   readonly store: BlockStore;
   /** Injected fault rules (vendor bench); empty unless configured. */
@@ -52,11 +59,19 @@ const READ_MAX_BYTES = 4 * 1024 * 1024;
 export async function startDriver(config: DriverConfig, logger: Logger): Promise<RunningDriver> {
   makePrivateDirectory(config.stateDir);
   const metrics = new DriverMetrics();
+  const reportStoreEvent = storeEventReporter(logger, metrics.registry);
+  let nodeVolumes: NodeVolumes | undefined;
+  // Multi-node mode: a bad peer configuration fails here, before the store is opened.
+  const cluster = setUpCluster(config, metrics, logger);
   const store = BlockStore.open(path.join(config.stateDir, 'store'), {
     defaultBlockSize: config.defaultBlockSize,
     // The engine enforces the limit after its last await, so concurrent creates cannot overshoot it.
     capacityLimitBytes: config.capacityBytes,
-    onEvent: storeEventReporter(logger, metrics.registry),
+    onEvent: (event) => {
+      reportStoreEvent(event);
+      // ControllerModifyVolume stored new attributes: the node data plane reads its I/O limits again.
+      if (event.type === 'volume-attributes-changed') nodeVolumes?.volumeAttributesChanged(event.volumeId);
+    },
     deletedSnapshotRetention: {
       maxAgeMs: config.deletedSnapshotMaxAgeMs,
       maxPerVolume: config.deletedSnapshotMaxPerVolume,
@@ -64,7 +79,7 @@ export async function startDriver(config: DriverConfig, logger: Logger): Promise
   });
   const role = config.role ?? 'all';
   // The node data plane shares this process's store: a store is opened once, by one process.
-  const nodeVolumes = role === 'controller' ? undefined : new NodeVolumes({ store, stateDir: config.stateDir, logger });
+  nodeVolumes = role === 'controller' ? undefined : new NodeVolumes({ store, stateDir: config.stateDir, logger });
   try {
     // Recovery only (stale mount, records); the FUSE mount itself is made when a volume is first staged.
     await nodeVolumes?.start();
@@ -75,48 +90,58 @@ export async function startDriver(config: DriverConfig, logger: Logger): Promise
   let ready = false;
   const ctx: DriverContext = { store, config, logger, isReady: () => ready };
   const faults = new FaultInjector(
-    { logger, metrics, volumeOfSnapshot: (id) => snapshotVolume(store, id) },
+    {
+      logger,
+      metrics,
+      // Rules name objects by the handles clients see (with the owner suffix in multi-node mode).
+      volumeOfSnapshot: (id) => {
+        const volume = snapshotVolume(store, cluster ? withoutOwner(id, config.nodeId) : id);
+        return volume !== undefined && cluster ? ownedHandle(volume, config.nodeId) : volume;
+      },
+    },
     config.faults ?? [],
   );
   const shutdown = new AbortController();
   // Every in-flight call listens on the shutdown signal; many concurrent calls are normal, not a leak.
   setMaxListeners(0, shutdown.signal);
 
-  const handler = connectNodeAdapter({
-    grpc: true,
-    connect: false,
-    grpcWeb: false,
-    readMaxBytes: READ_MAX_BYTES,
-    // Clients are on this node (a unix socket): compressing responses would only spend CPU on both ends
-    // (gzip took a sixth of the driver's CPU streaming SnapshotMetadata, and as much in the client). Compressed
-    // requests are still read.
-    compressMinBytes: Number.POSITIVE_INFINITY,
-    shutdownSignal: shutdown.signal,
-    // SnapshotMetadata responses count their BlockMetadata tuples for the logs and metrics.
-    interceptors: [observeRpcs(logger, metrics, { countItems: tupleCount }), faults.interceptor()],
-    // A service we do not serve (e.g. Node in the controller role) must still get a gRPC status, not a bare
-    // HTTP 404: headers-only, ended on the HEADERS frame, as grpc-go expects.
-    fallback: (req, res) => {
-      const headers = unimplementedMethodHeaders(req.url ?? '');
-      if ('stream' in res) res.stream.respond({ ':status': 200, ...headers }, { endStream: true });
-      else res.writeHead(200, headers).end();
-    },
-    routes: (router: ConnectRouter) => {
-      router.service(Identity, identityService(ctx));
-      if (role !== 'node') {
-        router.service(Controller, controllerService(ctx));
-        router.service(GroupController, groupControllerService(ctx));
-        router.service(SnapshotMetadata, snapshotMetadataService(ctx));
-      }
-      if (nodeVolumes) router.service(Node, nodeService(ctx, nodeVolumes));
-    },
-  });
+  const services = {
+    identity: identityService(ctx),
+    controller: role !== 'node' ? controllerService(ctx) : undefined,
+    groupController: role !== 'node' ? groupControllerService(ctx) : undefined,
+    snapshotMetadata: role !== 'node' ? snapshotMetadataService(ctx) : undefined,
+    node: nodeVolumes ? nodeService(ctx, nodeVolumes) : undefined,
+  };
+  /** A service as a listener serves it: routed by owner in multi-node mode, as it is otherwise. */
+  const serve = <S extends DescService>(service: S, impl: Partial<ServiceImpl<S>>, policy: RoutePolicy) =>
+    cluster ? routedService(service, impl, cluster.routing, policy) : impl;
 
-  const server = http2.createServer({}, (req, res) => {
-    answerUndecodableAsInvalid(res);
-    releaseWritesOnReset(res);
-    handler(req, res);
+  const handler = connectHandler(shutdown.signal, logger, metrics, faults, (router: ConnectRouter) => {
+    router.service(Identity, services.identity);
+    if (services.controller) router.service(Controller, serve(Controller, services.controller, 'forward'));
+    if (services.groupController) {
+      router.service(GroupController, serve(GroupController, services.groupController, 'forward'));
+    }
+    if (services.snapshotMetadata) {
+      router.service(SnapshotMetadata, serve(SnapshotMetadata, services.snapshotMetadata, 'forward'));
+    }
+    if (services.node) router.service(Node, serve(Node, services.node, 'node-local'));
   });
+  // Other nodes' drivers get what can be forwarded, for this node's objects only (never forwarded again).
+  const peerHandler =
+    cluster &&
+    connectHandler(shutdown.signal, logger, metrics, faults, (router: ConnectRouter) => {
+      router.service(Identity, services.identity);
+      if (services.controller) router.service(Controller, serve(Controller, services.controller, 'own-only'));
+      if (services.groupController) {
+        router.service(GroupController, serve(GroupController, services.groupController, 'own-only'));
+      }
+      if (services.snapshotMetadata) {
+        router.service(SnapshotMetadata, serve(SnapshotMetadata, services.snapshotMetadata, 'own-only'));
+      }
+    });
+
+  const server = http2.createServer({}, requestListener(handler));
   const sessions = new Set<http2.ServerHttp2Session>();
   server.on('session', (session) => {
     sessions.add(session);
@@ -126,12 +151,27 @@ export async function startDriver(config: DriverConfig, logger: Logger): Promise
   // Metrics first: a bad --metrics-address must fail before the CSI socket exists, so nothing is left behind.
   let metricsServer: Awaited<ReturnType<DriverMetrics['serve']>> | undefined;
   let admin: AdminEndpoint | undefined;
+  let peerServer: PeerServer | undefined;
   let endpoint = config.endpoint;
   try {
     metricsServer = config.metricsAddress ? await metrics.serve(config.metricsAddress) : undefined;
     admin = config.adminEndpoint ? await startAdminEndpoint(config.adminEndpoint, faults, logger) : undefined;
+    if (cluster && peerHandler && config.peers) {
+      peerServer = await startPeerServer({
+        listen: config.peers.listen,
+        tls: cluster.tls,
+        nodeId: config.nodeId,
+        handle: requestListener(peerHandler),
+        logger,
+      });
+    }
     endpoint = await listen(server, config.endpoint);
   } catch (err) {
+    if (peerServer) {
+      peerServer.destroy();
+      await peerServer.drain();
+    }
+    cluster?.close();
     await admin?.close();
     if (metricsServer) await new Promise<void>((resolve) => metricsServer!.server.close(() => resolve()));
     await nodeVolumes?.stop();
@@ -149,7 +189,10 @@ export async function startDriver(config: DriverConfig, logger: Logger): Promise
     (stopping ??= (async () => {
       ready = false;
       logger.info('draining');
-      const closed = new Promise<void>((resolve) => server.close(() => resolve()));
+      const closed = Promise.all([
+        new Promise<void>((resolve) => server.close(() => resolve())),
+        peerServer?.drain(),
+      ]).then(() => undefined);
       // GOAWAY: sessions finish the streams they have and take no new ones.
       for (const session of sessions) session.close();
       const drained = await Promise.race([
@@ -164,8 +207,10 @@ export async function startDriver(config: DriverConfig, logger: Logger): Promise
         // those clients see an error rather than a stream that merely stops.
         logger.warn({ sessions: sessions.size }, 'drain timed out; resetting the remaining calls');
         for (const session of sessions) session.destroy();
+        peerServer?.destroy();
         await closed;
       }
+      cluster?.close();
       await new Promise<void>((resolve) => (metricsServer ? metricsServer.server.close(() => resolve()) : resolve()));
       await admin?.close();
       // Devices still attached to volume files fail from here on (documented in docs/node-data-plane.md).
@@ -177,7 +222,48 @@ export async function startDriver(config: DriverConfig, logger: Logger): Promise
       logger.info('stopped');
     })());
 
-  return { endpoint, metricsUrl: metricsServer?.url, store, faults, stop };
+  return { endpoint, peerAddress: peerServer?.address, metricsUrl: metricsServer?.url, store, faults, stop };
+}
+
+/** The gRPC handler of one listener: connect, gRPC protocol only, with the driver's interceptors. */
+function connectHandler(
+  shutdownSignal: AbortSignal,
+  logger: Logger,
+  metrics: DriverMetrics,
+  faults: FaultInjector,
+  routes: (router: ConnectRouter) => void,
+) {
+  return connectNodeAdapter({
+    grpc: true,
+    connect: false,
+    grpcWeb: false,
+    readMaxBytes: READ_MAX_BYTES,
+    // Clients are on this node (a unix socket): compressing responses would only spend CPU on both ends
+    // (gzip took a sixth of the driver's CPU streaming SnapshotMetadata, and as much in the client). Compressed
+    // requests are still read.
+    compressMinBytes: Number.POSITIVE_INFINITY,
+    shutdownSignal,
+    // SnapshotMetadata responses count their BlockMetadata tuples for the logs and metrics.
+    interceptors: [observeRpcs(logger, metrics, { countItems: tupleCount }), faults.interceptor()],
+    // A service we do not serve (e.g. Node in the controller role) must still get a gRPC status, not a bare
+    // HTTP 404: headers-only, ended on the HEADERS frame, as grpc-go expects. Headers set before (the peer
+    // listener's node stamp) go along.
+    fallback: (req, res) => {
+      const headers = unimplementedMethodHeaders(req.url ?? '');
+      if ('stream' in res) res.stream.respond({ ':status': 200, ...res.getHeaders(), ...headers }, { endStream: true });
+      else res.writeHead(200, headers).end();
+    },
+    routes,
+  });
+}
+
+/** What every request goes through before connect: status corrections, and release of writes on reset. */
+function requestListener(handler: ReturnType<typeof connectNodeAdapter>) {
+  return (req: http2.Http2ServerRequest, res: http2.Http2ServerResponse) => {
+    answerUndecodableAsInvalid(res);
+    releaseWritesOnReset(res);
+    handler(req, res);
+  };
 }
 
 /** The volume a snapshot was taken of, for fault rules that name a volume. */

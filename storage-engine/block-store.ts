@@ -39,10 +39,11 @@ import {
   StoreClosedError,
   UnrelatedSnapshotsError,
 } from './errors.js';
-import { Bitmap, clipBelow, decodeBitmap } from './bitmap.js';
+import { Bitmap, clipBelow, decodeBitmap, unionOf } from './bitmap.js';
 import { DEFAULT_TOMBSTONE_RETENTION, type Tombstone, Tombstones } from './tombstones.js';
 import { DEFAULT_BATCH_SIZE, type ExtentStream, extentStream } from './extent-stream.js';
 import { newGroupId, newSnapshotId, newVolumeId } from './ids.js';
+import { type EmitEvent, eventSink } from './events.js';
 import { KeyedMutex } from './keyed-mutex.js';
 import { Layer } from './layer.js';
 import { FILE_MODE, LayerFiles, makePrivateDir } from './layer-files.js';
@@ -106,6 +107,7 @@ export class BlockStore {
   private readonly directIoBlocked = new Map<string, number>();
   private readonly compactor: Compactor;
   private readonly space: SpaceReserve;
+  private readonly emit: EmitEvent;
   private readonly defaultBlockSize: number;
   private readonly capacityLimitBytes: number | undefined;
   private readonly autoCompact: boolean;
@@ -127,6 +129,7 @@ export class BlockStore {
     }
     this.capacityLimitBytes = options.capacityLimitBytes;
     this.autoCompact = options.autoCompact ?? true;
+    this.emit = eventSink(options.onEvent);
     this.records = new Records(this.capacityLimitBytes);
     this.tombstones = new Tombstones({
       maxAgeMs: options.deletedSnapshotRetention?.maxAgeMs ?? DEFAULT_TOMBSTONE_RETENTION.maxAgeMs,
@@ -135,7 +138,7 @@ export class BlockStore {
     makePrivateDir(dir);
     this.releaseOwnership = takeOwnership(dir);
     try {
-      this.files = new LayerFiles(dir);
+      this.files = new LayerFiles(dir, () => this.catalog.nextLayerId());
       this.fileSystem = probeFileSystem(dir);
       this.space = new SpaceReserve(dir, options);
       this.catalog = openCatalog(path.join(dir, CATALOG_FILE));
@@ -202,6 +205,7 @@ export class BlockStore {
       this.volumeIo.set(vol.id, new BlockIo(head, indexChain(chainOf(head.id, this.layers)), vol.blockSize));
     }
     this.files.removeOrphans((id) => this.layers.has(id));
+    this.files.prepareSpare();
   }
 
   // ---------------------------------------------------------------- volumes
@@ -386,6 +390,28 @@ export class BlockStore {
     });
   }
 
+  /**
+   * Sets some of a volume's attributes (others keep their values) in one catalog transaction, then emits
+   * `volume-attributes-changed`. Setting the values it already has changes nothing and emits nothing.
+   */
+  async updateVolumeAttributes(id: string, changes: Attributes): Promise<VolumeInfo> {
+    this.checkOpen();
+    const set = checkAttributes(changes);
+    this.records.volume(id);
+    const updated = await this.volumeLocks.run(id, () => {
+      this.checkOpen();
+      const current = this.records.volume(id);
+      if (Object.entries(set).every(([k, v]) => current.attributes[k] === v)) return undefined;
+      const attributes = { ...current.attributes, ...set };
+      this.catalog.setVolumeAttributes(id, JSON.stringify(attributes));
+      current.attributes = attributes;
+      return volumeInfo(current);
+    });
+    if (!updated) return this.getVolume(id);
+    this.emit({ type: 'volume-attributes-changed', volumeId: id });
+    return updated;
+  }
+
   /** Marks a volume in use by `holder`; it cannot be deleted until every holder releases it. */
   hold(volumeId: string, holder: string): void {
     this.checkOpen();
@@ -407,11 +433,13 @@ export class BlockStore {
     if (data.length === 0) return;
     const io = this.io(volumeId);
     const direct = this.directIo.get(volumeId);
+    const write = (): void => {
+      this.changeRecordsBeforeRewrite(io.head, offset, data.length);
+      io.write(offset, data);
+    };
     const B = io.blockSize;
-    if (direct) {
-      const blocks: ChangedBlocks = [Math.floor(offset / B), Math.ceil((offset + data.length) / B), true];
-      direct.host.exclusive(() => io.write(offset, data), [blocks]);
-    } else io.write(offset, data);
+    if (direct) direct.host.exclusive(write, [[Math.floor(offset / B), Math.ceil((offset + data.length) / B), true]]);
+    else write();
   }
 
   /** Reads bytes at any offset; never-written and trimmed ranges read as zeros. */
@@ -449,8 +477,35 @@ export class BlockStore {
     if (length === 0) return;
     const io = this.io(volumeId);
     const direct = this.directIo.get(volumeId);
-    if (direct) direct.host.exclusive(() => io.trim(offset, length), trimmedBlocks(offset, length, io.blockSize));
-    else io.trim(offset, length);
+    const trim = (): void => {
+      // A trim's partial edge blocks are written with zeros, in place.
+      this.changeRecordsBeforeRewrite(io.head, offset, length);
+      io.trim(offset, length);
+    };
+    if (direct) direct.host.exclusive(trim, trimmedBlocks(offset, length, io.blockSize));
+    else trim();
+  }
+
+  /**
+   * A write to a block the head already holds lands in place, and its bytes can outlive a kill -9 that comes
+   * before the next flush (the page cache keeps them). Where a change record excludes such a block (a merge
+   * brought it in, unchanged since the deleted snapshot), the record must say the block changed before the
+   * bytes do, or a delta from the deleted snapshot would miss it after the kill (invariant 8): so it is
+   * stored here, ahead of the write. Rare: only the first rewrite of a block a merge into a live head brought in.
+   */
+  private changeRecordsBeforeRewrite(head: Layer, offset: number, length: number): void {
+    const first = Math.floor(offset / head.blockSize);
+    const end = Math.ceil((offset + length) / head.blockSize);
+    const affected = this.tombstones.excludingAny(head.id, first, end);
+    if (affected.length === 0) return;
+    this.catalog.transaction(() => {
+      for (const t of affected) {
+        const excluded = t.excluded!.clone();
+        excluded.removeRange(first, end);
+        this.catalog.moveTombstone(t.snapshotId, t.anchorLayerId, t.changed, excluded);
+      }
+    });
+    this.tombstones.touched(head.id, first, end);
   }
 
   /** Makes every completed write and trim of the volume durable (survives kill -9 and power loss). */
@@ -488,10 +543,12 @@ export class BlockStore {
     const vol = this.records.volume(volumeId);
     if (this.directIo.has(volumeId)) throw new BusyError(`volume ${volumeId} already has a direct I/O session`);
     if (this.directIoBlocked.has(volumeId)) return undefined;
+    const io = this.io(volumeId);
     const session = new DirectIoSession(
       volumeId,
-      this.io(volumeId),
+      io,
       () => vol.capacityBytes,
+      () => unionOf(this.tombstones.anchoredAt(io.head.id).flatMap((t) => (t.excluded ? [t.excluded] : []))),
       host,
       (ended) => {
         if (this.directIo.get(volumeId) === ended) this.directIo.delete(volumeId);
@@ -911,6 +968,7 @@ export class BlockStore {
     }
     this.closed = true;
     for (const layer of this.layers.values()) layer.close();
+    await this.files.dropSpare();
     this.catalog.close();
     await this.files.settle();
     this.releaseOwnership();
@@ -952,11 +1010,15 @@ export class BlockStore {
     const lowerBits = Bitmap.or(leaving.written, leaving.trimmed);
     const broughtIn = Bitmap.andNot(lowerBits, Bitmap.or(into.written, into.trimmed));
     const moves = anchored.length === 0 ? [] : this.tombstones.planMerge(leaving.id, lowerBits, broughtIn);
-    for (const m of moves) this.catalog.moveTombstone(m.tombstone.snapshotId, into.id, m.changed, m.excluded);
-    // Writes the live upper layer took since its last commit are committed by this merge too.
-    this.persistAnchoredAt(into.id);
+    // Records already anchored at the upper layer: the brought-in blocks are older than them, not changes.
+    // Stored with their in-memory state, which writes to a live upper layer changed since its last commit
+    // (committed by this merge too).
+    const absorbed = this.tombstones.planAbsorb(into.id, broughtIn);
+    for (const m of [...moves, ...absorbed]) {
+      this.catalog.moveTombstone(m.tombstone.snapshotId, into.id, m.changed, m.excluded);
+    }
     return () => {
-      for (const m of moves) this.tombstones.applyMove(m.tombstone, into.id, m.changed, m.excluded);
+      for (const m of [...moves, ...absorbed]) this.tombstones.applyMove(m.tombstone, into.id, m.changed, m.excluded);
       if (!into.frozen) this.watchIfAnchor(into);
     };
   }

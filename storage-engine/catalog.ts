@@ -111,6 +111,7 @@ export class Catalog {
     this.migrate();
     const db = this.db;
     this.stmt = {
+      layerSequence: db.prepare("SELECT seq FROM sqlite_sequence WHERE name = 'layers'"),
       insertLayer: db.prepare('INSERT INTO layers (parent_id, block_size, frozen, created_at_ms) VALUES (?, ?, 0, ?)'),
       deleteLayer: db.prepare('DELETE FROM layers WHERE id = ?'),
       deleteJournal: db.prepare('DELETE FROM layer_journal WHERE layer_id = ?'),
@@ -133,6 +134,7 @@ export class Catalog {
       deleteVolume: db.prepare('DELETE FROM volumes WHERE id = ?'),
       setVolumeHead: db.prepare('UPDATE volumes SET head_layer_id = ? WHERE id = ?'),
       setVolumeCapacity: db.prepare('UPDATE volumes SET capacity_bytes = ? WHERE id = ?'),
+      setVolumeAttributes: db.prepare('UPDATE volumes SET attributes = ? WHERE id = ?'),
       allVolumes: db.prepare('SELECT * FROM volumes ORDER BY rowid'),
       insertSnapshot: db.prepare(
         `INSERT INTO snapshots (id, name, source_volume_id, layer_id, capacity_bytes, block_size, attributes, created_at_ms)
@@ -244,6 +246,12 @@ export class Catalog {
     }
   }
 
+  /** The id the next inserted layer row gets (AUTOINCREMENT: never one that was used before). */
+  nextLayerId(): number {
+    const row = this.stmt.layerSequence.get() as { seq: number } | undefined;
+    return (row?.seq ?? 0) + 1;
+  }
+
   insertLayer(parentId: number | null, blockSize: number, nowMs: number): number {
     return Number(this.stmt.insertLayer.run(parentId, blockSize, nowMs).lastInsertRowid);
   }
@@ -328,6 +336,10 @@ export class Catalog {
 
   setVolumeCapacity(id: string, capacityBytes: number): void {
     this.transaction(() => this.stmt.setVolumeCapacity.run(capacityBytes, id));
+  }
+
+  setVolumeAttributes(id: string, attributes: string): void {
+    this.transaction(() => this.stmt.setVolumeAttributes.run(attributes, id));
   }
 
   allVolumes(): VolumeRow[] {

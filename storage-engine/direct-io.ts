@@ -16,6 +16,7 @@
  * is never set for bytes that are not in the file; until it is recorded, the host's own log of completed
  * writes is what makes its reads of those blocks correct, and nothing else reads them (invariant 4).
  */
+import { type Bitmap, runsOf } from './bitmap.js';
 import type { Layer } from './layer.js';
 import type { LocationIndex } from './location-index.js';
 
@@ -53,6 +54,13 @@ export interface DirectIoView {
   readonly owners: Int32Array;
   /** The file of every layer the runs name, and of the head. */
   readonly layerPaths: ReadonlyMap<number, string>;
+  /**
+   * Blocks [engineWriteStarts[i], engineWriteEnds[i]) a direct write must leave to the engine: a change record
+   * excludes them, and must hear of a rewrite before the bytes land (invariant 8). The set only shrinks while
+   * the session lasts (it grows by merges into the head, which end sessions).
+   */
+  readonly engineWriteStarts: Float64Array;
+  readonly engineWriteEnds: Float64Array;
 }
 
 /** The engine's side of a volume's I/O a session works on (the volume's BlockIo, narrowed). */
@@ -70,6 +78,8 @@ export class DirectIoSession {
     readonly volumeId: string,
     private readonly io: SessionIo,
     private readonly capacityBytes: () => number,
+    /** Blocks of the head that only engine writes may change (see DirectIoView.engineWriteStarts). */
+    private readonly engineOnly: () => Bitmap,
     readonly host: DirectIoHost,
     private readonly onClose: (session: DirectIoSession) => void,
   ) {
@@ -98,6 +108,7 @@ export class DirectIoSession {
       owners[i] = run.owner.id;
       if (!layerPaths.has(run.owner.id)) layerPaths.set(run.owner.id, run.owner.path);
     });
+    const engineRuns = [...runsOf(this.engineOnly())];
     return {
       blockSize: this.io.blockSize,
       capacityBytes: this.capacityBytes(),
@@ -106,6 +117,8 @@ export class DirectIoSession {
       ends,
       owners,
       layerPaths,
+      engineWriteStarts: Float64Array.from(engineRuns, (r) => r[0]),
+      engineWriteEnds: Float64Array.from(engineRuns, (r) => r[1]),
     };
   }
 

@@ -11,7 +11,8 @@
  * so delta(deleted, target) = changed ∪ (anchor's bits − excluded) ∪ (bits of the layers above the anchor up
  * to the target). A tombstone starts at the deleted snapshot's own layer (excluded null, nothing changed).
  * When compaction merges the anchor into the layer above, the counted part of the anchor moves into
- * `changed`, the anchor moves up, and the blocks the merge brings in are excluded. If the new anchor is a
+ * `changed`, the anchor moves up, and the blocks the merge brings in are excluded. When it merges a layer
+ * below into an anchor whose own bits count, the blocks brought in are excluded too: they are older. If the new anchor is a
  * live head, a later write to an excluded block is a change: the store removes it from `excluded` as it is
  * written, and persists that with the head's next commit. When the anchor is dropped (nothing is above it),
  * no later snapshot can name it, and the tombstone goes. Past retention (age, or count per volume) its bits
@@ -44,6 +45,8 @@ export const DEFAULT_TOMBSTONE_RETENTION: TombstoneRetention = {
   maxAgeMs: 30 * 24 * 3600 * 1000,
   maxPerVolume: 256,
 };
+
+const NONE: Tombstone[] = [];
 
 export class Tombstones {
   private readonly byId = new Map<string, Tombstone>();
@@ -111,12 +114,35 @@ export class Tombstones {
     });
   }
 
+  /**
+   * The same merge seen from the upper layer: records already anchored there gain the brought-in blocks as
+   * excluded, since everything below an anchor is older than its deleted snapshot. Apply with `applyMove`.
+   */
+  planAbsorb(
+    upper: number,
+    broughtIn: Bitmap,
+  ): Array<{ tombstone: Tombstone; changed: Bitmap | null; excluded: Bitmap | null }> {
+    return this.anchoredAt(upper)
+      .filter((t) => t.changed !== null && t.excluded !== null)
+      .map((t) => ({ tombstone: t, changed: t.changed, excluded: Bitmap.or(t.excluded!, broughtIn) }));
+  }
+
   applyMove(t: Tombstone, anchorLayerId: number, changed: Bitmap | null, excluded: Bitmap | null): void {
     this.unanchor(t);
     t.anchorLayerId = anchorLayerId;
     this.anchor(t);
     t.changed = changed;
     t.excluded = changed === null ? null : excluded;
+  }
+
+  /**
+   * Tombstones anchored at a layer that exclude some of blocks [first, end): rewriting those blocks in place
+   * changes them. A lookup, then a range count per record: asked before every write.
+   */
+  excludingAny(layerId: number, first: number, end: number): Tombstone[] {
+    const set = this.byAnchor.get(layerId);
+    if (!set) return NONE;
+    return [...set].filter((t) => t.excluded !== null && t.excluded.rangeCardinality(first, end) > 0);
   }
 
   /** Blocks [first, end) of a live anchor were written or trimmed: they now count as changed. */

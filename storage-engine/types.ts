@@ -147,7 +147,9 @@ export type StoreEvent =
     }
   | { type: 'compaction-recovered'; failures: number }
   | { type: 'space-reserve-released'; bytes: number; for: string }
-  | { type: 'space-reserve-restored'; bytes: number };
+  | { type: 'space-reserve-restored'; bytes: number }
+  /** `updateVolumeAttributes` committed new attributes: hosts that act on them read them again. */
+  | { type: 'volume-attributes-changed'; volumeId: string };
 
 /** What one `compact()` pass did. */
 export interface CompactionReport {

@@ -5,16 +5,20 @@
 # A component already built there is reused; nothing depends on the cache existing.
 # Each component builds in a throwaway module that requires it at its pinned version; local (./, ../)
 # replace lines of its go.mod are pinned to released versions (Kubernetes' staging modules to v0.X.Y).
+# A component with a `source` is a program of this repository (its own go.mod and go.sum pin what it
+# requires); it is rebuilt when its sources change (source-hash.mjs).
 #
 # Usage: scripts/ecosystem/build.sh [component ...]   (default: what CI's tests use, see DEFAULT below)
 #        ECOSYSTEM_BUILD_JOBS=N   components built at once (default 2)
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
+repo="$(cd "$here/../.." && pwd)"
 versions="$here/versions.json"
 cache="${CBT_CSI_ECOSYSTEM_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/cbt-csi-ecosystem}"
 jobs="${ECOSYSTEM_BUILD_JOBS:-2}"
-# The longest build first, so the others fill the second slot beside it.
-DEFAULT=(kubernetes helm csi-sanity etcd)
+# The longest build first, so the others fill the second slot beside it. The sidecars and snapshot-controller
+# are for the headless cluster (test/ecosystem/headless-cluster.test.ts).
+DEFAULT=(kubernetes helm external-snapshotter external-provisioner external-resizer etcd csi-sanity external-snapshot-metadata snapshot-metadata-client)
 
 export GOTOOLCHAIN=local GOFLAGS=-buildvcs=false CGO_ENABLED=0
 
@@ -34,6 +38,25 @@ field() {
   ' "$versions" "$1" "$2"
 }
 
+# What a finished build records and is reused for: the versions.json entry, and for a program of this
+# repository also the hash of its sources.
+spec_of() {
+  local source
+  field "$1" spec
+  source="$(field "$1" source)"
+  [ -z "$source" ] || echo "source-sha256 $(node "$here/source-hash.mjs" "$repo/$source")"
+}
+
+# A program of this repository: built from its own module directory, with its committed go.sum.
+build_local() {
+  local name="$1" dir="$2" ldflags="$3" source
+  source="$(field "$name" source)"
+  cd "$repo/$source"
+  while read -r bin pkg; do
+    go build -mod=readonly -trimpath -ldflags="$ldflags" -o "$dir/bin/$bin" "$pkg"
+  done < <(field "$name" binaries)
+}
+
 build_one() {
   local name="$1" module version local_version ldflags dir work bin start
   module="$(field "$name" module)"
@@ -47,7 +70,7 @@ build_one() {
     return 0
   fi
   # Reused only if built from this very entry of versions.json (same packages, flags, replaces).
-  if [ -f "$dir/complete" ] && [ "$(cat "$dir/spec.json" 2>/dev/null)" = "$(field "$name" spec)" ]; then
+  if [ -f "$dir/complete" ] && [ "$(cat "$dir/spec.json" 2>/dev/null)" = "$(spec_of "$name")" ]; then
     echo "$name $version: reused $dir/bin"
     return 0
   fi
@@ -59,6 +82,10 @@ build_one() {
   set +e
   (
     set -euo pipefail
+    if [ -n "$(field "$name" source)" ]; then
+      build_local "$name" "$dir" "$ldflags"
+      exit 0
+    fi
     cd "$work"
     go mod init "cbt-csi-ecosystem/$name" >/dev/null 2>&1
     go mod edit -require="$module@$version"
@@ -89,7 +116,7 @@ build_one() {
     return 1
   fi
   rm -rf "$work"
-  field "$name" spec >"$dir/spec.json"
+  spec_of "$name" >"$dir/spec.json"
   printf '%s %s built in %d s with %s\n' "$name" "$version" "$((SECONDS - start))" "$(go version)" >"$dir/complete"
   echo "$name $version: built in $((SECONDS - start)) s -> $dir/bin"
 }

@@ -42,9 +42,16 @@ export interface BackupSummary {
   metadataResumes: number;
 }
 
+/**
+ * What planBackup asks: the snapshot's allocated extents, or those changed since a base snapshot, both
+ * by CSI snapshot ID. A SnapshotMetadataClient in CSI-direct mode is one as it is; in Kubernetes mode the
+ * caller maps the IDs to the VolumeSnapshot it backs up.
+ */
+export type SnapshotLister = Pick<SnapshotMetadataClient, 'allocated' | 'delta'>;
+
 /** Lists the extents to read, merged into runs. */
 export async function planBackup(
-  client: SnapshotMetadataClient,
+  client: SnapshotLister,
   snapshot: string,
   sourceVolume: string | null,
   base: Manifest | null,

@@ -8,15 +8,18 @@ import path from 'node:path';
 import { type Command, InvalidArgumentError, Option } from 'commander';
 import {
   connectCsiDirect,
+  connectKubernetes,
   InvalidArgumentError as MetadataInvalidArgument,
   NotFoundError,
   OutOfRangeError,
   type Extent,
   type ExtentListing,
+  type ResumeListener,
+  type SnapshotMetadataClient,
 } from '../client/index.js';
-import { openSource } from './block-target.js';
+import { openSource, type BlockSource } from './block-target.js';
 import { renderBlockmap, type BlockmapRow } from './blockmap.js';
-import { planBackup, writeBackup } from './backup-run.js';
+import { planBackup, writeBackup, type SnapshotLister } from './backup-run.js';
 import { CsiVolumes, type ExposedSnapshot } from './csi-volumes.js';
 import { runDemo } from './demo.js';
 import { createProgress } from './progress.js';
@@ -92,6 +95,21 @@ function usageExits(cmd: Command): Command {
   return cmd.exitOverride((err) => process.exit(err.exitCode === 0 ? 0 : 2));
 }
 
+/** Kubernetes mode: snapshots are VolumeSnapshots of this namespace, reached through the sidecar. */
+function namespaceOption(): Option {
+  return new Option(
+    '--namespace <ns>',
+    "Kubernetes mode: snapshots are VolumeSnapshot names in this namespace, asked through the driver's csi-snapshot-metadata sidecar",
+  );
+}
+
+function kubeconfigOption(): Option {
+  return new Option(
+    '--kubeconfig <file>',
+    "with --namespace: the caller's kubeconfig (default $KUBECONFIG, ~/.kube/config, else the pod's ServiceAccount)",
+  );
+}
+
 function endpointOption(): Option {
   return new Option(
     '--endpoint <endpoint>',
@@ -101,6 +119,8 @@ function endpointOption(): Option {
 
 interface MetadataFlags {
   endpoint?: string;
+  namespace?: string;
+  kubeconfig?: string;
   json?: boolean;
   format: 'table' | 'csv' | 'json';
   startingOffset: number;
@@ -117,6 +137,8 @@ export function registerBackupCommands(program: Command): void {
     usageExits(
       cmd
         .addOption(endpointOption())
+        .addOption(namespaceOption())
+        .addOption(kubeconfigOption())
         .addOption(new Option('--format <format>', 'output').choices(['table', 'csv', 'json']).default('table'))
         .option('--json', 'same as --format json')
         .option('--starting-offset <bytes>', 'start at this byte offset', nonNegativeInteger, 0)
@@ -141,13 +163,15 @@ export function registerBackupCommands(program: Command): void {
       .command('backup')
       .description('back up a snapshot into a repository: full, or incremental on --base (reads only what changed)')
       .requiredOption('--repo <dir>', 'the repository (created if absent or empty)')
-      .requiredOption('--snapshot <id>', 'the CSI snapshot to back up')
+      .requiredOption('--snapshot <id>', 'the CSI snapshot to back up (with --namespace: the VolumeSnapshot)')
       .option('--base <backup-id>', "the backup to build on (its snapshot is the delta's base); default: a full backup")
       .option(
         '--source <device-or-file>',
-        "read the snapshot's bytes from here (a device or image of it); default: publish a copy of it through the Node service (root)",
+        "read the snapshot's bytes from here (a device or image of it); default: publish a copy of it through the Node service (root); required with --namespace",
       )
       .addOption(endpointOption())
+      .addOption(namespaceOption())
+      .addOption(kubeconfigOption())
       .option('--json', 'print the summary as JSON')
       .option('--quiet', 'no progress output'),
   ).action(action('backup', backupCommand));
@@ -218,9 +242,12 @@ function listOptions(flags: MetadataFlags, signal: AbortSignal) {
 async function printListing(
   flags: MetadataFlags,
   signal: AbortSignal,
-  open: (client: ReturnType<typeof connectCsiDirect>) => Promise<ExtentListing>,
+  open: (client: SnapshotMetadataClient) => Promise<ExtentListing>,
 ): Promise<void> {
-  const client = connectCsiDirect(flags.endpoint ?? defaultEndpoint());
+  oneMode(flags);
+  const client = flags.namespace
+    ? connectKubernetes({ namespace: flags.namespace, kubeconfig: flags.kubeconfig })
+    : connectCsiDirect(flags.endpoint ?? defaultEndpoint());
   try {
     signal.throwIfAborted();
     const listing = await open(client);
@@ -262,26 +289,96 @@ interface BackupFlags {
   base?: string;
   source?: string;
   endpoint?: string;
+  namespace?: string;
+  kubeconfig?: string;
   json?: boolean;
   quiet?: boolean;
 }
 
+/** The snapshot a backup is taken of: its CSI ID (what the manifest keeps) and volume, when known. */
+interface BackupSubject {
+  id: string;
+  sourceVolume: string | null;
+}
+
+/** CSI direct (--endpoint) or Kubernetes (--namespace), not both. */
+function oneMode(flags: { endpoint?: string; namespace?: string; kubeconfig?: string }): void {
+  if (flags.namespace && flags.endpoint)
+    throw new UsageError(
+      '--endpoint (CSI direct) and --namespace (Kubernetes, through the sidecar) exclude each other',
+    );
+  if (flags.kubeconfig && !flags.namespace)
+    throw new UsageError('--kubeconfig is for Kubernetes mode: give --namespace too');
+}
+
 async function backupCommand(signal: AbortSignal, flags: BackupFlags): Promise<void> {
-  const endpoint = flags.endpoint ?? defaultEndpoint();
+  oneMode(flags);
   // Everything is checked before the repository is created or written.
   const state = await BackupRepository.check(path.resolve(flags.repo));
+  const onResume: ResumeListener = ({ offset, attempt, delayMs }) => {
+    if (!flags.quiet)
+      process.stderr.write(`metadata stream cut; resuming at byte ${offset} in ${delayMs} ms (attempt ${attempt})\n`);
+  };
+  if (flags.namespace) {
+    const source = flags.source;
+    if (!source)
+      throw new UsageError(
+        'in Kubernetes mode (--namespace) --source is required: the block device of a PVC restored from the VolumeSnapshot and attached to this pod',
+      );
+    const client = connectKubernetes({ namespace: flags.namespace, kubeconfig: flags.kubeconfig, onResume });
+    try {
+      const snapshot = await client.snapshot(flags.snapshot);
+      // The manifest keeps the CSI handle: the sidecar takes a delta's base as one, and it outlives the
+      // base VolumeSnapshot object.
+      const lister: SnapshotLister = {
+        allocated: (_id, options) => client.allocated(snapshot.name, options),
+        delta: (baseId, _id, options) => client.deltaFromHandle(baseId, snapshot.name, options),
+      };
+      await runBackup(
+        signal,
+        flags,
+        state,
+        { id: snapshot.snapshotHandle, sourceVolume: snapshot.sourceVolumeHandle },
+        lister,
+        (capacity) => openSource(source, capacity),
+      );
+    } finally {
+      await client.close();
+    }
+    return;
+  }
+
+  const endpoint = flags.endpoint ?? defaultEndpoint();
   const volumes = new CsiVolumes(endpoint);
-  const client = connectCsiDirect(endpoint, {
-    onResume: ({ offset, attempt, delayMs }) => {
-      if (!flags.quiet)
-        process.stderr.write(`metadata stream cut; resuming at byte ${offset} in ${delayMs} ms (attempt ${attempt})\n`);
-    },
-  });
+  const client = connectCsiDirect(endpoint, { onResume });
   let exposed: ExposedSnapshot | undefined;
-  let lock: RepositoryLock | undefined;
-  let source: Awaited<ReturnType<typeof openSource>> | undefined;
   try {
     const snapshot = await volumes.snapshot(flags.snapshot);
+    await runBackup(signal, flags, state, snapshot, client, async (capacity) => {
+      if (flags.source) return openSource(flags.source, capacity);
+      exposed = await volumes.expose(snapshot, signal);
+      return openSource(exposed.device, capacity);
+    });
+  } finally {
+    const released = exposed?.release();
+    await client.close();
+    if (released) await released.finally(() => volumes.close());
+    else volumes.close();
+  }
+}
+
+/** Plans, reads and commits one backup of `snapshot`, reading from what `openSourceFor` opens. */
+async function runBackup(
+  signal: AbortSignal,
+  flags: BackupFlags,
+  state: Awaited<ReturnType<typeof BackupRepository.check>>,
+  snapshot: BackupSubject,
+  lister: SnapshotLister,
+  openSourceFor: (capacityBytes: number) => Promise<BlockSource>,
+): Promise<void> {
+  let lock: RepositoryLock | undefined;
+  let source: BlockSource | undefined;
+  try {
     let base = null;
     if (flags.base) {
       if (state !== 'repository')
@@ -289,13 +386,13 @@ async function backupCommand(signal: AbortSignal, flags: BackupFlags): Promise<v
           `base backup ${flags.base} cannot be in ${flags.repo}: it is not a repository yet (omit --base for a full backup)`,
         );
       base = await (await BackupRepository.open(flags.repo)).manifest(flags.base);
-      if (base.sourceVolume && base.sourceVolume !== snapshot.sourceVolume) {
+      if (base.sourceVolume && snapshot.sourceVolume && base.sourceVolume !== snapshot.sourceVolume) {
         throw new UsageError(
           `base backup ${base.id} is of volume ${base.sourceVolume}, but snapshot ${snapshot.id} is of volume ${snapshot.sourceVolume}: an incremental backup needs a base of the same volume`,
         );
       }
     }
-    const plan = await planBackup(client, snapshot.id, snapshot.sourceVolume, base, signal).catch((err: unknown) => {
+    const plan = await planBackup(lister, snapshot.id, snapshot.sourceVolume, base, signal).catch((err: unknown) => {
       if (base && err instanceof NotFoundError) {
         throw new UsageError(
           `the base backup's snapshot ${base.snapshot} is gone from the driver, so nothing can say what changed since: take a full backup (omit --base)`,
@@ -303,11 +400,7 @@ async function backupCommand(signal: AbortSignal, flags: BackupFlags): Promise<v
       }
       throw err;
     });
-    if (flags.source) source = await openSource(flags.source, plan.capacityBytes);
-    else {
-      exposed = await volumes.expose(snapshot, signal);
-      source = await openSource(exposed.device, plan.capacityBytes);
-    }
+    source = await openSourceFor(plan.capacityBytes);
     signal.throwIfAborted();
     const repo = await BackupRepository.openOrCreate(flags.repo);
     lock = await repo.lock();
@@ -322,10 +415,6 @@ async function backupCommand(signal: AbortSignal, flags: BackupFlags): Promise<v
   } finally {
     await source?.close().catch(() => undefined);
     await lock?.release().catch(() => undefined);
-    const released = exposed?.release();
-    await client.close();
-    if (released) await released.finally(() => volumes.close());
-    else volumes.close();
   }
 }
 

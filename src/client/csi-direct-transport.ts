@@ -7,7 +7,7 @@ import type http2 from 'node:http2';
 import net from 'node:net';
 import { Code, ConnectError, createClient, type Client } from '@connectrpc/connect';
 import { createGrpcTransport, Http2SessionManager } from '@connectrpc/connect-node';
-import { BlockMetadataType as WireType, SnapshotMetadata, type BlockMetadata } from '../gen/csi/v1/csi_pb.js';
+import { BlockMetadataType as WireType, SnapshotMetadata } from '../gen/csi/v1/csi_pb.js';
 import type { BlockMetadataType, MetadataPage, MetadataRequest, MetadataTransport } from './types.js';
 
 /** HTTP/2 over a unix socket or TCP, from a CSI endpoint string. */
@@ -39,7 +39,7 @@ export class CsiDirectTransport implements MetadataTransport {
     try {
       yield* this.stream(request, signal);
     } catch (err) {
-      throw signal.aborted ? err : asUnavailable(err);
+      throw signal.aborted ? err : asUnavailable(err, 'the driver');
     }
   }
 
@@ -81,7 +81,8 @@ export function styleOf(type: WireType): BlockMetadataType {
   return type === WireType.FIXED_LENGTH ? 'FIXED_LENGTH' : 'VARIABLE_LENGTH';
 }
 
-function flatten(list: readonly BlockMetadata[]): Float64Array {
+/** Tuples as [offset, length, offset, length, …] (the CSI and the Kubernetes messages share the shape). */
+export function flatten(list: readonly { byteOffset: bigint; sizeBytes: bigint }[]): Float64Array {
   const out = new Float64Array(list.length * 2);
   for (let i = 0; i < list.length; i++) {
     out[2 * i] = Number(list[i]!.byteOffset);
@@ -102,16 +103,16 @@ const CONNECTION_LOST = new Set([
 ]);
 
 /**
- * connect-node reports a connection reset mid-stream as ABORTED; for a client of this driver it is the
- * driver being unreachable, UNAVAILABLE, which the client resumes.
+ * connect-node reports a connection reset mid-stream as ABORTED; for a client it is the server (`peer`:
+ * the driver, or the sidecar in front of it) being unreachable, UNAVAILABLE, which the client resumes.
  */
-function asUnavailable(err: unknown): unknown {
+export function asUnavailable(err: unknown, peer: string): unknown {
   if (!(err instanceof ConnectError) || err.code === Code.Unavailable) return err;
   const cause = err.cause as NodeJS.ErrnoException | undefined;
   const lost =
     (cause?.code !== undefined && CONNECTION_LOST.has(cause.code)) ||
     /ECONNRESET|EPIPE|ECONNREFUSED/.test(err.rawMessage);
   return lost
-    ? new ConnectError(`connection to the driver lost: ${err.rawMessage}`, Code.Unavailable, undefined, undefined, err)
+    ? new ConnectError(`connection to ${peer} lost: ${err.rawMessage}`, Code.Unavailable, undefined, undefined, err)
     : err;
 }

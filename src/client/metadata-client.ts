@@ -124,6 +124,11 @@ class ResumingStream {
   private pending: MetadataPage | undefined;
   /** Whether the current stream's first page may overlap what was received before (it was reopened). */
   private reopened = false;
+  /**
+   * Whether no extent has come yet: the first may start before the caller's starting offset (the spec
+   * only says it ends after it), and is then taken as the driver sent it.
+   */
+  private atStart = true;
 
   constructor(
     private readonly transport: MetadataTransport,
@@ -209,8 +214,10 @@ class ResumingStream {
         );
       }
       if (offset < this.cursor) {
-        // After a reopen, the first extent may straddle where the last stream stopped: keep the new part.
-        if (!this.reopened || i !== 0) {
+        // The first extent of a stream may straddle where it starts: after a reopen keep the new part, at
+        // the caller's starting offset the whole extent. Anything else before the cursor is out of order.
+        const straddles = i === 0 && (this.reopened || (this.atStart && end > this.cursor));
+        if (!straddles) {
           throw new ProtocolError(
             'PROTOCOL',
             `${this.what}: the driver sent extents out of order (offset ${offset} after ${this.cursor})`,
@@ -218,12 +225,15 @@ class ResumingStream {
           );
         }
         if (end <= this.cursor) continue;
-        offset = this.cursor;
+        if (this.reopened && !this.atStart) offset = this.cursor;
       }
       out.push({ offset, length: end - offset });
       this.cursor = end;
     }
-    if (t.length > 0) this.reopened = false;
+    if (t.length > 0) {
+      this.reopened = false;
+      this.atStart = false;
+    }
     return out;
   }
 

@@ -11,6 +11,7 @@ import { create } from '@bufbuild/protobuf';
 import { Code, type ServiceImpl } from '@connectrpc/connect';
 import {
   AlreadyExistsError,
+  type Attributes,
   InvalidArgumentError,
   NotFoundError,
   isSnapshotId,
@@ -40,7 +41,19 @@ import {
   parseVolumeParameters,
   type VolumeParameters,
 } from './volume-parameters.js';
-import { profileAttributes } from './metadata-profiles.js';
+import {
+  ATTR_METADATA_PROFILE,
+  ATTR_OBJECT_SIZE,
+  CEPH_RBD_DEFAULT_OBJECT_SIZE,
+  PARAM_METADATA_PROFILE,
+  PARAM_OBJECT_SIZE,
+  type MetadataProfileName,
+  profileAttributes,
+  profileMismatch,
+} from './metadata-profiles.js';
+import { ioLimitAttributes } from './io-limit-parameters.js';
+import { checkMutableKeys, isMutableParameter, modifiedAttributes } from './mutable-parameters.js';
+import { ATTR_MAX_BANDWIDTH, ATTR_MAX_IOPS } from '../dataplane/io-limiter.js';
 
 /** What ControllerGetCapabilities advertises; each one is implemented below. */
 export const CONTROLLER_CAPABILITIES: readonly RpcType[] = [
@@ -54,6 +67,7 @@ export const CONTROLLER_CAPABILITIES: readonly RpcType[] = [
   RpcType.GET_VOLUME,
   RpcType.VOLUME_CONDITION,
   RpcType.SINGLE_NODE_MULTI_WRITER,
+  RpcType.MODIFY_VOLUME,
   // GET_SNAPSHOT (CSI 1.12, alpha) is served but not advertised: csi-sanity v5.4.0, the suite this driver
   // is judged by, rejects any capability it does not know, and no sidecar needs the advertisement yet.
 ];
@@ -63,8 +77,12 @@ interface VolumeWish {
   name: string;
   range: ByteRange;
   params: VolumeParameters;
-  /** Whether the request named these parameters (else they are defaults, and any value matches). */
-  explicit: { blockSize: boolean; metadataStyle: boolean };
+  /** The attributes a new volume is stored with (style, profile, I/O limits). */
+  attributes: Attributes;
+  /** Whether the request named a blockSize (else it is the default, and any block size matches). */
+  explicitBlockSize: boolean;
+  /** The attributes the request named (parameters or mutable_parameters); an existing volume must have them. */
+  explicitAttributes: Attributes;
   source: { kind: 'snapshot'; snapshotId: string } | { kind: 'volume'; volumeId: string } | undefined;
   topologyOk: boolean;
 }
@@ -72,6 +90,27 @@ interface VolumeWish {
 export function controllerService(ctx: DriverContext): ServiceImpl<typeof Controller> {
   const { store, config } = ctx;
   const defaults: VolumeParameters = { blockSize: config.defaultBlockSize, metadataStyle: config.defaultMetadataStyle };
+  const defaultProfile = config.defaultMetadataProfile ?? 'exact';
+
+  /** A volume's value of an attribute, with what a volume stored without it means. */
+  const attributeOf = (volume: VolumeInfo, key: string): string => {
+    if (key === ATTR_METADATA_STYLE) return volumeMetadataStyle(volume, config);
+    const stored = volume.attributes[key];
+    if (stored !== undefined) return stored;
+    if (key === ATTR_METADATA_PROFILE) return defaultProfile;
+    if (key === ATTR_OBJECT_SIZE) return String(CEPH_RBD_DEFAULT_OBJECT_SIZE);
+    if (key === ATTR_MAX_IOPS || key === ATTR_MAX_BANDWIDTH) return '0';
+    return '';
+  };
+
+  /** The first attribute whose value differs from the volume's, as "its KEY is VALUE". */
+  const attributeMismatch = (volume: VolumeInfo, wanted: Attributes): string | undefined => {
+    for (const [key, value] of Object.entries(wanted)) {
+      const actual = attributeOf(volume, key);
+      if (actual !== value) return `its ${key} is ${actual}`;
+    }
+    return undefined;
+  };
 
   /**
    * Why an existing volume does not answer the request, or undefined if it does. This is CSI's rule, not a
@@ -83,12 +122,11 @@ export function controllerService(ctx: DriverContext): ServiceImpl<typeof Contro
     if (sourceKey(volume.source) !== sourceKey(wish.source)) return 'it has a different volume_content_source';
     if (!fitsRange(volume.capacityBytes, wish.range))
       return `its ${volume.capacityBytes} bytes are outside capacity_range`;
-    if (wish.explicit.blockSize && volume.blockSize !== wish.params.blockSize) {
+    if (wish.explicitBlockSize && volume.blockSize !== wish.params.blockSize) {
       return `its ${PARAM_BLOCK_SIZE} is ${volume.blockSize}`;
     }
-    if (wish.explicit.metadataStyle && volumeMetadataStyle(volume, config) !== wish.params.metadataStyle) {
-      return `its ${PARAM_METADATA_STYLE} is ${volumeMetadataStyle(volume, config)}`;
-    }
+    const mismatch = attributeMismatch(volume, wish.explicitAttributes);
+    if (mismatch) return mismatch;
     if (!wish.topologyOk) return 'it is on this node, which accessibility_requirements.requisite excludes';
     return undefined;
   };
@@ -113,7 +151,7 @@ export function controllerService(ctx: DriverContext): ServiceImpl<typeof Contro
     },
 
     async createVolume(req) {
-      const wish = volumeWish(req, defaults, ctx);
+      const wish = volumeWish(req, defaults, defaultProfile, ctx);
       const existing = existingVolume(wish);
       if (existing) return createVolumeResponse(existing);
       if (!wish.topologyOk) {
@@ -135,13 +173,10 @@ export function controllerService(ctx: DriverContext): ServiceImpl<typeof Contro
         volume = await store.createVolume({
           name: wish.name,
           capacityBytes,
-          ...(src === undefined || wish.explicit.blockSize ? { blockSize: wish.params.blockSize } : {}),
+          ...(src === undefined || wish.explicitBlockSize ? { blockSize: wish.params.blockSize } : {}),
           ...(wish.source?.kind === 'snapshot' ? { sourceSnapshotId: wish.source.snapshotId } : {}),
           ...(wish.source?.kind === 'volume' ? { sourceVolumeId: wish.source.volumeId } : {}),
-          attributes: {
-            [ATTR_METADATA_STYLE]: wish.params.metadataStyle,
-            ...profileAttributes(req.parameters, config.defaultMetadataProfile ?? 'exact'),
-          },
+          attributes: wish.attributes,
         });
       } catch (err) {
         // A concurrent call of the same name won; it may still answer this request (e.g. a wider range).
@@ -173,15 +208,14 @@ export function controllerService(ctx: DriverContext): ServiceImpl<typeof Contro
         unsupportedCapability(req.volumeCapabilities) ??
         contextMismatch(req.volumeContext, volumeContext(volume, config)) ??
         parametersMismatch(req.parameters, volume, defaults, ctx) ??
-        (Object.keys(req.mutableParameters).length > 0
-          ? 'mutable_parameters are not supported (no MODIFY_VOLUME capability)'
-          : undefined);
+        mutableMismatch(req.mutableParameters, volume);
       if (reason) return { message: reason };
       return {
         confirmed: {
           volumeContext: req.volumeContext,
           volumeCapabilities: req.volumeCapabilities,
           parameters: req.parameters,
+          mutableParameters: req.mutableParameters,
         },
       };
     },
@@ -305,10 +339,31 @@ export function controllerService(ctx: DriverContext): ServiceImpl<typeof Contro
     controllerUnpublishVolume() {
       throw unimplemented('ControllerUnpublishVolume', 'volumes need no controller-side attach');
     },
-    controllerModifyVolume() {
-      throw unimplemented('ControllerModifyVolume', 'there are no mutable parameters');
+    async controllerModifyVolume(req) {
+      if (!req.volumeId) throw rpcError(Code.InvalidArgument, 'volume_id is required');
+      const volume = store.getVolume(req.volumeId);
+      // Every key and value is checked before anything is stored: a refused request changes nothing.
+      const changes = modifiedAttributes(req.mutableParameters, volume.attributes, defaultProfile);
+      // Setting what the volume already has is a no-op (an idempotent repeat).
+      await store.updateVolumeAttributes(volume.id, changes);
+      ctx.logger.info({ volumeId: volume.id, changes }, 'volume modified');
+      return {};
     },
   };
+
+  /** Why mutable_parameters given to ValidateVolumeCapabilities do not describe the volume, if they do not. */
+  function mutableMismatch(mutable: Readonly<Record<string, string>>, volume: VolumeInfo): string | undefined {
+    if (Object.keys(mutable).length === 0) return undefined;
+    let wanted: Attributes;
+    try {
+      wanted = modifiedAttributes(mutable, volume.attributes, defaultProfile);
+    } catch (err) {
+      if (err instanceof InvalidArgumentError) return err.message;
+      throw err;
+    }
+    const why = attributeMismatch(volume, wanted);
+    return why && `mutable_parameters do not describe the volume: ${why}`;
+  }
 
   function findVolume(id: string): VolumeInfo | undefined {
     try {
@@ -330,14 +385,21 @@ export function controllerService(ctx: DriverContext): ServiceImpl<typeof Contro
 }
 
 /** Validates a CreateVolume request into what it asks for; INVALID_ARGUMENT for anything malformed. */
-function volumeWish(req: CreateVolumeRequest, defaults: VolumeParameters, ctx: DriverContext): VolumeWish {
+function volumeWish(
+  req: CreateVolumeRequest,
+  defaults: VolumeParameters,
+  defaultProfile: MetadataProfileName,
+  ctx: DriverContext,
+): VolumeWish {
   checkName(req.name, 'name');
   requireSupportedCapabilities(req.volumeCapabilities);
-  if (Object.keys(req.mutableParameters).length > 0) {
-    throw rpcError(Code.InvalidArgument, 'mutable_parameters are not supported (no MODIFY_VOLUME capability)');
-  }
+  checkMutableKeys(req.mutableParameters);
   const range = checkCapacityRange(req.capacityRange);
-  const params = parseVolumeParameters(req.parameters, defaults);
+  // mutable_parameters take precedence over parameters (spec: CreateVolume).
+  const given: Record<string, string> = { ...req.parameters, ...req.mutableParameters };
+  const params = parseVolumeParameters(given, defaults);
+  const profile = profileAttributes(given, defaultProfile);
+  const limits = ioLimitAttributes(given);
   let source: VolumeWish['source'];
   const content = req.volumeContentSource;
   if (content) {
@@ -362,9 +424,15 @@ function volumeWish(req: CreateVolumeRequest, defaults: VolumeParameters, ctx: D
     name: req.name,
     range,
     params,
-    explicit: {
-      blockSize: Object.hasOwn(req.parameters, PARAM_BLOCK_SIZE),
-      metadataStyle: Object.hasOwn(req.parameters, PARAM_METADATA_STYLE),
+    attributes: { [ATTR_METADATA_STYLE]: params.metadataStyle, ...profile, ...limits },
+    explicitBlockSize: Object.hasOwn(given, PARAM_BLOCK_SIZE),
+    explicitAttributes: {
+      ...(Object.hasOwn(given, PARAM_METADATA_STYLE) ? { [ATTR_METADATA_STYLE]: params.metadataStyle } : {}),
+      ...(Object.hasOwn(given, PARAM_METADATA_PROFILE)
+        ? { [ATTR_METADATA_PROFILE]: profile[ATTR_METADATA_PROFILE]! }
+        : {}),
+      ...(Object.hasOwn(given, PARAM_OBJECT_SIZE) ? { [ATTR_OBJECT_SIZE]: profile[ATTR_OBJECT_SIZE]! } : {}),
+      ...limits,
     },
     source,
     topologyOk: satisfiesRequirement(req.accessibilityRequirements, ctx.config),
@@ -376,14 +444,19 @@ function sourceKey(source: VolumeInfo['source']): string {
   return source.kind === 'snapshot' ? `snapshot:${source.snapshotId}` : `volume:${source.volumeId}`;
 }
 
-/** A volume_context given to ValidateVolumeCapabilities must be the volume's own. */
+/**
+ * A volume_context given to ValidateVolumeCapabilities must be the volume's own. It was made at creation,
+ * so the value of a mutable parameter (metadataStyle) may have changed since; its key must still be there.
+ */
 function contextMismatch(
   given: Readonly<Record<string, string>>,
   actual: Readonly<Record<string, string>>,
 ): string | undefined {
   const keys = Object.keys(given);
   if (keys.length === 0) return undefined;
-  const same = keys.length === Object.keys(actual).length && keys.every((k) => actual[k] === given[k]);
+  const same =
+    keys.length === Object.keys(actual).length &&
+    keys.every((k) => actual[k] === given[k] || (isMutableParameter(k) && Object.hasOwn(actual, k)));
   return same ? undefined : 'volume_context does not match the volume';
 }
 
@@ -408,6 +481,13 @@ function parametersMismatch(
   const style = volumeMetadataStyle(volume, ctx.config);
   if (Object.hasOwn(parameters, PARAM_METADATA_STYLE) && params.metadataStyle !== style) {
     return `the volume's ${PARAM_METADATA_STYLE} is ${style}, not ${params.metadataStyle}`;
+  }
+  try {
+    const profile = profileMismatch(parameters, volume.attributes, ctx.config.defaultMetadataProfile ?? 'exact');
+    if (profile) return `the volume's ${profile.parameter} is ${profile.actual}, not ${profile.wanted}`;
+  } catch (err) {
+    if (err instanceof InvalidArgumentError) return err.message;
+    throw err;
   }
   return undefined;
 }

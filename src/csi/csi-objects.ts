@@ -14,6 +14,7 @@ import {
   VolumeContentSourceSchema,
   VolumeSchema,
 } from '../gen/csi/v1/csi_pb.js';
+import { profileContext } from './metadata-profiles.js';
 import { nodeTopology } from './topology.js';
 import { PARAM_BLOCK_SIZE, PARAM_METADATA_STYLE, storedMetadataStyle } from './volume-parameters.js';
 
@@ -30,6 +31,7 @@ export function volumeContext(volume: VolumeInfo, config: DriverConfig): Record<
   return {
     [PARAM_BLOCK_SIZE]: String(volume.blockSize),
     [PARAM_METADATA_STYLE]: volumeMetadataStyle(volume, config),
+    ...profileContext(volume.attributes, config.defaultMetadataProfile ?? 'exact'),
   };
 }
 

@@ -106,6 +106,48 @@ export function profileOf(attributes: Attributes, defaultProfile: MetadataProfil
   return { name, objectSize };
 }
 
+/**
+ * volume_context entries of a volume's profile, keyed as the StorageClass parameters are: metadataProfile,
+ * and objectSize for ceph-rbd. Volumes stored without a profile report the driver's default.
+ */
+export function profileContext(volumeAttributes: Attributes, defaultProfile: MetadataProfileName): Attributes {
+  const profile = profileOf(volumeAttributes, defaultProfile);
+  return profile.name === 'ceph-rbd'
+    ? { [PARAM_METADATA_PROFILE]: profile.name, [PARAM_OBJECT_SIZE]: String(profile.objectSize) }
+    : { [PARAM_METADATA_PROFILE]: profile.name };
+}
+
+/** A profile parameter whose value differs from the volume's. */
+export interface ProfileMismatch {
+  parameter: typeof PARAM_METADATA_PROFILE | typeof PARAM_OBJECT_SIZE;
+  /** The volume's value. */
+  actual: string;
+  /** The parameters' value. */
+  wanted: string;
+}
+
+/**
+ * Whether `parameters` name a metadataProfile or objectSize the volume does not have (only what the
+ * parameters name counts, as for blockSize). Throws InvalidArgumentError for a bad value.
+ */
+export function profileMismatch(
+  parameters: Readonly<Record<string, string>>,
+  volumeAttributes: Attributes,
+  defaultProfile: MetadataProfileName,
+): ProfileMismatch | undefined {
+  const namesProfile = Object.hasOwn(parameters, PARAM_METADATA_PROFILE);
+  const namesObjectSize = Object.hasOwn(parameters, PARAM_OBJECT_SIZE);
+  if (!namesProfile && !namesObjectSize) return undefined;
+  const wanted = profileOf(profileAttributes(parameters, defaultProfile), defaultProfile);
+  const actual = profileOf(volumeAttributes, defaultProfile);
+  if (wanted.name !== actual.name)
+    return { parameter: PARAM_METADATA_PROFILE, actual: actual.name, wanted: wanted.name };
+  if (namesObjectSize && wanted.objectSize !== actual.objectSize) {
+    return { parameter: PARAM_OBJECT_SIZE, actual: String(actual.objectSize), wanted: String(wanted.objectSize) };
+  }
+  return undefined;
+}
+
 /** The style a snapshot's responses declare under its profile. */
 export function profileStyle(profile: MetadataProfile, volumeStyle: ExtentStyle): ExtentStyle {
   if (profile.name === 'hostpath') return 'FIXED';

@@ -16,6 +16,7 @@ import {
   parseMetadataProfile,
   parseObjectSize,
 } from './metadata-profiles.js';
+import { PARAM_MAX_BANDWIDTH, PARAM_MAX_IOPS, parseMaxBandwidth, parseMaxIops } from './io-limit-parameters.js';
 
 /** Parameter keys (StorageClass `parameters`). */
 export const PARAM_BLOCK_SIZE = 'blockSize';
@@ -85,9 +86,12 @@ export function parseVolumeParameters(
     // Validated here, stored by profileAttributes() (metadata-profiles.ts).
     else if (key === PARAM_METADATA_PROFILE) parseMetadataProfile(value);
     else if (key === PARAM_OBJECT_SIZE) parseObjectSize(value);
+    // Validated here, stored by ioLimitAttributes() (io-limit-parameters.ts).
+    else if (key === PARAM_MAX_IOPS) parseMaxIops(value);
+    else if (key === PARAM_MAX_BANDWIDTH) parseMaxBandwidth(value);
     else if (!key.startsWith(SIDECAR_PREFIX)) {
       throw new InvalidArgumentError(
-        `unknown parameter ${JSON.stringify(key.slice(0, 128))}; this driver accepts ${PARAM_BLOCK_SIZE}, ${PARAM_METADATA_STYLE}, ${PARAM_METADATA_PROFILE} and ${PARAM_OBJECT_SIZE}`,
+        `unknown parameter ${JSON.stringify(key.slice(0, 128))}; this driver accepts ${PARAM_BLOCK_SIZE}, ${PARAM_METADATA_STYLE}, ${PARAM_METADATA_PROFILE}, ${PARAM_OBJECT_SIZE}, ${PARAM_MAX_IOPS} and ${PARAM_MAX_BANDWIDTH}`,
       );
     }
   }

@@ -68,6 +68,8 @@ export interface VolumeFilesHost {
   expose(volumeId: string): Promise<ExposedFile>;
   hide(volumeId: string): Promise<void>;
   grow(volumeId: string, capacityBytes: number): Promise<void>;
+  /** The volume's attributes changed in the store: read its I/O limits again (files that enforce none skip it). */
+  limitsChanged?(volumeId: string): void;
   stop(): Promise<void>;
 }
 

@@ -124,6 +124,11 @@ export class NodeVolumes {
     );
   }
 
+  /** The store says a volume's attributes changed: its I/O limits are read again (published or not). */
+  volumeAttributesChanged(volumeId: string): void {
+    this.exporter.limitsChanged?.(volumeId);
+  }
+
   /** Unmounts the volume files: devices still attached fail from then on. */
   async stop(): Promise<void> {
     await this.exporter.stop();

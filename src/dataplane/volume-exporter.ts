@@ -14,6 +14,7 @@ import type { Logger } from '../logging.js';
 import { FuseServer } from './fuse/fuse-server.js';
 import { cleanStaleFuseMounts } from './fuse/mount.js';
 import { VolumeFiles } from './fuse/volume-files.js';
+import { IoLimiter, fuseIoAdmission, ioLimitsOf } from './io-limiter.js';
 
 /** A volume file, and the generation of the mount it is in. */
 export interface ExposedFile {
@@ -27,13 +28,23 @@ export class VolumeExporter {
   private currentGeneration: string | undefined;
   private starting: Promise<void> | undefined;
   private stopped = false;
+  /** maxIops / maxBandwidth of the exposed volumes, read from their attributes in the store. */
+  readonly limiter: IoLimiter;
 
   constructor(
     private readonly store: BlockStore,
     /** The mount point; created if missing. */
     readonly mountDir: string,
     private readonly logger: Logger,
-  ) {}
+  ) {
+    this.limiter = new IoLimiter((volumeId) => {
+      try {
+        return ioLimitsOf(store.getVolume(volumeId).attributes);
+      } catch {
+        return undefined; // deleted, or the store is closing: nothing to enforce
+      }
+    });
+  }
 
   /** Removes FUSE mounts a dead instance left at the mount point (lazily: loop devices may hold them). */
   async cleanStale(): Promise<number> {
@@ -71,6 +82,7 @@ export class VolumeExporter {
     const files = this.files;
     if (!files) return;
     await files.remove(volumeId);
+    this.limiter.forget(volumeId);
     const deadline = Date.now() + settleMs;
     while (files.isExposed(volumeId) && Date.now() < deadline) await new Promise((resolve) => setTimeout(resolve, 10));
     if (files.isExposed(volumeId))
@@ -86,6 +98,13 @@ export class VolumeExporter {
   async grow(volumeId: string, capacityBytes: number): Promise<void> {
     if (!this.isExposed(volumeId)) throw new Error(`volume ${volumeId} is not exposed`);
     await this.files!.grow(volumeId, capacityBytes);
+  }
+
+  /** The volume's attributes changed: its I/O limits apply from the next request on, published or not. */
+  limitsChanged(volumeId: string): void {
+    this.limiter.refresh(volumeId);
+    this.files?.reconsiderDirectIo(volumeId);
+    this.logger.info({ volumeId, ...this.limiter.limitsOf(volumeId) }, 'I/O limits read from the volume');
   }
 
   private ensureMounted(): Promise<void> {
@@ -105,8 +124,19 @@ export class VolumeExporter {
       this.server = undefined;
     }
     fs.mkdirSync(this.mountDir, { recursive: true, mode: 0o700 });
-    const files = new VolumeFiles(this.store, { holder: 'node-fuse' });
-    const server = await FuseServer.mount(this.mountDir, files, { logger: this.logger, source: 'cbt-csi' });
+    const files = new VolumeFiles(this.store, {
+      holder: 'node-fuse',
+      // A volume with I/O limits is served on the main thread, where the dispatcher admits each request.
+      serveDirectly: (volumeId) => {
+        const limits = this.limiter.limitsOf(volumeId);
+        return limits.iops === 0 && limits.bytesPerSecond === 0;
+      },
+    });
+    const server = await FuseServer.mount(this.mountDir, files, {
+      logger: this.logger,
+      source: 'cbt-csi',
+      admit: fuseIoAdmission(this.limiter, (nodeid) => files.volumeOfNode(nodeid)),
+    });
     this.files = files;
     this.server = server;
     this.currentGeneration = randomUUID();

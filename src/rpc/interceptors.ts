@@ -3,11 +3,14 @@
  * sample per RPC when it ends (for streams, when the last message is sent or the stream fails).
  */
 import type { Interceptor, StreamResponse, UnaryResponse } from '@connectrpc/connect';
-import { Code, ConnectError } from '@connectrpc/connect';
+import { Code, ConnectError, createContextKey } from '@connectrpc/connect';
 import { toJson } from '@bufbuild/protobuf';
 import type { Logger } from '../logging.js';
 import type { DriverMetrics } from '../metrics.js';
 import { codeName, toConnectError } from './status.js';
+
+/** The node a call was forwarded to (multi-node routing sets it), logged with the call. */
+export const forwardedToKey = createContextKey<string | undefined>(undefined, { description: 'forwarded to node' });
 
 export interface ObserveOptions {
   /** Items a streamed response message carries (e.g. BlockMetadata tuples), counted in logs and metrics; none if absent. */
@@ -27,6 +30,7 @@ export function observeRpcs(logger: Logger, metrics: DriverMetrics, options: Obs
         err === undefined ? undefined : cancelled ? (req.signal.reason as ConnectError) : toConnectError(err);
       const code = mapped ? mapped.code : 0;
       const seconds = Number(process.hrtime.bigint() - started) / 1e9;
+      const forwardedTo = req.contextValues.get(forwardedToKey);
       metrics.rpcTotal.inc({ method, code: codeName(code) });
       metrics.rpcSeconds.observe({ method }, seconds);
       if (tuples > 0) metrics.metadataTuples.inc({ method }, tuples);
@@ -35,6 +39,7 @@ export function observeRpcs(logger: Logger, metrics: DriverMetrics, options: Obs
         code: codeName(code),
         ms: Math.round(seconds * 1e6) / 1e3,
         ...(tuples > 0 ? { tuples } : {}),
+        ...(forwardedTo !== undefined ? { forwardedTo } : {}),
         ...(mapped ? { error: mapped.rawMessage } : {}),
       };
       if (mapped && code === Code.Internal) logger.error({ ...line, cause: String(mapped.cause) }, 'rpc');

@@ -15,8 +15,10 @@ export interface CheckInput {
   snapshotCreatedAtMs: number;
   /** Set for a delta check. */
   baseCreatedAtMs?: number;
-  /** The driver's tuples; undefined skips the metadata comparison (restored data only). */
+  /** The driver's extents; undefined skips the metadata comparison (restored data only). */
   reported?: readonly ReportedExtent[];
+  /** How often the client resumed a cut stream while reading `reported` (shown in the report). */
+  resumes?: number;
   /**
    * Bytes within which the driver may report more than changed (one granule holding a real change may be
    * reported whole): the profile's (ceph-rbd: its object size; hostpath and exact: the block size).
@@ -33,14 +35,18 @@ export interface CheckReport {
   runsUsed: number[];
   expectedBytes: number;
   reportedBytes: number | undefined;
+  /** Times the client resumed a cut metadata stream (0 when none was cut or no driver was asked). */
+  resumes: number;
   /** Byte runs the answers say must be reported and the driver did not. */
   missing: [number, number][];
   /** Byte runs reported beyond the answers, within a granule holding a real change (allowed). */
   extraAllowed: [number, number][];
   /** Byte runs reported beyond the answers and not explained by the granularity (a failure). */
   extraNotAllowed: [number, number][];
-  /** Blocks of the restored copy whose SHA-256 differs from the answers. */
+  /** Byte offsets of the restored copy's blocks whose SHA-256 differs from the answers. */
   checksumMismatches: number[];
+  /** The answers' block size: the unit of checksumMismatches and blocksCompared. */
+  blockSize: number;
   blocksCompared: number;
   /** Anything else that makes the answers unusable for this check. */
   problems: string[];
@@ -128,10 +134,12 @@ export async function checkAnswers(input: CheckInput): Promise<CheckReport> {
     runsUsed,
     expectedBytes: expectedUnits.size * UNIT,
     reportedBytes,
+    resumes: input.resumes ?? 0,
     missing: units(missing),
     extraAllowed: units(extraAllowed),
     extraNotAllowed: units(extraNotAllowed),
     checksumMismatches,
+    blockSize,
     blocksCompared,
     problems,
   };
@@ -149,7 +157,8 @@ export function formatReport(report: CheckReport): string {
       .join(' ') + (list.length > 10 ? ` … (${list.length} runs)` : '');
   const lines = [
     `${report.mode}: ${report.runsUsed.length} generate run(s) used; expected ${report.expectedBytes} bytes` +
-      (report.reportedBytes === undefined ? '' : `, the driver reported ${report.reportedBytes}`),
+      (report.reportedBytes === undefined ? '' : `, the driver reported ${report.reportedBytes}`) +
+      (report.resumes > 0 ? ` (the client resumed ${report.resumes} cut stream(s))` : ''),
   ];
   if (report.reportedBytes !== undefined) {
     lines.push(`missing: ${report.missing.length === 0 ? 'none' : runs(report.missing)}`);
@@ -159,10 +168,17 @@ export function formatReport(report: CheckReport): string {
     );
   }
   if (report.blocksCompared > 0 || report.checksumMismatches.length > 0) {
-    const first = report.checksumMismatches.slice(0, 10).join(', ');
     lines.push(
-      `restored data: ${report.blocksCompared} blocks compared, ${report.checksumMismatches.length} checksum mismatches${first ? ` (at ${first})` : ''}`,
+      `restored data: ${report.blocksCompared} blocks compared, ${report.checksumMismatches.length} checksum mismatches`,
     );
+    // Each bad block by its byte offset and block number, as a vendor looks it up in its own restore.
+    for (const offset of report.checksumMismatches.slice(0, 10)) {
+      lines.push(
+        `checksum mismatch: block ${offset / report.blockSize} (bytes [${offset}, +${report.blockSize})) differs from the answers`,
+      );
+    }
+    if (report.checksumMismatches.length > 10)
+      lines.push(`… and ${report.checksumMismatches.length - 10} more blocks (--json lists all)`);
   }
   for (const p of report.problems) lines.push(`problem: ${p}`);
   lines.push(report.ok ? 'OK' : 'FAILED');

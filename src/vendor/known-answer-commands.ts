@@ -2,7 +2,7 @@
 import fs from 'node:fs';
 import path from 'node:path';
 import { type Command, InvalidArgumentError, Option } from 'commander';
-import { parseEndpoint } from '../config.js';
+import { formatEndpoint, parseEndpoint } from '../config.js';
 import {
   CEPH_RBD_DEFAULT_OBJECT_SIZE,
   HOSTPATH_BLOCK_BYTES,
@@ -125,7 +125,7 @@ export function registerKnownAnswerCommands(program: Command): void {
     )
     .option(
       '--endpoint <endpoint>',
-      "the driver's CSI socket (env CSI_ENDPOINT; default .state/csi.sock)",
+      "the driver's CSI endpoint, unix:///path/csi.sock or tcp://HOST:PORT (env CSI_ENDPOINT; default .state/csi.sock)",
       process.env.CSI_ENDPOINT,
     )
     .addOption(
@@ -150,16 +150,22 @@ export function registerKnownAnswerCommands(program: Command): void {
       if (runs.length === 0) throw new Error(`${flags.answers} holds no generate runs`);
       const needDriver =
         flags.metadata || createdAt === undefined || (flags.base !== undefined && baseCreatedAt === undefined);
-      const endpoint = parseEndpoint(flags.endpoint ?? path.resolve('.state', 'csi.sock'));
-      if (needDriver && endpoint.kind !== 'unix')
-        throw new Error('check talks to the driver over a unix socket: give --endpoint unix:///path/csi.sock');
-      const reader = needDriver && endpoint.kind === 'unix' ? csiMetadataReader(endpoint.path) : undefined;
+      const endpoint = formatEndpoint(parseEndpoint(flags.endpoint ?? path.resolve('.state', 'csi.sock')));
+      // The backup toolkit's client reads the metadata: cut streams are resumed as a backup's would be.
+      const reader = needDriver
+        ? csiMetadataReader(endpoint, {
+            onResume: ({ offset, attempt, delayMs, error }) =>
+              process.stderr.write(
+                `check: stream cut (${error instanceof Error ? error.message : String(error)}); resuming at byte ${offset} in ${delayMs} ms (attempt ${attempt})\n`,
+              ),
+          })
+        : undefined;
       let restored: fs.promises.FileHandle | undefined;
       try {
         const snapshotCreatedAtMs = createdAt ?? (await reader!.snapshotCreatedAtMs(flags.snapshot));
         const baseCreatedAtMs =
           flags.base === undefined ? undefined : (baseCreatedAt ?? (await reader!.snapshotCreatedAtMs(flags.base)));
-        const reported = flags.metadata ? await reader!.extents(flags.snapshot, flags.base) : undefined;
+        const listing = flags.metadata ? await reader!.extents(flags.snapshot, flags.base) : undefined;
         restored = flags.restored ? await fs.promises.open(flags.restored, 'r') : undefined;
         const granularity =
           flags.granularity ??
@@ -169,7 +175,7 @@ export function registerKnownAnswerCommands(program: Command): void {
           runs,
           snapshotCreatedAtMs,
           ...(baseCreatedAtMs === undefined ? {} : { baseCreatedAtMs }),
-          ...(reported ? { reported } : {}),
+          ...(listing ? { reported: listing.extents, resumes: listing.resumes } : {}),
           granularity,
           ...(handle
             ? {

@@ -103,6 +103,18 @@ describe('SnapshotMetadataClient', () => {
     expect(transport.opened).toEqual([12288]);
   });
 
+  it('from a starting offset inside an extent, takes the extent that ends after it as the driver sends it (the spec allows it to start before), and resumes from there', async () => {
+    const start = EXTENTS[2]!.offset + 100;
+    const transport = new ScriptedTransport(EXTENTS, [{ after: 1, code: Code.Unavailable }]);
+    const listing = await new SnapshotMetadataClient(transport, fast).allocated('snap', { startingOffset: start });
+    expect(await collect(listing)).toEqual(EXTENTS.slice(2));
+    expect(transport.opened).toEqual([start, EXTENTS[4]!.offset + 8192]);
+    // The same when the first stream is cut before its first message.
+    const cutAtOnce = new ScriptedTransport(EXTENTS, [{ after: 0, code: Code.Unavailable }]);
+    const again = await new SnapshotMetadataClient(cutAtOnce, fast).allocated('snap', { startingOffset: start });
+    expect(await collect(again)).toEqual(EXTENTS.slice(2));
+  });
+
   it('gives up after maxAttempts reopens without progress, as RetriesExhaustedError, with doubling delays', async () => {
     const delays: number[] = [];
     const transport = new ScriptedTransport(EXTENTS, Array(10).fill({ after: 0, code: Code.Unavailable }));

@@ -8,7 +8,7 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { Writable } from 'node:stream';
-import { afterAll, afterEach, beforeAll, describe, expect, test } from 'vitest';
+import { afterAll, afterEach, beforeAll, describe, expect, test, vi } from 'vitest';
 import { status } from '@grpc/grpc-js';
 import type { MessageInitShape } from '@bufbuild/protobuf';
 import { timestampMs } from '@bufbuild/protobuf/wkt';
@@ -136,6 +136,7 @@ describe('ControllerGetCapabilities', () => {
       RpcType.GET_VOLUME,
       RpcType.VOLUME_CONDITION,
       RpcType.SINGLE_NODE_MULTI_WRITER,
+      RpcType.MODIFY_VOLUME,
     ].sort((a, b) => a - b);
     expect(types).toEqual(documented);
   });
@@ -150,13 +151,12 @@ describe('ControllerGetCapabilities', () => {
     expect(got.snapshot?.snapshotId).toBe(snap.snapshotId);
   });
 
-  test('ControllerGetCapabilities: PUBLISH_UNPUBLISH_VOLUME, LIST_VOLUMES_PUBLISHED_NODES, MODIFY_VOLUME and PUBLISH_READONLY are not advertised (not implemented)', async () => {
+  test('ControllerGetCapabilities: PUBLISH_UNPUBLISH_VOLUME, LIST_VOLUMES_PUBLISHED_NODES and PUBLISH_READONLY are not advertised (not implemented)', async () => {
     const res = await d.controller.call('controllerGetCapabilities', {});
     const types = res.capabilities.map((c) => (c.type.case === 'rpc' ? c.type.value.type : -1));
     for (const t of [
       RpcType.PUBLISH_UNPUBLISH_VOLUME,
       RpcType.LIST_VOLUMES_PUBLISHED_NODES,
-      RpcType.MODIFY_VOLUME,
       RpcType.PUBLISH_READONLY,
     ]) {
       expect(types).not.toContain(t);
@@ -186,6 +186,8 @@ describe('ControllerGetCapabilities', () => {
       },
       [RpcType.SINGLE_NODE_MULTI_WRITER]: () =>
         createVolume({ volumeCapabilities: [mount(Mode.SINGLE_NODE_MULTI_WRITER)] }),
+      [RpcType.MODIFY_VOLUME]: () =>
+        d.controller.call('controllerModifyVolume', { volumeId: vol.volumeId, mutableParameters: { maxIops: '100' } }),
     };
     const res = await d.controller.call('controllerGetCapabilities', {});
     for (const c of res.capabilities) {
@@ -308,7 +310,7 @@ describe('CreateVolume: required fields and validation', () => {
     expect(vol.volumeId).not.toBe('');
   });
 
-  test('CreateVolume: mutable_parameters without the MODIFY_VOLUME capability is INVALID_ARGUMENT', async () => {
+  test('CreateVolume: an unknown key in mutable_parameters is INVALID_ARGUMENT', async () => {
     const call = d.controller.call('createVolume', {
       name: uniq('mut'),
       volumeCapabilities: [mount()],
@@ -437,9 +439,33 @@ describe('CreateVolume: capacity_range', () => {
 describe('CreateVolume: response', () => {
   test('CreateVolume: volume_context carries the block size and metadata style the volume was created with', async () => {
     const vol = await createVolume({ parameters: { blockSize: '64Ki', metadataStyle: 'FIXED_LENGTH' } });
-    expect(vol.volumeContext).toEqual({ blockSize: String(64 * KiB), metadataStyle: 'FIXED' });
+    expect(vol.volumeContext).toEqual({
+      blockSize: String(64 * KiB),
+      metadataStyle: 'FIXED',
+      metadataProfile: 'exact',
+    });
     const dflt = await createVolume();
-    expect(dflt.volumeContext).toEqual({ blockSize: String(BLOCK), metadataStyle: 'VARIABLE' });
+    expect(dflt.volumeContext).toEqual({
+      blockSize: String(BLOCK),
+      metadataStyle: 'VARIABLE',
+      metadataProfile: 'exact',
+    });
+  });
+
+  test('CreateVolume: volume_context carries the metadataProfile (and a ceph-rbd objectSize) the volume answers SnapshotMetadata with', async () => {
+    const ceph = await createVolume({ parameters: { metadataProfile: 'ceph-rbd', objectSize: '1Mi' } });
+    expect(ceph.volumeContext).toMatchObject({ metadataProfile: 'ceph-rbd', objectSize: String(MiB) });
+    const cephDefault = await createVolume({ parameters: { metadataProfile: 'ceph-rbd' } });
+    expect(cephDefault.volumeContext).toMatchObject({ metadataProfile: 'ceph-rbd', objectSize: String(4 * MiB) });
+    const hostpath = await createVolume({ parameters: { metadataProfile: 'hostpath' } });
+    expect(hostpath.volumeContext.metadataProfile).toBe('hostpath');
+    expect(hostpath.volumeContext).not.toHaveProperty('objectSize');
+    // The same context from ControllerGetVolume and ListVolumes: it is the volume's, not the request's.
+    const got = await d.controller.call('controllerGetVolume', { volumeId: ceph.volumeId });
+    expect(got.volume!.volumeContext).toEqual(ceph.volumeContext);
+    // Without a metadataProfile parameter, the driver's default (serve --metadata-profile) is the volume's.
+    const own = await ownDriver({ defaultMetadataProfile: 'hostpath' });
+    expect((await createVolume({}, own)).volumeContext.metadataProfile).toBe('hostpath');
   });
 
   test('CreateVolume: accessible_topology is exactly this node', async () => {
@@ -544,6 +570,31 @@ describe('CreateVolume: idempotency by name', () => {
       expect(await codeOf(d.controller.call('createVolume', { name, volumeCapabilities: [mount()], parameters }))).toBe(
         status.ALREADY_EXISTS,
       );
+    }
+  });
+
+  test('CreateVolume: the same name with a different metadataProfile or objectSize is ALREADY_EXISTS; the same profile, or none named, returns the volume', async () => {
+    const name = uniq('clash-profile');
+    const first = await createVolume({ name, parameters: { metadataProfile: 'ceph-rbd', objectSize: '1Mi' } });
+    for (const parameters of [
+      { metadataProfile: 'hostpath' },
+      { metadataProfile: 'exact' },
+      { metadataProfile: 'ceph-rbd', objectSize: '2Mi' },
+    ] as Record<string, string>[]) {
+      const err = await d.controller
+        .call('createVolume', { name, volumeCapabilities: [mount()], parameters })
+        .catch((e: { code: number; details: string }) => e);
+      expect((err as { code: number }).code, JSON.stringify(parameters)).toBe(status.ALREADY_EXISTS);
+      expect((err as { details: string }).details).toMatch(/metadataProfile is ceph-rbd|objectSize is 1048576/);
+    }
+    const retries: Record<string, string>[] = [
+      { metadataProfile: 'ceph-rbd', objectSize: '1Mi' },
+      { metadataProfile: 'ceph-rbd' },
+      {},
+    ];
+    for (const parameters of retries) {
+      const again = await createVolume({ name, parameters });
+      expect(again.volumeId).toBe(first.volumeId);
     }
   });
 
@@ -914,6 +965,42 @@ describe('ValidateVolumeCapabilities', () => {
       expect(res.confirmed).toBeUndefined();
       expect(res.message).not.toBe('');
     }
+  });
+
+  test("ValidateVolumeCapabilities: metadataProfile and objectSize parameters are confirmed when they are the volume's, not otherwise", async () => {
+    const vol = await createVolume({ parameters: { metadataProfile: 'ceph-rbd', objectSize: '2Mi' } });
+    const validate = (parameters: Record<string, string>) =>
+      d.controller.call('validateVolumeCapabilities', {
+        volumeId: vol.volumeId,
+        volumeCapabilities: [mount()],
+        parameters,
+      });
+    const accepted: Record<string, string>[] = [
+      { metadataProfile: 'ceph-rbd' },
+      { metadataProfile: 'ceph-rbd', objectSize: '2097152' },
+      { metadataProfile: 'CEPH-RBD', objectSize: '2Mi' },
+    ];
+    for (const parameters of accepted) {
+      expect((await validate(parameters)).confirmed?.parameters, JSON.stringify(parameters)).toEqual(parameters);
+    }
+    const refused: [Record<string, string>, RegExp][] = [
+      [{ metadataProfile: 'hostpath' }, /metadataProfile is ceph-rbd, not hostpath/],
+      [{ metadataProfile: 'ceph-rbd', objectSize: '4Mi' }, /objectSize is 2097152, not 4194304/],
+      [{ metadataProfile: 'hostpath', objectSize: '2Mi' }, /objectSize applies only to metadataProfile ceph-rbd/],
+      [{ metadataProfile: 'netapp' }, /metadataProfile "netapp" must be one of exact, hostpath, ceph-rbd/],
+    ];
+    for (const [parameters, message] of refused) {
+      const res = await validate(parameters);
+      expect(res.confirmed, JSON.stringify(parameters)).toBeUndefined();
+      expect(res.message).toMatch(message);
+    }
+    // The volume's own volume_context (now with its profile) is confirmed as it is.
+    const ctx = await d.controller.call('validateVolumeCapabilities', {
+      volumeId: vol.volumeId,
+      volumeCapabilities: [mount()],
+      volumeContext: vol.volumeContext,
+    });
+    expect(ctx.confirmed?.volumeContext).toEqual(vol.volumeContext);
   });
 
   test('ValidateVolumeCapabilities: a malformed capability (no access type) is INVALID_ARGUMENT', async () => {
@@ -1525,7 +1612,7 @@ describe('ControllerExpandVolume', () => {
 });
 
 describe('RPCs this controller does not implement', () => {
-  test('ControllerPublishVolume, ControllerUnpublishVolume and ControllerModifyVolume answer UNIMPLEMENTED (12)', async () => {
+  test('ControllerPublishVolume and ControllerUnpublishVolume answer UNIMPLEMENTED (12)', async () => {
     const vol = await createVolume();
     expect(
       await codeOf(
@@ -1538,11 +1625,6 @@ describe('RPCs this controller does not implement', () => {
     ).toBe(status.UNIMPLEMENTED);
     expect(
       await codeOf(d.controller.call('controllerUnpublishVolume', { volumeId: vol.volumeId, nodeId: 'test-node' })),
-    ).toBe(status.UNIMPLEMENTED);
-    expect(
-      await codeOf(
-        d.controller.call('controllerModifyVolume', { volumeId: vol.volumeId, mutableParameters: { a: 'b' } }),
-      ),
     ).toBe(status.UNIMPLEMENTED);
   });
 });
@@ -1633,6 +1715,8 @@ describe('Rejected requests', () => {
         .readdirSync(path.join(own.dir, 'state', 'store'), { recursive: true })
         .map(String)
         .sort();
+    // The volume's head and the empty spare the store makes ahead, in the background, for its next layer.
+    await vi.waitFor(() => expect(files().filter((f) => f.endsWith('.layer'))).toHaveLength(2));
     const before = files();
     for (const volumeId of ['..', '../store', 'layers', 'catalog.db', `${vol.volumeId}/..`, '/']) {
       expect(await codeOf(own.controller.call('deleteVolume', { volumeId }))).toBe(status.OK);

@@ -427,6 +427,36 @@ describe.skipIf(missing !== undefined && !mustRun)(`FUSE data plane${missing ? `
     await detachLoop(dev);
   });
 
+  it('a write to a block a change record excludes goes through the engine, which updates the record first (invariant 8)', async () => {
+    const { store, files, server, mountPoint } = await start();
+    const v = await store.createVolume({ name: 'excluded', capacityBytes: 8 * MiB });
+    const base = await store.createSnapshot({ volumeId: v.id, name: 'base' });
+    store.write(v.id, 0, pattern(25, 8 * BLOCK));
+    const s1 = await store.createSnapshot({ volumeId: v.id, name: 's1' });
+    await store.deleteSnapshot(s1.id);
+    await store.compact();
+    files.add(v.id, v.id);
+    const dev = await attachLoop(path.join(mountPoint, v.id));
+    const block = path.join(h!.dir, 'block.bin');
+    fs.writeFileSync(block, pattern(26, BLOCK));
+    let before = server.directRequests;
+    await run('dd', [`if=${block}`, `of=${dev}`, 'bs=4k', 'seek=5', 'oflag=direct', 'status=none']);
+    expect(server.directRequests).toBe(before);
+    before = server.directRequests;
+    await run('dd', [`if=${block}`, `of=${dev}`, 'bs=4k', 'seek=100', 'oflag=direct', 'status=none']);
+    expect(server.directRequests).toBe(before + 1);
+    const s2 = await store.createSnapshot({ volumeId: v.id, name: 's2' });
+    expect(await collect(store.delta(base.id, s2.id))).toEqual([
+      { offset: 0, length: 8 * BLOCK },
+      { offset: 100 * BLOCK, length: BLOCK },
+    ]);
+    expect(await collect(store.delta(s1.id, s2.id))).toEqual([
+      { offset: 5 * BLOCK, length: BLOCK },
+      { offset: 100 * BLOCK, length: BLOCK },
+    ]);
+    await detachLoop(dev);
+  });
+
   it('a snapshot holds every write answered before it and none after; reads through the device see both sides', async () => {
     const { store, files, server, mountPoint } = await start();
     const v = await store.createVolume({ name: 'cut', capacityBytes: 16 * MiB });

@@ -5,6 +5,7 @@
  * first), where the chart's RBAC is also asked, per sidecar, with SubjectAccessReviews.
  */
 import { spawnSync } from 'node:child_process';
+import { X509Certificate } from 'node:crypto';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
@@ -30,6 +31,10 @@ let caPem = '';
 const MATRIX: [string, () => Values][] = [
   ['default (mode single, TLS by helm)', () => ({})],
   ['mode daemonset', () => ({ mode: 'daemonset' })],
+  [
+    'mode daemonset, peer TLS from an existing Secret',
+    () => ({ mode: 'daemonset', peer: { tls: { mode: 'secret', existingSecret: 'cbt-peer-tls' } } }),
+  ],
   [
     'a custom audience and backup-client ServiceAccounts',
     () => ({
@@ -58,6 +63,13 @@ const MATRIX: [string, () => Values][] = [
   [
     'a custom block size',
     () => ({ driver: { defaultBlockSize: '64Ki' }, storageClass: { parameters: { blockSize: '64Ki' } } }),
+  ],
+  [
+    'a VolumeAttributesClass, and I/O limits in the StorageClass',
+    () => ({
+      volumeAttributesClass: { create: true, parameters: { maxIops: '500', metadataStyle: 'FIXED' } },
+      storageClass: { parameters: { maxBandwidth: '256Mi' } },
+    }),
   ],
   [
     'group snapshots and deleted-snapshot retention',
@@ -162,6 +174,15 @@ suiteUnless(missingTools(['helm']), `helm ${COMPONENTS.helm!.version}: lint and 
         ((v.snapshotMetadata as Values | undefined)?.audience as string | undefined) ?? 'cbt-csi-snapshot-metadata';
       expect(audience).toBe(wanted);
     }
+    // The VolumeAttributesClass is this driver's, and the sidecars that act on one are told to (only then).
+    const vac = objects.find((o) => o.kind === 'VolumeAttributesClass');
+    const wantsVac = Boolean((v.volumeAttributesClass as Values | undefined)?.create);
+    expect(Boolean(vac)).toBe(wantsVac);
+    if (vac) expect(vac.driverName).toBe('cbt.csi.dev');
+    for (const name of ['csi-provisioner', 'csi-resizer']) {
+      const c = containers(objects).find((x) => x.name === name);
+      if (c) expect(c.args?.includes('--feature-gates=VolumeAttributesClass=true'), name).toBe(wantsVac);
+    }
     // No cluster-wide token creation; token creation only for a client itself, in its namespace.
     const clusterRoles = objects.filter((o) => o.kind === 'ClusterRole');
     expect(clusterRoles.filter((r) => (r.rules as Rule[]).some(grantsTokenCreate)).map((r) => r.metadata.name)).toEqual(
@@ -177,6 +198,94 @@ suiteUnless(missingTools(['helm']), `helm ${COMPONENTS.helm!.version}: lint and 
       for (const rule of (role.rules as Rule[]).filter(grantsTokenCreate))
         expect(rule.resourceNames).toEqual([subjects[0]!.name]);
     }
+  });
+});
+
+suiteUnless(missingTools(['helm']), `helm ${COMPONENTS.helm!.version}: mode daemonset (multi-node)`, () => {
+  beforeAll(() => {
+    dir = fs.mkdtempSync(path.join(os.tmpdir(), 'cbt-helm-'));
+  });
+  afterAll(() => {
+    if (dir) fs.rmSync(dir, { recursive: true, force: true });
+  });
+
+  type Container = { name: string; args?: string[]; env?: { name: string }[]; ports?: { containerPort: number }[] };
+  const daemonSetOf = (objects: Obj[]) => {
+    const ds = objects.find((o) => o.kind === 'DaemonSet')!;
+    const template = (
+      ds.spec as {
+        template: {
+          metadata: { labels: Record<string, string> };
+          spec: { containers: Container[]; volumes: { name: string; secret?: { secretName: string } }[] };
+        };
+      }
+    ).template;
+    return { template, container: (name: string) => template.spec.containers.find((c) => c.name === name) };
+  };
+
+  test('every plugin pod has the driver with a mutual-TLS peer listener, csi-snapshot-metadata, and a leader-elected csi-resizer', () => {
+    const { objects } = render('daemonset-peers', { mode: 'daemonset' });
+    const { template, container } = daemonSetOf(objects);
+    const driver = container('cbt-csi')!;
+    const labels = template.metadata.labels;
+    const selector = Object.entries(labels)
+      .filter(([k]) => k.startsWith('app.kubernetes.io/'))
+      .map(([k, v]) => `${k}=${v}`)
+      .sort();
+    const arg = (name: string) => driver.args!.find((a) => a.startsWith(`--${name}=`))?.slice(name.length + 3);
+    expect(arg('peer-listen')).toBe('$(POD_IP):9820');
+    expect(arg('peer-discovery')).toBe('kubernetes');
+    expect(arg('peer-pod-selector')!.split(',').sort()).toEqual(selector);
+    expect(arg('peer-namespace')).toBe('$(POD_NAMESPACE)');
+    for (const f of ['peer-tls-cert', 'peer-tls-key', 'peer-tls-ca'])
+      expect(arg(f)).toMatch(/^\/etc\/cbt-csi\/peer-tls\//);
+    expect(driver.env!.map((e) => e.name)).toEqual(expect.arrayContaining(['NODE_NAME', 'POD_IP', 'POD_NAMESPACE']));
+    expect(driver.ports!.map((p) => p.containerPort)).toContain(9820);
+    expect(container('csi-resizer')!.args).toEqual(expect.arrayContaining(['--leader-election']));
+    expect(container('csi-snapshot-metadata')).toBeDefined();
+    // One Service for the cluster's snapshot metadata, over every plugin pod; none exposes the peer port.
+    const services = objects.filter((o) => o.kind === 'Service');
+    expect(services).toHaveLength(1);
+    const service = services[0]!.spec as {
+      selector: Record<string, string>;
+      ports: { port: number; targetPort: unknown }[];
+    };
+    for (const [k, v] of Object.entries(service.selector)) expect(labels[k]).toBe(v);
+    expect(service.ports.map((p) => p.targetPort)).toEqual(['snapshot-meta']);
+    // The peer certificate: from the chart's CA, naming cbt-csi-peer, for server and client use.
+    const volume = template.spec.volumes.find((v) => v.name === 'peer-tls')!;
+    const secret = objects.find((o) => o.kind === 'Secret' && o.metadata.name === volume.secret!.secretName)!;
+    const pem = (key: string) => Buffer.from((secret.data as Record<string, string>)[key]!, 'base64').toString();
+    const cert = new X509Certificate(pem('tls.crt'));
+    const ca = new X509Certificate(pem('ca.crt'));
+    expect(cert.checkHost('cbt-csi-peer')).toBe('cbt-csi-peer');
+    expect(cert.verify(ca.publicKey)).toBe(true);
+    expect(cert.keyUsage).toEqual(expect.arrayContaining(['1.3.6.1.5.5.7.3.1', '1.3.6.1.5.5.7.3.2']));
+    // The driver may list the pods of its namespace, nothing more.
+    const role = objects.find((o) => o.kind === 'Role' && o.metadata.name === `${RELEASE}-driver`)!;
+    expect(role.rules).toEqual([{ apiGroups: [''], resources: ['pods'], verbs: ['get', 'list'] }]);
+  });
+
+  test('mode single has no peer listener, no peer Secret and no driver Role', () => {
+    const { objects } = render('single-no-peers', {});
+    const ss = objects.find((o) => o.kind === 'StatefulSet')!;
+    const containers = (ss.spec as { template: { spec: { containers: Container[] } } }).template.spec.containers;
+    const driver = containers.find((c) => c.name === 'cbt-csi')!;
+    expect(driver.args!.filter((a) => a.startsWith('--peer'))).toEqual([]);
+    expect(objects.filter((o) => o.metadata.name.endsWith('-peer-tls') || o.metadata.name.endsWith('-driver'))).toEqual(
+      [],
+    );
+    expect(containers.find((c) => c.name === 'csi-resizer')!.args).not.toContain('--leader-election');
+  });
+
+  test('peer TLS from an existing Secret mounts that Secret and generates none', () => {
+    const { objects } = render('daemonset-peer-secret', {
+      mode: 'daemonset',
+      peer: { tls: { mode: 'secret', existingSecret: 'cbt-peer-tls' } },
+    });
+    const { template } = daemonSetOf(objects);
+    expect(template.spec.volumes.find((v) => v.name === 'peer-tls')!.secret!.secretName).toBe('cbt-peer-tls');
+    expect(objects.filter((o) => o.kind === 'Secret' && o.metadata.name.endsWith('-peer-tls'))).toEqual([]);
   });
 });
 
@@ -213,7 +322,8 @@ suiteUnless(
     });
 
     test("each sidecar's roles alone, applied for real, let the API server allow everything in its table", () => {
-      const { objects } = render('rbac', { backupClientRole: { serviceAccounts: [CLIENT] } });
+      // Mode daemonset renders every role: the sidecars' and the driver's own (peer discovery).
+      const { objects } = render('rbac', { mode: 'daemonset', backupClientRole: { serviceAccounts: [CLIENT] } });
       const rbac = objects.filter((o) =>
         ['ServiceAccount', 'ClusterRole', 'Role', 'ClusterRoleBinding', 'RoleBinding'].includes(o.kind),
       );

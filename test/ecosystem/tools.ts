@@ -3,6 +3,7 @@
  * scripts/ecosystem/versions.json, and the suites that need them: skipped with the reason when a
  * program is missing, failing instead under CI=true (CI builds them first).
  */
+import { spawnSync } from 'node:child_process';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
@@ -18,6 +19,8 @@ export interface Component {
   crds?: { module: string; version: string; dir: string };
   images?: Record<string, string>;
   buildable?: boolean;
+  /** A program of this repository: the directory it is built from. */
+  source?: string;
 }
 
 export const VERSIONS_FILE = path.join(REPO_ROOT, 'scripts/ecosystem/versions.json');
@@ -35,18 +38,35 @@ export function ecosystemCache(): string {
 }
 
 /** The component that builds a program. */
-function componentOf(binary: string): [string, Component] {
+export function componentOf(binary: string): [string, Component] {
   const found = Object.entries(COMPONENTS).find(([, c]) => binary in c.binaries);
   if (!found) throw new Error(`no component in versions.json builds ${binary}`);
   return found;
 }
 
-/** Path of a built program, or undefined when build.sh has not built it (completely) here. */
+/** The hash build.sh records for a program of this repository (scripts/ecosystem/source-hash.mjs). */
+function sourceHash(source: string): string {
+  const r = spawnSync(process.execPath, [path.join(REPO_ROOT, 'scripts/ecosystem/source-hash.mjs'), source], {
+    encoding: 'utf8',
+  });
+  if (r.status !== 0) throw new Error(`source-hash.mjs ${source}: ${r.stderr}`);
+  return r.stdout.trim();
+}
+
+/**
+ * Path of a built program, or undefined when build.sh has not built it (completely) here, or built it
+ * from other sources than the repository's (a program of this repository).
+ */
 export function toolPath(binary: string): string | undefined {
   const [name, c] = componentOf(binary);
   const dir = path.join(ecosystemCache(), `${name}-${c.version}`);
   const bin = path.join(dir, 'bin', binary);
-  return fs.existsSync(path.join(dir, 'complete')) && fs.existsSync(bin) ? bin : undefined;
+  if (!fs.existsSync(path.join(dir, 'complete')) || !fs.existsSync(bin)) return undefined;
+  if (c.source) {
+    const spec = fs.readFileSync(path.join(dir, 'spec.json'), 'utf8');
+    if (!spec.includes(`source-sha256 ${sourceHash(path.join(REPO_ROOT, c.source))}`)) return undefined;
+  }
+  return bin;
 }
 
 /** Like toolPath, but throws: for use inside a suite that checked with ecosystemSuite. */
@@ -61,7 +81,8 @@ export function missingTools(binaries: readonly string[]): string | undefined {
   for (const b of binaries) {
     if (!toolPath(b)) {
       const [name, c] = componentOf(b);
-      return `${b} (${name} ${c.version}) is not built in ${ecosystemCache()}: run scripts/ecosystem/build.sh ${name}`;
+      const state = c.source ? 'not built from the current sources' : 'not built';
+      return `${b} (${name} ${c.version}) is ${state} in ${ecosystemCache()}: run scripts/ecosystem/build.sh ${name}`;
     }
   }
   return undefined;

@@ -4,6 +4,8 @@
  * read the same bytes and report the same delta and allocated extents as before (invariant 2), the
  * live volumes must keep their content, and the space of overwritten blocks must be given back.
  */
+import fs from 'node:fs';
+import path from 'node:path';
 import { describe, expect, test } from 'vitest';
 import type { BlockStore } from '../../storage-engine/index.js';
 import type { ExtentQueryOptions, SnapshotInfo, StoreOptions, VolumeInfo } from '../../storage-engine/types.js';
@@ -215,6 +217,13 @@ const scenarios: Array<[string, Scenario]> = [
   ['the original volume, then its last snapshot', { volumes: ['V'], snapshots: ['s5'], sharedLayers: 0 }],
 ];
 
+/** An open store keeps one empty file made ahead for its next layer (the spare); a closed one keeps none. */
+function expectOnlyTheSpare(dir: string): void {
+  const files = layerFiles(dir);
+  expect(files).toHaveLength(1);
+  expect(fs.statSync(path.join(dir, 'layers', files[0]!)).size).toBe(0);
+}
+
 describe('compaction keeps what remains exactly as it was', () => {
   test.each(scenarios)(
     "deleting %s and compacting changes no remaining snapshot's content, allocated or delta, nor the live volumes, also after reopening",
@@ -394,6 +403,8 @@ describe('compaction gives space back', () => {
       layerBytes: 0,
       provisionedBytes: 0,
     });
+    expectOnlyTheSpare(dir);
+    await store.close();
     expect(layerFiles(dir)).toEqual([]);
   });
 
@@ -408,6 +419,8 @@ describe('compaction gives space back', () => {
     await h.store.deleteVolume(volOf(h, 'C').info.id);
     await h.store.compact();
     expect(h.store.spaceUsage()).toMatchObject({ layers: 0, hiddenLayers: 0, layerBytes: 0 });
+    expectOnlyTheSpare(h.dir);
+    await h.store.close();
     expect(layerFiles(h.dir)).toEqual([]);
   });
 

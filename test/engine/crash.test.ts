@@ -12,6 +12,12 @@
  * the new exact state. Some rounds skip the verification on purpose, so the next child has to recover a
  * dirty store itself (and may be killed while doing so); their uncertainty is carried forward.
  *
+ * Group snapshots and change records (tombstones) are in the stream too: a group is whole or absent after
+ * any kill (invariant 9), and a delta from a deleted snapshot answers as if it still existed while its
+ * record is usable, or FAILED_PRECONDITION once the per-volume limit expired it (invariant 8). Part of the
+ * rounds kill inside CreateGroupSnapshot, DeleteGroupSnapshot or DeleteSnapshot: the child kills itself
+ * before a random step of the nth such operation (crash-child.ts).
+ *
  * CBT_CRASH_KILLS sets the number of kills (default 50 when CI=true, else 20); CBT_CRASH_SEED replays a
  * run's operation streams (kill timing stays wall-clock).
  */
@@ -24,6 +30,7 @@ import Database from 'better-sqlite3';
 import { afterAll, describe, expect, it } from 'vitest';
 import { BlockStore } from '../../storage-engine/index.js';
 import type { ExtentStream } from '../../storage-engine/index.js';
+import { HistoryGoneError } from '../../storage-engine/errors.js';
 import type { Extent } from '../../storage-engine/types.js';
 import { extentShapeViolation } from './support/block-model.js';
 import {
@@ -33,13 +40,20 @@ import {
   type ChildConfig,
   type ChildLine,
   type CrashOp,
+  type ListedGroup,
   type ListedSnapshot,
+  type SelfKillOp,
 } from './support/crash-child.js';
 
 const KILLS = Number(process.env.CBT_CRASH_KILLS ?? (process.env.CI === 'true' ? 50 : 20));
 const SEED = Number(process.env.CBT_CRASH_SEED ?? Math.floor(Math.random() * 2 ** 31));
-const VOLUME_BLOCKS = [1024, 256];
+const VOLUME_BLOCKS = [1024, 256, 128];
 const MAX_SNAPSHOTS_PER_VOLUME = 5;
+/** Usable change records per volume: small, so deletes keep expiring the oldest. */
+const TOMBSTONES_PER_VOLUME = 3;
+/** Rounds whose kill the child makes itself, inside a group create/delete or a snapshot delete: 3 of every 5. */
+const isSelfKillRound = (round: number): boolean => [1, 2, 4].includes(round % 5);
+const SELF_KILL_OPS: readonly SelfKillOp[] = ['group', 'deleteGroup', 'delete'];
 /** Share of rounds whose crash is left for the next child to recover, unverified. */
 const UNVERIFIED_SHARE = 0.25;
 /** Share of kills aimed at the child's start-up (open and recovery) rather than its operations. */
@@ -56,6 +70,8 @@ interface Touch {
   seq: number;
   first: number;
   count: number;
+  /** A flush or snapshot of its volume was acknowledged after it: its bits are committed. */
+  durable: boolean;
 }
 
 class VolumeModel {
@@ -67,6 +83,8 @@ class VolumeModel {
   pending: number[][];
   /** Every write and trim intent, in order: delta(A, B) may only report blocks touched between A and B. */
   readonly touches: Touch[] = [];
+  /** Touches from here on are not known committed; those before it that are not, never will be known. */
+  private uncommittedFrom = 0;
 
   constructor(
     readonly index: number,
@@ -86,7 +104,13 @@ class VolumeModel {
       this.cur[b] = [value];
       this.pending[b]?.push(value);
     }
-    this.touches.push({ seq, first, count });
+    this.touches.push({ seq, first, count, durable: false });
+  }
+
+  /** A flush or snapshot of this volume was acknowledged: every touch since the last kill is committed. */
+  touchesCommitted(): void {
+    for (let i = this.uncommittedFrom; i < this.touches.length; i++) this.touches[i]!.durable = true;
+    this.uncommittedFrom = this.touches.length;
   }
 
   markDurable(): void {
@@ -98,6 +122,8 @@ class VolumeModel {
   crash(): void {
     this.cur = this.cur.map((_, b) => [...new Set([...(this.dur[b] ?? []), ...(this.pending[b] ?? [])])]);
     this.markDurable();
+    // Whether the bits of uncommitted touches survived is unknown: a later flush does not commit them.
+    this.uncommittedFrom = this.touches.length;
   }
 
   /** The store showed these values (or a snapshot pins them): they are now the exact state. */
@@ -106,9 +132,11 @@ class VolumeModel {
     this.markDurable();
   }
 
-  touchedBetween(afterSeq: number, uptoSeq: number): Set<number> {
+  /** Blocks written or trimmed between two sequence points (only committed touches, if asked). */
+  touchedBetween(afterSeq: number, uptoSeq: number, committedOnly = false): Set<number> {
     const blocks = new Set<number>();
     for (const t of this.touches) {
+      if (committedOnly && !t.durable) continue;
       if (t.seq > afterSeq && t.seq < uptoSeq) for (let b = t.first; b < t.first + t.count; b++) blocks.add(b);
     }
     return blocks;
@@ -116,16 +144,35 @@ class VolumeModel {
 }
 
 interface SnapshotModel {
+  /** Its name; group members, which have none in the store, are `<group name>#<volume index>`. */
   name: string;
   id: string | undefined;
   vol: number;
+  /** The name of the group it was taken in. */
+  group: string | undefined;
   /** Sequence number of its creating intent, on the same clock as the volume's touches. */
   seq: number;
   /** What each block must read (one candidate once a read pinned it). */
   content: Candidates[];
-  /** alive: must exist; maybe: create or delete was in flight at a kill; deleted: must not exist. */
-  status: 'alive' | 'maybe' | 'deleted';
+  /**
+   * alive: must exist; maybe: create or delete was in flight at a kill; deleted: must not exist, and left a
+   * change record; never: its creation was in flight at a kill and did not happen.
+   */
+  status: 'alive' | 'maybe' | 'deleted' | 'never';
   /** Its creation was in flight at a kill: if it exists, the volume was flushed up to it. */
+  createInFlight: boolean;
+  /** Its change record once deleted: usable until the per-volume limit expires it. */
+  record: 'usable' | 'expired' | undefined;
+}
+
+interface GroupModel {
+  name: string;
+  id: string | undefined;
+  /** Volume indexes of its members, in member order. */
+  vols: number[];
+  /** Model names of its member snapshots, in member order. */
+  members: string[];
+  status: 'alive' | 'maybe' | 'deleted' | 'never';
   createInFlight: boolean;
 }
 
@@ -134,6 +181,10 @@ class StoreModel {
   readonly volumes: VolumeModel[] = [];
   /** By name, in creation (intent) order. */
   readonly snapshots = new Map<string, SnapshotModel>();
+  /** By name, in creation (intent) order. */
+  readonly groups = new Map<string, GroupModel>();
+  /** Per volume index, deleted snapshots in deletion order: their change records. */
+  readonly records = new Map<number, SnapshotModel[]>();
   readonly failures: string[] = [];
 
   fail(message: string): void {
@@ -146,15 +197,67 @@ class StoreModel {
     return vm;
   }
 
+  /** Deleting snapshots (in one transaction) leaves a record each; the oldest usable past the limit expire. */
+  private retire(snaps: readonly SnapshotModel[]): void {
+    for (const m of snaps) {
+      m.status = 'deleted';
+      m.record = 'usable';
+      const list = this.records.get(m.vol) ?? [];
+      list.push(m);
+      this.records.set(m.vol, list);
+    }
+    for (const vol of new Set(snaps.map((m) => m.vol))) {
+      const usable = (this.records.get(vol) ?? []).filter((m) => m.record === 'usable');
+      for (const m of usable.slice(0, Math.max(0, usable.length - TOMBSTONES_PER_VOLUME))) m.record = 'expired';
+    }
+  }
+
   /** Checks a listing of the store against the model and learns which in-flight operations happened. */
-  observeListing(volumeIds: readonly string[], listed: readonly ListedSnapshot[], when: string): void {
+  observeListing(
+    volumeIds: readonly string[],
+    listed: readonly ListedSnapshot[],
+    listedGroups: readonly ListedGroup[],
+    when: string,
+  ): void {
     const expectedIds = this.volumes.map((v) => v.id);
     if (JSON.stringify(volumeIds) !== JSON.stringify(expectedIds)) {
       this.fail(`${when}: volumes ${JSON.stringify(volumeIds)}, expected ${JSON.stringify(expectedIds)}`);
     }
+    const listedById = new Map(listed.map((s) => [s.id, s]));
+    // Groups first: a group is whole (every member listed, in its group, of the right volume) or absent.
+    const memberName = new Map<string, string>();
+    const seenGroups = new Set<string>();
+    for (const g of listedGroups) {
+      const m = g.name === undefined ? undefined : this.groups.get(g.name);
+      if (m === undefined) {
+        this.fail(`${when}: group snapshot ${g.id} (${String(g.name)}) was never created`);
+        continue;
+      }
+      seenGroups.add(m.name);
+      if (m.status === 'deleted') this.fail(`${when}: group ${m.name} came back after its deletion was acknowledged`);
+      if (m.id !== undefined && m.id !== g.id) this.fail(`${when}: group ${m.name} has id ${g.id}, was ${m.id}`);
+      if (g.snapshotIds.length !== m.vols.length) {
+        this.fail(`${when}: group ${m.name} has ${g.snapshotIds.length} members, created with ${m.vols.length}`);
+        continue;
+      }
+      for (const [i, id] of g.snapshotIds.entries()) {
+        const s = listedById.get(id);
+        if (s === undefined) this.fail(`${when}: group ${m.name} is not whole: member ${id} is not listed`);
+        else if (s.groupId !== g.id) this.fail(`${when}: member ${id} of group ${m.name} names group ${s.groupId}`);
+        memberName.set(id, m.members[i]!);
+      }
+      m.id = g.id;
+      if (m.status === 'maybe') m.status = 'alive';
+      m.createInFlight = false;
+    }
     const seen = new Set<string>();
     for (const s of listed) {
-      const m = s.name === undefined ? undefined : this.snapshots.get(s.name);
+      const name = s.groupId === undefined ? s.name : memberName.get(s.id);
+      if (s.groupId !== undefined && name === undefined) {
+        this.fail(`${when}: snapshot ${s.id} belongs to group ${s.groupId}, which is not listed (not whole)`);
+        continue;
+      }
+      const m = name === undefined ? undefined : this.snapshots.get(name);
       if (m === undefined) {
         this.fail(`${when}: snapshot ${s.id} (${String(s.name)}) was never created`);
         continue;
@@ -172,19 +275,32 @@ class StoreModel {
         this.volume(m.vol).pin(m.content);
       }
     }
+    // What is absent: acknowledged ones are failures; in-flight ones are settled (never made, or deleted).
+    const retiring: SnapshotModel[] = [];
     for (const m of this.snapshots.values()) {
       if (seen.has(m.name)) continue;
       if (m.status === 'alive') this.fail(`${when}: acknowledged snapshot ${m.name} (${String(m.id)}) is missing`);
-      if (m.status === 'maybe') m.status = 'deleted';
+      if (m.status === 'maybe') {
+        if (m.createInFlight) m.status = 'never';
+        else retiring.push(m);
+      }
+      m.createInFlight = false;
+    }
+    if (retiring.length > 0) this.retire(retiring);
+    for (const m of this.groups.values()) {
+      if (seenGroups.has(m.name)) continue;
+      if (m.status === 'alive') this.fail(`${when}: acknowledged group ${m.name} (${String(m.id)}) is missing`);
+      if (m.status === 'maybe') m.status = m.createInFlight ? 'never' : 'deleted';
       m.createInFlight = false;
     }
   }
 
   /** Replays one child's announcements; the child was killed after the last of them. */
-  applyRun(lines: readonly ChildLine[]): { inFlight: CrashOp['op'] | 'open' | 'between ops' } {
+  applyRun(lines: readonly ChildLine[]): { inFlight: CrashOp['op'] | 'open' | 'between ops'; armed: boolean } {
     let open: { seq: number; op: CrashOp; global: number } | undefined;
     let sawOpen = false;
     let sawReady = false;
+    let armed = false;
     for (const line of lines) {
       switch (line.t) {
         case 'open':
@@ -192,7 +308,10 @@ class StoreModel {
           break;
         case 'ready':
           sawReady = true;
-          this.observeListing(line.volumes, line.snapshots, 'child listing after reopen');
+          this.observeListing(line.volumes, line.snapshots, line.groups, 'child listing after reopen');
+          break;
+        case 'armed':
+          armed = true;
           break;
         case 'error':
           this.fail(`child failed: ${line.message}`);
@@ -205,7 +324,7 @@ class StoreModel {
         }
         case 'ack': {
           if (open === undefined || open.seq !== line.seq) throw new Error(`ack ${line.seq} without its intent`);
-          this.applyAck(open.op, line.snapshotId);
+          this.applyAck(open.op, line);
           open = undefined;
           break;
         }
@@ -213,7 +332,22 @@ class StoreModel {
     }
     for (const vm of this.volumes) vm.crash();
     // 'between ops' is mostly background compaction, which runs while the child yields between operations.
-    return { inFlight: open?.op.op ?? (sawOpen && !sawReady ? 'open' : 'between ops') };
+    return { inFlight: open?.op.op ?? (sawOpen && !sawReady ? 'open' : 'between ops'), armed };
+  }
+
+  private newSnapshot(name: string, vol: number, group: string | undefined, seq: number): void {
+    if (this.snapshots.has(name)) throw new Error(`snapshot name ${name} reused`);
+    this.snapshots.set(name, {
+      name,
+      id: undefined,
+      vol,
+      group,
+      seq,
+      content: this.volume(vol).cur.slice(),
+      status: 'maybe',
+      createInFlight: true,
+      record: undefined,
+    });
   }
 
   private applyIntent(op: CrashOp, seq: number): void {
@@ -226,17 +360,22 @@ class StoreModel {
         this.volume(op.vol).assign(op.block, op.count, 0, seq);
         break;
       case 'snapshot':
-        if (this.snapshots.has(op.name)) throw new Error(`snapshot name ${op.name} reused`);
-        this.snapshots.set(op.name, {
+        this.newSnapshot(op.name, op.vol, undefined, seq);
+        break;
+      case 'group': {
+        if (this.groups.has(op.name)) throw new Error(`group name ${op.name} reused`);
+        const members = op.vols.map((v) => `${op.name}#${v}`);
+        for (const [i, v] of op.vols.entries()) this.newSnapshot(members[i]!, v, op.name, seq);
+        this.groups.set(op.name, {
           name: op.name,
           id: undefined,
-          vol: op.vol,
-          seq,
-          content: this.volume(op.vol).cur.slice(),
+          vols: [...op.vols],
+          members,
           status: 'maybe',
           createInFlight: true,
         });
         break;
+      }
       case 'delete': {
         const m = this.snapshots.get(op.name);
         if (m === undefined || m.status !== 'alive') {
@@ -248,29 +387,68 @@ class StoreModel {
         m.status = 'maybe';
         break;
       }
+      case 'deleteGroup': {
+        const g = this.groups.get(op.name);
+        if (g === undefined || g.status !== 'alive') {
+          this.fail(`child deletes group ${op.name}, which the model does not know alive`);
+          break;
+        }
+        if (g.id !== op.groupId)
+          this.fail(`child deletes group ${op.name} as ${op.groupId}, but it is ${String(g.id)}`);
+        g.status = 'maybe';
+        for (const name of g.members) this.snapshots.get(name)!.status = 'maybe';
+        break;
+      }
       case 'flush':
       case 'compact':
         break;
     }
   }
 
-  private applyAck(op: CrashOp, snapshotId: string | undefined): void {
+  private applyAck(op: CrashOp, ack: Extract<ChildLine, { t: 'ack' }>): void {
     switch (op.op) {
       case 'flush':
         this.volume(op.vol).markDurable();
+        this.volume(op.vol).touchesCommitted();
         break;
       case 'snapshot': {
         const m = this.snapshots.get(op.name);
-        if (m === undefined || snapshotId === undefined) throw new Error(`snapshot ack without id for ${op.name}`);
+        if (m === undefined || ack.snapshotId === undefined) throw new Error(`snapshot ack without id for ${op.name}`);
         m.status = 'alive';
         m.createInFlight = false;
-        m.id = snapshotId;
+        m.id = ack.snapshotId;
         this.volume(op.vol).markDurable();
+        this.volume(op.vol).touchesCommitted();
+        break;
+      }
+      case 'group': {
+        const g = this.groups.get(op.name);
+        if (g === undefined || ack.groupId === undefined || ack.snapshotIds?.length !== op.vols.length) {
+          throw new Error(`group ack without its id and members for ${op.name}`);
+        }
+        g.status = 'alive';
+        g.createInFlight = false;
+        g.id = ack.groupId;
+        for (const [i, name] of g.members.entries()) {
+          const m = this.snapshots.get(name)!;
+          m.status = 'alive';
+          m.createInFlight = false;
+          m.id = ack.snapshotIds[i];
+          this.volume(m.vol).markDurable();
+          this.volume(m.vol).touchesCommitted();
+        }
         break;
       }
       case 'delete': {
         const m = this.snapshots.get(op.name);
-        if (m !== undefined) m.status = 'deleted';
+        if (m !== undefined) this.retire([m]);
+        break;
+      }
+      case 'deleteGroup': {
+        const g = this.groups.get(op.name);
+        if (g === undefined) break;
+        g.status = 'deleted';
+        this.retire(g.members.map((name) => this.snapshots.get(name)!));
         break;
       }
       case 'write':
@@ -330,10 +508,10 @@ async function extentBlocks(
 const CATALOG_FILES = ['catalog.db', 'catalog.db-wal', 'catalog.db-shm', 'store.lock', 'space.reserve'];
 
 /**
- * Layer file names the catalog references. Reads a private copy of the database (and its WAL, which the
- * copy replays) so the store directory is left exactly as the kill left it.
+ * Reads a private copy of the catalog (and its WAL, which the copy replays), so the store directory is left
+ * exactly as the kill left it: the layer files it references, and every way its rows fail to agree.
  */
-function referencedLayerFiles(dir: string): Set<string> {
+function readCatalog(dir: string): { layerFiles: Set<string>; problems: string[] } {
   const scratch = fs.mkdtempSync(path.join(os.tmpdir(), 'cbt-crash-catalog-'));
   try {
     for (const f of ['catalog.db', 'catalog.db-wal']) {
@@ -342,7 +520,38 @@ function referencedLayerFiles(dir: string): Set<string> {
     const db = new Database(path.join(scratch, 'catalog.db'));
     try {
       const rows = db.prepare('SELECT id FROM layers').all() as { id: number }[];
-      return new Set(rows.map((r) => `${r.id}.layer`));
+      const problems: string[] = [];
+      const ask = (sql: string, what: (row: Record<string, unknown>) => string) => {
+        for (const row of db.prepare(sql).all() as Record<string, unknown>[]) problems.push(what(row));
+      };
+      // Invariant 9: a group is whole or absent.
+      ask(
+        'SELECT m.snapshot_id, m.group_id FROM snapshot_group_members m LEFT JOIN snapshots s ON s.id = m.snapshot_id WHERE s.id IS NULL',
+        (r) => `group ${String(r.group_id)} names member ${String(r.snapshot_id)}, which is not a snapshot`,
+      );
+      ask(
+        'SELECT m.snapshot_id, m.group_id FROM snapshot_group_members m LEFT JOIN snapshot_groups g ON g.id = m.group_id WHERE g.id IS NULL',
+        (r) => `snapshot ${String(r.snapshot_id)} is a member of group ${String(r.group_id)}, which does not exist`,
+      );
+      ask(
+        'SELECT g.id FROM snapshot_groups g LEFT JOIN snapshot_group_members m ON m.group_id = g.id WHERE m.group_id IS NULL',
+        (r) => `group ${String(r.id)} has no members`,
+      );
+      // Invariant 8: a change record anchors at a layer that exists, and only a deleted snapshot has one.
+      ask(
+        'SELECT t.snapshot_id, t.anchor_layer_id FROM tombstones t LEFT JOIN layers l ON l.id = t.anchor_layer_id WHERE l.id IS NULL',
+        (r) =>
+          `the change record of ${String(r.snapshot_id)} anchors at layer ${String(r.anchor_layer_id)}, which does not exist`,
+      );
+      ask(
+        'SELECT t.snapshot_id FROM tombstones t JOIN snapshots s ON s.id = t.snapshot_id',
+        (r) => `snapshot ${String(r.snapshot_id)} is alive and has a change record`,
+      );
+      ask(
+        'SELECT s.id, s.layer_id FROM snapshots s LEFT JOIN layers l ON l.id = s.layer_id WHERE l.id IS NULL',
+        (r) => `snapshot ${String(r.id)} names layer ${String(r.layer_id)}, which does not exist`,
+      );
+      return { layerFiles: new Set(rows.map((r) => `${r.id}.layer`)), problems };
     } finally {
       db.close();
     }
@@ -351,12 +560,14 @@ function referencedLayerFiles(dir: string): Set<string> {
   }
 }
 
-/** Invariant 5, any time: every layer the catalog names has its file. */
-function checkReferencedFilesExist(dir: string, model: StoreModel, when: string): void {
+/** Invariants 5, 8 and 9, any time: every layer the catalog names has its file; groups and records agree. */
+function checkCatalog(dir: string, model: StoreModel, when: string): void {
   const present = new Set(fs.readdirSync(path.join(dir, 'layers')));
-  for (const f of referencedLayerFiles(dir)) {
+  const { layerFiles, problems } = readCatalog(dir);
+  for (const f of layerFiles) {
     if (!present.has(f)) model.fail(`${when}: the catalog references layers/${f}, which does not exist`);
   }
+  for (const p of problems) model.fail(`${when}: ${p}`);
 }
 
 /** Invariant 5 after a clean open and close: the files are exactly the catalog's, and nothing else. */
@@ -365,16 +576,60 @@ function checkNoOrphans(dir: string, model: StoreModel): void {
     if (entry !== 'layers' && !CATALOG_FILES.includes(entry))
       model.fail(`unexpected entry ${entry} in the store directory`);
   }
-  const referenced = referencedLayerFiles(dir);
+  const referenced = readCatalog(dir).layerFiles;
   for (const f of fs.readdirSync(path.join(dir, 'layers'))) {
     if (!referenced.has(f)) model.fail(`orphan file layers/${f} survived open and close`);
   }
-  checkReferencedFilesExist(dir, model, 'after close');
+  checkCatalog(dir, model, 'after close');
 }
 
-/** Invariant 2 for allocated() and invariant 1 for delta(), on every surviving snapshot of a volume. */
+/** Both pinned to one value, and different: the blocks a delta must report whatever else it does. */
+function surelyDiffer(a: Candidates | undefined, b: Candidates | undefined): boolean {
+  return a?.length === 1 && b?.length === 1 && a[0] !== b[0];
+}
+
+/**
+ * Invariant 1 (and 8 for a deleted base): delta(base, target) reports every block that surely differs and
+ * every block a committed write or trim touched in between, and nothing no write or trim touched.
+ */
+async function checkDelta(
+  store: BlockStore,
+  model: StoreModel,
+  vm: VolumeModel,
+  base: SnapshotModel,
+  target: SnapshotModel,
+): Promise<void> {
+  const what = `delta(${base.status === 'deleted' ? 'deleted ' : ''}${base.name}, ${target.name}) of volume ${vm.index}`;
+  const delta = await extentBlocks(store.delta(base.id ?? '', target.id ?? ''), vm.blocks * BLOCK_SIZE, what, model);
+  for (let blk = 0; blk < vm.blocks; blk++) {
+    if (surelyDiffer(base.content[blk], target.content[blk]) && !delta.has(blk)) {
+      const change = `${describeCandidates(base.content[blk])} to ${describeCandidates(target.content[blk])}`;
+      model.fail(`${what} misses block ${blk}, which changed from ${change}`);
+      break;
+    }
+  }
+  const committed = [...vm.touchedBetween(base.seq, target.seq, true)].filter((blk) => !delta.has(blk));
+  if (committed.length > 0) {
+    model.fail(`${what} misses blocks ${committed.slice(0, 8).join(',')}, written or trimmed and committed in between`);
+  }
+  const touched = vm.touchedBetween(base.seq, target.seq);
+  const extra = [...delta].filter((blk) => !touched.has(blk));
+  if (extra.length > 0) {
+    const history = vm.touches
+      .filter((t) => extra.some((b) => b >= t.first && b < t.first + t.count))
+      .map((t) => `#${t.seq}${t.durable ? '' : '?'}`)
+      .join(' ');
+    model.fail(
+      `${what} reports blocks ${extra.slice(0, 8).join(',')} that no write or trim touched in between ` +
+        `(base #${base.seq}, target #${target.seq}; touches of those blocks: ${history})`,
+    );
+  }
+}
+
+/** Invariant 2 for allocated() and invariants 1 and 8 for delta(), on every surviving snapshot of a volume. */
 async function checkExtentQueries(store: BlockStore, model: StoreModel, vm: VolumeModel): Promise<void> {
-  const listed = store.listSnapshots({ sourceVolumeId: vm.id }).map((s) => model.snapshots.get(s.name ?? ''));
+  const byId = new Map([...model.snapshots.values()].map((m) => [m.id, m]));
+  const listed = store.listSnapshots({ sourceVolumeId: vm.id }).map((s) => byId.get(s.id));
   const alive = [...model.snapshots.values()].filter((m) => m.vol === vm.index && m.status === 'alive');
   if (listed.length !== alive.length || listed.some((m, i) => m !== alive[i])) {
     model.fail(
@@ -398,34 +653,42 @@ async function checkExtentQueries(store: BlockStore, model: StoreModel, vm: Volu
   const pairs: [SnapshotModel, SnapshotModel][] = [];
   for (let i = 1; i < alive.length; i++) pairs.push([alive[i - 1] as SnapshotModel, alive[i] as SnapshotModel]);
   if (alive.length > 2) pairs.push([alive[0] as SnapshotModel, alive[alive.length - 1] as SnapshotModel]);
-  for (const [a, b] of pairs) {
-    const what = `delta(${a.name}, ${b.name}) of volume ${vm.index}`;
-    const delta = await extentBlocks(store.delta(a.id ?? '', b.id ?? ''), capacity, what, model);
-    for (let blk = 0; blk < vm.blocks; blk++) {
-      if (a.content[blk]?.[0] !== b.content[blk]?.[0] && !delta.has(blk)) {
-        const change = `${describeCandidates(a.content[blk])} to ${describeCandidates(b.content[blk])}`;
-        model.fail(`${what} misses block ${blk}, which changed from ${change}`);
-        break;
+  for (const [a, b] of pairs) await checkDelta(store, model, vm, a, b);
+
+  // Deleted bases: every later live snapshot, through the change record while it is usable.
+  for (const base of model.records.get(vm.index) ?? []) {
+    for (const target of alive.filter((t) => t.seq > base.seq)) {
+      if (base.record === 'usable') {
+        await checkDelta(store, model, vm, base, target);
+        continue;
       }
-    }
-    const touched = vm.touchedBetween(a.seq, b.seq);
-    const extra = [...delta].filter((blk) => !touched.has(blk));
-    if (extra.length > 0) {
-      model.fail(`${what} reports blocks ${extra.slice(0, 8).join(',')} that no write or trim touched in between`);
+      let error: unknown;
+      try {
+        store.delta(base.id ?? '', target.id ?? '');
+      } catch (err) {
+        error = err;
+      }
+      if (!(error instanceof HistoryGoneError)) {
+        model.fail(
+          `delta(deleted ${base.name}, ${target.name}): its change record expired (past ${TOMBSTONES_PER_VOLUME} ` +
+            `a volume), so HistoryGoneError (FAILED_PRECONDITION) is due, got ${String(error ?? 'an answer')}`,
+        );
+      }
     }
   }
 }
 
 /** Reopens the crashed store in this process and checks everything the model knows. */
 async function verify(dir: string, model: StoreModel, round: number): Promise<void> {
-  checkReferencedFilesExist(dir, model, 'right after the kill');
+  checkCatalog(dir, model, 'right after the kill');
   // Opening a store whose catalog lost a file would only throw; the failure above says more.
   if (model.failures.length > 0) return;
-  const store = BlockStore.open(dir);
+  const store = BlockStore.open(dir, { deletedSnapshotRetention: { maxPerVolume: TOMBSTONES_PER_VOLUME } });
   try {
     model.observeListing(
       store.listVolumes().map((v) => v.id),
       store.listSnapshots(),
+      store.listGroupSnapshots().map((g) => ({ id: g.id, name: g.name, snapshotIds: g.snapshots.map((m) => m.id) })),
       'after reopen',
     );
     for (const vm of model.volumes) {
@@ -450,10 +713,12 @@ async function verify(dir: string, model: StoreModel, round: number): Promise<vo
         name,
         id: info.id,
         vol: vm.index,
+        group: undefined,
         seq,
         content,
         status: 'alive',
         createInFlight: false,
+        record: undefined,
       });
     }
     for (const vm of model.volumes) await checkExtentQueries(store, model, vm);
@@ -475,8 +740,12 @@ interface ChildRun {
 
 const liveChildren = new Set<ReturnType<typeof spawn>>();
 
-/** Starts a child on the store and SIGKILLs it `delayMs` after it announces `trigger`. */
-function runChild(dir: string, config: ChildConfig, trigger: 'open' | 'ready', delayMs: number): Promise<ChildRun> {
+/** How a round's child dies: SIGKILL from here `delayMs` after it announces `trigger`, or by its own hand. */
+type KillPlan = { by: 'parent'; trigger: 'open' | 'ready'; delayMs: number } | { by: 'self' };
+
+/** Starts a child on the store and lets it be killed as planned (the watchdog kills it after 30 s anyway). */
+function runChild(dir: string, config: ChildConfig, plan: KillPlan): Promise<ChildRun> {
+  const trigger = plan.by === 'parent' ? plan.trigger : 'ready';
   return new Promise((resolve, reject) => {
     const child = spawn(process.execPath, ['--import', 'tsx', childScript, dir, JSON.stringify(config)], {
       cwd: repoRoot,
@@ -506,7 +775,7 @@ function runChild(dir: string, config: ChildConfig, trigger: 'open' | 'ready', d
       const marker = trigger === 'open' ? '{"t":"open"}' : '{"t":"ready"';
       if (stdout.indexOf(marker, Math.max(0, scanned - marker.length)) >= 0) {
         startedAt = Date.now();
-        setTimeout(kill, delayMs);
+        if (plan.by === 'parent') setTimeout(kill, plan.delayMs);
       }
       scanned = stdout.length;
     });
@@ -516,6 +785,7 @@ function runChild(dir: string, config: ChildConfig, trigger: 'open' | 'ready', d
     child.on('error', reject);
     child.on('close', (code, signal) => {
       clearTimeout(watchdog);
+      if (killedAfterMs === undefined && startedAt !== undefined) killedAfterMs = Date.now() - startedAt;
       liveChildren.delete(child);
       // Only whole lines count: the kill may cut the last one short.
       const complete = stdout.slice(0, stdout.lastIndexOf('\n') + 1);
@@ -535,7 +805,7 @@ afterAll(() => {
 });
 
 describe('block store under kill -9', () => {
-  it(`keeps flushed writes, acknowledged snapshots, complete deltas and exactly its own files across ${KILLS} kills at random moments`, async () => {
+  it(`keeps flushed writes, acknowledged snapshots, whole groups, deltas from deleted bases and exactly its own files across ${KILLS} kills at random moments`, async () => {
     const started = Date.now();
     const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'cbt-crash-'));
     dirs.push(dir);
@@ -559,19 +829,32 @@ describe('block store under kill -9', () => {
     const inFlightAtKill = new Map<string, number>();
     let operations = 0;
     let verified = 0;
+    let selfKills = 0;
     for (let round = 0; round < KILLS; round++) {
-      const atOpen = rand() < KILL_AT_OPEN_SHARE;
-      const delayMs = atOpen ? Math.floor(rand() * 20) : 30 + Math.floor(rand() * 571);
       const config: ChildConfig = {
         seed: Math.floor(rand() * 2 ** 31),
         firstWriteId: round * 1_000_000 + 1,
         snapshotPrefix: `${round}-`,
         maxSnapshotsPerVolume: MAX_SNAPSHOTS_PER_VOLUME,
+        tombstonesPerVolume: TOMBSTONES_PER_VOLUME,
       };
-      const run = await runChild(dir, config, atOpen ? 'open' : 'ready', delayMs);
+      let plan: KillPlan;
+      if (isSelfKillRound(round)) {
+        plan = { by: 'self' };
+        const op = SELF_KILL_OPS[Math.floor(rand() * SELF_KILL_OPS.length)]!;
+        config.selfKill = { op, nth: 1 + Math.floor(rand() * 3), fraction: rand() };
+      } else {
+        const atOpen = rand() < KILL_AT_OPEN_SHARE;
+        const delayMs = atOpen ? Math.floor(rand() * 20) : 30 + Math.floor(rand() * 571);
+        plan = { by: 'parent', trigger: atOpen ? 'open' : 'ready', delayMs };
+      }
+      const atOpen = plan.by === 'parent' && plan.trigger === 'open';
+      const run = await runChild(dir, config, plan);
       const context =
         `seed ${SEED} (CBT_CRASH_SEED), round ${round}, child seed ${config.seed}, store ${dir} (CBT_CRASH_KEEP=1 keeps it), ` +
-        `killed ${String(run.killedAfterMs)} ms after ${atOpen ? 'open' : 'ready'}`;
+        (plan.by === 'self'
+          ? `killed itself in ${JSON.stringify(config.selfKill)}, ${String(run.killedAfterMs)} ms after ready`
+          : `killed ${String(run.killedAfterMs)} ms after ${plan.trigger}`);
       const tailOf = (lines: readonly ChildLine[]): string =>
         lines
           .slice(-6)
@@ -584,9 +867,14 @@ describe('block store under kill -9', () => {
       expect(run.signal, `${context}: child ended on its own (code ${String(run.code)}):\n${run.stderr}`).toBe(
         'SIGKILL',
       );
-      const { inFlight } = model.applyRun(run.lines);
+      if (process.env.CBT_CRASH_KEEP !== undefined) {
+        fs.appendFileSync(`${dir}.log`, `${run.lines.map((l) => JSON.stringify(l)).join('\n')}\n-- kill\n`);
+      }
+      const { inFlight, armed } = model.applyRun(run.lines);
       operations += run.lines.filter((l) => l.t === 'intent').length;
-      inFlightAtKill.set(inFlight, (inFlightAtKill.get(inFlight) ?? 0) + 1);
+      const where = plan.by === 'self' ? `${inFlight} (self)` : inFlight;
+      inFlightAtKill.set(where, (inFlightAtKill.get(where) ?? 0) + 1);
+      if (plan.by === 'self' && armed) selfKills++;
 
       const last = round === KILLS - 1;
       if (last || rand() >= UNVERIFIED_SHARE) {
@@ -597,7 +885,7 @@ describe('block store under kill -9', () => {
         }
         verified++;
       } else {
-        checkReferencedFilesExist(dir, model, 'right after the kill');
+        checkCatalog(dir, model, 'right after the kill');
       }
       expect(
         model.failures,
@@ -605,11 +893,20 @@ describe('block store under kill -9', () => {
       ).toEqual([]);
     }
     const seconds = (Date.now() - started) / 1000;
+    const inGroupOrDelete = [...inFlightAtKill]
+      .filter(([k]) => SELF_KILL_OPS.some((op) => k === op || k === `${op} (self)`))
+      .reduce((n, [, c]) => n + c, 0);
     console.log(
-      `crash test: ${KILLS} kills (${verified} verified), ${operations} operations, ${seconds.toFixed(1)} s, seed ${SEED}, ` +
+      `crash test: ${KILLS} kills (${verified} verified, ${selfKills} by the child itself, ${inGroupOrDelete} inside a ` +
+        `group create/delete or snapshot delete), ${operations} operations, ${seconds.toFixed(1)} s, seed ${SEED}, ` +
         `in flight at kill: ${JSON.stringify(Object.fromEntries(inFlightAtKill))}`,
     );
     // A harness whose kills all land at the same point would test one thing many times.
     if (KILLS >= 10) expect([...inFlightAtKill.keys()].length).toBeGreaterThan(1);
-  }, 600_000);
+    // Group snapshots and change records get their own share of kill points (20 or more under CI's 50 kills).
+    expect(
+      inGroupOrDelete,
+      'kills inside CreateGroupSnapshot, DeleteGroupSnapshot or DeleteSnapshot',
+    ).toBeGreaterThanOrEqual(Math.floor(KILLS * 0.4));
+  }, 900_000);
 });

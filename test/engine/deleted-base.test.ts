@@ -3,10 +3,12 @@
  * compaction, after compaction merged its layer away, through further deletions and after a restart —
  * until retention ends, when the answer is HistoryGoneError ("take a full backup").
  */
+import { spawnSync } from 'node:child_process';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
+import { REPO_ROOT, TSX_LOADER } from '../support/test-driver.js';
 import { BlockStore, HistoryGoneError, NotFoundError, type StoreOptions } from '../../storage-engine/index.js';
 
 const B = 4096;
@@ -98,6 +100,43 @@ describe('deltas from deleted base snapshots (invariant 8)', () => {
     expect(await deltaBlocks(again, s1.id, s2.id)).toEqual([4, 6, 9]);
     expect(await deltaBlocks(again, s0.id, s2.id)).toEqual([4, 5, 6, 9]);
     await again.close();
+  });
+
+  it('stay exact when an older deleted layer is merged into a layer that already anchors a record', async () => {
+    const { store } = open();
+    const v = await store.createVolume({ capacityBytes: 64 * B });
+    writeBlocks(store, v.id, [0, 1], 1);
+    const s0 = await store.createSnapshot({ volumeId: v.id });
+    const s1 = await store.createSnapshot({ volumeId: v.id });
+    writeBlocks(store, v.id, [7], 2);
+    const s2 = await store.createSnapshot({ volumeId: v.id });
+    // s1's record moves up to s2's layer; then s0's layer (blocks 0, 1: older than s1) merges into it too.
+    await store.deleteSnapshot(s1.id);
+    expect((await store.compact()).merged).toBe(1);
+    await store.deleteSnapshot(s0.id);
+    expect((await store.compact()).merged).toBe(1);
+    expect(await deltaBlocks(store, s1.id, s2.id)).toEqual([7]);
+    expect(await deltaBlocks(store, s0.id, s2.id)).toEqual([7]);
+    await store.close();
+  });
+
+  it('count a rewrite of a block the merge brought into the live head as a change, even when kill -9 came before any flush', async () => {
+    const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'cbt-tomb-'));
+    dirs.push(dir);
+    const child = spawnSync(
+      process.execPath,
+      ['--import', TSX_LOADER, path.join(REPO_ROOT, 'test/engine/support/rewrite-then-kill.ts'), dir],
+      { encoding: 'utf8' },
+    );
+    expect(child.signal, child.stderr).toBe('SIGKILL');
+    const { volumeId, deletedId } = JSON.parse(child.stdout.split('\n')[0]!) as { volumeId: string; deletedId: string };
+    const { store } = open({}, dir);
+    const now = await store.createSnapshot({ volumeId });
+    // The rewrite reached the file in place (the page cache survives kill -9), so block 0 changed since the
+    // deleted snapshot: a delta from it that left block 0 out would make an incremental backup miss it.
+    expect(store.readSnapshot(now.id, 0, 1)[0]).toBe(9);
+    expect(await deltaBlocks(store, deletedId, now.id)).toEqual([0]);
+    await store.close();
   });
 
   it('answers HistoryGoneError once more deleted snapshots of the volume exist than retention keeps', async () => {

@@ -199,6 +199,29 @@ describe('direct I/O sessions', () => {
     expect(TestHost.open(store, id).session.open).toBe(true);
   });
 
+  test("blocks a change record excludes at the head are named in the view: their writes are the engine's (invariant 8)", async () => {
+    const { store } = stores.open({ autoCompact: false });
+    const id = await volume(store);
+    const base = await store.createSnapshot({ volumeId: id, name: 'base' });
+    store.write(id, 2 * B, pattern(13, 3 * B));
+    const s1 = await store.createSnapshot({ volumeId: id, name: 's1' });
+    store.write(id, 3 * B, pattern(14, B));
+    await store.deleteSnapshot(s1.id);
+    // s1's layer merges into the live head: blocks 2 and 4 come in unchanged since s1 and are excluded.
+    await store.compact();
+    const host = TestHost.open(store, id);
+    expect([...host.view.engineWriteStarts]).toEqual([2, 4]);
+    expect([...host.view.engineWriteEnds]).toEqual([3, 5]);
+    // An engine write of one of them takes it off the record's exclusions; a new view has it no more.
+    store.write(id, 2 * B, pattern(15, B));
+    host.session.close();
+    const next = TestHost.open(store, id);
+    expect([...next.view.engineWriteStarts]).toEqual([4]);
+    expect(await collect(store.delta(base.id, (await store.createSnapshot({ volumeId: id, name: 's2' })).id))).toEqual([
+      { offset: 2 * B, length: 3 * B },
+    ]);
+  });
+
   test('a merge of a layer the view names into a frozen layer ends the session (the file goes away)', async () => {
     const { store } = stores.open({ autoCompact: false });
     const id = await volume(store);

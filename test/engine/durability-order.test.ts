@@ -118,3 +118,76 @@ describe('durability order (invariant 3)', () => {
     await store.close();
   });
 });
+
+describe('the spare layer file (a snapshot syncs only its catalog commit)', () => {
+  /** Directory fsyncs and data syncs made by node's fs during `fn` (SQLite's own fsync is not among them). */
+  async function syncsDuring(fn: () => Promise<unknown>): Promise<number> {
+    let n = 0;
+    const { fsyncSync, fdatasyncSync } = fs;
+    const spies = [
+      vi.spyOn(fs, 'fsyncSync').mockImplementation((fd: number) => {
+        n++;
+        fsyncSync(fd);
+      }),
+      vi.spyOn(fs, 'fdatasyncSync').mockImplementation((fd: number) => {
+        n++;
+        fdatasyncSync(fd);
+      }),
+    ];
+    try {
+      await fn();
+    } finally {
+      for (const s of spies) s.mockRestore();
+    }
+    return n;
+  }
+
+  it('CreateSnapshot of a flushed volume makes its new head from the spare: no directory or data sync', async () => {
+    const store = open();
+    const v = await store.createVolume({ capacityBytes: 1 << 20 });
+    store.write(v.id, 0, Buffer.alloc(4096, 1));
+    await store.flush(v.id);
+    // compact() settles the store's background file work, the spare's making included.
+    await store.compact();
+    expect(await syncsDuring(() => store.createSnapshot({ volumeId: v.id }))).toBe(0);
+    // The new head took the spare's file: it is there, empty, and takes writes that survive a reopen.
+    store.write(v.id, 4096, Buffer.alloc(4096, 7));
+    await store.flush(v.id);
+    await store.close();
+    const again = BlockStore.open(store.dir, { autoCompact: false });
+    expect(again.read(v.id, 4096, 1)[0]).toBe(7);
+    expect(again.read(v.id, 0, 1)[0]).toBe(1);
+    await again.close();
+  });
+
+  it('without a ready spare (a second new layer in one transaction) the directory is synced before the commit', async () => {
+    const store = open();
+    const a = await store.createVolume({ capacityBytes: 1 << 20 });
+    const b = await store.createVolume({ capacityBytes: 1 << 20 });
+    await store.compact();
+    // A group of two takes two new heads: the spare covers one, the other syncs the directory itself.
+    expect(
+      await syncsDuring(() =>
+        store.createGroupSnapshot({ name: 'g', members: [{ volumeId: a.id }, { volumeId: b.id }] }),
+      ),
+    ).toBe(1);
+    await store.close();
+  });
+
+  it('a closed store holds no spare; a killed one leaves it to the next open, which removes it', async () => {
+    const store = open();
+    await store.createVolume({ capacityBytes: 1 << 20 });
+    await store.compact();
+    const layerFiles = () => fs.readdirSync(path.join(store.dir, 'layers')).sort();
+    const withSpare = layerFiles();
+    await store.close();
+    expect(layerFiles()).toHaveLength(withSpare.length - 1);
+    // As after kill -9: an empty file for an id the catalog never handed out.
+    const next = Math.max(...withSpare.map((f) => Number.parseInt(f, 10)));
+    fs.writeFileSync(path.join(store.dir, 'layers', `${next}.layer`), '');
+    const again = BlockStore.open(store.dir, { autoCompact: false });
+    await again.compact();
+    await again.close();
+    expect(layerFiles()).toHaveLength(withSpare.length - 1);
+  });
+});

@@ -1,6 +1,7 @@
 /**
  * Model-based property test of the storage engine: random sequences of writes (any byte range), trims,
- * flushes, snapshots, clones, growth, deletes, compaction and reopening drive a real BlockStore in a
+ * flushes, snapshots, group snapshots, clones, growth, deletes (of snapshots, groups and volumes),
+ * compaction and reopening drive a real BlockStore in a
  * temp dir and the in-memory BlockModel side by side. After every command the engine must read,
  * allocate and delta exactly as the model says.
  *
@@ -15,7 +16,7 @@ import path from 'node:path';
 import fc from 'fast-check';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { BlockStore } from '../../storage-engine/index.js';
-import { NotFoundError, UnrelatedSnapshotsError } from '../../storage-engine/errors.js';
+import { BusyError, NotFoundError, UnrelatedSnapshotsError } from '../../storage-engine/errors.js';
 import type { Extent, ExtentQueryOptions, ExtentStyle, StoreOptions } from '../../storage-engine/types.js';
 import {
   BlockModel,
@@ -154,12 +155,61 @@ class DeleteSnapshotCmd implements Cmd {
   }
   async run(m: BlockModel, r: Real): Promise<void> {
     const snap = pick(m.snapshots, this.snap);
-    await r.store.deleteSnapshot(snap.id);
-    m.deleteSnapshot(snap);
+    if (snap.groupId !== undefined) {
+      // A group's member goes with its group only; the refusal changes nothing.
+      await expect(r.store.deleteSnapshot(snap.id), 'deleting a group member alone').rejects.toThrow(BusyError);
+    } else {
+      await r.store.deleteSnapshot(snap.id);
+      m.deleteSnapshot(snap);
+    }
     await verify(m, r);
   }
   toString(): string {
     return `deleteSnapshot(snap#${this.snap})`;
+  }
+}
+
+class GroupSnapshotCmd implements Cmd {
+  constructor(readonly vols: number[]) {}
+  /** Distinct volumes picked by the indexes, in pick order. */
+  private members(m: Readonly<BlockModel>): ModelVolume[] {
+    return [...new Set(this.vols.map((v) => pick(m.volumes, v)))];
+  }
+  check(m: Readonly<BlockModel>): boolean {
+    return m.volumes.length > 0 && m.snapshots.length + this.members(m).length <= MAX_SNAPSHOTS;
+  }
+  async run(m: BlockModel, r: Real): Promise<void> {
+    const vols = this.members(m);
+    const info = await r.store.createGroupSnapshot({ members: vols.map((v) => ({ volumeId: v.id })) });
+    expect(
+      info.snapshots.map((s) => s.sourceVolumeId),
+      'group members follow the request order',
+    ).toEqual(vols.map((v) => v.id));
+    m.groupSnapshot(
+      vols,
+      info.id,
+      info.snapshots.map((s) => s.id),
+    );
+    await verify(m, r);
+  }
+  toString(): string {
+    return `groupSnapshot(vols#${this.vols.join(',')})`;
+  }
+}
+
+class DeleteGroupCmd implements Cmd {
+  constructor(readonly group: number) {}
+  check(m: Readonly<BlockModel>): boolean {
+    return m.groups.length > 0;
+  }
+  async run(m: BlockModel, r: Real): Promise<void> {
+    const group = pick(m.groups, this.group);
+    await r.store.deleteGroupSnapshot(group.id);
+    m.deleteGroup(group);
+    await verify(m, r);
+  }
+  toString(): string {
+    return `deleteGroup(group#${this.group})`;
   }
 }
 
@@ -319,6 +369,8 @@ const commandArbs: fc.Arbitrary<Cmd>[] = [
   fc.nat().map((v) => new SnapshotCmd(v)),
   fc.nat().map((s) => new DeleteSnapshotCmd(s)),
   fc.nat().map((s) => new DeleteSnapshotCmd(s)),
+  fc.array(fc.nat(), { minLength: 1, maxLength: 3 }).map((v) => new GroupSnapshotCmd(v)),
+  fc.nat().map((g) => new DeleteGroupCmd(g)),
   fc.tuple(fc.nat(), extraBlocksArb, fc.boolean()).map(([s, x, b]) => new CloneSnapshotCmd(s, x, b)),
   fc.tuple(fc.nat(), extraBlocksArb).map(([v, x]) => new CloneVolumeCmd(v, x)),
   fc.tuple(fc.integer({ min: MIN_BLOCKS, max: MAX_BLOCKS }), fc.boolean()).map(([n, b]) => new CreateVolumeCmd(n, b)),
@@ -433,6 +485,10 @@ async function verify(m: BlockModel, r: Real): Promise<void> {
     store.listSnapshots().map((s) => s.id),
     'listSnapshots lists the live snapshots in creation order',
   ).toEqual(m.snapshots.map((s) => s.id));
+  expect(
+    store.listGroupSnapshots().map((g) => ({ id: g.id, members: g.snapshots.map((s) => s.id) })),
+    'listGroupSnapshots lists the live groups, whole, in creation order',
+  ).toEqual(m.groups.map((g) => ({ id: g.id, members: g.members.map((s) => s.id) })));
 
   for (const vol of m.volumes) {
     const info = store.getVolume(vol.id);
@@ -450,9 +506,19 @@ async function verify(m: BlockModel, r: Real): Promise<void> {
   for (const snap of m.snapshots) {
     const info = store.getSnapshot(snap.id);
     expect(
-      { sourceVolumeId: info.sourceVolumeId, capacityBytes: info.capacityBytes, blockSize: info.blockSize },
+      {
+        sourceVolumeId: info.sourceVolumeId,
+        capacityBytes: info.capacityBytes,
+        blockSize: info.blockSize,
+        groupId: info.groupId,
+      },
       `getSnapshot(${snap.id})`,
-    ).toEqual({ sourceVolumeId: snap.sourceVolumeId, capacityBytes: snap.capacityBytes, blockSize: bs });
+    ).toEqual({
+      sourceVolumeId: snap.sourceVolumeId,
+      capacityBytes: snap.capacityBytes,
+      blockSize: bs,
+      groupId: snap.groupId,
+    });
     assertBytes(store.readSnapshot(snap.id, 0, snap.capacityBytes), snap.content, `readSnapshot(${snap.id})`, 0);
     const { offset, length } = randomRange(rng, snap.capacityBytes);
     assertBytes(
@@ -547,7 +613,7 @@ describe('BlockStore against the in-memory block model', () => {
     fs.rmSync(root, { recursive: true, force: true });
   });
 
-  it('after every random write/trim/flush/snapshot/clone/grow/delete/compact/reopen, reads, allocated, ' +
+  it('after every random write/trim/flush/snapshot/group snapshot/clone/grow/delete/compact/reopen, reads, allocated, ' +
     'delta and listings equal the model exactly', async () => {
     await fc.assert(
       fc.asyncProperty(

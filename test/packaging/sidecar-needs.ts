@@ -1,5 +1,6 @@
 /**
- * What each sidecar of the chart needs from the API server, with where that comes from. Each sidecar's
+ * What each sidecar of the chart (and the driver itself, in mode daemonset) needs from the API server, with
+ * where that comes from. Each sidecar's
  * roles (<release>-<sidecar>) must hold all of it on their own: test/packaging/chart.test.ts checks the
  * chart's templates against this table, test/ecosystem/helm.test.ts asks a real API server.
  */
@@ -26,8 +27,9 @@ const LEASES = need(
 
 export const SIDECAR_NEEDS: Record<string, { source: string; needs: Need[] }> = {
   provisioner: {
-    // kubernetes-csi/external-provisioner v6.3.0, deploy/kubernetes/rbac.yaml (ClusterRole and Role).
-    source: 'external-provisioner v6.3.0 deploy/kubernetes/rbac.yaml',
+    // kubernetes-csi/external-provisioner v6.3.0, deploy/kubernetes/rbac.yaml (ClusterRole and Role), plus
+    // the VolumeAttributesClass read of pkg/controller/controller.go.
+    source: 'external-provisioner v6.3.0 deploy/kubernetes/rbac.yaml + controller.go',
     needs: [
       need('', 'persistentvolumes', ['get', 'list', 'watch', 'create', 'patch', 'delete']),
       need('', 'persistentvolumeclaims', ['get', 'list', 'watch', 'update']),
@@ -47,6 +49,9 @@ export const SIDECAR_NEEDS: Record<string, { source: string; needs: Need[] }> = 
       ),
       need('', 'pods', ['get'], 'namespace'),
       need('apps', 'replicasets', ['get'], 'namespace'),
+      // Not in that rbac.yaml: pkg/controller/controller.go reads the PVC's VolumeAttributesClass (Get) to pass
+      // its parameters as CreateVolume mutable_parameters.
+      need('storage.k8s.io', 'volumeattributesclasses', ['get']),
     ],
   },
   snapshotter: {
@@ -64,8 +69,8 @@ export const SIDECAR_NEEDS: Record<string, { source: string; needs: Need[] }> = 
     ],
   },
   resizer: {
-    // kubernetes-csi/external-resizer v2.2.1, deploy/kubernetes/rbac.yaml.
-    source: 'external-resizer v2.2.1 deploy/kubernetes/rbac.yaml',
+    // kubernetes-csi/external-resizer v2.3.0 (same as v2.2.1), deploy/kubernetes/rbac.yaml.
+    source: 'external-resizer v2.3.0 deploy/kubernetes/rbac.yaml',
     needs: [
       need('', 'persistentvolumes', ['get', 'list', 'watch', 'patch']),
       need('', 'persistentvolumeclaims', ['get', 'list', 'watch']),
@@ -97,5 +102,10 @@ export const SIDECAR_NEEDS: Record<string, { source: string; needs: Need[] }> = 
       need('snapshot.storage.k8s.io', 'volumesnapshotcontents', ['get', 'list']),
       need('snapshot.storage.k8s.io', 'volumesnapshotclasses', ['get', 'list']),
     ],
+  },
+  driver: {
+    // Mode daemonset: peer discovery lists the plugin pods of its namespace (src/cluster/kubernetes-directory.ts).
+    source: 'src/cluster/kubernetes-directory.ts (mode daemonset)',
+    needs: [need('', 'pods', ['get', 'list'], 'namespace')],
   },
 };

@@ -33,8 +33,10 @@ export class ServiceClient<S extends GenService<GenServiceMethods>> {
     /** grpc-js target, e.g. `unix:///tmp/x/csi.sock` */
     target: string,
     options: grpc.ChannelOptions = {},
+    /** Plaintext unless given (the driver's socket is plaintext; its peer listener is mutual TLS). */
+    credentials: grpc.ChannelCredentials = grpc.credentials.createInsecure(),
   ) {
-    this.client = new grpc.Client(target, grpc.credentials.createInsecure(), {
+    this.client = new grpc.Client(target, credentials, {
       'grpc.max_receive_message_length': 64 * 1024 * 1024,
       ...options,
     });

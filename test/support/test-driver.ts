@@ -80,7 +80,7 @@ export async function startTestDriver(overrides: Partial<DriverConfig> = {}): Pr
  */
 export async function spawnDriver(
   args: string[],
-  options: { cwd?: string; env?: NodeJS.ProcessEnv; umask?: number } = {},
+  options: { cwd?: string; env?: NodeJS.ProcessEnv; umask?: number; startTimeoutMs?: number } = {},
 ): Promise<{ child: ChildProcess; stderr: () => string; stdout: () => string }> {
   const command = [process.execPath, '--import', TSX_LOADER, path.join(REPO_ROOT, 'src/cli.ts'), 'serve', ...args];
   const [file, argv] =
@@ -97,7 +97,11 @@ export async function spawnDriver(
   child.stderr!.on('data', (d: Buffer) => (err += d.toString()));
   child.stdout!.on('data', (d: Buffer) => (out += d.toString()));
   await new Promise<void>((resolve, reject) => {
-    const timer = setTimeout(() => reject(new Error(`driver did not start in 30 s: ${err}`)), 30_000);
+    const startTimeoutMs = options.startTimeoutMs ?? 30_000;
+    const timer = setTimeout(
+      () => reject(new Error(`driver did not start in ${startTimeoutMs / 1000} s: ${err}`)),
+      startTimeoutMs,
+    );
     const check = () => {
       if (err.includes('listening on')) {
         clearTimeout(timer);

@@ -11,9 +11,9 @@ import { promisify } from 'node:util';
 import { afterAll, beforeAll, describe, expect, test } from 'vitest';
 import type { MetadataProfileName } from '../../src/csi/metadata-profiles.js';
 import { appendAnswerRun, readAnswerRuns } from '../../src/vendor/answers.js';
-import { checkAnswers } from '../../src/vendor/check.js';
+import { checkAnswers, formatReport } from '../../src/vendor/check.js';
 import { csiMetadataReader, type MetadataReader } from '../../src/vendor/csi-metadata-reader.js';
-import { generate, type PatternTarget } from '../../src/vendor/generate.js';
+import { generate, openPathTarget, type PatternTarget } from '../../src/vendor/generate.js';
 import { PATTERNS, blockHashes, patternOps } from '../../src/vendor/patterns.js';
 import { REPO_ROOT, TSX_LOADER, startTestDriver, type TestDriver } from '../support/test-driver.js';
 
@@ -26,7 +26,7 @@ let t: TestDriver;
 let reader: MetadataReader;
 beforeAll(async () => {
   t = await startTestDriver();
-  reader = csiMetadataReader(t.socket);
+  reader = csiMetadataReader(`unix://${t.socket}`);
 });
 afterAll(async () => {
   reader?.close();
@@ -81,7 +81,7 @@ async function checkSnapshot(
     runs: readAnswerRuns(file),
     snapshotCreatedAtMs: await reader.snapshotCreatedAtMs(snapshotId),
     ...(baseId ? { baseCreatedAtMs: await reader.snapshotCreatedAtMs(baseId) } : {}),
-    reported: await reader.extents(snapshotId, baseId),
+    reported: (await reader.extents(snapshotId, baseId)).extents,
     granularity: profile === 'ceph-rbd' ? objectSize : profile === 'hostpath' ? 4096 : 0,
     readRestored: async (offset, length) => t.driver.store.readSnapshot(snapshotId, offset, length),
   });
@@ -151,7 +151,7 @@ describe('check finds what is wrong', () => {
     );
     const snap = await snapshot(vol);
     const runs = readAnswerRuns(file);
-    const reported = (await reader.extents(snap, undefined)).slice(1); // as a driver that lost its first extent
+    const reported = (await reader.extents(snap, undefined)).extents.slice(1); // as a driver that lost its first extent
     const report = await checkAnswers({
       runs,
       snapshotCreatedAtMs: await reader.snapshotCreatedAtMs(snap),
@@ -298,6 +298,48 @@ describe('file target and the CLI', () => {
     ]).catch((e: { code: number; stdout: string }) => e);
     expect((bad as { code: number }).code).toBe(1);
     expect((bad as { stdout: string }).stdout).toMatch(/1 checksum mismatches/);
+    expect((bad as { stdout: string }).stdout).toContain(
+      `checksum mismatch: block ${changed[0] / 4096} (bytes [${changed[0]}, +4096)) differs from the answers`,
+    );
+  });
+
+  test('every pattern on a plain file: generate (punch-hole trims), then the file checks against its answers; a changed byte names its block', async () => {
+    for (const pattern of PATTERNS) {
+      const target = path.join(t.dir, `plain-${pattern}-${++names}.img`);
+      fs.writeFileSync(target, Buffer.alloc(0));
+      fs.truncateSync(target, 8 * MiB);
+      const file = answersFile();
+      for (const [seed, p] of [
+        [1, 'random'],
+        [2, pattern],
+      ] as const) {
+        const handle = await openPathTarget(target);
+        try {
+          appendAnswerRun(file, await generate({ pattern: p, seed, count: 120, blockSize: 4096 }, handle));
+        } finally {
+          await handle.close();
+        }
+      }
+      const runs = readAnswerRuns(file);
+      const read = async (offset: number, length: number) => {
+        const buf = Buffer.alloc(length);
+        const fd = fs.openSync(target, 'r');
+        fs.readSync(fd, buf, 0, length, offset);
+        fs.closeSync(fd);
+        return buf;
+      };
+      const later = Date.now() + 1000;
+      const ok = await checkAnswers({ runs, snapshotCreatedAtMs: later, granularity: 0, readRestored: read });
+      expect(ok, pattern).toMatchObject({ ok: true, runsUsed: [0, 1], checksumMismatches: [] });
+      if (pattern === 'trim') expect(runs[1]!.trimmed.length).toBeGreaterThan(0);
+      const wrong = runs[1]!.changed.at(-1)![0];
+      const fd = fs.openSync(target, 'r+');
+      fs.writeSync(fd, Buffer.from([0xa5]), 0, 1, wrong + 7);
+      fs.closeSync(fd);
+      const bad = await checkAnswers({ runs, snapshotCreatedAtMs: later, granularity: 0, readRestored: read });
+      expect(bad, pattern).toMatchObject({ ok: false, checksumMismatches: [wrong] });
+      expect(formatReport(bad)).toContain(`checksum mismatch: block ${wrong / 4096} (bytes [${wrong}, +4096))`);
+    }
   });
 
   test('cbt-csi check against the running driver exits 0 when the answers hold', async () => {

@@ -35,14 +35,23 @@ app.kubernetes.io/component: plugin
 {{- printf "%s/plugins/%s" .Values.kubeletDir .Values.driverName -}}
 {{- end -}}
 
-{{/* Whether the resizer runs: mode single only (ControllerExpandVolume must reach the volume's store). */}}
+{{/* Whether the resizer runs (in mode daemonset the drivers forward ControllerExpandVolume to the owner). */}}
 {{- define "cbt-csi.resizerEnabled" -}}
-{{- if and .Values.sidecars.resizer.enabled (eq .Values.mode "single") -}}true{{- end -}}
+{{- if .Values.sidecars.resizer.enabled -}}true{{- end -}}
 {{- end -}}
 
-{{/* Whether csi-snapshot-metadata runs: mode single only (one address serves every snapshot). */}}
+{{/* Whether csi-snapshot-metadata runs (in mode daemonset the drivers forward to the snapshot's node). */}}
 {{- define "cbt-csi.snapshotMetadataEnabled" -}}
-{{- if and .Values.snapshotMetadata.enabled (eq .Values.mode "single") -}}true{{- end -}}
+{{- if .Values.snapshotMetadata.enabled -}}true{{- end -}}
+{{- end -}}
+
+{{/* The Secret with the peer certificate, its key and the peer CA (mode daemonset). */}}
+{{- define "cbt-csi.peerTLSSecret" -}}
+{{- if eq .Values.peer.tls.mode "secret" -}}
+{{- required "peer.tls.existingSecret is required when peer.tls.mode is secret" .Values.peer.tls.existingSecret -}}
+{{- else -}}
+{{- printf "%s-peer-tls" (include "cbt-csi.fullname" .) -}}
+{{- end -}}
 {{- end -}}
 
 {{- define "cbt-csi.snapshotMetadataService" -}}

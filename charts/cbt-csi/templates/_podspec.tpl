@@ -1,6 +1,7 @@
 {{/*
 The plugin pod: the driver (`cbt-csi serve --role all`) and its sidecars, talking over one unix
-socket in kubelet's plugin directory, where kubelet finds it too. Used by the StatefulSet (mode single) and the DaemonSet (mode daemonset).
+socket in kubelet's plugin directory, where kubelet finds it too. Used by the StatefulSet (mode single) and the DaemonSet (mode daemonset),
+where the driver also has a peer listener for the other nodes' drivers.
 */}}
 {{- define "cbt-csi.podTemplate" -}}
 {{- $daemonset := eq .Values.mode "daemonset" -}}
@@ -75,11 +76,32 @@ spec:
         {{- if gt (int .Values.driver.metricsPort) 0 }}
         - --metrics-address=0.0.0.0:{{ .Values.driver.metricsPort }}
         {{- end }}
+        {{- if $daemonset }}
+        # Requests for volumes and snapshots of other nodes go to their driver: mutual TLS on the pod IP,
+        # peers found by listing the plugin pods (docs/adr/0008).
+        - --peer-listen=$(POD_IP):{{ .Values.peer.port }}
+        - --peer-tls-cert=/etc/cbt-csi/peer-tls/tls.crt
+        - --peer-tls-key=/etc/cbt-csi/peer-tls/tls.key
+        - --peer-tls-ca=/etc/cbt-csi/peer-tls/ca.crt
+        - --peer-discovery=kubernetes
+        - --peer-pod-selector=app.kubernetes.io/name={{ .Chart.Name }},app.kubernetes.io/instance={{ .Release.Name }},app.kubernetes.io/component=plugin
+        - --peer-namespace=$(POD_NAMESPACE)
+        {{- end }}
       env:
         - name: NODE_NAME
           valueFrom:
             fieldRef:
               fieldPath: spec.nodeName
+        {{- if $daemonset }}
+        - name: POD_IP
+          valueFrom:
+            fieldRef:
+              fieldPath: status.podIP
+        - name: POD_NAMESPACE
+          valueFrom:
+            fieldRef:
+              fieldPath: metadata.namespace
+        {{- end }}
       # Mounts, loop devices and the FUSE server need root and all devices.
       securityContext:
         privileged: true
@@ -89,6 +111,10 @@ spec:
         {{- if gt (int .Values.driver.metricsPort) 0 }}
         - name: metrics
           containerPort: {{ .Values.driver.metricsPort }}
+        {{- end }}
+        {{- if $daemonset }}
+        - name: peer
+          containerPort: {{ .Values.peer.port }}
         {{- end }}
       livenessProbe:
         httpGet:
@@ -113,6 +139,11 @@ spec:
         # losetup needs /dev/loop-control and the loop device nodes the host creates.
         - name: dev-dir
           mountPath: /dev
+        {{- if $daemonset }}
+        - name: peer-tls
+          mountPath: /etc/cbt-csi/peer-tls
+          readOnly: true
+        {{- end }}
       {{- with .Values.driver.resources }}
       resources:
         {{- toYaml . | nindent 8 }}
@@ -164,6 +195,10 @@ spec:
         - --extra-create-metadata
         - --timeout={{ .Values.sidecars.provisioner.timeout }}
         - --default-fstype={{ .Values.sidecars.provisioner.defaultFsType }}
+        {{- if .Values.volumeAttributesClass.create }}
+        # A PVC's VolumeAttributesClass becomes CreateVolume's mutable_parameters.
+        - --feature-gates=VolumeAttributesClass=true
+        {{- end }}
         {{- if $daemonset }}
         # Each node's provisioner creates the volumes of claims scheduled to its node (NODE_NAME).
         - --node-deployment
@@ -219,7 +254,24 @@ spec:
       image: {{ include "cbt-csi.image" .Values.sidecars.resizer.image }}
       args:
         - --csi-address=/csi/csi.sock
+        # Given explicitly, --timeout is also the ControllerExpandVolume timeout (over --resize-timeout, v2.3.0).
         - --timeout={{ .Values.sidecars.resizer.timeout }}
+        {{- if .Values.volumeAttributesClass.create }}
+        # A PVC switching VolumeAttributesClass becomes a ControllerModifyVolume (the driver has MODIFY_VOLUME).
+        - --feature-gates=VolumeAttributesClass=true
+        {{- end }}
+        {{- if $daemonset }}
+        # One active resizer for the cluster; its driver forwards each expansion to the volume's node.
+        - --leader-election
+        - --leader-election-namespace=$(POD_NAMESPACE)
+        {{- end }}
+      {{- if $daemonset }}
+      env:
+        - name: POD_NAMESPACE
+          valueFrom:
+            fieldRef:
+              fieldPath: metadata.namespace
+      {{- end }}
       volumeMounts:
         - name: socket-dir
           mountPath: /csi
@@ -294,5 +346,11 @@ spec:
     - name: snapshot-metadata-tls
       secret:
         secretName: {{ include "cbt-csi.snapshotMetadataTLSSecret" . }}
+    {{- end }}
+    {{- if $daemonset }}
+    - name: peer-tls
+      secret:
+        secretName: {{ include "cbt-csi.peerTLSSecret" . }}
+        defaultMode: 0400
     {{- end }}
 {{- end -}}

@@ -122,6 +122,10 @@ class VolumeSession implements DirectIoHost {
     starts.set(v.starts);
     ends.set(v.ends);
     owners.set(v.owners);
+    const engineWriteStarts = shared((b) => new Float64Array(b), v.engineWriteStarts.byteLength);
+    const engineWriteEnds = shared((b) => new Float64Array(b), v.engineWriteEnds.byteLength);
+    engineWriteStarts.set(v.engineWriteStarts);
+    engineWriteEnds.set(v.engineWriteEnds);
     return {
       blockSize: v.blockSize,
       capacityBytes: v.capacityBytes,
@@ -130,6 +134,8 @@ class VolumeSession implements DirectIoHost {
       starts,
       ends,
       owners,
+      engineWriteStarts,
+      engineWriteEnds,
       position: this.log.consumed,
     };
   }

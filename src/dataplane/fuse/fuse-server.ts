@@ -75,6 +75,8 @@ export interface DispatcherOptions {
   entryValidSec: number;
   attrValidSec: number;
   logger: FuseLogger;
+  /** Admission before a request is handled: a promise holds it until it settles (I/O limits, io-limiter.ts). */
+  admit?: (header: InHeader, body: Buffer) => Promise<void> | undefined;
 }
 
 const DEFAULT_DISPATCHER_OPTIONS: DispatcherOptions = {
@@ -173,6 +175,8 @@ export class FuseDispatcher {
     }
     this.stats.requests++;
     const body = request.subarray(IN_HEADER_SIZE, Math.min(header.len, request.length));
+    const admitted = this.options.admit?.(header, body);
+    if (admitted) await admitted;
     const reply = (payload?: Buffer): void => {
       send(
         payload ? [encodeOutHeader(payload.length, 0, header.unique), payload] : [encodeOutHeader(0, 0, header.unique)],

@@ -28,6 +28,9 @@ export interface SharedView {
   starts: Float64Array;
   ends: Float64Array;
   owners: Int32Array;
+  /** Runs of blocks whose writes go to the main thread (the engine must see them first; see direct-io.ts). */
+  engineWriteStarts: Float64Array;
+  engineWriteEnds: Float64Array;
   /** The log position the view is exact at: entries from here on are not in it. */
   position: number;
 }
@@ -109,6 +112,22 @@ interface Session {
   position: number;
   /** A resync was asked for; reads go to the main thread until the new view arrives. */
   awaitingView: boolean;
+  /** See SharedView.engineWriteStarts. */
+  engineWriteStarts: Float64Array;
+  engineWriteEnds: Float64Array;
+}
+
+/** Whether blocks [first, end) meet one of the sorted, disjoint runs [starts[i], ends[i]). */
+function overlapsRuns(starts: Float64Array, ends: Float64Array, first: number, end: number): boolean {
+  // The last run starting before `end` is the only one that can reach into the range.
+  let lo = 0;
+  let hi = starts.length;
+  while (lo < hi) {
+    const mid = (lo + hi) >> 1;
+    if (starts[mid]! < end) lo = mid + 1;
+    else hi = mid;
+  }
+  return lo > 0 && ends[lo - 1]! > first;
 }
 
 function closeFiles(s: Session): void {
@@ -220,6 +239,8 @@ class IoThread {
             view: msg.view,
             position: msg.view.position,
             awaitingView: false,
+            engineWriteStarts: msg.view.engineWriteStarts,
+            engineWriteEnds: msg.view.engineWriteEnds,
           });
           break;
         }
@@ -239,6 +260,8 @@ class IoThread {
           s.index = undefined;
           s.position = msg.view.position;
           s.awaitingView = false;
+          s.engineWriteStarts = msg.view.engineWriteStarts;
+          s.engineWriteEnds = msg.view.engineWriteEnds;
           break;
         }
         case 'end': {
@@ -307,6 +330,10 @@ class IoThread {
     const B = s.blockSize;
     if (offset % B !== 0 || size % B !== 0) return false;
     if (length < IN_HEADER_SIZE + WRITE_IN_SIZE + size) return false;
+    const first = offset / B;
+    const end = (offset + size) / B;
+    if (s.engineWriteStarts.length > 0 && overlapsRuns(s.engineWriteStarts, s.engineWriteEnds, first, end))
+      return false;
     if (!s.log.enter()) return false;
     let recorded = false;
     try {
@@ -315,7 +342,7 @@ class IoThread {
       let done = 0;
       while (done < size) done += fs.writeSync(s.headWriteFd, data, done, size - done, offset + done);
       let deadline = 0;
-      recorded = s.log.append(offset / B, (offset + size) / B, true, false, () => {
+      recorded = s.log.append(first, end, true, false, () => {
         deadline ||= Date.now() + ROOM_WAIT_MS;
         if (s.log.shouldAskForDrain()) this.post({ kind: 'drain', volumeId: s.volumeId, id: s.id });
         s.log.waitForRoom(1);

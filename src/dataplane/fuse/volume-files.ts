@@ -186,6 +186,11 @@ export class VolumeFiles implements NotifyingFilesystem {
     return this.byName.get(name)?.openHandles.size ?? 0;
   }
 
+  /** The volume behind a node ID the kernel uses, or undefined (the root, or a node it no longer has). */
+  volumeOfNode(nodeid: number): string | undefined {
+    return this.byNode.get(nodeid)?.volumeId;
+  }
+
   /** Whether the store volume is still held by a removed-but-open file (or an exposed one). */
   isExposed(volumeId: string): boolean {
     for (const n of this.byNode.values()) if (n.volumeId === volumeId) return true;

@@ -19,22 +19,25 @@ import { spawnDriver } from '../../support/test-driver.js';
 
 const TOOLS = ['mount', 'umount', 'losetup', 'blkid', 'mkfs.ext4', 'resize2fs', 'mkfs.xfs', 'xfs_growfs', 'dd'];
 
-/** Why the data plane cannot run here, or undefined if it can. */
-export function missingDataPlane(): string | undefined {
+/** Why the data plane (and `extraTools`) cannot run here, or undefined if it can. */
+export function missingDataPlane(extraTools: readonly string[] = []): string | undefined {
   if (process.platform !== 'linux') return 'the node data plane needs Linux';
   if (process.getuid?.() !== 0) return 'the node data plane needs root (mount, losetup)';
   if (!fs.existsSync('/dev/fuse')) return '/dev/fuse is missing';
   if (!fs.existsSync('/dev/loop-control')) return 'loop devices are missing (/dev/loop-control)';
-  for (const tool of TOOLS) {
+  for (const tool of [...TOOLS, ...extraTools]) {
     const found = (process.env.PATH ?? '').split(':').some((d) => d && fs.existsSync(path.join(d, tool)));
     if (!found) return `${tool} is not on PATH (util-linux, e2fsprogs, xfsprogs)`;
   }
   return undefined;
 }
 
-/** describe() when the data plane can run; else skipped with the reason, or a failing test under CI=true. */
-export function dataPlaneSuite(name: string, body: () => void): void {
-  const missing = missingDataPlane();
+/**
+ * describe() when the data plane (and `extraTools`) can run; else skipped with the reason, or a failing test
+ * under CI=true.
+ */
+export function dataPlaneSuite(name: string, body: () => void, extraTools: readonly string[] = []): void {
+  const missing = missingDataPlane(extraTools);
   if (!missing) describe(name, body);
   else if (process.env.CI === 'true') {
     describe(name, () =>

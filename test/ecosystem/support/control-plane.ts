@@ -15,6 +15,9 @@ export interface ControlPlane {
   dir: string;
   kubeconfig: string;
   server: string;
+  /** The admin's bearer token (group system:masters) and the API server's CA file, for REST clients. */
+  adminToken: string;
+  caFile: string;
   /** Runs kubectl against the API server; throws with its output unless it exits 0 (or `allowFail`). */
   kubectl(
     args: string[],
@@ -160,7 +163,7 @@ export async function startControlPlane(): Promise<ControlPlane> {
         );
       await sleep(500);
     }
-    return { dir, kubeconfig, server, kubectl, stop };
+    return { dir, kubeconfig, server, adminToken: token, caFile: path.join(certDir, 'apiserver.crt'), kubectl, stop };
   } catch (err) {
     await stop();
     throw err;

@@ -31,6 +31,15 @@ export interface ModelSnapshot {
   capacityBytes: number;
   content: Uint8Array;
   node: LineageNode;
+  /** The group snapshot it was taken in: it is then deleted with its group only. */
+  groupId?: string;
+}
+
+/** A group snapshot: one point in time of several volumes, deleted as a whole. */
+export interface ModelGroup {
+  id: string;
+  /** In the order of the request. */
+  members: ModelSnapshot[];
 }
 
 export class BlockModel {
@@ -40,6 +49,8 @@ export class BlockModel {
   readonly snapshots: ModelSnapshot[] = [];
   /** Deleted snapshots: their lineage stays, and deltas from them must stay exact (invariant 8). */
   readonly deletedSnapshots: ModelSnapshot[] = [];
+  /** Live group snapshots in creation order. */
+  readonly groups: ModelGroup[] = [];
 
   constructor(readonly blockSize: number) {}
 
@@ -82,6 +93,23 @@ export class BlockModel {
     };
     this.snapshots.push(snap);
     return snap;
+  }
+
+  /** Snapshots each volume at the same point, as members of one group (`ids` in `vols` order). */
+  groupSnapshot(vols: readonly ModelVolume[], groupId: string, ids: readonly string[]): ModelGroup {
+    const members = vols.map((vol, i) => {
+      const snap = this.snapshot(vol, ids[i]!);
+      snap.groupId = groupId;
+      return snap;
+    });
+    const group = { id: groupId, members };
+    this.groups.push(group);
+    return group;
+  }
+
+  deleteGroup(group: ModelGroup): void {
+    this.groups.splice(this.groups.indexOf(group), 1);
+    for (const snap of group.members) this.deleteSnapshot(snap);
   }
 
   cloneFromSnapshot(snap: ModelSnapshot, id: string, capacityBytes: number): ModelVolume {
