@@ -31,7 +31,7 @@ import { correctUndecodableStatus, unimplementedMethodHeaders } from './rpc/stat
 import { tupleCount } from './csi/block-metadata-wire.js';
 import { FaultInjector } from './vendor/fault-injector.js';
 import { startAdminEndpoint, type AdminEndpoint } from './vendor/admin-endpoint.js';
-import { setUpCluster } from './cluster/cluster.js';
+import type { setUpCluster as SetUpCluster } from './cluster/cluster.js';
 import { ownedHandle, withoutOwner } from './cluster/node-handles.js';
 import { type RoutePolicy, routedService } from './cluster/routing.js';
 import { startPeerServer, type PeerServer } from './cluster/peer-server.js';
@@ -62,7 +62,7 @@ export async function startDriver(config: DriverConfig, logger: Logger): Promise
   const reportStoreEvent = storeEventReporter(logger, metrics.registry);
   let nodeVolumes: NodeVolumes | undefined;
   // Multi-node mode: a bad peer configuration fails here, before the store is opened.
-  const cluster = setUpCluster(config, metrics, logger);
+  const cluster = config.peers ? await setUpCluster(config, metrics, logger) : undefined;
   const store = BlockStore.open(path.join(config.stateDir, 'store'), {
     defaultBlockSize: config.defaultBlockSize,
     // The engine enforces the limit after its last await, so concurrent creates cannot overshoot it.
@@ -224,6 +224,10 @@ export async function startDriver(config: DriverConfig, logger: Logger): Promise
 
   return { endpoint, peerAddress: peerServer?.address, metricsUrl: metricsServer?.url, store, faults, stop };
 }
+
+/** Multi-node mode, loaded only when peers are configured (cluster.ts says why). */
+const setUpCluster: typeof SetUpCluster = async (...args) =>
+  (await import('./cluster/cluster.js')).setUpCluster(...args);
 
 /** The gRPC handler of one listener: connect, gRPC protocol only, with the driver's interceptors. */
 function connectHandler(

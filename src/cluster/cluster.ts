@@ -1,15 +1,15 @@
 /**
  * Multi-node mode, put together from the driver's configuration: this node's ID checked for use in handles,
  * the peer TLS material, the peer directory (static or Kubernetes) and the clients that forward to peers.
+ * The gRPC client and the Kubernetes client are loaded only here, when peers are configured: loading them
+ * takes seconds on a busy machine, which single mode should not pay at every start.
  */
 import type { DriverConfig } from '../config.js';
 import type { Logger } from '../logging.js';
 import type { DriverMetrics } from '../metrics.js';
-import { KubernetesPeerDirectory } from './kubernetes-directory.js';
 import { ownerNodeIdProblem } from './node-handles.js';
-import { PeerClients } from './peer-client.js';
 import { type PeerDirectory, StaticPeerDirectory } from './peer-directory.js';
-import { loadPeerTls, peerChannelCredentials, type PeerTls } from './peer-tls.js';
+import { loadPeerTls, type PeerTls } from './peer-tls.js';
 import type { Routing } from './routing.js';
 
 export interface Cluster {
@@ -19,7 +19,11 @@ export interface Cluster {
 }
 
 /** Builds multi-node mode from `config.peers`; throws (before anything listens) on a bad configuration. */
-export function setUpCluster(config: DriverConfig, metrics: DriverMetrics, logger: Logger): Cluster | undefined {
+export async function setUpCluster(
+  config: DriverConfig,
+  metrics: DriverMetrics,
+  logger: Logger,
+): Promise<Cluster | undefined> {
   const peers = config.peers;
   if (!peers) return undefined;
   const problem = ownerNodeIdProblem(config.nodeId);
@@ -32,13 +36,14 @@ export function setUpCluster(config: DriverConfig, metrics: DriverMetrics, logge
   } else {
     const port = peers.discovery.port ?? peers.listen.port;
     if (port === 0) throw new Error('--peer-discovery kubernetes needs the peer port: give --peer-listen a fixed port');
+    const { KubernetesPeerDirectory } = await import('./kubernetes-directory.js');
     directory = new KubernetesPeerDirectory(
       { namespace: peers.discovery.namespace, podSelector: peers.discovery.podSelector, port },
       logger,
     );
   }
+  const { PeerClients, peerChannelCredentials } = await import('./peer-client.js');
   const clients = new PeerClients({
-    self: config.nodeId,
     directory,
     credentials: peerChannelCredentials(tls),
     metrics,

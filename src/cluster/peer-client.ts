@@ -16,13 +16,8 @@ import * as grpc from '@grpc/grpc-js';
 import type { DriverMetrics } from '../metrics.js';
 import { passThrough } from './passthrough.js';
 import type { PeerDirectory } from './peer-directory.js';
-import { PEER_TLS_NAME } from './peer-tls.js';
-
-/** Header and trailer in which a peer names the node that answered. */
-export const NODE_HEADER = 'cbt-csi-node';
-
-/** Trailer with a peer's status message as UTF-8 bytes (peer-server.ts says why). */
-export const EXACT_MESSAGE_TRAILER = 'cbt-csi-message-bin';
+import { EXACT_MESSAGE_TRAILER, NODE_HEADER } from './peer-protocol.js';
+import { PEER_TLS_NAME, type PeerTls } from './peer-tls.js';
 
 /** The longest reply accepted from a peer: far above any CSI reply (metadata messages are a few hundred KiB). */
 const MAX_REPLY_BYTES = 64 * 1024 * 1024;
@@ -45,8 +40,6 @@ const CHANNEL_OPTIONS: grpc.ChannelOptions = {
 type GrpcCall = ReturnType<grpc.Channel['createCall']>;
 
 export interface PeerClientsOptions {
-  /** This node's ID (never called). */
-  self: string;
   directory: PeerDirectory;
   credentials: grpc.ChannelCredentials;
   metrics: DriverMetrics;
@@ -263,6 +256,11 @@ class PeerCall {
       Code.Unavailable,
     );
   }
+}
+
+/** Client side of peer TLS: our certificate for the peer to check, and the peer CA to check theirs. */
+export function peerChannelCredentials(tls: PeerTls): grpc.ChannelCredentials {
+  return grpc.credentials.createSsl(tls.ca, tls.key, tls.cert);
 }
 
 function answeredBy(metadata: grpc.Metadata): string | undefined {

@@ -7,7 +7,7 @@
 import http2 from 'node:http2';
 import type { AddressInfo, Socket } from 'node:net';
 import type { Logger } from '../logging.js';
-import { EXACT_MESSAGE_TRAILER, NODE_HEADER } from './peer-client.js';
+import { EXACT_MESSAGE_TRAILER, NODE_HEADER } from './peer-protocol.js';
 import { type PeerTls, peerServerOptions } from './peer-tls.js';
 
 export interface PeerListenAddress {

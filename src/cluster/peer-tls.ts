@@ -6,7 +6,6 @@
  */
 import fs from 'node:fs';
 import type http2 from 'node:http2';
-import * as grpc from '@grpc/grpc-js';
 
 /** The DNS name peers expect in each other's certificate. */
 export const PEER_TLS_NAME = 'cbt-csi-peer';
@@ -47,9 +46,4 @@ export function peerServerOptions(tls: PeerTls): http2.SecureServerOptions {
     minVersion: 'TLSv1.2',
     allowHTTP1: false,
   };
-}
-
-/** Client side: our certificate for the peer to check, and the peer CA to check theirs. */
-export function peerChannelCredentials(tls: PeerTls): grpc.ChannelCredentials {
-  return grpc.credentials.createSsl(tls.ca, tls.key, tls.cert);
 }

@@ -507,8 +507,8 @@ describe.skipIf(missing !== undefined && !mustRun)(`FUSE data plane${missing ? `
         '--verify=crc32c',
         '--verify_backlog=256',
         '--verify_fatal=1',
-      // No state file in the working directory.
-      '--verify_state_save=0',
+        // No state file in the working directory.
+        '--verify_state_save=0',
         '--randseed=7',
       ]);
       const finished = new Promise<number>((resolve) => fio.on('exit', (code) => resolve(code ?? -1)));

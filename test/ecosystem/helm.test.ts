@@ -201,6 +201,63 @@ suiteUnless(missingTools(['helm']), `helm ${COMPONENTS.helm!.version}: lint and 
   });
 });
 
+/** The SnapshotMetadataService's spec as the chart renders it with these values. */
+function smsSpec(values: Values): Record<string, unknown> {
+  const sms = render('sms', values).objects.find((o) => o.kind === 'SnapshotMetadataService')!;
+  return sms.spec as Record<string, unknown>;
+}
+
+suiteUnless(missingTools(['helm']), `helm ${COMPONENTS.helm!.version}: requireBaseSnapshotForDelta`, () => {
+  beforeAll(() => {
+    dir = fs.mkdtempSync(path.join(os.tmpdir(), 'cbt-helm-'));
+  });
+  afterAll(() => {
+    if (dir) fs.rmSync(dir, { recursive: true, force: true });
+  });
+
+  test('left out by default; written as the boolean asked for', () => {
+    expect(smsSpec({})).not.toHaveProperty('requireBaseSnapshotForDelta');
+    expect(smsSpec({ snapshotMetadata: { requireBaseSnapshotForDelta: null } })).not.toHaveProperty(
+      'requireBaseSnapshotForDelta',
+    );
+    expect(smsSpec({ snapshotMetadata: { requireBaseSnapshotForDelta: false } }).requireBaseSnapshotForDelta).toBe(
+      false,
+    );
+    expect(smsSpec({ snapshotMetadata: { requireBaseSnapshotForDelta: true } }).requireBaseSnapshotForDelta).toBe(true);
+  });
+
+  test.each([
+    [
+      'driver.metadataProfile ceph-rbd',
+      { driver: { metadataProfile: 'ceph-rbd' } },
+      /metadataProfile hostpath or ceph-rbd/,
+    ],
+    [
+      "the StorageClass's metadataProfile hostpath",
+      { storageClass: { parameters: { metadataProfile: 'hostpath' } } },
+      /metadataProfile hostpath or ceph-rbd/,
+    ],
+    ['no records kept', { driver: { deletedSnapshotMaxPerVolume: 0 } }, /deletedSnapshotMaxPerVolume or/],
+    [
+      'records that expire at once',
+      { driver: { deletedSnapshotRetentionDays: 0 } },
+      /deletedSnapshotRetentionDays is 0/,
+    ],
+  ])('false is refused with %s, where it would not hold', (_name, extra, message) => {
+    const values = { ...extra, snapshotMetadata: { requireBaseSnapshotForDelta: false } };
+    const r = helm(['template', RELEASE, CHART, '--namespace', NAMESPACE, '-f', valuesFile('refused', values)]);
+    expect(r.status).not.toBe(0);
+    expect(r.stderr).toMatch(message);
+  });
+
+  test('the schema refuses a string', () => {
+    const values = { snapshotMetadata: { requireBaseSnapshotForDelta: 'false' } };
+    const r = helm(['template', RELEASE, CHART, '--namespace', NAMESPACE, '-f', valuesFile('string', values)]);
+    expect(r.status).not.toBe(0);
+    expect(r.stderr).toMatch(/requireBaseSnapshotForDelta/);
+  });
+});
+
 suiteUnless(missingTools(['helm']), `helm ${COMPONENTS.helm!.version}: mode daemonset (multi-node)`, () => {
   beforeAll(() => {
     dir = fs.mkdtempSync(path.join(os.tmpdir(), 'cbt-helm-'));
@@ -319,6 +376,37 @@ suiteUnless(
       const r = cp.kubectl(['apply', '--dry-run=server', '-f', '-'], { input, allowFail: true });
       expect(r.status, `${r.stderr}\n(render: ${file})`).toBe(0);
       expect(r.stdout.trim().split('\n')).toHaveLength(kept.length);
+    });
+
+    test('requireBaseSnapshotForDelta: the v1.1.0 CRD refuses the field (so the chart leaves it out by default); a CRD with the field accepts it', () => {
+      const crdFile = crdFiles().find((f) => f.includes('snapshotmetadataservices'))!;
+      type Schema = { type?: string; properties?: Record<string, Schema> };
+      const crd = parseAllDocuments(fs.readFileSync(crdFile, 'utf8'))[0]!.toJS() as {
+        spec: { versions: { name: string; schema: { openAPIV3Schema: Schema } }[] };
+      };
+      const sms = render('sms-false', { snapshotMetadata: { requireBaseSnapshotForDelta: false } }).objects.find(
+        (o) => o.kind === 'SnapshotMetadataService',
+      )!;
+      const dryRun = () =>
+        cp.kubectl(['apply', '--dry-run=server', '-f', '-'], { input: toYaml([sms]), allowFail: true });
+      const refused = dryRun();
+      expect(refused.status, refused.stdout).not.toBe(0);
+      expect(refused.stderr).toMatch(/unknown field "spec\.requireBaseSnapshotForDelta"/);
+      // The field as external-snapshot-metadata added it after v1.1.0: an optional boolean in spec.
+      const spec = crd.spec.versions.find((v) => v.name === 'v1beta1')!.schema.openAPIV3Schema.properties!.spec!;
+      spec.properties!.requireBaseSnapshotForDelta = { type: 'boolean' };
+      try {
+        cp.kubectl(['apply', '--server-side', '--force-conflicts', '-f', '-'], { input: toYaml([crd]) });
+        let accepted = dryRun();
+        // The API server takes a moment to serve the new schema.
+        for (let i = 0; i < 50 && accepted.status !== 0; i++) {
+          spawnSync('sleep', ['0.2']);
+          accepted = dryRun();
+        }
+        expect(accepted.status, accepted.stderr).toBe(0);
+      } finally {
+        cp.kubectl(['apply', '--server-side', '--force-conflicts', '-f', crdFile]);
+      }
     });
 
     test("each sidecar's roles alone, applied for real, let the API server allow everything in its table", () => {

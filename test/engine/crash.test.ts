@@ -19,7 +19,8 @@
  * before a random step of the nth such operation (crash-child.ts).
  *
  * CBT_CRASH_KILLS sets the number of kills (default 50 when CI=true, else 20); CBT_CRASH_SEED replays a
- * run's operation streams (kill timing stays wall-clock).
+ * run's operation streams (kill timing stays wall-clock); CBT_CRASH_KEEP=1 keeps the store directory and
+ * writes every child's lines next to it (<dir>.log).
  */
 import { spawn } from 'node:child_process';
 import fs from 'node:fs';

@@ -545,7 +545,9 @@ describe('sidecars', () => {
       resizer: 'sidecars.resizer.image',
       'snapshot-metadata': 'snapshotMetadata.image',
     };
-    expect(Object.keys(apiSidecars).sort()).toEqual(Object.keys(SIDECAR_NEEDS).sort());
+    // The driver itself (mode daemonset lists its peer pods) is our image, not an upstream sidecar.
+    const upstream = Object.keys(SIDECAR_NEEDS).filter((name) => name !== 'driver');
+    expect(Object.keys(apiSidecars).sort()).toEqual(upstream.sort());
     for (const [sidecar, valuesPath] of Object.entries(apiSidecars)) {
       const [name, pin] = Object.entries(pins).find(([, c]) => valuesPath in (c.images ?? {}))!;
       expect(pin.buildable, `${name} (${sidecar}) must be buildable`).not.toBe(false);
@@ -748,6 +750,52 @@ describe('the snapshot-metadata audience', () => {
     expect(templates.get('_helpers.tpl')).toMatch(
       /define "cbt-csi\.snapshotMetadataAudience" -\}\}\n\{\{- \.Values\.snapshotMetadata\.audience -\}\}/,
     );
+  });
+});
+
+describe('requireBaseSnapshotForDelta (a SnapshotMetadataService field newer than external-snapshot-metadata v1.1.0)', () => {
+  const ajv = new Ajv({ allErrors: true, strict: false });
+  const validate = ajv.compile(schema);
+  const withValue = (value: unknown) => {
+    const v = structuredClone(values);
+    (v.snapshotMetadata as Tree).requireBaseSnapshotForDelta = value;
+    return v;
+  };
+  const source = templates.get('snapshot-metadata.yaml')!;
+
+  test('defaults to null: the field is left out, since a CRD up to v1.1.0 would refuse or drop it', () => {
+    expect(hasPath(values, 'snapshotMetadata.requireBaseSnapshotForDelta')).toBe(true);
+    expect(at(values, 'snapshotMetadata.requireBaseSnapshotForDelta')).toBeNull();
+  });
+
+  test('the schema takes true, false or null, and nothing else', () => {
+    for (const ok of [true, false, null]) expect(validate(withValue(ok)), JSON.stringify(ok)).toBe(true);
+    for (const bad of ['false', 'true', 0, 1, {}]) expect(validate(withValue(bad)), JSON.stringify(bad)).toBe(false);
+  });
+
+  test('the template writes the field only inside a guard that the value is a boolean', () => {
+    const field = source.indexOf('  requireBaseSnapshotForDelta: {{ $sm.requireBaseSnapshotForDelta }}');
+    const guard = source.indexOf('{{- if kindIs "bool" $sm.requireBaseSnapshotForDelta }}');
+    expect(guard).toBeGreaterThan(0);
+    expect(field).toBeGreaterThan(guard);
+    // Every block opened between the guard and the field is closed there: the field is inside the guard.
+    const between = source.slice(guard, field);
+    expect(between.match(/\{\{-? *if /g)?.length).toBe((between.match(/\{\{-? *end *-?\}\}/g)?.length ?? 0) + 1);
+    expect(source.match(/^ {2}requireBaseSnapshotForDelta:/gm)).toHaveLength(1);
+  });
+
+  test('false is refused where it would be untrue: a profile that refuses deleted bases, or records that never last', () => {
+    expect(source).toMatch(
+      /fail "snapshotMetadata\.requireBaseSnapshotForDelta: false does not hold with metadataProfile/,
+    );
+    expect(source).toMatch(/deletedSnapshotMaxPerVolume\) 0\)/);
+    expect(source).toMatch(/deletedSnapshotRetentionDays\) 0\.0\)/);
+  });
+
+  test('docs/for-backup-vendors.md documents the value and the field', () => {
+    const doc = read(path.join(REPO_ROOT, 'docs/for-backup-vendors.md'));
+    expect(doc).toContain('snapshotMetadata.requireBaseSnapshotForDelta');
+    expect(doc).toContain('--set snapshotMetadata.requireBaseSnapshotForDelta=false');
   });
 });
 
