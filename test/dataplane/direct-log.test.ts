@@ -43,6 +43,18 @@ describe('direct I/O log', () => {
     expect(log.read(4)).toEqual({ first: 100, end: 101, toHead: true, fromMain: false });
   });
 
+  it('a reader a whole log behind finds its entry overwritten while a writer is rewriting its slot, not a torn mix', () => {
+    const log = DirectLog.create(4);
+    for (let i = 0; i < 4; i++) log.append(i, i + 1, true, false, undefined);
+    log.markConsumed(4);
+    // A writer reserved position 4 (slot 0) and has stored its first block, but not yet published the slot.
+    Atomics.store(log.header, 2, 5);
+    const firsts = new Float64Array(log.buffer, 16 * 4, 4);
+    firsts[0] = 100;
+    expect(log.read(0)).toBe('overwritten');
+    expect(log.read(1)).toEqual({ first: 1, end: 2, toHead: true, fromMain: false });
+  });
+
   it('asks the main thread to drain once the log is half full, and once only until it has', () => {
     const log = DirectLog.create(8);
     for (let i = 0; i < 3; i++) log.append(i, i + 1, true, false, undefined);

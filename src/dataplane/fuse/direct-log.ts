@@ -188,8 +188,11 @@ export class DirectLog {
     const first = this.firsts[slot]!;
     const end = this.ends[slot]!;
     const kind = this.kinds[slot]!;
-    // Read again: a writer lapping a slow reader may have reused the slot while we copied it.
+    // A writer lapping a slow reader reserves the slot's next position (TAIL moves) before it rewrites the
+    // slot, and publishes the new seq only after: so the seq alone cannot tell a half-rewritten slot from the
+    // entry we want. Once the next position is reserved, what we copied may be torn.
     if (Atomics.load(this.seq, slot) !== position + 1) return 'overwritten';
+    if (Atomics.load(this.header, TAIL) > position + this.entries) return 'overwritten';
     return { first, end, toHead: (kind & TO_HEAD) !== 0, fromMain: (kind & FROM_MAIN) !== 0 };
   }
 
