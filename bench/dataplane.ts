@@ -1,7 +1,8 @@
 /**
  * Data-plane suite: what a pod sees through /dev/loopN of a published block volume, against the same disk
  * without the driver in between. The driver runs as a child (`cbt-csi serve`, role all): it answers the
- * kernel's FUSE requests on its main thread, so nothing doing I/O on its devices may share its process.
+ * kernel's FUSE requests (on its I/O threads and its main thread), so nothing doing I/O on its devices may
+ * share its process.
  * I/O comes from fio (libaio, O_DIRECT), as from a pod; the RPCs from grpc-js clients over the unix socket.
  *
  * Cases (select with --only):

@@ -154,6 +154,8 @@ class IoThread {
   private readonly control: Int32Array;
   private readonly stats: Float64Array;
   private seenGeneration = 0;
+  /** Request buffers handed to the main thread and not back yet: only then is the return port worth a look. */
+  private lent = 0;
   /** Request buffers with their views, so a request costs no allocation. */
   private readonly pool: RequestBuffer[] = [];
   /** Header and payload of READ replies, reused: a reply is written before the next request is read. */
@@ -176,9 +178,7 @@ class IoThread {
   private run(): void {
     const { fd, bufferSize } = this.d;
     for (;;) {
-      for (let m = receiveMessageOnPort(this.d.returnPort); m; m = receiveMessageOnPort(this.d.returnPort)) {
-        if (this.pool.length < this.d.maxPooled) this.pool.push(requestBuffer(m.message as ArrayBuffer));
-      }
+      if (this.lent > 0) this.takeBack();
       const request = this.pool.pop() ?? requestBuffer(new ArrayBuffer(bufferSize));
       let length: number;
       try {
@@ -201,9 +201,18 @@ class IoThread {
         continue;
       }
       const buffer = request.bytes.buffer as ArrayBuffer;
+      this.lent++;
       parentPort!.postMessage({ kind: 'request', buffer, length } satisfies FromIoThread, [buffer]);
     }
     for (const s of this.sessions.values()) closeFiles(s);
+  }
+
+  /** Pools the request buffers the main thread is done with. */
+  private takeBack(): void {
+    for (let m = receiveMessageOnPort(this.d.returnPort); m; m = receiveMessageOnPort(this.d.returnPort)) {
+      this.lent--;
+      if (this.pool.length < this.d.maxPooled) this.pool.push(requestBuffer(m.message as ArrayBuffer));
+    }
   }
 
   private post(msg: FromIoThread): void {
@@ -290,18 +299,15 @@ class IoThread {
     const offset = u64(view, IN_HEADER_SIZE + 8);
     const size = view.getUint32(IN_HEADER_SIZE + 16, true);
     if (size === 0 || offset + size > s.capacityBytes) return false;
-    const request = req.bytes;
     try {
-      return opcode === Opcode.READ
-        ? this.read(s, request, offset, size)
-        : this.write(s, request, length, offset, size);
+      return opcode === Opcode.READ ? this.read(s, req, offset, size) : this.write(s, req, length, offset, size);
     } catch {
       // Whatever failed here (a layer file gone, an I/O error) is the main thread's to answer, through the engine.
       return false;
     }
   }
 
-  private read(s: Session, request: Uint8Array, offset: number, size: number): boolean {
+  private read(s: Session, request: RequestBuffer, offset: number, size: number): boolean {
     if (s.awaitingView || s.log.state === SessionState.ENDED) return false;
     if (size > this.readReply.length - OUT_HEADER_SIZE) return false;
     if (!this.catchUp(s)) return false;
@@ -318,15 +324,13 @@ class IoThread {
       else reply.fill(0, at, at + (segmentEnd - pos));
       pos = segmentEnd;
     }
-    reply.writeUInt32LE(OUT_HEADER_SIZE + size, 0);
-    reply.writeInt32LE(0, 4);
-    reply.set(request.subarray(8, 16), 8);
+    replyHeader(reply, OUT_HEADER_SIZE + size, request.view);
     this.reply(reply, OUT_HEADER_SIZE + size);
     this.stats[Stat.bytesRead]! += size;
     return true;
   }
 
-  private write(s: Session, request: Uint8Array, length: number, offset: number, size: number): boolean {
+  private write(s: Session, request: RequestBuffer, length: number, offset: number, size: number): boolean {
     const B = s.blockSize;
     if (offset % B !== 0 || size % B !== 0) return false;
     if (length < IN_HEADER_SIZE + WRITE_IN_SIZE + size) return false;
@@ -338,9 +342,10 @@ class IoThread {
     let recorded = false;
     try {
       s.headWriteFd ??= fs.openSync(s.head.path, 'r+');
-      const data = request.subarray(IN_HEADER_SIZE + WRITE_IN_SIZE, IN_HEADER_SIZE + WRITE_IN_SIZE + size);
+      // The data follows fuse_write_in in the request; written from there, with no view made per request.
+      const at = IN_HEADER_SIZE + WRITE_IN_SIZE;
       let done = 0;
-      while (done < size) done += fs.writeSync(s.headWriteFd, data, done, size - done, offset + done);
+      while (done < size) done += fs.writeSync(s.headWriteFd, request.bytes, at + done, size - done, offset + done);
       let deadline = 0;
       recorded = s.log.append(first, end, true, false, () => {
         deadline ||= Date.now() + ROOM_WAIT_MS;
@@ -355,9 +360,7 @@ class IoThread {
     // Not recorded: the bytes sit in the head with no bit, which nothing reads; the main thread writes them again.
     if (!recorded) return false;
     const reply = this.writeReply;
-    reply.writeUInt32LE(OUT_HEADER_SIZE + WRITE_OUT_SIZE, 0);
-    reply.writeInt32LE(0, 4);
-    reply.set(request.subarray(8, 16), 8);
+    replyHeader(reply, OUT_HEADER_SIZE + WRITE_OUT_SIZE, request.view);
     reply.writeUInt32LE(size, OUT_HEADER_SIZE);
     this.reply(reply, reply.length);
     this.stats[Stat.bytesWritten]! += size;
@@ -415,6 +418,14 @@ class IoThread {
       if (code !== 'ENOENT' && code !== 'ENODEV') throw err;
     }
   }
+}
+
+/** fuse_out_header of a successful reply: its length, error 0, and the request's unique id (bytes 8-15). */
+function replyHeader(reply: Buffer, length: number, request: DataView): void {
+  reply.writeUInt32LE(length, 0);
+  reply.writeInt32LE(0, 4);
+  reply.writeUInt32LE(request.getUint32(8, true), 8);
+  reply.writeUInt32LE(request.getUint32(12, true), 12);
 }
 
 /** pread until `length` bytes are in; past the end of a sparse file the rest is a hole, so zeros. */
