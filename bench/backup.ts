@@ -9,6 +9,10 @@
  *                blocks from the same device (target: ≤ 2× the read's time)
  *   client       the client iterating a 1,000,000-extent FIXED listing over CSI direct (target ≥ 1 M/s)
  *
+ * The repositories go in the suite's directory, on the same disk as the driver's store, unless
+ * CBT_BENCH_REPO_DIR names another place (e.g. /dev/shm): a full backup writes every byte it reads, so on a
+ * disk that writes slower than it reads, the repository's disk sets the full backup's pace, not the toolkit.
+ *
  * Each timed read starts cold: the device's page cache is dropped (blockdev --flushbufs) before it. Each case
  * runs ROUNDS times, read and backup side by side in every round, and reports the median ratio with every
  * sample; the CPU time both processes spent (this one, the client; the driver child, which serves the device
@@ -57,6 +61,14 @@ const FULL: Sizes = { fullBytes: GiB, incrementalCapacity: 16 * GiB, changes: 10
 const QUICK: Sizes = { fullBytes: 64 * MiB, incrementalCapacity: GiB, changes: 500, clientExtents: 16_384 };
 
 const quiet = createProgress('quiet');
+
+/** Where the benchmark's repositories go (see the header). */
+function repoRoot(ctx: SuiteContext): string {
+  const dir = process.env.CBT_BENCH_REPO_DIR;
+  if (!dir) return ctx.dir;
+  fs.mkdirSync(dir, { recursive: true, mode: 0o700 });
+  return dir;
+}
 
 function flushbufs(device: string): void {
   const r = spawnSync('blockdev', ['--flushbufs', device], { encoding: 'utf8' });
@@ -236,7 +248,7 @@ async function fullCase(ctx: SuiteContext, d: Driver, sizes: Sizes): Promise<voi
         Array.from({ length: sizes.fullBytes / MiB }, (_, i) => ({ offset: i * MiB, length: MiB })),
       );
       // A fresh repository each round: nothing to deduplicate against.
-      const repo = await BackupRepository.openOrCreate(path.join(ctx.dir, `repo-full-${i}`));
+      const repo = await BackupRepository.openOrCreate(path.join(repoRoot(ctx), `repo-full-${i}`));
       flushbufs(exposed.device);
       const b = await backupOnce(d, repo, snap, null, exposed);
       const backup = total(b);
@@ -255,6 +267,7 @@ async function fullCase(ctx: SuiteContext, d: Driver, sizes: Sizes): Promise<voi
     const params = {
       volume: sizeLabel(sizes.fullBytes),
       written: 'all',
+      repository: repoRoot(ctx),
       chunk: sizeLabel(CHUNK_SIZE),
       chunks,
       rounds: ROUNDS,
@@ -337,7 +350,7 @@ async function incrementalCase(ctx: SuiteContext, d: Driver, sizes: Sizes): Prom
     let summary: Awaited<ReturnType<typeof writeBackup>> | undefined;
     for (let i = 0; i < ROUNDS; i++) {
       // A fresh repository each round, with a full backup of the base (an empty volume) to build on.
-      const repo = await BackupRepository.openOrCreate(path.join(ctx.dir, `repo-inc-${i}`));
+      const repo = await BackupRepository.openOrCreate(path.join(repoRoot(ctx), `repo-inc-${i}`));
       const baseExposed = await d.volumes.expose(await d.volumes.snapshot(base));
       const { summary: full } = await backupOnce(d, repo, base, null, baseExposed).finally(() => baseExposed.release());
       const read = await timedRead(
