@@ -5,7 +5,7 @@
  * 16 TiB volume is as visible as a fully rewritten cell of a 64 MiB one.
  */
 import type { Extent } from '../client/index.js';
-import { escapeXml, svgHeader } from '../svg.js';
+import { escapeXml as esc, svgHeader } from '../svg.js';
 import { axisBytes, formatBytes } from './units.js';
 
 export interface BlockmapRow {
@@ -63,8 +63,6 @@ function ticks(capacity: number): number[] {
   if (out.at(-1) !== capacity) out.push(capacity);
   return out;
 }
-
-const esc = escapeXml;
 
 export function renderBlockmap(rows: readonly BlockmapRow[], title: string): string {
   const capacity = Math.max(1, ...rows.map((r) => r.capacityBytes));
