@@ -13,7 +13,7 @@ import type { BenchResult, SuiteContext, SuiteRun } from './suite.js';
 
 const BENCH_DIR = path.dirname(fileURLToPath(import.meta.url));
 /** Files in bench/ that are infrastructure, not suites. */
-const NOT_SUITES = new Set(['run', 'suite']);
+const NOT_SUITES = new Set(['run', 'suite', 'plot']);
 const SUITE_NAME = /^[a-z][a-z0-9-]*$/;
 
 const USAGE = 'usage: npm run bench -- <suite> [<suite>...] [--quick] [--dir <path>] [--only <case,...>]';

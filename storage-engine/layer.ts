@@ -181,6 +181,10 @@ export class Layer {
   freeze(): void {
     this.#frozen = true;
     this.#dirty = new Bitmap();
+    // Let go of the writer's descriptor: ext4 keeps an inode's block preallocation until its last writer
+    // closes, and a thousand frozen layers each holding one made every later head's fdatasync slower
+    // (docs/benchmarks.md, long chains). A read reopens the file lazily.
+    this.close();
   }
 
   /**

@@ -5,6 +5,7 @@
  * 16 TiB volume is as visible as a fully rewritten cell of a 64 MiB one.
  */
 import type { Extent } from '../client/index.js';
+import { escapeXml, svgHeader } from '../svg.js';
 import { axisBytes, formatBytes } from './units.js';
 
 export interface BlockmapRow {
@@ -63,7 +64,7 @@ function ticks(capacity: number): number[] {
   return out;
 }
 
-const esc = (s: string) => s.replace(/&/g, '&amp;').replace(/</g, '&lt;').replace(/>/g, '&gt;').replace(/"/g, '&quot;');
+const esc = escapeXml;
 
 export function renderBlockmap(rows: readonly BlockmapRow[], title: string): string {
   const capacity = Math.max(1, ...rows.map((r) => r.capacityBytes));
@@ -71,12 +72,7 @@ export function renderBlockmap(rows: readonly BlockmapRow[], title: string): str
   const gridBottom = TOP + rows.length * ROW_H;
   const height = gridBottom + 90;
   const out: string[] = [];
-  out.push(
-    `<svg xmlns="http://www.w3.org/2000/svg" width="${width}" height="${height}" viewBox="0 0 ${width} ${height}" font-family="sans-serif" font-size="12" role="img">`,
-  );
-  // The title element is what screen readers and image viewers announce.
-  out.push(`<title>${esc(title)}</title>`);
-  out.push(`<rect width="100%" height="100%" fill="#ffffff"/>`);
+  out.push(...svgHeader(width, height, title));
   out.push(`<text x="10" y="22" font-size="15" font-weight="bold">${esc(title)}</text>`);
   out.push(
     `<text x="${width - 10}" y="22" text-anchor="end" fill="#555">capacity ${esc(formatBytes(capacity))}, one cell = ${esc(formatBytes(capacity / COLUMNS))}</text>`,

@@ -8,7 +8,7 @@ import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { afterEach, beforeAll, describe, expect, it } from 'vitest';
+import { afterEach, beforeAll, describe, expect, it, vi } from 'vitest';
 import { BlockStore, BusyError } from '../../storage-engine/index.js';
 import { REPO_ROOT, TSX_LOADER as TSX } from '../support/test-driver.js';
 
@@ -52,6 +52,16 @@ async function holdInChild(dir: string, wrapper: string[] = []): Promise<Holder>
   return { child, ownPid };
 }
 
+/**
+ * The holder's layer files once its store has made, in the background, the spare file for its next layer
+ * (the holder's volume head plus that spare): a listing taken earlier would race with it.
+ */
+async function settledLayerFiles(dir: string): Promise<string[]> {
+  const list = () => fs.readdirSync(path.join(dir, 'layers')).sort();
+  await vi.waitFor(() => expect(list()).toHaveLength(2), { timeout: 10_000 });
+  return list();
+}
+
 class HolderRefused extends Error {
   constructor(
     readonly exitCode: number | null,
@@ -75,7 +85,7 @@ describe('store ownership', () => {
   it('a store open in another live process is refused with BusyError naming the directory, and nothing in it changes', async () => {
     const dir = tempStoreDir();
     const holder = await holdInChild(dir);
-    const before = fs.readdirSync(path.join(dir, 'layers')).sort();
+    const before = await settledLayerFiles(dir);
     const caught = openError(dir);
     expect(caught).toBeInstanceOf(BusyError);
     expect((caught as BusyError).message).toContain(dir);
@@ -174,7 +184,7 @@ describe.skipIf(missing !== undefined && !mustRun)(
       const dir = tempStoreDir();
       const first = await holdInChild(dir, OWN_PID_NAMESPACE);
       expect(first.ownPid).toBe(1);
-      const before = fs.readdirSync(path.join(dir, 'layers')).sort();
+      const before = await settledLayerFiles(dir);
       const second = await holdInChild(dir, OWN_PID_NAMESPACE).then(
         () => undefined,
         (err: unknown) => err,
