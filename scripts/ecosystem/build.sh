@@ -71,7 +71,8 @@ default_name() {
 # these very versions.json entries (same members, packages, flags, replaces).
 build_group() {
   local host="$1" spec members=() m dir work start status
-  mapfile -t members < <(node "$here/group.mjs" members "$host")
+  m="$(node "$here/group.mjs" members "$host")" # not in <(...): there a failure would go unnoticed
+  mapfile -t members <<<"$m"
   if [ "$(field "$host" buildable)" = "false" ]; then
     echo "$host $(field "$host" version): not built ($(field "$host" why))"
     return 0
@@ -161,7 +162,8 @@ source-sha256 $(node "$here/source-hash.mjs" "$repo/$(field "$host" source)")"
 
 components=("$@")
 [ ${#components[@]} -gt 0 ] || components=("${DEFAULT[@]}")
-mapfile -t hosts < <(node "$here/group.mjs" hosts "${components[@]}")
+hosts="$(node "$here/group.mjs" hosts "${components[@]}")"
+mapfile -t hosts <<<"$hosts"
 total=$SECONDS
 failed=0
 running=0
