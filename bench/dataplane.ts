@@ -1,12 +1,14 @@
 /**
  * Data-plane suite: what a pod sees through /dev/loopN of a published block volume, against the same disk
  * without the driver in between. The driver runs as a child (`cbt-csi serve`, role all): it answers the
- * kernel's FUSE requests on its main thread, so nothing doing I/O on its devices may share its process.
+ * kernel's FUSE requests (on its I/O threads and its main thread), so nothing doing I/O on its devices may
+ * share its process.
  * I/O comes from fio (libaio, O_DIRECT), as from a pod; the RPCs from grpc-js clients over the unix socket.
  *
  * Cases (select with --only):
- *   throughput  sequential 1 MiB writes (fsync inside the timing) and reads, 4 KiB random writes:
- *               the published device vs a plain file next to the driver's state directory
+ *   throughput  sequential 1 MiB writes (fsync inside the timing) and reads, 4 KiB random writes, reads and
+ *               a 70/30 mix: the published device vs a plain file next to the driver's state directory,
+ *               with the driver's CPU per request (CBT_BENCH_DRIVER_CPU_PROF=<dir> also profiles it)
  *   block-e2e   a 16 GiB block volume: random 4 KiB writes, CreateSnapshot, more writes, CreateSnapshot,
  *               GetMetadataDelta; RPC latencies, and the delta checked against fio's log of what it wrote
  *
@@ -18,7 +20,7 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { Controller, Node, SnapshotMetadata, VolumeCapability_AccessMode_Mode } from '../src/gen/csi/v1/csi_pb.js';
-import { decodeMetadataResponse } from '../src/csi/block-metadata-wire.js';
+import { decodeMetadataResponse } from '../src/client/metadata-wire.js';
 import { parseMountInfo } from '../src/dataplane/fuse/mount.js';
 import { ServiceClient } from '../test/support/csi-client.js';
 import {
@@ -36,6 +38,8 @@ import {
 } from './suite.js';
 
 const BLOCK = 4 * KiB;
+/** USER_HZ: the unit of utime/stime in /proc/<pid>/stat (100 on every Linux this runs on). */
+const CLOCK_TICKS = 100;
 const SEED = 20261124;
 const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..');
 const TOOLS: ReadonlyArray<readonly [string, string]> = [
@@ -136,7 +140,9 @@ interface FioJobReport {
 
 interface FioJob {
   filename: string;
-  rw: 'write' | 'read' | 'randwrite';
+  rw: 'write' | 'read' | 'randwrite' | 'randread' | 'randrw';
+  /** Percentage of reads in a randrw job. */
+  rwmixread?: number;
   bs: number;
   /** The region the job works in. */
   size: number;
@@ -160,6 +166,7 @@ function fioParams(job: FioJob): Record<string, ParamValue> {
     iodepth: FIO_COMMON.iodepth,
     bs: sizeLabel(job.bs),
     region: sizeLabel(job.size),
+    ...(job.rwmixread !== undefined ? { rwmixread: job.rwmixread } : {}),
     ...(job.runtimeS !== undefined
       ? { runtimeS: job.runtimeS, rampS: job.rampS ?? 0 }
       : { bytes: job.ioSize ?? job.size }),
@@ -184,6 +191,7 @@ async function fio(job: FioJob): Promise<FioJobReport> {
     args.push('--time_based=1', `--runtime=${job.runtimeS}`, `--ramp_time=${job.rampS ?? 0}`);
   // fio counts end_fsync in the job's runtime (checked: 1 GiB buffered, 0.37 s without, 2.7 s with).
   if (job.endFsync) args.push('--end_fsync=1');
+  if (job.rwmixread !== undefined) args.push(`--rwmixread=${job.rwmixread}`);
   if (job.randseed !== undefined) args.push(`--randseed=${job.randseed}`);
   if (job.writeIolog !== undefined) args.push(`--write_iolog=${job.writeIolog}`);
   const stdout = await runTool('fio', args);
@@ -261,10 +269,18 @@ class DataPlaneDriver {
       '--log-level',
       'warn',
     ];
-    const child = spawn(process.execPath, ['--import', 'tsx', path.join(ROOT, 'src/cli.ts'), 'serve', ...args], {
-      cwd: ROOT,
-      stdio: ['ignore', 'pipe', 'pipe'],
-    });
+    // CBT_BENCH_DRIVER_CPU_PROF=<dir>: the driver writes V8 CPU profiles there (one a thread) when it stops.
+    const profileDir = process.env.CBT_BENCH_DRIVER_CPU_PROF;
+    const nodeArgs = profileDir ? ['--cpu-prof', `--cpu-prof-dir=${path.resolve(profileDir)}`] : [];
+    if (profileDir) log(`driver CPU profiles go to ${path.resolve(profileDir)}`);
+    const child = spawn(
+      process.execPath,
+      [...nodeArgs, '--import', 'tsx', path.join(ROOT, 'src/cli.ts'), 'serve', ...args],
+      {
+        cwd: ROOT,
+        stdio: ['ignore', 'pipe', 'pipe'],
+      },
+    );
     let ready = false;
     await new Promise<void>((resolve, reject) => {
       const timer = setTimeout(() => {
@@ -287,6 +303,35 @@ class DataPlaneDriver {
       });
     });
     return new DataPlaneDriver(dir, stateDir, child, `unix://${socket}`);
+  }
+
+  /**
+   * CPU time the driver has used so far, in ms, from /proc/<pid>/task/<tid>/stat: its main thread (tid = pid)
+   * and all its other threads (the FUSE I/O threads, and libuv's and V8's), user and system apart.
+   */
+  cpu(): DriverCpu {
+    const pid = this.child.pid!;
+    const total: DriverCpu = { mainUser: 0, mainSys: 0, threadsUser: 0, threadsSys: 0 };
+    for (const tid of fs.readdirSync(`/proc/${pid}/task`)) {
+      let stat: string;
+      try {
+        stat = fs.readFileSync(`/proc/${pid}/task/${tid}/stat`, 'utf8');
+      } catch {
+        continue; // the thread ended meanwhile
+      }
+      // Fields after the parenthesised command name; utime and stime are the 14th and 15th fields overall.
+      const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+      const user = (Number(fields[11]) * 1000) / CLOCK_TICKS;
+      const sys = (Number(fields[12]) * 1000) / CLOCK_TICKS;
+      if (Number(tid) === pid) {
+        total.mainUser += user;
+        total.mainSys += sys;
+      } else {
+        total.threadsUser += user;
+        total.threadsSys += sys;
+      }
+    }
+    return total;
   }
 
   async createBlockVolume(name: string, capacityBytes: number): Promise<string> {
@@ -472,6 +517,98 @@ function fsTypeOf(dir: string): string {
 // ---------------------------------------------------------------------------------------------------------------
 // 1. Throughput: the device against a plain file on the same disk.
 
+/** A driver's CPU time so far, ms (see DataPlaneDriver.cpu). */
+interface DriverCpu {
+  mainUser: number;
+  mainSys: number;
+  threadsUser: number;
+  threadsSys: number;
+}
+
+/**
+ * The driver's CPU per request fio completed, µs: what the data plane costs whatever else the machine does
+ * (clock ticks are 10 ms, so a pass needs thousands of requests). Only the device's passes have it: the plain
+ * file bypasses the driver.
+ */
+function cpuPerIo(before: DriverCpu, after: DriverCpu, ios: number): Record<string, ParamValue> {
+  const us = (key: keyof DriverCpu): number => round(((after[key] - before[key]) * 1000) / ios, 1);
+  const main = us('mainUser') + us('mainSys');
+  const threads = us('threadsUser') + us('threadsSys');
+  return {
+    driverCpuUsPerIo: round(main + threads, 1),
+    mainThreadUserUsPerIo: us('mainUser'),
+    mainThreadSysUsPerIo: us('mainSys'),
+    otherThreadsUserUsPerIo: us('threadsUser'),
+    otherThreadsSysUsPerIo: us('threadsSys'),
+  };
+}
+
+/** One pass of the throughput case: fio on the device and on the plain file, or on the device only. */
+interface ThroughputPass {
+  name: string;
+  job: Omit<FioJob, 'filename'>;
+  /** What is measured: MB/s for sequential passes, IOPS for random ones. */
+  measure: 'MBps' | 'iops';
+  /** Drop the engine's files from the page cache first (cold reads, like O_DIRECT on the plain file). */
+  coldEngine?: boolean;
+  /** Run on the device only (a variant of the pass before). */
+  loopOnly?: boolean;
+  /** The issue's goal for the device: a ratio to the plain file, or an absolute figure. */
+  target?: { kind: 'ratio' | 'absolute'; min: number };
+  notes: Record<string, ParamValue>;
+}
+
+function throughputPasses(sizes: Sizes): ThroughputPass[] {
+  const random = { bs: BLOCK, size: sizes.seqBytes, runtimeS: sizes.randomRuntimeS, rampS: sizes.randomRampS };
+  return [
+    {
+      name: 'seq_write',
+      job: { rw: 'write', bs: MiB, size: sizes.seqBytes, endFsync: true },
+      measure: 'MBps',
+      target: { kind: 'ratio', min: 0.85 },
+      notes: { fsync: 'end_fsync, inside the timing' },
+    },
+    {
+      name: 'seq_read',
+      job: { rw: 'read', bs: MiB, size: sizes.seqBytes },
+      measure: 'MBps',
+      coldEngine: true,
+      target: { kind: 'ratio', min: 0.85 },
+      notes: {
+        data: 'the sequential write pass just before',
+        cache: 'engine files dropped from the page cache first (dd iflag=nocache)',
+      },
+    },
+    {
+      name: 'seq_read_cached',
+      job: { rw: 'read', bs: MiB, size: sizes.seqBytes },
+      measure: 'MBps',
+      loopOnly: true,
+      notes: { cache: 'engine files left in the page cache by the cold read just before' },
+    },
+    {
+      name: 'random_write_4k',
+      job: { rw: 'randwrite', ...random, randseed: SEED },
+      measure: 'iops',
+      target: { kind: 'absolute', min: 50_000 },
+      notes: { fsync: 'none' },
+    },
+    {
+      name: 'random_read_4k',
+      job: { rw: 'randread', ...random, randseed: SEED + 1 },
+      measure: 'iops',
+      target: { kind: 'absolute', min: 50_000 },
+      notes: { cache: 'engine files as the passes before left them (in the page cache); the plain file is O_DIRECT' },
+    },
+    {
+      name: 'mixed_70_30_4k',
+      job: { rw: 'randrw', rwmixread: 70, ...random, randseed: SEED + 2 },
+      measure: 'iops',
+      notes: { mix: '70% reads, 30% writes', cache: 'as random_read_4k' },
+    },
+  ];
+}
+
 async function throughput(ctx: SuiteContext, d: DataPlaneDriver, sizes: Sizes): Promise<void> {
   const volumeId = await d.createBlockVolume('throughput', sizes.seqBytes);
   const published = await d.stageAndPublish(volumeId, 'throughput');
@@ -488,119 +625,57 @@ async function throughput(ctx: SuiteContext, d: DataPlaneDriver, sizes: Sizes): 
     { kind: 'loop', filename: published.target },
     { kind: 'file', filename: plainFile },
   ] as const;
-  const mbps = (side: FioSide): number => side.io_bytes / 1e6 / (side.runtime / 1000);
 
-  // Sequential writes, the fsync included in the time: a write is only done when it is durable.
-  const seqWrite = new Map<string, number>();
-  for (const t of targets) {
-    const job: FioJob = { filename: t.filename, rw: 'write', bs: MiB, size: sizes.seqBytes, endFsync: true };
-    const r = await fio(job);
-    const value = mbps(r.write);
-    seqWrite.set(t.kind, value);
-    ctx.log(`seq write ${t.kind}: ${value.toFixed(0)} MB/s`);
-    ctx.emit({
-      metric: `seq_write_${t.kind}_MBps`,
-      value: round(value, 1),
-      unit: 'MB/s',
-      params: { ...fioParams(job), ...common, fsync: 'end_fsync, inside the timing', runtimeMs: r.write.runtime },
-    });
+  for (const pass of throughputPasses(sizes)) {
+    const figures = new Map<string, number>();
+    for (const t of pass.loopOnly ? targets.slice(0, 1) : targets) {
+      const dropped = pass.coldEngine ? await dropEngineCache(d.stateDir) : undefined;
+      const job: FioJob = { filename: t.filename, ...pass.job };
+      const cpu0 = d.cpu();
+      const r = await fio(job);
+      const cpu1 = d.cpu();
+      const sides = [r.read, r.write].filter((side) => side.io_bytes > 0);
+      const bytes = sides.reduce((sum, side) => sum + side.io_bytes, 0);
+      const runtimeMs = Math.max(...sides.map((side) => side.runtime));
+      const ios = sides.reduce((sum, side) => sum + side.iops * (side.runtime / 1000), 0);
+      const value = pass.measure === 'MBps' ? bytes / 1e6 / (runtimeMs / 1000) : ios / (runtimeMs / 1000);
+      figures.set(t.kind, value);
+      ctx.log(`${pass.name} ${t.kind}: ${value.toFixed(0)} ${pass.measure === 'MBps' ? 'MB/s' : 'IOPS'}`);
+      const clat = sides.map((side) => side.clat_ns.mean / 1000);
+      const result: Result = {
+        metric: `${pass.name}_${t.kind}_${pass.measure === 'MBps' ? 'MBps' : 'iops'}`,
+        value: pass.measure === 'MBps' ? round(value, 1) : Math.round(value),
+        unit: pass.measure === 'MBps' ? 'MB/s' : 'IOPS',
+        params: {
+          ...fioParams(job),
+          ...common,
+          ...pass.notes,
+          ...(dropped !== undefined ? { droppedFiles: dropped } : {}),
+          runtimeMs,
+          clatMeanUs: round(Math.max(...clat), 1),
+          ...(t.kind === 'loop' ? cpuPerIo(cpu0, cpu1, ios) : {}),
+        },
+      };
+      const target = pass.target;
+      ctx.emit(
+        t.kind === 'loop' && target?.kind === 'absolute'
+          ? targeted(result, `>= ${target.min} IOPS`, value >= target.min)
+          : result,
+      );
+    }
+    if (!pass.loopOnly) {
+      const ratio = figures.get('loop')! / figures.get('file')!;
+      const result: Result = {
+        metric: `${pass.name}_loop_vs_file`,
+        value: round(ratio),
+        unit: 'x',
+        params: { bs: sizeLabel(pass.job.bs), ...common },
+      };
+      ctx.emit(
+        pass.target?.kind === 'ratio' ? targeted(result, `>= ${pass.target.min}`, ratio >= pass.target.min) : result,
+      );
+    }
   }
-  const writeRatio = seqWrite.get('loop')! / seqWrite.get('file')!;
-  ctx.emit(
-    targeted(
-      { metric: 'seq_write_loop_vs_file', value: round(writeRatio), unit: 'x', params: { bs: '1MiB', ...common } },
-      '>= 0.4',
-      writeRatio >= 0.4,
-    ),
-  );
-
-  // Sequential reads of what was just written, cold on both sides.
-  const seqRead = new Map<string, number>();
-  for (const t of targets) {
-    const dropped = await dropEngineCache(d.stateDir);
-    const job: FioJob = { filename: t.filename, rw: 'read', bs: MiB, size: sizes.seqBytes };
-    const r = await fio(job);
-    const value = mbps(r.read);
-    seqRead.set(t.kind, value);
-    ctx.log(`seq read ${t.kind}: ${value.toFixed(0)} MB/s`);
-    ctx.emit({
-      metric: `seq_read_${t.kind}_MBps`,
-      value: round(value, 1),
-      unit: 'MB/s',
-      params: {
-        ...fioParams(job),
-        ...common,
-        data: 'the sequential write pass just before',
-        cache: `engine files dropped from the page cache first (${dropped} files, dd iflag=nocache)`,
-        runtimeMs: r.read.runtime,
-      },
-    });
-  }
-  const readRatio = seqRead.get('loop')! / seqRead.get('file')!;
-  ctx.emit(
-    targeted(
-      { metric: 'seq_read_loop_vs_file', value: round(readRatio), unit: 'x', params: { bs: '1MiB', ...common } },
-      '>= 0.4',
-      readRatio >= 0.4,
-    ),
-  );
-  // The same read again with the engine's files now in memory: what the FUSE path costs when the disk does not.
-  {
-    const job: FioJob = { filename: published.target, rw: 'read', bs: MiB, size: sizes.seqBytes };
-    const r = await fio(job);
-    const value = mbps(r.read);
-    ctx.log(`seq read loop, engine files cached: ${value.toFixed(0)} MB/s`);
-    ctx.emit({
-      metric: 'seq_read_loop_cached_MBps',
-      value: round(value, 1),
-      unit: 'MB/s',
-      params: {
-        ...fioParams(job),
-        ...common,
-        cache: 'engine files left in the page cache by the cold read just before',
-        runtimeMs: r.read.runtime,
-      },
-    });
-  }
-
-  // Random 4 KiB writes for a fixed time, no fsync: the IOPS a database-like pod gets between its syncs.
-  const randIops = new Map<string, number>();
-  for (const t of targets) {
-    const job: FioJob = {
-      filename: t.filename,
-      rw: 'randwrite',
-      bs: BLOCK,
-      size: sizes.seqBytes,
-      runtimeS: sizes.randomRuntimeS,
-      rampS: sizes.randomRampS,
-      randseed: SEED,
-    };
-    const r = await fio(job);
-    const iops = r.write.iops;
-    randIops.set(t.kind, iops);
-    ctx.log(`random 4k write ${t.kind}: ${iops.toFixed(0)} IOPS`);
-    const pct = r.write.clat_ns.percentile ?? {};
-    const result: Result = {
-      metric: `random_write_4k_${t.kind}_iops`,
-      value: Math.round(iops),
-      unit: 'IOPS',
-      params: {
-        ...fioParams(job),
-        ...common,
-        fsync: 'none',
-        clatMeanUs: round(r.write.clat_ns.mean / 1000, 1),
-        clatP99Us: round((pct['99.000000'] ?? Number.NaN) / 1000, 1),
-        ios: Math.round(r.write.io_bytes / BLOCK),
-      },
-    };
-    ctx.emit(t.kind === 'loop' ? targeted(result, '>= 10000 IOPS', iops >= 10_000) : result);
-  }
-  ctx.emit({
-    metric: 'random_write_4k_loop_vs_file',
-    value: round(randIops.get('loop')! / randIops.get('file')!),
-    unit: 'x',
-    params: { bs: '4KiB', ...common },
-  });
 
   await d.release(published);
   await d.deleteVolume(volumeId);

@@ -28,7 +28,7 @@ import { makePeerCerts, missingOpenssl } from '../test/support/peer-certs.js';
 import { freePort } from '../test/support/free-port.js';
 import { createLogger } from '../src/logging.js';
 import { startDriver } from '../src/server.js';
-import { decodeMetadataResponse } from '../src/csi/block-metadata-wire.js';
+import { decodeMetadataResponse } from '../src/client/metadata-wire.js';
 import { ServiceClient } from '../test/support/csi-client.js';
 import {
   distinctSorted,

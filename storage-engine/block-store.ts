@@ -19,6 +19,7 @@
 import fs from 'node:fs';
 import path from 'node:path';
 import { BlockIo } from './block-io.js';
+import { type ChangedBlocks, type DirectIoHost, DirectIoSession } from './direct-io.js';
 import {
   checkAddressable,
   probeFileSystem,
@@ -38,7 +39,7 @@ import {
   StoreClosedError,
   UnrelatedSnapshotsError,
 } from './errors.js';
-import { Bitmap, clipBelow, decodeBitmap } from './bitmap.js';
+import { Bitmap, clipBelow, decodeBitmap, unionOf } from './bitmap.js';
 import { DEFAULT_TOMBSTONE_RETENTION, type Tombstone, Tombstones } from './tombstones.js';
 import { DEFAULT_BATCH_SIZE, type ExtentStream, extentStream } from './extent-stream.js';
 import { newGroupId, newSnapshotId, newVolumeId } from './ids.js';
@@ -101,6 +102,9 @@ export class BlockStore {
   /** Recently read snapshots' indexes, most recent last. */
   private readonly snapshotIo = new Map<string, BlockIo>();
   private readonly volumeLocks = new KeyedMutex();
+  /** Open direct I/O sessions by volume (see direct-io.ts), and merges into a head that keep them off. */
+  private readonly directIo = new Map<string, DirectIoSession>();
+  private readonly directIoBlocked = new Map<string, number>();
   private readonly compactor: Compactor;
   private readonly space: SpaceReserve;
   private readonly emit: EmitEvent;
@@ -255,6 +259,7 @@ export class BlockStore {
           if (again) return volumeInfo(again);
           this.records.checkProvisioning(capacityBytes, 0);
           if (!this.records.volumes.has(srcId)) throw new NotFoundError(`volume ${srcId} was deleted`);
+          this.revokeDirectIo(srcId);
           syncRest();
           return this.cloneFromVolumeNow(src, head, wanted);
         });
@@ -344,6 +349,7 @@ export class BlockStore {
       await head.exclusive(() => {
         this.checkOpen();
         this.records.checkNotHeld(id);
+        this.revokeDirectIo(id);
         const applied = this.space.freeing(`deleting volume ${id}`, () =>
           this.catalog.transaction(() => {
             this.catalog.deleteVolume(id);
@@ -426,8 +432,14 @@ export class BlockStore {
     checkRange(offset, data.length, vol.capacityBytes, 'write');
     if (data.length === 0) return;
     const io = this.io(volumeId);
-    this.changeRecordsBeforeRewrite(io.head, offset, data.length);
-    io.write(offset, data);
+    const direct = this.directIo.get(volumeId);
+    const write = (): void => {
+      this.changeRecordsBeforeRewrite(io.head, offset, data.length);
+      io.write(offset, data);
+    };
+    const B = io.blockSize;
+    if (direct) direct.host.exclusive(write, [[Math.floor(offset / B), Math.ceil((offset + data.length) / B), true]]);
+    else write();
   }
 
   /** Reads bytes at any offset; never-written and trimmed ranges read as zeros. */
@@ -435,6 +447,7 @@ export class BlockStore {
     this.checkOpen();
     const vol = this.records.volume(volumeId);
     checkRange(offset, length, vol.capacityBytes, 'read');
+    this.drainDirectIo(volumeId);
     return this.io(volumeId).read(offset, length);
   }
 
@@ -452,6 +465,7 @@ export class BlockStore {
     if (targetOffset < 0 || targetOffset + length > target.length) {
       throw new InvalidArgumentError('read target is smaller than the requested length');
     }
+    this.drainDirectIo(volumeId);
     this.io(volumeId).readInto(offset, target, targetOffset, length);
   }
 
@@ -462,9 +476,14 @@ export class BlockStore {
     checkRange(offset, length, vol.capacityBytes, 'trim');
     if (length === 0) return;
     const io = this.io(volumeId);
-    // A trim's partial edge blocks are written with zeros, in place.
-    this.changeRecordsBeforeRewrite(io.head, offset, length);
-    io.trim(offset, length);
+    const direct = this.directIo.get(volumeId);
+    const trim = (): void => {
+      // A trim's partial edge blocks are written with zeros, in place.
+      this.changeRecordsBeforeRewrite(io.head, offset, length);
+      io.trim(offset, length);
+    };
+    if (direct) direct.host.exclusive(trim, trimmedBlocks(offset, length, io.blockSize));
+    else trim();
   }
 
   /**
@@ -495,7 +514,10 @@ export class BlockStore {
     this.records.volume(volumeId);
     await this.volumeLocks.run(volumeId, async () => {
       const head = this.layer(this.records.volume(volumeId).headId);
-      await head.exclusive(() => this.commitHead(head));
+      await head.exclusive(() => {
+        this.drainDirectIo(volumeId);
+        return this.commitHead(head);
+      });
     });
   }
 
@@ -508,6 +530,44 @@ export class BlockStore {
         }),
     };
     return head.commit(journal, () => this.layers.get(head.id) === head);
+  }
+
+  // ---------------------------------------------------------------- direct I/O (see direct-io.ts)
+
+  /**
+   * Opens a direct I/O session on a volume for `host`, or returns undefined while the volume cannot have one
+   * (a merge into its head is running). One session a volume at a time.
+   */
+  openDirectIo(volumeId: string, host: DirectIoHost): DirectIoSession | undefined {
+    this.checkOpen();
+    const vol = this.records.volume(volumeId);
+    if (this.directIo.has(volumeId)) throw new BusyError(`volume ${volumeId} already has a direct I/O session`);
+    if (this.directIoBlocked.has(volumeId)) return undefined;
+    const io = this.io(volumeId);
+    const session = new DirectIoSession(
+      volumeId,
+      io,
+      () => vol.capacityBytes,
+      () => unionOf(this.tombstones.anchoredAt(io.head.id).flatMap((t) => (t.excluded ? [t.excluded] : []))),
+      host,
+      (ended) => {
+        if (this.directIo.get(volumeId) === ended) this.directIo.delete(volumeId);
+      },
+    );
+    this.directIo.set(volumeId, session);
+    return session;
+  }
+
+  /** Records the volume's completed direct writes before the engine reads or changes its blocks. */
+  private drainDirectIo(volumeId: string): DirectIoSession | undefined {
+    const session = this.directIo.get(volumeId);
+    session?.host.drain();
+    return session;
+  }
+
+  /** Ends the volume's direct I/O session before its head or chain changes. */
+  private revokeDirectIo(volumeId: string): void {
+    this.directIo.get(volumeId)?.revoke();
   }
 
   // ---------------------------------------------------------------- snapshots
@@ -613,6 +673,7 @@ export class BlockStore {
             const syncRests = await Promise.all(heads.map((h) => h.prepareFreeze()));
             // Decisions from here on are taken after the last await.
             this.checkOpen();
+            for (const id of sorted) this.revokeDirectIo(id);
             for (const rest of syncRests) rest();
             return fn();
           })()
@@ -897,6 +958,7 @@ export class BlockStore {
 
   private async closeNow(): Promise<void> {
     if (this.closed) return;
+    for (const session of [...this.directIo.values()]) session.revoke();
     await this.compactor.stop();
     await this.volumeLocks.drain();
     for (const vol of this.records.volumes.values()) {
@@ -995,9 +1057,25 @@ export class BlockStore {
       referencedLayers: () => this.records.referencedLayers(),
       forgetLayer: (layer) => this.forgetLayer(layer),
       layerLeaving: (leaving, into) => this.changeRecordsLeave(leaving, into),
+      holdDirectIoOff: (head) => {
+        // A merge into a live head decides per block whether the head holds it: direct writes must wait.
+        const vol = [...this.records.volumes.values()].find((v) => v.headId === head.id);
+        if (!vol) return () => undefined;
+        this.directIo.get(vol.id)?.revoke();
+        this.directIoBlocked.set(vol.id, (this.directIoBlocked.get(vol.id) ?? 0) + 1);
+        return () => {
+          const n = (this.directIoBlocked.get(vol.id) ?? 1) - 1;
+          if (n > 0) this.directIoBlocked.set(vol.id, n);
+          else this.directIoBlocked.delete(vol.id);
+        };
+      },
       merged: (lower, upper) => {
-        // Every index that had the lower layer's blocks now finds them in the upper one.
-        for (const io of this.volumeIo.values()) io.index.relabel(lower, upper);
+        // Every index that had the lower layer's blocks now finds them in the upper one; direct I/O views that
+        // name the lower layer's file (about to be unlinked) end.
+        for (const [volumeId, io] of this.volumeIo) {
+          if (io.index.holds(lower)) this.directIo.get(volumeId)?.revoke();
+          io.index.relabel(lower, upper);
+        }
         for (const io of this.snapshotIo.values()) io.index.relabel(lower, upper);
       },
     };
@@ -1047,4 +1125,22 @@ function extentQuery(options: ExtentQueryOptions, capacityBytes: number) {
     batchSize: checkBatchSize(options.batchSize ?? DEFAULT_BATCH_SIZE),
     startingOffset: checkStartingOffset(options.startingOffset ?? 0, capacityBytes),
   } as const;
+}
+
+/**
+ * What a trim of [offset, offset + length) does to each block, as BlockIo.trim does it: whole blocks become
+ * zeros, partial edges are written (with zeros) into the head.
+ */
+function trimmedBlocks(offset: number, length: number, blockSize: number): ChangedBlocks[] {
+  const end = offset + length;
+  const firstWhole = Math.ceil(offset / blockSize);
+  const endWhole = Math.floor(end / blockSize);
+  const first = Math.floor(offset / blockSize);
+  const last = Math.ceil(end / blockSize);
+  if (firstWhole >= endWhole) return [[first, last, true]];
+  const out: ChangedBlocks[] = [];
+  if (first < firstWhole) out.push([first, firstWhole, true]);
+  out.push([firstWhole, endWhole, false]);
+  if (endWhole < last) out.push([endWhole, last, true]);
+  return out;
 }

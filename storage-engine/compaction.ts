@@ -32,6 +32,8 @@ export interface CompactionHost {
    * (change records anchored at it). Returns what to apply in memory once the transaction committed.
    */
   layerLeaving(leaving: Layer, into: Layer | undefined): () => void;
+  /** A merge into live head `head` starts: direct I/O on its volume ends until the returned call. */
+  holdDirectIoOff(head: Layer): () => void;
 }
 
 /** Blocks copied between yields to the event loop, so writes keep flowing during a large merge. */
@@ -208,6 +210,15 @@ export class Compactor {
 
   /** Merges hidden layer `lower` into `upper`; undefined if the shape changed under it (retried next pass). */
   private async merge(lower: Layer, upper: Layer): Promise<number | undefined> {
+    const resumeDirectIo = upper.frozen ? () => undefined : this.host.holdDirectIoOff(upper);
+    try {
+      return await this.copyAndCommit(lower, upper);
+    } finally {
+      resumeDirectIo();
+    }
+  }
+
+  private async copyAndCommit(lower: Layer, upper: Layer): Promise<number | undefined> {
     const toCopy = Bitmap.andNot(lower.written, Bitmap.or(upper.written, upper.trimmed));
     const B = lower.blockSize;
     const buffer = Buffer.allocUnsafe(COPY_CHUNK_BLOCKS * B);

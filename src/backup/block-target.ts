@@ -23,6 +23,8 @@ export interface BlockSource {
   readonly path: string;
   readonly size: number;
   read(offset: number, length: number): Promise<Buffer>;
+  /** Fills `into` with the bytes at `offset`. */
+  readInto(into: Buffer, offset: number): Promise<void>;
   close(): Promise<void>;
 }
 
@@ -42,19 +44,24 @@ export async function openSource(file: string, capacityBytes: number): Promise<B
     );
   }
   const handle = await fs.promises.open(file, 'r');
+  const readInto = async (into: Buffer, offset: number): Promise<void> => {
+    const length = into.length;
+    let done = 0;
+    while (done < length) {
+      const { bytesRead } = await handle.read(into, done, length - done, offset + done);
+      if (bytesRead === 0) throw new Error(`source ${file} ended at ${offset + done}, before ${offset + length}`);
+      done += bytesRead;
+    }
+  };
   return {
     path: file,
     size,
     async read(offset, length) {
       const buf = Buffer.allocUnsafe(length);
-      let done = 0;
-      while (done < length) {
-        const { bytesRead } = await handle.read(buf, done, length - done, offset + done);
-        if (bytesRead === 0) throw new Error(`source ${file} ended at ${offset + done}, before ${offset + length}`);
-        done += bytesRead;
-      }
+      await readInto(buf, offset);
       return buf;
     },
+    readInto,
     close: () => handle.close(),
   };
 }

@@ -25,6 +25,7 @@ import { runDemo } from './demo.js';
 import { createProgress } from './progress.js';
 import { BackupRepository, RepositoryError, type RepositoryLock } from './repository.js';
 import { restoreBackup } from './restore.js';
+import { stdoutReaderGone, watchStdoutReader } from './stdout-reader.js';
 import { formatBytes } from './units.js';
 
 /** The driver's socket: --endpoint, else $CSI_ENDPOINT, else where `cbt-csi serve` listens by default. */
@@ -41,6 +42,8 @@ function action<A extends unknown[]>(
   body: (signal: AbortSignal, ...args: A) => Promise<number | undefined> | Promise<void>,
 ): (...args: A) => Promise<void> {
   return async (...args: A) => {
+    // Output piped into `head` and the like: a reader that goes away ends the command quietly.
+    watchStdoutReader();
     const controller = new AbortController();
     let interrupts = 0;
     const onSignal = () => {
@@ -269,6 +272,8 @@ async function printListing(
     let count = 0;
     let bytes = 0;
     for await (const e of listing) {
+      // The reader is gone (`| head`): stop reading the driver too; leaving the loop ends the stream.
+      if (stdoutReaderGone()) return;
       count++;
       bytes += e.length;
       out.write(
@@ -409,7 +414,7 @@ async function runBackup(
     else {
       process.stdout.write(
         `backup ${summary.id}: ${summary.kind} of snapshot ${summary.snapshot}${summary.base ? ` on ${summary.base}` : ''}, ` +
-          `${formatBytes(summary.bytesRead)} read in ${summary.extents} chunks, ${formatBytes(summary.newBytes)} new, ${summary.seconds.toFixed(1)} s\n`,
+          `${formatBytes(summary.bytesRead)} read in ${summary.extents} extents, ${summary.chunks} chunks, ${formatBytes(summary.newBytes)} new, ${summary.seconds.toFixed(1)} s\n`,
       );
     }
   } finally {

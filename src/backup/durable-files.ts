@@ -6,7 +6,6 @@
 import fs from 'node:fs';
 import path from 'node:path';
 import { randomBytes } from 'node:crypto';
-import { execFile } from 'node:child_process';
 
 export const FILE_MODE = 0o600;
 export const DIR_MODE = 0o700;
@@ -64,17 +63,6 @@ export async function writeFileDurably(target: string, data: Uint8Array | string
     throw err;
   }
   await fsyncDir(path.dirname(target));
-}
-
-/**
- * syncfs(2) of the filesystem holding `dir`, through coreutils' `sync -f` (Node has no syncfs): one call
- * makes every file written there durable, where an fsync per chunk file would cost a journal commit each.
- * Resolves false when the tool is missing or fails, so the caller can fsync file by file instead.
- */
-export function syncFilesystem(dir: string): Promise<boolean> {
-  return new Promise((resolve) => {
-    execFile('sync', ['-f', dir], (err) => resolve(!err));
-  });
 }
 
 /** fsync of one file by path. */

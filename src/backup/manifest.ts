@@ -1,12 +1,20 @@
 /** One backup's manifest: what was backed up, from which base, and which chunk holds each stored range. */
 
-export const MANIFEST_FORMAT = 1;
+/**
+ * Format 2 adds the chunk offset to each extent, so small extents can share a chunk. Format 1 manifests
+ * (three-element extents, each a whole chunk) are still read: their chunk offset is 0.
+ */
+export const MANIFEST_FORMAT = 2;
+const READABLE_FORMATS: readonly number[] = [1, 2];
 
-/** A stored range of the volume: `length` bytes at `offset`, held by the chunk named `sha256`. */
-export type ManifestExtent = [offset: number, length: number, sha256: string];
+/**
+ * A stored range of the volume: `length` bytes at `offset`, held by the chunk named `sha256` from byte
+ * `chunkOffset` of that chunk on.
+ */
+export type ManifestExtent = [offset: number, length: number, sha256: string, chunkOffset: number];
 
 export interface Manifest {
-  format: typeof MANIFEST_FORMAT;
+  format: 1 | 2;
   /** The backup's ID (also its file name). */
   id: string;
   /** The CSI snapshot ID it was taken from. */
@@ -17,7 +25,7 @@ export interface Manifest {
   base: string | null;
   /** Volume size in bytes at this backup. */
   capacityBytes: number;
-  /** Largest chunk; chunks never cross a multiple of it. */
+  /** Largest chunk; no extent crosses a multiple of it. */
   blockSize: number;
   /** Stored ranges in increasing order; ranges not listed are unchanged from the base (zero for a full backup). */
   extents: ManifestExtent[];
@@ -37,7 +45,7 @@ export function parseManifest(text: string, expectedId: string): Manifest {
   const fail = (what: string): never => {
     throw new Error(`manifest ${expectedId} is damaged: ${what}`);
   };
-  if (m.format !== MANIFEST_FORMAT) fail(`unknown format ${String(m.format)}`);
+  if (!READABLE_FORMATS.includes(m.format as number)) fail(`unknown format ${String(m.format)}`);
   if (m.id !== expectedId) fail(`it names itself ${String(m.id)}`);
   if (typeof m.snapshot !== 'string' || !m.snapshot) fail('no snapshot');
   if (m.base !== null && (typeof m.base !== 'string' || !BACKUP_ID.test(m.base))) fail('bad base');
@@ -45,13 +53,16 @@ export function parseManifest(text: string, expectedId: string): Manifest {
   if (!Number.isSafeInteger(m.blockSize) || m.blockSize! <= 0) fail('bad block size');
   if (!Array.isArray(m.extents)) fail('no extents');
   let end = 0;
+  const arity = m.format === 1 ? 3 : 4;
   for (const e of m.extents!) {
-    if (!Array.isArray(e) || e.length !== 3) fail('bad extent');
+    if (!Array.isArray(e) || e.length !== arity) fail('bad extent');
     const [offset, length, hash] = e;
     if (!Number.isSafeInteger(offset) || !Number.isSafeInteger(length) || length <= 0 || offset < end)
       fail(`extent at ${offset} out of order`);
     if (offset + length > m.capacityBytes!) fail(`extent at ${offset} beyond the capacity`);
     if (typeof hash !== 'string' || !SHA256_HEX.test(hash)) fail(`extent at ${offset} names no chunk`);
+    if (arity === 3) (e as unknown[]).push(0);
+    else if (!Number.isSafeInteger(e[3]) || e[3] < 0) fail(`extent at ${offset} has a bad chunk offset`);
     end = offset + length;
   }
   return m as Manifest;

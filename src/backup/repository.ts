@@ -7,22 +7,16 @@
  *   REPO/tmp/                         temp files of a backup in progress
  *   REPO/lock                         PID of the process writing, while it writes
  *
- * A backup writes its chunks (each fsync'd, then renamed into place), then its manifest (temp, fsync,
- * rename, directory fsync). The manifest's rename is the commit: a backup killed before it leaves only
+ * A backup writes its chunks (each to tmp/, renamed into place, fsync'd in the background), then its
+ * manifest (temp, fsync, rename, directory fsync). The manifest's rename is the commit: a backup killed before it leaves only
  * garbage that no manifest names, removed by the next writer, and the repository stays valid.
  */
 import { createHash, randomBytes } from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
-import {
-  fsyncDir,
-  fsyncFile,
-  mkdirPrivate,
-  syncFilesystem,
-  tempName,
-  writeFileDurably,
-  FILE_MODE,
-} from './durable-files.js';
+import { fsyncDir, fsyncFile, mkdirPrivate, tempName, writeFileDurably, FILE_MODE } from './durable-files.js';
+import type { Extent } from '../client/index.js';
+import { createFile } from './direct-io.js';
 import { BACKUP_ID, MANIFEST_FORMAT, parseManifest, type Manifest, type ManifestExtent } from './manifest.js';
 
 export const MARKER = 'cbt-backup-repository.json';
@@ -352,6 +346,9 @@ export class RepositoryLock {
   }
 }
 
+/** fsyncs of new chunk files (and, at the commit, of their directories) under way at once. */
+const FSYNCS_IN_FLIGHT = 8;
+
 /** A backup being written: chunks go in as they are read; commit() makes it exist. */
 export class BackupWriter {
   readonly id: string;
@@ -360,9 +357,13 @@ export class BackupWriter {
   private bytes = 0;
   /** Chunks stored but not yet deduplicated by a committed manifest: written by this backup. */
   private readonly written = new Set<string>();
-  private readonly newPaths: string[] = [];
+  private readonly syncer = new ChunkSyncer();
   newChunks = 0;
   newBytes = 0;
+  /** Chunks put, stored or not. */
+  chunks = 0;
+  /** Whether chunk files are written with O_DIRECT; cleared when the filesystem refuses it. */
+  private direct = true;
 
   constructor(
     private readonly repo: BackupRepository,
@@ -373,12 +374,26 @@ export class BackupWriter {
     this.id = `${stamp}-${randomBytes(4).toString('hex')}`;
   }
 
-  /** Stores `data` as the volume's bytes at `offset`. Calls may run concurrently; commit() orders them. */
-  async put(offset: number, data: Buffer): Promise<void> {
+  /** Stores `data` as the volume's bytes at `offset`: one extent, one chunk. */
+  put(offset: number, data: Buffer): Promise<void> {
+    return this.putChunk([{ offset, length: data.length }], data);
+  }
+
+  /**
+   * Stores `data` as one chunk holding the volume's bytes of `extents`, back to back in that order (small
+   * extents share a chunk, so an incremental of scattered blocks makes a file per chunk size, not per block).
+   * Calls may run concurrently; commit() orders the extents.
+   */
+  async putChunk(extents: readonly Extent[], data: Buffer): Promise<void> {
     const hash = sha256(data);
-    const slot: ManifestExtent = [offset, data.length, hash];
-    this.extents.push(slot);
+    let at = 0;
+    for (const e of extents) {
+      this.extents.push([e.offset, e.length, hash, at]);
+      at += e.length;
+    }
+    if (at !== data.length) throw new Error(`putChunk: the extents hold ${at} bytes, the chunk ${data.length}`);
     this.bytes += data.length;
+    this.chunks++;
     if (this.known.has(hash) || this.written.has(hash)) return;
     this.written.add(hash);
     const final = this.repo.chunkPath(hash);
@@ -388,32 +403,25 @@ export class BackupWriter {
       this.touchedDirs.add(dir);
     }
     const temp = tempName(final, this.repo.tmpDir);
-    const handle = await fs.promises.open(
-      temp,
-      fs.constants.O_WRONLY | fs.constants.O_CREAT | fs.constants.O_EXCL,
-      FILE_MODE,
-    );
-    try {
-      await handle.writeFile(data);
-      await handle.chmod(FILE_MODE);
-    } finally {
-      await handle.close();
-    }
-    // Not synced yet: commit() makes every new chunk durable at once, before the manifest names it. Until
-    // then no manifest names it, so a crash leaves it as garbage, never as data (begin() trusts only
-    // chunks of committed manifests).
+    this.direct = await createFile(temp, data, FILE_MODE, this.direct);
+    // Not synced yet: the syncer makes it durable, at the latest in commit(), before the manifest names
+    // it. Until then no manifest names it, so a crash leaves it as garbage, never as data (begin() trusts
+    // only chunks of committed manifests).
     await fs.promises.rename(temp, final);
-    this.newPaths.push(final);
+    this.syncer.add(final);
     this.newChunks++;
     this.newBytes += data.length;
   }
 
   /** Makes the backup exist: new chunks and their directories made durable, then the manifest written durably. */
   async commit(): Promise<Manifest> {
-    if (this.newPaths.length > 0 && !(await syncFilesystem(this.repo.dir))) {
-      for (const file of this.newPaths) await fsyncFile(file);
+    // Every new chunk file fsync'd; then the names renamed into each chunks/xx directory, and the xx
+    // directories chunks/ may have got.
+    await this.syncer.finish();
+    if (this.touchedDirs.size > 0) {
+      await eachLimited([...this.touchedDirs], FSYNCS_IN_FLIGHT, fsyncDir);
+      await fsyncDir(path.join(this.repo.dir, 'chunks'));
     }
-    for (const dir of this.touchedDirs) await fsyncDir(dir);
     this.extents.sort((a, b) => a[0] - b[0]);
     const manifest: Manifest = {
       format: MANIFEST_FORMAT,
@@ -430,4 +438,68 @@ export class BackupWriter {
     );
     return manifest;
   }
+}
+
+/**
+ * fsyncs new chunk files in the background, FSYNCS_IN_FLIGHT at a time, while the backup still reads:
+ * a chunk written with O_DIRECT is already on the disk, so its fsync only commits its metadata, and
+ * concurrent fsyncs share journal commits. (A syncfs of the repository's filesystem, one call for many
+ * files, also waits for every other writer's dirty data there: 0.3–7 s on a busy shared disk, against
+ * 15–130 ms for 1 to 64 fsyncs of our own.)
+ */
+class ChunkSyncer {
+  private readonly queue: string[] = [];
+  private next = 0;
+  private active = 0;
+  private failure: unknown;
+  private waiting: (() => void) | undefined;
+
+  add(file: string): void {
+    this.queue.push(file);
+    this.pump();
+  }
+
+  /** Waits until every file added is fsync'd; throws if any fsync failed. */
+  async finish(): Promise<void> {
+    if (this.active > 0 || (this.next < this.queue.length && this.failure === undefined))
+      await new Promise<void>((resolve) => {
+        this.waiting = resolve;
+      });
+    if (this.failure !== undefined) throw this.failure;
+  }
+
+  private pump(): void {
+    while (this.active < FSYNCS_IN_FLIGHT && this.next < this.queue.length && this.failure === undefined) {
+      const file = this.queue[this.next++]!;
+      this.active++;
+      fsyncFile(file)
+        .catch((err: unknown) => {
+          this.failure ??= err;
+        })
+        .finally(() => {
+          this.active--;
+          this.pump();
+          if (this.active === 0 && this.waiting) {
+            this.waiting();
+            this.waiting = undefined;
+          }
+        });
+    }
+  }
+}
+
+/** Runs `fn` on every item, `limit` at a time; rejects with the first failure once all have settled. */
+async function eachLimited<T>(items: readonly T[], limit: number, fn: (item: T) => Promise<void>): Promise<void> {
+  let next = 0;
+  let failure: unknown;
+  const worker = async (): Promise<void> => {
+    while (next < items.length) {
+      const item = items[next++]!;
+      await fn(item).catch((err: unknown) => {
+        failure ??= err;
+      });
+    }
+  };
+  await Promise.all(Array.from({ length: Math.min(limit, items.length) }, worker));
+  if (failure !== undefined) throw failure;
 }

@@ -19,6 +19,8 @@ export interface RestoreSummary {
 }
 
 const ZEROS = Buffer.alloc(1 << 20);
+/** Chunks a restore holds in memory at once, at most (4 MiB each). */
+const CHUNKS_KEPT = 8;
 
 export async function restoreBackup(
   repo: BackupRepository,
@@ -31,8 +33,13 @@ export async function restoreBackup(
   const capacity = chain.at(-1)!.capacityBytes;
   // Every chunk must be there before anything is written; hashes are checked as chunks are read.
   const missing = new Set<string>();
+  const seen = new Set<string>();
   for (const m of chain)
-    for (const [, , hash] of m.extents) if (!fs.existsSync(repo.chunkPath(hash))) missing.add(hash);
+    for (const [, , hash] of m.extents) {
+      if (seen.has(hash)) continue;
+      seen.add(hash);
+      if (!fs.existsSync(repo.chunkPath(hash))) missing.add(hash);
+    }
   if (missing.size > 0) {
     throw new RepositoryError(
       'damaged',
@@ -61,22 +68,35 @@ export async function restoreBackup(
         written += n;
       }
     }
+    // In a manifest the extents of a shared chunk need not be adjacent (whole chunks sit between them), so
+    // a chunk read is kept until its manifest's last extent in it, up to CHUNKS_KEPT (a backup made by
+    // this tool fills its shared chunks in volume order: one is open at a time).
+    const kept = new Map<string, Buffer>();
     for (const m of chain) {
-      for (const [offset, length, hash] of m.extents) {
+      const lastUse = new Map<string, number>();
+      for (const [i, [, , hash]] of m.extents.entries()) lastUse.set(hash, i);
+      kept.clear();
+      for (const [i, [offset, length, hash, chunkOffset]] of m.extents.entries()) {
         if (offset >= capacity) continue;
-        const data = await repo.readChunk(hash).catch((err: unknown) => {
+        let data = kept.get(hash);
+        if (!data) {
+          data = await repo.readChunk(hash).catch((err: unknown) => {
+            throw new RepositoryError(
+              'damaged',
+              `backup ${id} cannot be restored: ${(err as Error).message} (it is part of backup ${m.id})`,
+            );
+          });
+          if (kept.size >= CHUNKS_KEPT) kept.delete(kept.keys().next().value!);
+          kept.set(hash, data);
+        }
+        if (lastUse.get(hash) === i) kept.delete(hash);
+        if (chunkOffset + length > data.length)
           throw new RepositoryError(
             'damaged',
-            `backup ${id} cannot be restored: ${(err as Error).message} (it is part of backup ${m.id})`,
-          );
-        });
-        if (data.length !== length)
-          throw new RepositoryError(
-            'damaged',
-            `chunk ${hash} has ${data.length} bytes where backup ${m.id} stored ${length}`,
+            `chunk ${hash} has ${data.length} bytes where backup ${m.id} stored ${length} from byte ${chunkOffset}`,
           );
         const n = Math.min(length, capacity - offset);
-        await target.write(offset, data.subarray(0, n));
+        await target.write(offset, data.subarray(chunkOffset, chunkOffset + n));
         progress.add(n);
         written += n;
       }

@@ -93,9 +93,10 @@ export function typedError(err: unknown, what: string): SnapshotMetadataError {
         { cause: err },
       );
     case Code.FailedPrecondition:
+      // CSI 1.12 drivers (and our fault injector) may already say it: the advice is given once.
       return new FailedPreconditionError(
         'FAILED_PRECONDITION',
-        `${what}: the driver cannot answer from this base: ${m} (take a full backup)`,
+        `${what}: the driver cannot answer from this base: ${m}${/take a full backup/i.test(m) ? '' : ' (take a full backup)'}`,
         m,
         { cause: err },
       );

@@ -94,22 +94,63 @@ export class SnapshotMetadataClient {
       options.signal,
     );
     await stream.start(startingOffset);
-    const extents =
-      blockSize === undefined ? stream.extents() : rechunk(stream.extents(), blockSize, stream.capacityBytes);
+    const cutter = blockSize === undefined ? undefined : new BlockCutter(blockSize, stream.capacityBytes);
+    const batches: AsyncIterator<Extent[]> = {
+      next: async () => {
+        for (;;) {
+          const r = await stream.next();
+          if (r.done || !cutter) return r;
+          const cut = cutter.cut(r.value);
+          if (cut.length > 0) return { done: false, value: cut };
+        }
+      },
+      return: () => stream.return(),
+    };
     let iterated = false;
+    const once = () => {
+      if (iterated) throw new Error(`${what}: a listing can be iterated once`);
+      iterated = true;
+    };
     return {
       capacityBytes: stream.capacityBytes,
       blockMetadataType: stream.blockMetadataType,
       get resumes() {
         return stream.resumes;
       },
+      batches() {
+        once();
+        return { [Symbol.asyncIterator]: () => batches };
+      },
       [Symbol.asyncIterator]() {
-        if (iterated) throw new Error(`${what}: a listing can be iterated once`);
-        iterated = true;
-        return extents[Symbol.asyncIterator]();
+        once();
+        return oneByOne(batches);
       },
     };
   }
+}
+
+/**
+ * The extents of a batch iterator one at a time. Hand-written rather than an async generator: an extent
+ * already received costs one resolved promise, no generator resumption.
+ */
+function oneByOne(batches: AsyncIterator<Extent[]>): AsyncIterator<Extent> {
+  let buffer: Extent[] = [];
+  let at = 0;
+  const refill = async (): Promise<IteratorResult<Extent>> => {
+    const r = await batches.next();
+    if (r.done) return { done: true, value: undefined };
+    buffer = r.value;
+    at = 1;
+    return { done: false, value: buffer[0]! };
+  };
+  return {
+    next: () => (at < buffer.length ? Promise.resolve({ done: false, value: buffer[at++]! }) : refill()),
+    return: async () => {
+      buffer = [];
+      await batches.return?.();
+      return { done: true, value: undefined };
+    },
+  };
 }
 
 /** One logical listing over as many transport streams as it takes. */
@@ -149,46 +190,60 @@ class ResumingStream {
     this.pending = first;
   }
 
-  /**
-   * The extents, one at a time. A hand-written iterator rather than an async generator: it hands out a
-   * page's extents with one resolved promise each, which keeps the client above a million extents a second.
-   */
-  extents(): AsyncIterable<Extent> {
-    let buffer: Extent[] = [];
-    let at = 0;
-    let finished = false;
-    const finish = () => {
-      finished = true;
-      buffer = [];
-      this.controller?.abort();
-    };
-    const iterator: AsyncIterator<Extent> = {
-      next: async (): Promise<IteratorResult<Extent>> => {
-        while (at >= buffer.length) {
-          if (finished) return { done: true, value: undefined };
-          let page: MetadataPage | undefined;
-          try {
-            page = this.pending ?? (await this.nextPage(false));
-            this.pending = undefined;
-            if (page) buffer = this.accept(page);
-          } catch (err) {
-            finish();
-            throw err;
-          }
-          at = 0;
-          if (!page) {
-            finish();
-            return { done: true, value: undefined };
-          }
-        }
-        return { done: false, value: buffer[at++]! };
-      },
-      return: async (): Promise<IteratorResult<Extent>> => {
-        finish();
-        return { done: true, value: undefined };
-      },
-    };
-    return { [Symbol.asyncIterator]: () => iterator };
+  private finished = false;
+
+  /** The next non-empty batch of extents past the cursor, resuming cut streams; done at the end. */
+  async next(): Promise<IteratorResult<Extent[]>> {
+    while (!this.finished) {
+      let page: MetadataPage | undefined;
+      try {
+        page = this.pending ?? (await this.nextPage(false));
+        this.pending = undefined;
+        if (!page) break;
+        const batch = this.accept(page);
+        if (batch.length > 0) return { done: false, value: batch };
+      } catch (err) {
+        this.finish();
+        throw err;
+      }
+    }
+    this.finish();
+    return { done: true, value: undefined };
+  }
+
+  /** Stops early: the open stream is cancelled. */
+  async return(): Promise<IteratorResult<Extent[]>> {
+    this.finish();
+    return { done: true, value: undefined };
+  }
+
+  private finish(): void {
+    this.finished = true;
+    this.pending = undefined;
+    this.closeController();
+  }
+
+  /** Unhooks the caller's signal from the stream being closed (a listing may reopen many times). */
+  private unhook: (() => void) | undefined;
+
+  /** The signal of a new stream, aborted when the caller's signal is. */
+  private openController(): AbortSignal {
+    const controller = new AbortController();
+    this.controller = controller;
+    const signal = this.signal;
+    if (signal) {
+      const abort = () => controller.abort(signal.reason);
+      signal.addEventListener('abort', abort, { once: true });
+      this.unhook = () => signal.removeEventListener('abort', abort);
+    }
+    return controller.signal;
+  }
+
+  /** Cancels the current stream, if any. */
+  private closeController(): void {
+    this.unhook?.();
+    this.unhook = undefined;
+    this.controller?.abort();
   }
 
   /** Checks a page against what came before and returns its extents past the cursor. */
@@ -244,19 +299,14 @@ class ResumingStream {
       this.signal?.throwIfAborted();
       try {
         if (!this.iterator) {
-          this.controller = new AbortController();
-          const abort = () => this.controller?.abort(this.signal?.reason);
-          this.signal?.addEventListener('abort', abort, { once: true });
-          this.iterator = this.transport
-            .open(this.request(this.cursor), this.controller.signal)
-            [Symbol.asyncIterator]();
+          this.iterator = this.transport.open(this.request(this.cursor), this.openController())[Symbol.asyncIterator]();
         }
         const r = await this.iterator.next();
         if (r.done) return undefined;
         return r.value;
       } catch (err) {
         this.iterator = undefined;
-        this.controller?.abort();
+        this.closeController();
         if (this.signal?.aborted) throw this.signal.reason;
         if (!isResumable(err) || ++attempt > this.retry.maxAttempts) throw typedError(err, this.what);
         const delayMs = Math.min(this.retry.maxDelayMs, this.retry.initialDelayMs * 2 ** (attempt - 1));
@@ -270,16 +320,34 @@ class ResumingStream {
 }
 
 /** Cuts extents into whole blocks of `blockSize` (aligned; the last may end at the capacity), each once. */
+class BlockCutter {
+  /** Everything before this offset has been handed out. */
+  private done = 0;
+  constructor(
+    private readonly blockSize: number,
+    private readonly capacityBytes: number,
+  ) {}
+
+  cut(extents: readonly Extent[]): Extent[] {
+    const { blockSize, capacityBytes } = this;
+    const out: Extent[] = [];
+    for (const e of extents) {
+      const start = Math.max(this.done, Math.floor(e.offset / blockSize) * blockSize);
+      const end = Math.min(capacityBytes, Math.ceil((e.offset + e.length) / blockSize) * blockSize);
+      for (let b = start; b < end; b += blockSize)
+        out.push({ offset: b, length: Math.min(blockSize, capacityBytes - b) });
+      if (end > this.done) this.done = end;
+    }
+    return out;
+  }
+}
+
+/** Cuts extents into whole blocks of `blockSize` (aligned; the last may end at the capacity), each once. */
 export async function* rechunk(
   extents: AsyncIterable<Extent>,
   blockSize: number,
   capacityBytes: number,
 ): AsyncGenerator<Extent> {
-  let done = 0;
-  for await (const e of extents) {
-    const start = Math.max(done, Math.floor(e.offset / blockSize) * blockSize);
-    const end = Math.min(capacityBytes, Math.ceil((e.offset + e.length) / blockSize) * blockSize);
-    for (let b = start; b < end; b += blockSize) yield { offset: b, length: Math.min(blockSize, capacityBytes - b) };
-    if (end > done) done = end;
-  }
+  const cutter = new BlockCutter(blockSize, capacityBytes);
+  for await (const e of extents) yield* cutter.cut([e]);
 }

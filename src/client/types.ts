@@ -27,13 +27,21 @@ export interface ListOptions {
   blockSize?: number;
 }
 
-/** A listing: known capacity and style, and the extents in strictly increasing, non-overlapping order. */
+/**
+ * A listing: known capacity and style, and the extents in strictly increasing, non-overlapping order.
+ * Iterate it once, either one extent at a time or, cheaper for millions of extents, with batches().
+ */
 export interface ExtentListing extends AsyncIterable<Extent> {
   /** The snapshot's size in bytes (the target's, for a delta). */
   readonly capacityBytes: number;
   readonly blockMetadataType: BlockMetadataType;
   /** How many times the listing resumed after a cut stream, so far. */
   readonly resumes: number;
+  /**
+   * The same extents in non-empty arrays, about one driver response each (thousands of extents): one
+   * promise a batch instead of one an extent. The arrays are the caller's to keep.
+   */
+  batches(): AsyncIterable<Extent[]>;
 }
 
 /** One response of the driver, decoded: what every transport yields. */

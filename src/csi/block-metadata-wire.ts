@@ -4,8 +4,7 @@
  * hand-written form ~0.1 µs. The encoded tuples ride in a response as a single unknown-field entry
  * for field 3 (`block_metadata`), which toBinary writes verbatim after the known fields, so the bytes
  * on the wire are exactly those of the response with its `block_metadata` list filled in (a test
- * checks this against the generic encoder). The decoder is for clients (benchmarks, tools) that want
- * tuples without building a message object each.
+ * checks this against the generic encoder). Clients decode the same way: src/client/metadata-wire.ts.
  */
 import type { UnknownField } from '@bufbuild/protobuf';
 import { WireType } from '@bufbuild/protobuf/wire';
@@ -78,64 +77,4 @@ function writeVarint(out: Buffer, pos: number, value: number): number {
   }
   out[pos++] = value;
   return pos;
-}
-
-/** A metadata response decoded without message objects. */
-export interface DecodedMetadataResponse {
-  blockMetadataType: number;
-  volumeCapacityBytes: number;
-  /** Byte offsets and sizes, tuple i at [2i, 2i + 1]. */
-  tuples: Float64Array;
-}
-
-/**
- * Decodes a GetMetadataAllocated/GetMetadataDelta response (both share field numbers 1, 2, 3). Unknown
- * fields are skipped, as protobuf requires. Throws on malformed input.
- */
-export function decodeMetadataResponse(bytes: Uint8Array): DecodedMetadataResponse {
-  let pos = 0;
-  const readVarint = (): number => {
-    let result = 0;
-    let scale = 1;
-    for (let i = 0; i < 10; i++) {
-      if (pos >= bytes.length) throw new Error('truncated varint');
-      const b = bytes[pos++]!;
-      result += (b & 127) * scale;
-      if (b < 128) return result;
-      scale *= 128;
-    }
-    throw new Error('varint too long');
-  };
-  let type = 0;
-  let capacity = 0;
-  const values: number[] = [];
-  while (pos < bytes.length) {
-    const tag = readVarint();
-    const field = Math.floor(tag / 8);
-    const wire = tag & 7;
-    if (field === 1 && wire === WireType.Varint) type = readVarint();
-    else if (field === 2 && wire === WireType.Varint) capacity = readVarint();
-    else if (field === FIELD_BLOCK_METADATA && wire === WireType.LengthDelimited) {
-      const end = readVarint() + pos;
-      let offset = 0;
-      let size = 0;
-      while (pos < end) {
-        const t = readVarint();
-        if (t === TAG_BYTE_OFFSET) offset = readVarint();
-        else if (t === TAG_SIZE_BYTES) size = readVarint();
-        else skip(t & 7);
-      }
-      values.push(offset, size);
-    } else skip(wire);
-  }
-  return { blockMetadataType: type, volumeCapacityBytes: capacity, tuples: Float64Array.from(values) };
-
-  function skip(wire: number): void {
-    if (wire === WireType.Varint) readVarint();
-    else if (wire === WireType.Bit64) pos += 8;
-    else if (wire === WireType.Bit32) pos += 4;
-    else if (wire === WireType.LengthDelimited) pos += readVarint();
-    else throw new Error(`unsupported wire type ${wire}`);
-    if (pos > bytes.length) throw new Error('truncated field');
-  }
 }

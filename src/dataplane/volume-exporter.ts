@@ -103,6 +103,7 @@ export class VolumeExporter {
   /** The volume's attributes changed: its I/O limits apply from the next request on, published or not. */
   limitsChanged(volumeId: string): void {
     this.limiter.refresh(volumeId);
+    this.files?.reconsiderDirectIo(volumeId);
     this.logger.info({ volumeId, ...this.limiter.limitsOf(volumeId) }, 'I/O limits read from the volume');
   }
 
@@ -123,7 +124,14 @@ export class VolumeExporter {
       this.server = undefined;
     }
     fs.mkdirSync(this.mountDir, { recursive: true, mode: 0o700 });
-    const files = new VolumeFiles(this.store, { holder: 'node-fuse' });
+    const files = new VolumeFiles(this.store, {
+      holder: 'node-fuse',
+      // A volume with I/O limits is served on the main thread, where the dispatcher admits each request.
+      serveDirectly: (volumeId) => {
+        const limits = this.limiter.limitsOf(volumeId);
+        return limits.iops === 0 && limits.bytesPerSecond === 0;
+      },
+    });
     const server = await FuseServer.mount(this.mountDir, files, {
       logger: this.logger,
       source: 'cbt-csi',

@@ -1,13 +1,17 @@
 /**
- * The repository's own rules, without a driver: identical chunks stored once; verify reports a damaged or
- * missing chunk with every backup it breaks; restore refuses a damaged chunk; a volume that grew between
- * backups restores at its new size; files 0600 and directories 0700 whatever the umask.
+ * The repository's own rules, without a driver: identical chunks stored once; small extents share a chunk
+ * and restore from their place in it; verify reports a damaged or missing chunk with every backup it
+ * breaks; restore refuses a damaged chunk; a volume that grew between backups restores at its new size;
+ * manifests of format 1 still restore; files 0600 and directories 0700 whatever the umask.
  */
 import { randomBytes } from 'node:crypto';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
+import { execFileSync } from 'node:child_process';
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
+import { chunksOf, CHUNK_SIZE } from '../../src/backup/backup-run.js';
+import { allocAligned, createFile } from '../../src/backup/direct-io.js';
 import { BackupRepository, RepositoryError } from '../../src/backup/repository.js';
 import { createProgress } from '../../src/backup/progress.js';
 import { restoreBackup } from '../../src/backup/restore.js';
@@ -135,4 +139,279 @@ describe('backup repository', () => {
         .equals(expected),
     ).toBe(true);
   });
+
+  it('packs small extents into shared chunks: each restores from its offset in the chunk, one file per chunk size', async () => {
+    const repo = await BackupRepository.openOrCreate(path.join(dir, 'repo'));
+    const capacity = 64 * MiB;
+    // 1,500 scattered 4 KiB blocks (more than a chunk's worth) and one whole aligned chunk, as an
+    // incremental's runs.
+    const blocks = [...new Set(Array.from({ length: 1500 }, (_, i) => ((i * 7919) % 8000) + 16))].sort((a, b) => a - b);
+    expect(blocks.length * 4096).toBeGreaterThan(CHUNK_SIZE);
+    const runs = [
+      ...blocks.map((b) => ({ offset: b * 4096, length: 4096 })),
+      { offset: 8 * CHUNK_SIZE, length: CHUNK_SIZE },
+    ];
+    const expected = Buffer.alloc(capacity);
+    const lock = await repo.lock();
+    let manifest: Manifest;
+    try {
+      const w = await repo.begin(
+        {
+          snapshot: 'snap-a',
+          sourceVolume: 'vol-1',
+          base: null,
+          capacityBytes: capacity,
+          blockSize: CHUNK_SIZE,
+          toolVersion: 'test',
+        },
+        lock,
+      );
+      for (const chunk of chunksOf(runs)) {
+        const data = Buffer.concat(chunk.map((e) => randomBytes(e.length)));
+        let at = 0;
+        for (const e of chunk) {
+          data.copy(expected, e.offset, at, at + e.length);
+          at += e.length;
+        }
+        await w.putChunk(chunk, data);
+      }
+      manifest = await w.commit();
+    } finally {
+      await lock.release();
+    }
+    const files = fs
+      .readdirSync(path.join(repo.dir, 'chunks'))
+      .flatMap((d) => fs.readdirSync(path.join(repo.dir, 'chunks', d)));
+    // The small extents fill shared chunks to the chunk size; the whole chunk is stored on its own.
+    expect(files).toHaveLength(Math.ceil((blocks.length * 4096) / CHUNK_SIZE) + 1);
+    expect(manifest.format).toBe(2);
+    expect(manifest.extents).toHaveLength(blocks.length + 1);
+    expect(manifest.extents.some(([, , , chunkOffset]) => chunkOffset > 0)).toBe(true);
+    const target = path.join(dir, 'packed.img');
+    await restoreBackup(repo, manifest.id, target, quiet);
+    expect(fs.readFileSync(target).equals(expected)).toBe(true);
+    expect((await repo.verify()).damaged).toEqual([]);
+  });
+
+  it('restore reads each chunk once when whole chunks sit between the extents of a shared one', async () => {
+    const repo = await BackupRepository.openOrCreate(path.join(dir, 'repo'));
+    const capacity = 4 * CHUNK_SIZE;
+    // The ends of a run around two whole chunks: both ends share a chunk, the whole ones lie between them.
+    const runs = [{ offset: CHUNK_SIZE - 8192, length: 2 * CHUNK_SIZE + 16384 }];
+    const chunks = [...chunksOf(runs)];
+    expect(chunks.map((c) => c.length)).toEqual([1, 1, 2]);
+    const expected = Buffer.alloc(capacity);
+    const lock = await repo.lock();
+    let manifest: Manifest;
+    try {
+      const w = await repo.begin(
+        {
+          snapshot: 'snap-ends',
+          sourceVolume: 'vol-1',
+          base: null,
+          capacityBytes: capacity,
+          blockSize: CHUNK_SIZE,
+          toolVersion: 'test',
+        },
+        lock,
+      );
+      for (const chunk of chunks) {
+        const data = randomBytes(chunk.reduce((n, e) => n + e.length, 0));
+        let at = 0;
+        for (const e of chunk) {
+          data.copy(expected, e.offset, at, at + e.length);
+          at += e.length;
+        }
+        await w.putChunk(chunk, data);
+      }
+      manifest = await w.commit();
+    } finally {
+      await lock.release();
+    }
+    const reads: string[] = [];
+    const readChunk = repo.readChunk.bind(repo);
+    repo.readChunk = (hash: string) => {
+      reads.push(hash);
+      return readChunk(hash);
+    };
+    const target = path.join(dir, 'ends.img');
+    await restoreBackup(repo, manifest.id, target, quiet);
+    expect(fs.readFileSync(target).equals(expected)).toBe(true);
+    expect(reads).toHaveLength(3);
+  });
+
+  it('commit fsyncs each new chunk file: one that cannot be made durable fails the commit, and no manifest appears', async () => {
+    const repo = await BackupRepository.openOrCreate(path.join(dir, 'repo'));
+    const lock = await repo.lock();
+    try {
+      const w = await repo.begin(
+        {
+          snapshot: 'snap-lost',
+          sourceVolume: 'vol-1',
+          base: null,
+          capacityBytes: 4 * CHUNK_SIZE,
+          blockSize: CHUNK_SIZE,
+          toolVersion: 'test',
+        },
+        lock,
+      );
+      const data = randomBytes(64 * 1024);
+      // The file goes away before its fsync could run (the syncer starts it in the background).
+      const rename = fs.promises.rename;
+      fs.promises.rename = async (from, to) => {
+        await rename(from, to);
+        await fs.promises.rm(to);
+      };
+      try {
+        await w.put(0, data);
+      } finally {
+        fs.promises.rename = rename;
+      }
+      await expect(w.commit()).rejects.toMatchObject({ code: 'ENOENT' });
+    } finally {
+      await lock.release();
+    }
+    expect(await repo.backupIds()).toEqual([]);
+  });
+
+  it('chunksOf: whole aligned pieces alone, smaller ones packed in order up to the chunk size, every byte once', () => {
+    const runs = [
+      { offset: 4096, length: 8192 },
+      { offset: CHUNK_SIZE - 4096, length: CHUNK_SIZE + 8192 },
+      { offset: 5 * CHUNK_SIZE, length: 3 * 4096 },
+    ];
+    const chunks = [...chunksOf(runs)];
+    expect(chunks).toEqual([
+      [{ offset: CHUNK_SIZE, length: CHUNK_SIZE }],
+      [
+        { offset: 4096, length: 8192 },
+        { offset: CHUNK_SIZE - 4096, length: 4096 },
+        { offset: 2 * CHUNK_SIZE, length: 4096 },
+        { offset: 5 * CHUNK_SIZE, length: 3 * 4096 },
+      ],
+    ]);
+    // Scattered 4 KiB pieces: a chunk's worth fill a chunk exactly, the rest start the next.
+    const perChunk = CHUNK_SIZE / 4096;
+    const many = [
+      ...chunksOf(Array.from({ length: perChunk + 44 }, (_, i) => ({ offset: i * 2 * 4096, length: 4096 }))),
+    ];
+    expect(many.map((c) => c.length)).toEqual([perChunk, 44]);
+  });
+
+  it('restores a format 1 manifest (three-element extents, a chunk each)', async () => {
+    const repo = await BackupRepository.openOrCreate(path.join(dir, 'repo'));
+    const a = randomBytes(8192);
+    const m = await backup(repo, 4 * MiB, [[MiB, a]], null);
+    const file = path.join(repo.dir, 'backups', `${m.id}.json`);
+    const old = JSON.parse(fs.readFileSync(file, 'utf8')) as { format: number; extents: unknown[][] };
+    old.format = 1;
+    old.extents = old.extents.map((e) => e.slice(0, 3));
+    fs.writeFileSync(file, JSON.stringify(old));
+    const target = path.join(dir, 'old.img');
+    await restoreBackup(repo, m.id, target, quiet);
+    expect(
+      fs
+        .readFileSync(target)
+        .subarray(MiB, MiB + 8192)
+        .equals(a),
+    ).toBe(true);
+    // A format 2 manifest with three-element extents is damaged, not silently read.
+    fs.writeFileSync(file, JSON.stringify({ ...old, format: 2 }));
+    await expect(repo.manifest(m.id)).rejects.toThrow(/bad extent/);
+  });
+
+  it('chunk files: aligned buffers go to disk with O_DIRECT where the filesystem takes it, others through the page cache; 0600 either way', async () => {
+    const old = process.umask(0o022);
+    try {
+      const [aligned] = allocAligned(64 * 1024, 1);
+      randomBytes(64 * 1024).copy(aligned!);
+      const direct = path.join(dir, 'direct');
+      // This machine's /tmp (ext4) takes O_DIRECT; a filesystem that refuses it gets the fallback, which the
+      // odd-length case below exercises.
+      await createFile(direct, aligned!, 0o600, true);
+      expect(fs.readFileSync(direct).equals(aligned!)).toBe(true);
+      const odd = path.join(dir, 'odd');
+      expect(await createFile(odd, aligned!.subarray(0, 1000), 0o600, true)).toBe(true);
+      expect(fs.readFileSync(odd).equals(aligned!.subarray(0, 1000))).toBe(true);
+      const plain = path.join(dir, 'plain');
+      expect(await createFile(plain, Buffer.from(aligned!), 0o600, false)).toBe(false);
+      expect(fs.readFileSync(plain).equals(aligned!)).toBe(true);
+      for (const f of [direct, odd, plain]) expect(fs.statSync(f).mode & 0o777).toBe(0o600);
+      await expect(createFile(direct, aligned!, 0o600, true)).rejects.toMatchObject({ code: 'EEXIST' });
+    } finally {
+      process.umask(old);
+    }
+  });
 });
+
+/** Why a ramfs (a filesystem that refuses O_DIRECT) cannot be mounted here, or undefined if it can. */
+function missingRamfs(): string | undefined {
+  if (process.platform !== 'linux') return 'ramfs is Linux';
+  if (process.getuid?.() !== 0) return 'mounting a ramfs needs root';
+  return undefined;
+}
+
+const ramfsMissing = missingRamfs();
+const onRamfs = ramfsMissing === undefined || process.env.CI === 'true' ? describe : describe.skip;
+
+onRamfs(
+  `a repository on a filesystem that refuses O_DIRECT (ramfs)${ramfsMissing ? ` — skipped: ${ramfsMissing}` : ''}`,
+  () => {
+    let mnt: string;
+    beforeEach(() => {
+      if (ramfsMissing) throw new Error(`CI=true: ${ramfsMissing}`);
+      mnt = fs.mkdtempSync(path.join(os.tmpdir(), 'cbt-ramfs-'));
+      execFileSync('mount', ['-t', 'ramfs', '-o', 'mode=0700', 'ramfs', mnt], { stdio: 'pipe' });
+    });
+    afterEach(() => {
+      if (!mnt) return;
+      execFileSync('umount', [mnt], { stdio: 'pipe' });
+      fs.rmSync(mnt, { recursive: true, force: true });
+    });
+
+    it('chunk files fall back to the page cache: the open O_DIRECT refused leaves no file, the backup commits, restores and verifies', async () => {
+      const probe = path.join(mnt, 'probe');
+      const [aligned] = allocAligned(64 * 1024, 1);
+      randomBytes(64 * 1024).copy(aligned!);
+      // The refused open has already made the file; the fallback removes it and writes it again, 0600.
+      expect(await createFile(probe, aligned!, 0o600, true)).toBe(false);
+      expect(fs.readFileSync(probe).equals(aligned!)).toBe(true);
+      expect(fs.statSync(probe).mode & 0o777).toBe(0o600);
+
+      const repo = await BackupRepository.openOrCreate(path.join(mnt, 'repo'));
+      const capacity = 4 * CHUNK_SIZE;
+      const buffers = allocAligned(CHUNK_SIZE, 2);
+      const expected = Buffer.alloc(capacity);
+      const lock = await repo.lock();
+      let manifest: Manifest;
+      try {
+        const w = await repo.begin(
+          {
+            snapshot: 'snap-ramfs',
+            sourceVolume: 'vol-1',
+            base: null,
+            capacityBytes: capacity,
+            blockSize: CHUNK_SIZE,
+            toolVersion: 'test',
+          },
+          lock,
+        );
+        for (const [i, at] of [CHUNK_SIZE, 3 * CHUNK_SIZE].entries()) {
+          randomBytes(CHUNK_SIZE).copy(buffers[i]!);
+          buffers[i]!.copy(expected, at);
+          await w.put(at, buffers[i]!);
+        }
+        manifest = await w.commit();
+      } finally {
+        await lock.release();
+      }
+      expect(fs.readdirSync(repo.tmpDir)).toEqual([]);
+      const target = path.join(dir, 'from-ramfs.img');
+      await restoreBackup(repo, manifest.id, target, quiet);
+      expect(fs.readFileSync(target).equals(expected)).toBe(true);
+      const report = await repo.verify();
+      expect(report.damaged).toEqual([]);
+      expect(report.chunksChecked).toBe(2);
+    });
+  },
+);

@@ -5,6 +5,7 @@
  * re-chunking. The transport here is scripted so each stream can be cut exactly where a test says; the
  * same behaviour against a real driver that is killed and restarted is in csi-direct.test.ts.
  */
+import { getEventListeners } from 'node:events';
 import { Code, ConnectError } from '@connectrpc/connect';
 import { describe, expect, it } from 'vitest';
 import {
@@ -17,6 +18,7 @@ import {
   SnapshotMetadataClient,
   UnauthenticatedError,
   type Extent,
+  type ExtentListing,
   type MetadataPage,
   type MetadataRequest,
   type MetadataTransport,
@@ -30,14 +32,14 @@ class ScriptedTransport implements MetadataTransport {
   constructor(
     private readonly all: Extent[],
     /** For the n-th open: after how many pages to fail, and with which code (undefined: no failure). */
-    private readonly cuts: ({ after: number; code: Code } | undefined)[] = [],
+    private readonly cuts: ({ after: number; code: Code; message?: string } | undefined)[] = [],
     private readonly perPage = 3,
     private readonly type: MetadataPage['blockMetadataType'] = 'VARIABLE_LENGTH',
   ) {}
-  async *open(request: MetadataRequest): AsyncIterable<MetadataPage> {
+  async *open(request: MetadataRequest, _signal?: AbortSignal): AsyncIterable<MetadataPage> {
     const n = this.opened.push(request.startingOffset) - 1;
     const cut = this.cuts[n];
-    if (cut && cut.after === 0) throw new ConnectError('cut', cut.code);
+    if (cut && cut.after === 0) throw new ConnectError(cut.message ?? 'cut', cut.code);
     // As the driver does: the first extent is the one that ends after the starting offset.
     const rest = this.all.filter((e) => e.offset + e.length > request.startingOffset);
     let pages = 0;
@@ -48,7 +50,7 @@ class ScriptedTransport implements MetadataTransport {
         capacityBytes: CAPACITY,
         tuples: slice.flatMap((e) => [e.offset, e.length]),
       };
-      if (cut && ++pages === cut.after) throw new ConnectError('stream cut', cut.code);
+      if (cut && ++pages === cut.after) throw new ConnectError(cut.message ?? 'stream cut', cut.code);
     }
   }
   close() {}
@@ -154,6 +156,19 @@ describe('SnapshotMetadataClient', () => {
     expect(seen).toEqual(EXTENTS.slice(0, 3));
   });
 
+  it('FAILED_PRECONDITION: the advice to take a full backup is given once, whether or not the driver gave it', async () => {
+    for (const message of [
+      'the change record is gone',
+      'changed block tracking is not available: take a full backup',
+    ]) {
+      const transport = new ScriptedTransport(EXTENTS, [{ after: 0, code: Code.FailedPrecondition, message }]);
+      const err = await new SnapshotMetadataClient(transport, fast).delta('a', 'b').catch((e: unknown) => e);
+      expect(err).toBeInstanceOf(FailedPreconditionError);
+      expect((err as Error).message).toContain(message);
+      expect((err as Error).message.match(/take a full backup/gi), message).toHaveLength(1);
+    }
+  });
+
   it('stops at once when the caller aborts, without retrying', async () => {
     const controller = new AbortController();
     const transport = new ScriptedTransport(EXTENTS, [], 1);
@@ -206,5 +221,65 @@ describe('SnapshotMetadataClient', () => {
     const small = await collect(listing);
     expect(small.length).toBe(32);
     expect(small.every((e, i) => e.offset === 65536 + i * 1024 && e.length === 1024)).toBe(true);
+  });
+
+  it('batches() gives the same extents as one-by-one iteration, resumed and re-chunked alike; a listing iterates once', async () => {
+    const cuts = [
+      { after: 2, code: Code.Unavailable },
+      { after: 1, code: Code.Canceled },
+    ];
+    const flat = async (listing: ExtentListing) => {
+      const out: Extent[] = [];
+      for await (const batch of listing.batches()) {
+        expect(batch.length).toBeGreaterThan(0);
+        out.push(...batch);
+      }
+      return out;
+    };
+    const client = (t: MetadataTransport) => new SnapshotMetadataClient(t, fast);
+    expect(await flat(await client(new ScriptedTransport(EXTENTS, cuts)).allocated('snap'))).toEqual(
+      await collect(await client(new ScriptedTransport(EXTENTS, cuts)).allocated('snap')),
+    );
+    expect(
+      await flat(await client(new ScriptedTransport(EXTENTS, cuts)).allocated('snap', { blockSize: 16384 })),
+    ).toEqual(
+      await collect(await client(new ScriptedTransport(EXTENTS, cuts)).allocated('snap', { blockSize: 16384 })),
+    );
+    const listing = await client(new ScriptedTransport(EXTENTS)).allocated('snap');
+    await flat(listing);
+    expect(() => listing[Symbol.asyncIterator]()).toThrow(/iterated once/);
+    expect(() => listing.batches()).toThrow(/iterated once/);
+  });
+
+  it("a long listing resumed many times holds no listener on the caller's AbortSignal once each stream is done with", async () => {
+    // 19 cuts, a page each: a listener left per reopened stream would pile up (and warn past 10).
+    const cuts = Array.from({ length: 19 }, () => ({ after: 1, code: Code.Unavailable }));
+    const signal = new AbortController().signal;
+    const listing = await new SnapshotMetadataClient(new ScriptedTransport(EXTENTS, cuts, 1), fast).allocated('snap', {
+      signal,
+    });
+    const got: Extent[] = [];
+    for await (const e of listing) {
+      got.push(e);
+      expect(getEventListeners(signal, 'abort').length).toBeLessThanOrEqual(1);
+    }
+    expect(got).toEqual(EXTENTS);
+    expect(listing.resumes).toBe(19);
+    expect(getEventListeners(signal, 'abort')).toHaveLength(0);
+  });
+
+  it('an early break from for await closes the stream', async () => {
+    let aborted = false;
+    class Watching extends ScriptedTransport {
+      override async *open(request: MetadataRequest, signal?: AbortSignal): AsyncIterable<MetadataPage> {
+        signal?.addEventListener('abort', () => {
+          aborted = true;
+        });
+        yield* super.open(request);
+      }
+    }
+    const listing = await new SnapshotMetadataClient(new Watching(EXTENTS), fast).allocated('snap');
+    for await (const _ of listing) break;
+    expect(aborted).toBe(true);
   });
 });

@@ -12,7 +12,7 @@ import * as grpc from '@grpc/grpc-js';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { connectCsiDirect, type Extent } from '../../src/client/index.js';
 import { PEER_TLS_NAME } from '../../src/cluster/peer-tls.js';
-import { decodeMetadataResponse } from '../../src/csi/block-metadata-wire.js';
+import { decodeMetadataResponse } from '../../src/client/metadata-wire.js';
 import { Identity, type SnapshotMetadata, VolumeCapability_AccessMode_Mode } from '../../src/gen/csi/v1/csi_pb.js';
 import { type RpcError, ServiceClient } from '../support/csi-client.js';
 import { makePeerCerts, missingOpenssl, type PeerCerts } from '../support/peer-certs.js';

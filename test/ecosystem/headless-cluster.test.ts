@@ -14,13 +14,12 @@
  * loop device. Replay a run's data with CBT_E2E_SEED.
  */
 import { spawnSync } from 'node:child_process';
-import { randomBytes } from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
 import { afterAll, beforeAll, expect, test } from 'vitest';
 import { connectCsiDirect } from '../../src/client/index.js';
 import { Controller, Identity } from '../../src/gen/csi/v1/csi_pb.js';
-import { MiB, directRead, directWrite, sh } from '../e2e/support/node-env.js';
+import { MiB, directRead, sh } from '../e2e/support/node-env.js';
 import { ServiceClient } from '../support/csi-client.js';
 import { mulberry32 } from '../support/random.js';
 import {
@@ -33,6 +32,7 @@ import {
 import type { KubeObject } from './support/kube-api.js';
 import { KubeletStandIn, type PublishedBlockVolume } from './support/kubelet-standin.js';
 import { PvControllerStandIn } from './support/pv-controller-standin.js';
+import { writeRandomly as writeBlocksRandomly } from './support/random-writes.js';
 import { parseQuantity } from './support/quantity.js';
 import { suiteUnless, tool } from './tools.js';
 
@@ -105,25 +105,15 @@ async function provisionClaim(name: string, dataSource?: { kind: string; name: s
   return pvController.bindWhenProvisioned(APP, name);
 }
 
-/** Seeded random writes (sector-aligned, mostly partial blocks) through the device, into the model too. */
-function writeRandomly(device: string, random: () => number, count: number, rewriteOf?: Set<number>): Set<number> {
-  const touched = new Set<number>();
-  const rewritable = rewriteOf ? [...rewriteOf] : [];
-  for (let i = 0; i < count; i++) {
-    const sectors = random() < 0.8 ? 1 + Math.floor(random() * 16) : 1 + Math.floor(random() * 128);
-    const length = sectors * 512;
-    // Half of the second phase rewrites blocks the first one wrote.
-    const offset =
-      rewritable.length > 0 && i % 2 === 0
-        ? Math.min(rewritable[Math.floor(random() * rewritable.length)]! * BLOCK, CAPACITY - length)
-        : Math.floor(random() * ((CAPACITY - length) / 512)) * 512;
-    const bytes = randomBytes(length);
-    directWrite(device, offset, bytes, scratch());
-    bytes.copy(model, offset);
-    for (let b = Math.floor(offset / BLOCK); b <= Math.floor((offset + length - 1) / BLOCK); b++) touched.add(b);
-  }
-  return touched;
-}
+/** Seeded random writes through the device, into the model too. */
+const writeRandomly = (device: string, random: () => number, count: number, rewriteOf?: Set<number>) =>
+  writeBlocksRandomly(device, random, count, {
+    capacity: CAPACITY,
+    blockSize: BLOCK,
+    scratch: scratch(),
+    model,
+    rewriteOf,
+  });
 
 /** Creates a VolumeSnapshot of the data claim and waits until snapshot-controller reports it ready; resolves with the driver's snapshot ID. */
 async function snapshot(name: string): Promise<string> {

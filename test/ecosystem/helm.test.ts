@@ -9,9 +9,11 @@ import { X509Certificate } from 'node:crypto';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { parseAllDocuments, stringify } from 'yaml';
+import { parse as parseYaml, parseAllDocuments, stringify } from 'yaml';
 import { afterAll, beforeAll, expect, test } from 'vitest';
-import { REPO_ROOT } from '../support/test-driver.js';
+import { parseFaultRules } from '../../src/vendor/fault-rules.js';
+import { runCli } from '../backup/support/cli.js';
+import { REPO_ROOT, spawnDriver } from '../support/test-driver.js';
 import { SIDECAR_NEEDS } from '../packaging/sidecar-needs.js';
 import { crdFiles, startControlPlane, type ControlPlane } from './support/control-plane.js';
 import { COMPONENTS, missingTools, suiteUnless, tool } from './tools.js';
@@ -26,6 +28,12 @@ type Values = Record<string, unknown>;
 
 /** A CA certificate in PEM for the TLS modes that take one from the user (any PEM the API server stores). */
 let caPem = '';
+
+/** Fault rules as a vendor writes them in values (driver.faults): the driver must start with them in force. */
+const FAULT_RULES = [
+  { rpc: 'GetMetadataDelta', action: 'fail-after', afterMessages: 2, code: 'UNAVAILABLE', times: 1 },
+  { rpc: 'GetMetadataAllocated', action: 'delay', delayMs: 50, snapshot: 'snap-1' },
+];
 
 /** The values matrix: every mode and TLS mode the chart has, and the driver settings that change its args. */
 const MATRIX: [string, () => Values][] = [
@@ -70,6 +78,10 @@ const MATRIX: [string, () => Values][] = [
       volumeAttributesClass: { create: true, parameters: { maxIops: '500', metadataStyle: 'FIXED' } },
       storageClass: { parameters: { maxBandwidth: '256Mi' } },
     }),
+  ],
+  [
+    'vendor bench: an admin endpoint and fault rules from the start',
+    () => ({ driver: { adminEndpoint: '/csi/admin.sock', faults: FAULT_RULES } }),
   ],
   [
     'group snapshots and deleted-snapshot retention',
@@ -256,6 +268,96 @@ suiteUnless(missingTools(['helm']), `helm ${COMPONENTS.helm!.version}: requireBa
     expect(r.status).not.toBe(0);
     expect(r.stderr).toMatch(/requireBaseSnapshotForDelta/);
   });
+});
+
+suiteUnless(missingTools(['helm']), `helm ${COMPONENTS.helm!.version}: fault rules at start-up (driver.faults)`, () => {
+  beforeAll(() => {
+    dir = fs.mkdtempSync(path.join(os.tmpdir(), 'cbt-helm-'));
+  });
+  afterAll(() => {
+    if (dir) fs.rmSync(dir, { recursive: true, force: true });
+  });
+
+  type Pod = {
+    metadata: { annotations?: Record<string, string> };
+    spec: {
+      containers: { name: string; args?: string[]; volumeMounts?: { name: string; mountPath: string }[] }[];
+      volumes: { name: string; configMap?: { name: string } }[];
+    };
+  };
+  const podOf = (objects: Obj[]) =>
+    (objects.find((o) => o.kind === 'StatefulSet' || o.kind === 'DaemonSet')!.spec as { template: Pod }).template;
+  /** The file --faults names, as the container sees it: the ConfigMap key under the volume's mount. */
+  const faultsFileOf = (objects: Obj[]) => {
+    const pod = podOf(objects);
+    const driver = pod.spec.containers.find((c) => c.name === 'cbt-csi')!;
+    const arg = driver.args!.find((a) => a.startsWith('--faults='));
+    if (!arg) return undefined;
+    const file = arg.slice('--faults='.length);
+    const mount = driver.volumeMounts!.find((m) => file.startsWith(`${m.mountPath}/`))!;
+    const volume = pod.spec.volumes.find((v) => v.name === mount.name)!;
+    const configMap = objects.find((o) => o.kind === 'ConfigMap' && o.metadata.name === volume.configMap?.name)!;
+    return (configMap.data as Record<string, string>)[file.slice(mount.mountPath.length + 1)];
+  };
+
+  test('no rules (the default): no ConfigMap, no --faults, no faults volume', () => {
+    const { objects } = render('no-faults', {});
+    expect(objects.filter((o) => o.kind === 'ConfigMap')).toEqual([]);
+    expect(faultsFileOf(objects)).toBeUndefined();
+    expect(podOf(objects).spec.volumes.map((v) => v.name)).not.toContain('faults');
+    expect(podOf(objects).metadata.annotations?.['checksum/faults']).toBeUndefined();
+  });
+
+  test.each(['single', 'daemonset'])(
+    'mode %s: the rules are in a ConfigMap mounted where --faults points, and parse to the same rules',
+    (mode) => {
+      const { objects } = render(`faults-${mode}`, { mode, driver: { faults: FAULT_RULES } });
+      const text = faultsFileOf(objects);
+      expect(text).toBeDefined();
+      expect(parseFaultRules(parseYaml(text!))).toEqual(FAULT_RULES);
+    },
+  );
+
+  test('changed rules change the pod template (a checksum annotation), so the driver restarts with them', () => {
+    const a = podOf(render('faults-a', { driver: { faults: FAULT_RULES } }).objects);
+    const b = podOf(render('faults-b', { driver: { faults: FAULT_RULES.slice(0, 1) } }).objects);
+    expect(a.metadata.annotations!['checksum/faults']).toMatch(/^[0-9a-f]{64}$/);
+    expect(b.metadata.annotations!['checksum/faults']).not.toBe(a.metadata.annotations!['checksum/faults']);
+  });
+
+  test('a rule with an unknown rpc or action is refused by the schema, naming the field', () => {
+    for (const [rule, field] of [
+      [{ rpc: 'GetMetadata', action: 'fail' }, 'rpc'],
+      [{ rpc: 'GetMetadataDelta', action: 'explode' }, 'action'],
+      [{ action: 'fail' }, 'rpc'],
+    ] as const) {
+      const r = helm([
+        ...['template', RELEASE, CHART, '--namespace', NAMESPACE],
+        ...['-f', valuesFile(`bad-${field}`, { driver: { faults: [rule] } })],
+      ]);
+      expect(r.status, JSON.stringify(rule)).not.toBe(0);
+      expect(r.stderr).toMatch(new RegExp(`/driver/faults/0\\b.*\\b${field}\\b`));
+    }
+  });
+
+  test('the driver started with the rendered file has the rules in force (cbt-csi faults list)', async () => {
+    const { objects } = render('faults-run', { driver: { faults: FAULT_RULES } });
+    const file = path.join(dir, 'faults.yaml');
+    fs.writeFileSync(file, faultsFileOf(objects)!);
+    const admin = path.join(dir, 'admin.sock');
+    const driver = await spawnDriver([
+      ...['--endpoint', `unix://${path.join(dir, 'csi.sock')}`, '--state-dir', path.join(dir, 'state')],
+      ...['--node-id', 'n', '--log-level', 'warn', '--faults', file, '--admin-endpoint', admin],
+    ]);
+    try {
+      const listed = await runCli(['faults', 'list', '--admin-endpoint', admin, '--json']);
+      expect(listed.code, listed.stderr).toBe(0);
+      expect(JSON.parse(listed.stdout)).toMatchObject(FAULT_RULES.map((rule) => ({ ...rule, fired: 0 })));
+    } finally {
+      driver.child.kill('SIGTERM');
+      await new Promise((resolve) => driver.child.once('exit', resolve));
+    }
+  }, 60_000);
 });
 
 suiteUnless(missingTools(['helm']), `helm ${COMPONENTS.helm!.version}: mode daemonset (multi-node)`, () => {

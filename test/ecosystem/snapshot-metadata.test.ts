@@ -11,13 +11,16 @@
  * library (scripts/ecosystem/snapshot-metadata-client: list, verify) and this project's TypeScript client
  * in Kubernetes mode, which must also equal the CSI-direct answers. Refusals: a ServiceAccount without the
  * role, a token for another audience. The sidecar killed mid-stream: the TypeScript client resumes.
+ *
+ * Then each metadataProfile (exact, hostpath, ceph-rbd) from a StorageClass, as the sidecar passes its
+ * messages on: sizes, style, granularity, empty answers and a deleted base, against `generate`'s answers.
  */
 import { spawnSync } from 'node:child_process';
 import fs from 'node:fs';
 import { randomBytes } from 'node:crypto';
 import { Code, ConnectError, createClient } from '@connectrpc/connect';
 import { createGrpcTransport, Http2SessionManager } from '@connectrpc/connect-node';
-import { afterAll, beforeAll, expect, test } from 'vitest';
+import { afterAll, beforeAll, describe, expect, test } from 'vitest';
 import {
   connectCsiDirect,
   connectKubernetes,
@@ -28,11 +31,25 @@ import {
 } from '../../src/client/index.js';
 import { SnapshotMetadata as K8sSnapshotMetadata } from '../../src/gen/cbt/v1alpha1/schema_pb.js';
 import { createProgress } from '../../src/backup/progress.js';
+import { CEPH_RBD_DEFAULT_OBJECT_SIZE, type MetadataProfileName } from '../../src/csi/metadata-profiles.js';
+import { appendAnswerRun, readAnswerRuns } from '../../src/vendor/answers.js';
+import { checkAnswers } from '../../src/vendor/check.js';
+import { csiMetadataReader } from '../../src/vendor/csi-metadata-reader.js';
+import { generate, openPathTarget } from '../../src/vendor/generate.js';
+import type { PatternName } from '../../src/vendor/patterns.js';
 import { BackupRepository } from '../../src/backup/repository.js';
 import { restoreBackup } from '../../src/backup/restore.js';
 import { jsonOf, runCli } from '../backup/support/cli.js';
 import { createVolume, publish, snapshot, type Published } from '../backup/support/volumes.js';
-import { MiB, directRead, directWrite, missingDataPlane, startNodeEnv, type NodeEnv } from '../e2e/support/node-env.js';
+import {
+  MiB,
+  blockCap,
+  directRead,
+  directWrite,
+  missingDataPlane,
+  startNodeEnv,
+  type NodeEnv,
+} from '../e2e/support/node-env.js';
 import { mulberry32 } from '../support/random.js';
 import { REPO_ROOT } from '../support/test-driver.js';
 import { crdFiles, startControlPlane, type ControlPlane } from './support/control-plane.js';
@@ -43,8 +60,9 @@ import {
   toYaml,
   type SnapshotMetadataSidecar,
 } from './support/snapshot-metadata-sidecar.js';
+import { type GoRecord, goClient, goExtents } from './support/snapshot-metadata-client.js';
 import { createStaticSnapshot, type StaticSnapshot } from './support/static-snapshots.js';
-import { COMPONENTS, missingTools, suiteUnless, tool } from './tools.js';
+import { COMPONENTS, missingTools, suiteUnless } from './tools.js';
 
 const CAPACITY = 64 * MiB;
 const BLOCK = 4096;
@@ -115,49 +133,6 @@ async function collect(listing: ExtentListing | Promise<ExtentListing>): Promise
   for await (const e of await listing) out.push(e);
   return out;
 }
-
-interface GoRecord {
-  record: number;
-  block_metadata_type: string;
-  volume_capacity_bytes: number;
-  block_metadata: { byte_offset: number; size_bytes: number }[];
-}
-
-/** Runs our Go client (on the upstream iterator) as `kubeconfig`'s ServiceAccount. */
-function goClient(
-  command: 'list' | 'verify',
-  args: string[],
-  kubeconfig: string,
-): { status: number; records: GoRecord[]; summary: Record<string, unknown>; error: Record<string, unknown> | null } {
-  const r = spawnSync(tool('snapshot-metadata-client'), [command, '--kubeconfig', kubeconfig, ...args], {
-    encoding: 'utf8',
-    maxBuffer: 64 * MiB,
-    timeout: 60_000,
-  });
-  const lines = (r.stdout ?? '')
-    .trim()
-    .split('\n')
-    .filter(Boolean)
-    .map((l) => JSON.parse(l) as Record<string, unknown>);
-  const errLine = (r.stderr ?? '').trim().split('\n').at(-1) ?? '';
-  let error: Record<string, unknown> | null = null;
-  if (r.status !== 0) {
-    try {
-      error = JSON.parse(errLine) as Record<string, unknown>;
-    } catch {
-      error = { error: r.stderr || r.error?.message };
-    }
-  }
-  return {
-    status: r.status ?? -1,
-    records: lines.filter((l) => 'record' in l) as unknown as GoRecord[],
-    summary: lines.at(-1) ?? {},
-    error,
-  };
-}
-
-const goExtents = (records: GoRecord[]): Extent[] =>
-  records.flatMap((r) => r.block_metadata.map((t) => ({ offset: t.byte_offset, length: t.size_bytes })));
 
 suiteUnless(
   missing(),
@@ -559,6 +534,272 @@ suiteUnless(
           `${name} equals its snapshot`,
         ).toBe(true);
       }
+    });
+
+    /**
+     * Each metadataProfile, measured as a backup application sees it: through the sidecar. A StorageClass
+     * per profile is applied to the API server, and each volume is created with the parameters read back
+     * from it, as external-provisioner passes them (its csi.storage.k8s.io/ keys removed). Data comes from
+     * `cbt-csi generate` on the published device; the answers it records are the reference.
+     */
+    describe('metadata profiles through the sidecar (StorageClass metadataProfile)', () => {
+      interface ProfileCase {
+        profile: MetadataProfileName;
+        capacity: number;
+        base: StaticSnapshot;
+        target: StaticSnapshot;
+        /** Cut right after target, with no write between. */
+        unchanged: StaticSnapshot;
+        answers: string;
+      }
+      const cases = new Map<MetadataProfileName, ProfileCase>();
+      const PROFILE_SETUPS: {
+        profile: MetadataProfileName;
+        capacity: number;
+        before: readonly [PatternName, number];
+        between: readonly [PatternName, number];
+      }[] = [
+        // 300 separate 4 KiB blocks, then 40 more: the exact profile sends them as asked.
+        { profile: 'exact', capacity: CAPACITY, before: ['sparse', 300], between: ['random', 40] },
+        // 300 blocks split into 4 KiB tuples: more than hostpath's 256 a message.
+        { profile: 'hostpath', capacity: CAPACITY, before: ['sparse', 300], between: ['random', 40] },
+        // 200 blocks spread over 1 GiB: more 4 MiB objects touched than ceph-rbd's 128 a message.
+        { profile: 'ceph-rbd', capacity: 1024 * MiB, before: ['sparse', 200], between: ['random', 20] },
+      ];
+
+      beforeAll(async () => {
+        const t = Date.now();
+        cp.kubectl(['apply', '-f', '-'], {
+          input: toYaml(
+            PROFILE_SETUPS.map(({ profile }) => ({
+              apiVersion: 'storage.k8s.io/v1',
+              kind: 'StorageClass',
+              metadata: { name: `cbt-${profile}` },
+              provisioner: sidecar.driverName,
+              parameters: { blockSize: '4096', metadataProfile: profile, 'csi.storage.k8s.io/fstype': 'ext4' },
+            })),
+          ),
+        });
+        const className = sidecar.objects.find((o) => o.kind === 'VolumeSnapshotClass')!.metadata.name;
+        await Promise.all(
+          PROFILE_SETUPS.map(async ({ profile, capacity, before, between }, i) => {
+            const sc = JSON.parse(cp.kubectl(['get', 'storageclass', `cbt-${profile}`, '-o', 'json']).stdout) as {
+              parameters: Record<string, string>;
+            };
+            const parameters = Object.fromEntries(
+              Object.entries(sc.parameters).filter(([k]) => !k.startsWith('csi.storage.k8s.io/')),
+            );
+            const volume = await env.controller.call('createVolume', {
+              name: `profile-${profile}`,
+              capacityRange: { requiredBytes: BigInt(capacity) },
+              volumeCapabilities: [blockCap()],
+              parameters,
+            });
+            expect(volume.volume!.volumeContext).toMatchObject({ metadataProfile: profile });
+            const device = await publish(env, volume.volume!.volumeId);
+            published.push(device);
+            const answers = env.path(`answers-${profile}.jsonl`);
+            // What `cbt-csi generate --target DEVICE --answers FILE` runs (test/vendor runs the command itself).
+            const generateRun = async ([pattern, count]: readonly [PatternName, number], s: number) => {
+              const target = await openPathTarget(device.device);
+              try {
+                appendAnswerRun(answers, await generate({ pattern, seed: s, count, blockSize: BLOCK }, target));
+              } finally {
+                await target.close();
+              }
+            };
+            await generateRun(before, seed + i);
+            const base = await snapshot(env, device.volumeId);
+            await generateRun(between, seed + 100 + i);
+            const target = await snapshot(env, device.volumeId);
+            const unchanged = await snapshot(env, device.volumeId);
+            const importAs = (name: string, handle: string) =>
+              createStaticSnapshot(cp, {
+                namespace: APPS,
+                name,
+                driver: sidecar.driverName,
+                snapshotHandle: handle,
+                sizeBytes: capacity,
+                className,
+              });
+            cases.set(profile, {
+              profile,
+              capacity,
+              base: importAs(`${profile}-base`, base),
+              target: importAs(`${profile}-target`, target),
+              unchanged: importAs(`${profile}-unchanged`, unchanged),
+              answers,
+            });
+          }),
+        );
+        process.stderr.write(`snapshot-metadata suite: profile volumes in ${((Date.now() - t) / 1000).toFixed(1)} s\n`);
+      }, 180_000);
+
+      const listing = (extra: string[]) => {
+        const r = goClient('list', ['-n', APPS, ...extra], clientKubeconfig);
+        expect(r.error).toBeNull();
+        return r.records;
+      };
+      /** The answers' verdict on what the sidecar passed on, placed in time by the driver's creation times. */
+      const checkAgainstAnswers = async (
+        c: ProfileCase,
+        reported: Extent[],
+        snapshot: StaticSnapshot,
+        base?: StaticSnapshot,
+      ) => {
+        const reader = csiMetadataReader(env.target);
+        try {
+          return await checkAnswers({
+            runs: readAnswerRuns(c.answers),
+            snapshotCreatedAtMs: await reader.snapshotCreatedAtMs(snapshot.snapshotHandle),
+            ...(base ? { baseCreatedAtMs: await reader.snapshotCreatedAtMs(base.snapshotHandle) } : {}),
+            reported,
+            granularity: c.profile === 'ceph-rbd' ? CEPH_RBD_DEFAULT_OBJECT_SIZE : BLOCK,
+          });
+        } finally {
+          reader.close();
+        }
+      };
+      const messageSizes = (records: GoRecord[]) => records.map((r) => r.block_metadata.length);
+      /** Every message full but the last. */
+      const fullBatches = (total: number, cap: number) => [
+        ...Array<number>(Math.floor(total / cap)).fill(cap),
+        ...(total % cap ? [total % cap] : []),
+      ];
+
+      test('exact: VARIABLE_LENGTH, exact 4 KiB blocks; max_results honoured as asked (1000 in one message, 7 in many)', async () => {
+        const c = cases.get('exact')!;
+        const wide = listing(['-s', c.base.name, '--max-results', '1000']);
+        const tuples = goExtents(wide);
+        expect(messageSizes(wide)).toEqual([tuples.length]);
+        expect(tuples.length).toBeGreaterThan(256);
+        for (const r of wide) expect(r.block_metadata_type).toBe('VARIABLE_LENGTH');
+        const narrow = listing(['-s', c.base.name, '--max-results', '7']);
+        expect(messageSizes(narrow)).toEqual(fullBatches(tuples.length, 7));
+        expect(goExtents(narrow)).toEqual(tuples);
+        const report = await checkAgainstAnswers(c, tuples, c.base);
+        expect(report).toMatchObject({ ok: true, missing: [], extraNotAllowed: [], extraAllowed: [] });
+      });
+
+      test('hostpath: FIXED_LENGTH 4 KiB tuples, at most 256 a message when max_results is 0 or 1000; 100 honoured', async () => {
+        const c = cases.get('hostpath')!;
+        const reference = goExtents(listing(['-s', c.base.name, '--max-results', '100']));
+        expect(reference.length).toBeGreaterThan(256);
+        for (const maxResults of ['0', '1000']) {
+          const records = listing(['-s', c.base.name, '--max-results', maxResults]);
+          expect(messageSizes(records), `max_results ${maxResults}`).toEqual(fullBatches(reference.length, 256));
+          for (const r of records) expect(r.block_metadata_type).toBe('FIXED_LENGTH');
+          expect(goExtents(records)).toEqual(reference);
+        }
+        expect(messageSizes(listing(['-s', c.base.name, '--max-results', '100']))).toEqual(
+          fullBatches(reference.length, 100),
+        );
+        for (const t of reference) {
+          expect(t.length).toBe(4096);
+          expect(t.offset % 4096).toBe(0);
+        }
+        const report = await checkAgainstAnswers(c, reference, c.base);
+        expect(report).toMatchObject({ ok: true, missing: [], extraNotAllowed: [], extraAllowed: [] });
+      });
+
+      test('ceph-rbd: VARIABLE_LENGTH whole 4 MiB objects, at most 128 a message when max_results is 0 or 1000; 50 honoured', async () => {
+        const c = cases.get('ceph-rbd')!;
+        const reference = goExtents(listing(['-s', c.base.name, '--max-results', '50']));
+        expect(reference.length).toBeGreaterThan(128);
+        for (const maxResults of ['0', '1000']) {
+          const records = listing(['-s', c.base.name, '--max-results', maxResults]);
+          expect(messageSizes(records), `max_results ${maxResults}`).toEqual(fullBatches(reference.length, 128));
+          for (const r of records) expect(r.block_metadata_type).toBe('VARIABLE_LENGTH');
+          expect(goExtents(records)).toEqual(reference);
+        }
+        expect(messageSizes(listing(['-s', c.base.name, '--max-results', '50']))).toEqual(
+          fullBatches(reference.length, 50),
+        );
+        for (const t of reference) expect([t.offset % (4 * MiB), t.length]).toEqual([0, 4 * MiB]);
+        // A superset of the written blocks, but only whole objects that hold a change.
+        const report = await checkAgainstAnswers(c, reference, c.base);
+        expect(report).toMatchObject({ ok: true, missing: [], extraNotAllowed: [] });
+        expect(report.extraAllowed.length).toBeGreaterThan(0);
+      });
+
+      test('each profile: the delta through the sidecar matches the answers, and the TypeScript client agrees with Go and CSI direct', async () => {
+        const k8s = connectKubernetes({ namespace: APPS, kubeconfig: clientKubeconfig });
+        const csi = connectCsiDirect(env.target);
+        try {
+          for (const c of cases.values()) {
+            const go = goExtents(listing(['-s', c.target.name, '-p', c.base.name]));
+            const report = await checkAgainstAnswers(c, go, c.target, c.base);
+            expect(report, c.profile).toMatchObject({ ok: true, mode: 'delta', missing: [], extraNotAllowed: [] });
+            expect(await collect(k8s.delta(c.base.name, c.target.name)), c.profile).toEqual(go);
+            expect(await collect(csi.delta(c.base.snapshotHandle, c.target.snapshotHandle)), c.profile).toEqual(go);
+            const allocated = await k8s.allocated(c.base.name, { maxResults: 1000 });
+            expect(allocated.blockMetadataType, c.profile).toBe(
+              c.profile === 'hostpath' ? 'FIXED_LENGTH' : 'VARIABLE_LENGTH',
+            );
+            expect(await collect(allocated), c.profile).toEqual(
+              goExtents(listing(['-s', c.base.name, '--max-results', '1000'])),
+            );
+          }
+        } finally {
+          await k8s.close();
+          await csi.close();
+        }
+      });
+
+      test('nothing changed: exact and hostpath send one empty message with the capacity, ceph-rbd no message at all', () => {
+        for (const c of cases.values()) {
+          const r = goClient('list', ['-n', APPS, '-s', c.unchanged.name, '-p', c.target.name], clientKubeconfig);
+          expect(r.error, c.profile).toBeNull();
+          if (c.profile === 'ceph-rbd') expect(r.records, c.profile).toEqual([]);
+          else {
+            expect(r.records, c.profile).toHaveLength(1);
+            expect(r.records[0], c.profile).toMatchObject({ block_metadata: [], volume_capacity_bytes: c.capacity });
+          }
+          expect(r.summary, c.profile).toEqual({ records: r.records.length });
+        }
+      });
+
+      test("the base snapshot deleted: exact still answers the delta; hostpath and ceph-rbd are NOT_FOUND with their drivers' messages, through the sidecar", async () => {
+        const before = new Map<MetadataProfileName, Extent[]>();
+        for (const c of cases.values())
+          before.set(c.profile, goExtents(listing(['-s', c.target.name, '-P', c.base.snapshotHandle])));
+        // As snapshot-controller does for a VolumeSnapshot with deletionPolicy Delete: DeleteSnapshot, then the objects go.
+        for (const c of cases.values()) {
+          await env.controller.call('deleteSnapshot', { snapshotId: c.base.snapshotHandle });
+          cp.kubectl(['delete', 'volumesnapshot', c.base.name, '-n', APPS, '--wait=false']);
+        }
+        const k8s = connectKubernetes({ namespace: APPS, kubeconfig: clientKubeconfig });
+        try {
+          const exact = cases.get('exact')!;
+          expect(goExtents(listing(['-s', exact.target.name, '-P', exact.base.snapshotHandle]))).toEqual(
+            before.get('exact'),
+          );
+          expect(await collect(k8s.deltaFromHandle(exact.base.snapshotHandle, exact.target.name))).toEqual(
+            before.get('exact'),
+          );
+          for (const [profile, message] of [
+            // The sidecar passes the driver's status on; the Go library prefixes the call it made.
+            ['hostpath', /code = NotFound desc = cannot find the source snapshot$/],
+            ['ceph-rbd', /code = NotFound desc = snapshot ".+" not found: /],
+          ] as const) {
+            const c = cases.get(profile)!;
+            const r = goClient(
+              'list',
+              ['-n', APPS, '-s', c.target.name, '-P', c.base.snapshotHandle],
+              clientKubeconfig,
+            );
+            expect(r.status, profile).toBe(1);
+            expect(r.error, profile).toMatchObject({ code: 'NotFound' });
+            expect(String(r.error!.message), profile).toMatch(message);
+            const err = await collect(k8s.deltaFromHandle(c.base.snapshotHandle, c.target.name)).catch(
+              (e: unknown) => e,
+            );
+            expect(err, profile).toBeInstanceOf(NotFoundError);
+          }
+        } finally {
+          await k8s.close();
+        }
+      });
     });
   },
 );

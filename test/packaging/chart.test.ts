@@ -122,7 +122,12 @@ function renderDriverArgs(v: Tree, release = { name: 'cbt-csi', chart: 'cbt-csi'
     if (withM) {
       withValue = at(v, withM[1]!);
       skip =
-        withValue === undefined || withValue === null || withValue === '' || withValue === 0 || withValue === false;
+        withValue === undefined ||
+        withValue === null ||
+        withValue === '' ||
+        withValue === 0 ||
+        withValue === false ||
+        (Array.isArray(withValue) && withValue.length === 0);
       continue;
     }
     if (gtM) {
@@ -363,6 +368,17 @@ describe('what the chart tells the driver', () => {
           : a,
     );
     await startUntilListening([process.execPath, '--import', 'tsx', CLI, 'serve', ...local], { NODE_NAME: 'node-a' });
+  });
+
+  test('driver.faults: --faults only when there are rules, naming a file under the faults ConfigMap mount', () => {
+    expect(renderDriverArgs(values).some((a) => a.startsWith('--faults'))).toBe(false);
+    const v = structuredClone(values);
+    (v.driver as Tree).faults = [{ rpc: 'GetMetadataDelta', action: 'failed-precondition' }];
+    const arg = renderDriverArgs(v).find((a) => a.startsWith('--faults='));
+    expect(arg).toBe('--faults=/etc/cbt-csi/faults/faults.yaml');
+    expect(podSpec).toMatch(/- name: faults\n\s+mountPath: \/etc\/cbt-csi\/faults\n\s+readOnly: true/);
+    expect(podSpec).toMatch(/- name: faults\n\s+configMap:\n\s+name: \{\{ include "cbt-csi.fullname" \. \}\}-faults/);
+    expect(templates.get('faults.yaml')).toContain('name: {{ include "cbt-csi.fullname" $ }}-faults');
   });
 
   test('mode daemonset gives the driver a mutual-TLS peer listener and pod discovery; mode single gives it none', async () => {

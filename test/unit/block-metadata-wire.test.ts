@@ -5,7 +5,8 @@
 import { create, fromBinary, toBinary } from '@bufbuild/protobuf';
 import fc from 'fast-check';
 import { describe, expect, it } from 'vitest';
-import { decodeMetadataResponse, encodeBlockMetadataField } from '../../src/csi/block-metadata-wire.js';
+import { decodeMetadataResponse } from '../../src/client/metadata-wire.js';
+import { encodeBlockMetadataField } from '../../src/csi/block-metadata-wire.js';
 import {
   BlockMetadataSchema,
   BlockMetadataType,

@@ -11,9 +11,15 @@ metadata:
     {{- with .Values.podLabels }}
     {{- toYaml . | nindent 4 }}
     {{- end }}
-  {{- with .Values.podAnnotations }}
+  {{- if or .Values.podAnnotations .Values.driver.faults }}
   annotations:
+    {{- with .Values.podAnnotations }}
     {{- toYaml . | nindent 4 }}
+    {{- end }}
+    {{- with .Values.driver.faults }}
+    # Changed fault rules restart the pod: the driver reads them at start-up.
+    checksum/faults: {{ toYaml . | sha256sum }}
+    {{- end }}
   {{- end }}
 spec:
   serviceAccountName: {{ include "cbt-csi.fullname" . }}
@@ -66,6 +72,9 @@ spec:
         - --drain-timeout={{ .Values.driver.drainTimeoutSeconds }}
         {{- with .Values.driver.adminEndpoint }}
         - --admin-endpoint={{ . }}
+        {{- end }}
+        {{- with .Values.driver.faults }}
+        - --faults=/etc/cbt-csi/faults/faults.yaml
         {{- end }}
         {{- with .Values.driver.capacity }}
         - --capacity={{ . }}
@@ -142,6 +151,11 @@ spec:
         {{- if $daemonset }}
         - name: peer-tls
           mountPath: /etc/cbt-csi/peer-tls
+          readOnly: true
+        {{- end }}
+        {{- if .Values.driver.faults }}
+        - name: faults
+          mountPath: /etc/cbt-csi/faults
           readOnly: true
         {{- end }}
       {{- with .Values.driver.resources }}
@@ -352,5 +366,10 @@ spec:
       secret:
         secretName: {{ include "cbt-csi.peerTLSSecret" . }}
         defaultMode: 0400
+    {{- end }}
+    {{- if .Values.driver.faults }}
+    - name: faults
+      configMap:
+        name: {{ include "cbt-csi.fullname" . }}-faults
     {{- end }}
 {{- end -}}

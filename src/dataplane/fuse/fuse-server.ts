@@ -3,13 +3,17 @@
  * owns the life of one mount (FuseServer): clean a stale mount, open the device, mount, answer INIT,
  * serve, unmount.
  *
- * Requests are handled on the main thread in arrival order. Synchronous handlers (READ, WRITE, LOOKUP…)
- * complete before the next request is looked at; asynchronous ones (FSYNC, SETATTR size) let later
- * requests proceed while they wait, as the kernel allows for any request it has not been answered yet.
+ * Requests are read by the device's I/O threads (io-threads.ts). READ and WRITE of files with a direct I/O
+ * session are answered there; everything else comes to the dispatcher on the main thread, in arrival order.
+ * Synchronous handlers (READ, WRITE, LOOKUP…) complete before the next request is looked at; asynchronous
+ * ones (FSYNC, SETATTR size) let later requests proceed while they wait, as the kernel allows for any request
+ * it has not answered yet.
  */
+import os from 'node:os';
 import path from 'node:path';
 import { FuseDevice } from './device.js';
 import { FuseError, type FuseFilesystem, type FuseNotifier, type NotifyingFilesystem } from './filesystem.js';
+import type { IoThreadLink } from './io-threads.js';
 import {
   abortFuseConnection,
   cleanStaleFuseMounts,
@@ -314,8 +318,11 @@ export class FuseDispatcher {
       minor: Math.min(kernel.minor, FUSE_KERNEL_MINOR_VERSION),
       maxReadahead: kernel.maxReadahead,
       flags: (kernel.flags & WANTED_INIT_FLAGS) >>> 0,
-      maxBackground: 64,
-      congestionThreshold: 48,
+      // Asynchronous direct I/O from loop devices travels as background requests; every loop device of the
+      // node shares this one connection, so room for several devices' queues (iodepth 32 each, 1 MiB writes
+      // split in two by the loop device) keeps them from waiting on each other.
+      maxBackground: 256,
+      congestionThreshold: 192,
       maxWrite: this.options.maxWrite,
       timeGran: 1,
       maxPages,
@@ -349,7 +356,21 @@ export interface FuseServerOptions extends Partial<DispatcherOptions> {
   defaultPermissions?: boolean;
   /** How long to wait for the kernel's INIT after mounting. Default 10 s. */
   initTimeoutMs?: number;
+  /** Threads reading /dev/fuse (and serving direct I/O). Default: the CPU count, at least 2, at most 4. */
+  ioThreads?: number;
 }
+
+/** A file system whose files the I/O threads may serve themselves (volume-files.ts). */
+export interface DirectIoFilesystem extends FuseFilesystem {
+  attachIoThreads(threads: IoThreadLink | undefined, logger: FuseLogger): void;
+}
+
+function defaultIoThreads(): number {
+  return Math.min(4, Math.max(2, os.availableParallelism()));
+}
+
+/** How long the I/O threads may take to load (seconds under tsx on a loaded machine; milliseconds compiled). */
+const THREADS_START_MS = 60_000;
 
 /** Mount points this process serves, so a second mount here is refused instead of unmounting a live one. */
 const servedHere = new Set<string>();
@@ -367,14 +388,16 @@ export class FuseServer {
   private closing: Promise<void> | undefined;
   private endError: Error | undefined;
   private ended = false;
+  private mountEntry: MountInfoEntry | undefined;
+  private threads: IoThreadLink | undefined;
 
   private constructor(
     readonly mountPoint: string,
     private readonly device: FuseDevice,
     readonly dispatcher: FuseDispatcher,
-    private readonly mountEntry: MountInfoEntry | undefined,
     private readonly fs: FuseFilesystem,
     private readonly logger: FuseLogger,
+    private readonly ioThreads: number,
   ) {}
 
   /**
@@ -393,15 +416,22 @@ export class FuseServer {
       if (stale > 0) logger.warn({ mountPoint: mp, stale }, 'removed stale FUSE mounts');
       const dispatcher = new FuseDispatcher(fs, options);
       device = FuseDevice.open();
+      const server = new FuseServer(mp, device, dispatcher, fs, logger, options.ioThreads ?? defaultIoThreads());
+      // The threads load before the mount, so the kernel's INIT finds a reader at once.
+      const booting = timeout(THREADS_START_MS, 'starting the FUSE I/O threads');
+      try {
+        await Promise.race([server.startThreads(), booting.promise]);
+      } finally {
+        booting.cancel();
+      }
       await mountFuse(device.fd, mp, {
         source: options.source ?? 'cbt-csi',
         allowOther: options.allowOther ?? true,
         defaultPermissions: options.defaultPermissions ?? true,
       });
       mounted = true;
-      const entry = fuseMountsAt(mp).at(-1);
-      const server = new FuseServer(mp, device, dispatcher, entry, fs, logger);
-      server.start();
+      server.mountEntry = fuseMountsAt(mp).at(-1);
+      server.serve();
       const limit = timeout(options.initTimeoutMs ?? 10_000, 'FUSE INIT');
       try {
         await Promise.race([dispatcher.initialized, limit.promise]);
@@ -415,6 +445,7 @@ export class FuseServer {
       if (mounted) await unmount(mp, true).catch(() => undefined);
       if (device) {
         if (device.reading && entry) await abortFuseConnection(entry.device).catch(() => undefined);
+        device.stopUnread();
         await device.whenReaderStopped();
         device.close();
       }
@@ -423,7 +454,7 @@ export class FuseServer {
     }
   }
 
-  private start(): void {
+  private async startThreads(): Promise<void> {
     const d = this.device;
     const send: ReplySink = (parts) => {
       try {
@@ -434,7 +465,7 @@ export class FuseServer {
         if (code !== 'ENOENT' && code !== 'ENODEV') this.logger.warn({ err }, 'writing a FUSE reply failed');
       }
     };
-    d.startReading(this.dispatcher.readBufferSize, {
+    this.threads = await d.startThreads(this.dispatcher.readBufferSize, this.ioThreads, {
       onRequest: (request, done) => {
         void this.dispatcher.dispatch(request, send).finally(done);
       },
@@ -446,7 +477,13 @@ export class FuseServer {
           this.logger.warn({ mountPoint: this.mountPoint }, 'FUSE connection ended (unmounted from outside?)');
       },
     });
+  }
+
+  /** The device is mounted: the threads read it, and the file system may serve files through them. */
+  private serve(): void {
+    this.device.startReading();
     if (isNotifying(this.fs)) this.fs.attachNotifier(this.notifier());
+    if (isDirectIo(this.fs)) this.fs.attachIoThreads(this.threads, this.logger);
   }
 
   private notifier(): FuseNotifier {
@@ -471,8 +508,21 @@ export class FuseServer {
     return !this.ended;
   }
 
+  /** Requests read, failed, and bytes moved, by the I/O threads and the main thread together. */
   get stats(): FuseStats {
-    return this.dispatcher.stats;
+    const main = this.dispatcher.stats;
+    const threads = this.device.threadStats();
+    return {
+      requests: threads.requests,
+      errors: main.errors,
+      bytesRead: main.bytesRead + threads.bytesRead,
+      bytesWritten: main.bytesWritten + threads.bytesWritten,
+    };
+  }
+
+  /** Requests the I/O threads answered themselves (direct reads and writes). */
+  get directRequests(): number {
+    return this.device.threadStats().direct;
   }
 
   /**
@@ -487,6 +537,8 @@ export class FuseServer {
 
   private async doClose(): Promise<void> {
     if (isNotifying(this.fs)) this.fs.attachNotifier(undefined);
+    // Direct writes are recorded in the engine before the connection goes; requests go to the main thread.
+    if (isDirectIo(this.fs)) this.fs.attachIoThreads(undefined, this.logger);
     try {
       if (!this.ended) {
         let graceMs = 5000;
@@ -521,6 +573,10 @@ export class FuseServer {
     }
     if (this.endError) this.logger.warn({ err: this.endError }, 'FUSE reader had failed before close');
   }
+}
+
+function isDirectIo(fs: FuseFilesystem): fs is DirectIoFilesystem {
+  return typeof (fs as Partial<DirectIoFilesystem>).attachIoThreads === 'function';
 }
 
 function isNotifying(fs: FuseFilesystem): fs is NotifyingFilesystem {

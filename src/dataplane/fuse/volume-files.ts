@@ -10,6 +10,7 @@
 import { constants as fsConstants } from 'node:fs';
 import type { BlockStore } from '../../../storage-engine/index.js';
 import { EngineError } from '../../../storage-engine/index.js';
+import { DirectIoRouter, type DirectIoLogger } from './direct-io-host.js';
 import {
   FuseError,
   type AttrChanges,
@@ -31,12 +32,17 @@ import {
   type Dirent,
   type Statfs,
 } from './protocol.js';
+import type { IoThreadLink } from './io-threads.js';
 
-/** The block store calls the files need; BlockStore provides them (tests may wrap it). */
+/**
+ * The block store calls the files need; BlockStore provides them (tests may wrap it). Without
+ * `openDirectIo` every read and write is served on the main thread.
+ */
 export type VolumeBackend = Pick<
   BlockStore,
   'getVolume' | 'read' | 'write' | 'trim' | 'flush' | 'growVolume' | 'hold' | 'release'
->;
+> &
+  Partial<Pick<BlockStore, 'openDirectIo'>>;
 
 /** File names: what a volume ID looks like, and nothing that could be a path or a dot entry. */
 const NAME_PATTERN = /^[A-Za-z0-9][A-Za-z0-9._-]{0,254}$/;
@@ -61,6 +67,12 @@ interface FileNode {
 export interface VolumeFilesOptions {
   /** The holder name used with BlockStore.hold() while a volume is exposed. Default "fuse". */
   holder?: string;
+  /**
+   * Whether the I/O threads may answer a volume's reads and writes themselves (default: every volume). A
+   * volume for which this says no is served by the main thread's dispatcher, where requests are admitted;
+   * call `reconsiderDirectIo` when the answer changes.
+   */
+  serveDirectly?: (volumeId: string) => boolean;
 }
 
 export class VolumeFiles implements NotifyingFilesystem {
@@ -72,7 +84,10 @@ export class VolumeFiles implements NotifyingFilesystem {
   private nextNode = FUSE_ROOT_ID + 1;
   private nextHandle = 1;
   private notifier: FuseNotifier | undefined;
+  /** Lets the I/O threads serve reads and writes of open files themselves (direct-io-host.ts). */
+  private directIo: DirectIoRouter | undefined;
   private readonly holder: string;
+  private readonly serveDirectly: ((volumeId: string) => boolean) | undefined;
   private readonly mountedAtMs = Date.now();
 
   constructor(
@@ -80,10 +95,30 @@ export class VolumeFiles implements NotifyingFilesystem {
     options: VolumeFilesOptions = {},
   ) {
     this.holder = options.holder ?? 'fuse';
+    this.serveDirectly = options.serveDirectly;
   }
 
   attachNotifier(notifier: FuseNotifier | undefined): void {
     this.notifier = notifier;
+  }
+
+  /**
+   * The mount's I/O threads are up (or, with undefined, stopping): serve open files through them. `logger`
+   * hears of sessions that fail to start or to apply.
+   */
+  attachIoThreads(threads: IoThreadLink | undefined, logger: DirectIoLogger = { warn() {} }): void {
+    this.directIo?.close();
+    this.directIo = undefined;
+    const store = this.store;
+    if (threads && store.openDirectIo) {
+      this.directIo = new DirectIoRouter(
+        { openDirectIo: (id, host) => store.openDirectIo!(id, host) },
+        threads,
+        logger,
+        this.serveDirectly,
+      );
+      for (const [fh, node] of this.handles) this.directIo.opened(fh, node.nodeid, node.volumeId);
+    }
   }
 
   // ---------------------------------------------------------------- owner API
@@ -134,6 +169,11 @@ export class VolumeFiles implements NotifyingFilesystem {
     if (!node) throw new RangeError(`no file ${name}`);
     await this.store.growVolume(node.volumeId, capacityBytes);
     await this.notifier?.invalidateInode(node.nodeid);
+  }
+
+  /** `serveDirectly` may answer differently for the volume now (its I/O limits changed). */
+  reconsiderDirectIo(volumeId: string): void {
+    this.directIo?.reconsider(volumeId);
   }
 
   /** Names currently in the directory, in the order they were added. */
@@ -282,6 +322,7 @@ export class VolumeFiles implements NotifyingFilesystem {
     const fh = this.nextHandle++;
     this.handles.set(fh, node);
     node.openHandles.add(fh);
+    this.directIo?.opened(fh, nodeid, node.volumeId);
     return { fh, openFlags: OpenOutFlag.DIRECT_IO | OpenOutFlag.PARALLEL_DIRECT_WRITES };
   }
 
@@ -290,7 +331,9 @@ export class VolumeFiles implements NotifyingFilesystem {
     const capacity = this.engine(() => this.store.getVolume(node.volumeId)).capacityBytes;
     if (offset >= capacity || size === 0) return Buffer.alloc(0);
     const length = Math.min(size, capacity - offset);
-    return this.engine(() => this.store.read(node.volumeId, offset, length));
+    const data = this.engine(() => this.store.read(node.volumeId, offset, length));
+    this.directIo?.servedOnMain(node.volumeId);
+    return data;
   }
 
   write(nodeid: number, fh: number, offset: number, data: Buffer): number {
@@ -301,6 +344,7 @@ export class VolumeFiles implements NotifyingFilesystem {
     if (offset >= capacity) throw new FuseError(Errno.ENOSPC);
     const length = Math.min(data.length, capacity - offset);
     this.engine(() => this.store.write(node.volumeId, offset, data.subarray(0, length)));
+    this.directIo?.servedOnMain(node.volumeId);
     return length;
   }
 
@@ -342,6 +386,7 @@ export class VolumeFiles implements NotifyingFilesystem {
     if (!node || node.nodeid !== nodeid) return;
     this.handles.delete(fh);
     node.openHandles.delete(fh);
+    this.directIo?.released(fh);
     this.maybeDrop(node);
   }
 

@@ -9,6 +9,12 @@
  * kubeconfig with a token of the pod's own ServiceAccount (TokenRequest), so the chart's RBAC is what
  * the sidecars run with. snapshot-controller runs the same way with upstream's own RBAC and args.
  *
+ * In mode daemonset there is one plugin pod per node (options.nodes): each its own driver (own state
+ * directory, node ID and pod IP, 127.0.1.N on loopback), its own sidecars, and a Pod object made from the
+ * DaemonSet's template with the status kubelet would report (Running, podIP), which the drivers' peer
+ * discovery lists. Ports a container binds on its pod IP keep one port number across pods (the peer port:
+ * every driver dials its peers on its own); the rest map to free loopback ports per pod.
+ *
  * What kubelet and kube-controller-manager would do is in kubelet-standin.ts and pv-controller-standin.ts.
  * Needs root with /dev/fuse and loop devices (the driver's node data plane) and the programs of
  * scripts/ecosystem/build.sh; see missingForHeadlessCluster.
@@ -29,7 +35,7 @@ import { crdFiles, startControlPlane, type ControlPlane } from './control-plane.
 import { KubeApi, type KubeObject } from './kube-api.js';
 
 export const CHART = path.join(REPO_ROOT, 'charts/cbt-csi');
-/** The one node of the cluster: where the plugin pod "runs", and the driver's node ID. */
+/** The node of a one-node cluster: where the plugin pod "runs", and the driver's node ID. */
 export const NODE_NAME = 'headless-node-1';
 
 /** The chart's sidecars that talk to the API server, by container name (= program name in versions.json). */
@@ -49,6 +55,8 @@ export const isBuilt = (program: string): boolean => toolPath(program) !== undef
 export interface RunningProcess {
   /** The chart's container name, or the program's. */
   name: string;
+  /** The plugin pod it is a container of (none for snapshot-controller). */
+  pod?: string;
   /** What it is and which version: the versions.json component, or cbt-csi from package.json. */
   component: string;
   version: string;
@@ -82,6 +90,49 @@ export interface HeadlessClusterOptions {
   sidecars?: readonly ChartSidecar[];
   release?: string;
   namespace?: string;
+  /** The nodes (default one, NODE_NAME). More than one needs values.mode daemonset: a plugin pod on each. */
+  nodes?: readonly string[];
+  /**
+   * snapshot-controller with --enable-distributed-snapshotting and the nodes rule upstream's RBAC ships
+   * commented out for it: what the chart's mode daemonset asks for (csi-snapshotter --node-deployment).
+   */
+  distributedSnapshotting?: boolean;
+  /** Namespaces created before helm install (e.g. a backup client's, where the chart puts a Role). */
+  namespaces?: readonly string[];
+  /** Objects created after helm install and before any process starts (e.g. a Secret the values name). */
+  objects?: KubeObject[];
+}
+
+/** One node's plugin pod: its driver and sidecars as processes, and how its containers map here. */
+export interface PluginPod {
+  nodeName: string;
+  podName: string;
+  /** Its pod IP: an address of its own on loopback (127.0.1.N). */
+  podIP: string;
+  /** The driver's CSI endpoint (`unix:///…/csi.sock`) on this node. */
+  csiEndpoint: string;
+  /** The driver's state directory on this node. */
+  stateDir: string;
+  /** A node host path as it exists here for this node. /dev is the machine's own. */
+  hostPath(p: string): string;
+  /** How a container of this pod runs here. */
+  container(name: string): Promise<ContainerView>;
+  /** Starts a chart sidecar in this pod (see HeadlessCluster.startSidecar). */
+  startSidecar(name: ChartSidecar, extraArgs?: string[]): Promise<RunningProcess>;
+  /** Its processes now running or last run (a restarted container replaces the one before). */
+  processes(): RunningProcess[];
+  /** Whether every container runs (the pod's Ready condition; a Service sends it connections only then). */
+  ready(): boolean;
+  /**
+   * Kills the driver (a crash); the pod is not ready until restart(). From then on its sidecars are started
+   * again whenever they exit (some do when they lose the driver), as kubelet restarts containers.
+   */
+  killDriver(signal?: NodeJS.Signals): Promise<void>;
+  /**
+   * As kubelet restarts the driver's container: starts it on the same state until it answers Probe, then
+   * starts the pod's sidecars again (they would exit on their first call to the new driver).
+   */
+  restart(): Promise<void>;
 }
 
 export interface HeadlessCluster {
@@ -91,6 +142,9 @@ export interface HeadlessCluster {
   api: KubeApi;
   release: string;
   namespace: string;
+  /** One plugin pod per node, in the order of options.nodes. */
+  pods: PluginPod[];
+  /** The first node's name; csiEndpoint, stateDir, hostPath, container and startSidecar are its pod's. */
   nodeName: string;
   /** The chart's values as installed (`helm get values --all`). */
   values: Record<string, unknown>;
@@ -120,7 +174,7 @@ export interface HeadlessCluster {
   writeKubeconfig(name: string, token: string): string;
   /** Starts a chart sidecar's program with its container's mapped args and its ServiceAccount's kubeconfig. */
   startSidecar(name: ChartSidecar, extraArgs?: string[]): Promise<RunningProcess>;
-  /** Throws (with the log's tail) if a started process has exited. */
+  /** Throws (with the log's tail) if a started process has exited (except in a pod whose driver was killed). */
   assertRunning(): void;
   /** Polls the API like KubeApi.waitFor, failing early if a process died. */
   waitFor(
@@ -140,6 +194,9 @@ export interface HeadlessCluster {
 }
 
 const sleep = (ms: number) => new Promise((resolve) => setTimeout(resolve, ms));
+
+/** How long `cbt-csi serve` may take to answer Probe (tsx compiles it at start; slow under load). */
+const DRIVER_START_TIMEOUT_MS = 180_000;
 
 async function freePort(): Promise<number> {
   return new Promise((resolve, reject) => {
@@ -205,12 +262,21 @@ export async function startHeadlessCluster(options: HeadlessClusterOptions = {})
   const procs: RunningProcess[] = [];
   let controlPlane: ControlPlane | undefined;
   let api: KubeApi | undefined;
-  const podPorts = new Map<number, number>();
+  const nodes = options.nodes ?? [NODE_NAME];
+  /** Port numbers of containers that bind their pod's IP: one number for all pods (the peer port). */
+  const podIPPorts = new Map<number, number>();
+  /** Pods whose driver was killed on purpose: their processes may be down until restart(). */
+  const down = new Set<string>();
+  /** Pods whose sidecars are started again when they exit (kubelet's restart policy), after a killDriver. */
+  const supervised = new Set<string>();
   const idle = { stopped: false };
   const startup: string[] = [];
 
-  const hostPath = (p: string) => (p === '/dev' || p.startsWith('/dev/') ? p : path.join(dir, 'host', p));
+  /** A node's host path: /dev is the machine's; the rest under the node's own directory. */
+  const hostPathOf = (node: string) => (p: string) =>
+    p === '/dev' || p.startsWith('/dev/') ? p : path.join(dir, 'nodes', node, p);
 
+  /** Starts a program; `replacing` (a restarted container) takes the place of the process before it. */
   const startProcess = (
     name: string,
     component: string,
@@ -218,22 +284,31 @@ export async function startHeadlessCluster(options: HeadlessClusterOptions = {})
     file: string,
     args: string[],
     env: Record<string, string> = {},
+    pod?: string,
+    replacing?: RunningProcess,
   ): RunningProcess => {
-    const log = path.join(dir, 'logs', `${name}.log`);
+    const log = path.join(dir, 'logs', `${pod ? `${pod}-` : ''}${name}.log`);
     fs.mkdirSync(path.dirname(log), { recursive: true });
     const fd = fs.openSync(log, 'a', 0o600);
     const child = spawn(file, args, { stdio: ['ignore', fd, fd], env: { ...process.env, ...env }, cwd: REPO_ROOT });
     fs.closeSync(fd);
-    const p: RunningProcess = { name, component, version, command: [file, ...args], log, child };
-    procs.push(p);
+    const p: RunningProcess = { name, pod, component, version, command: [file, ...args], log, child };
+    const at = replacing ? procs.indexOf(replacing) : -1;
+    if (at >= 0) procs[at] = p;
+    else procs.push(p);
     return p;
   };
+  /** The process's environment besides the machine's, kept for a restart. */
+  const envOf = new WeakMap<RunningProcess, Record<string, string>>();
 
   const assertRunning = () => {
     if (idle.stopped) return;
     for (const p of procs) {
+      if (p.pod && (down.has(p.pod) || supervised.has(p.pod))) continue;
       if (!alive(p.child))
-        throw new Error(`${p.name} exited (${p.child.exitCode ?? p.child.signalCode}); last log:\n${tail(p.log)}`);
+        throw new Error(
+          `${p.pod ? `${p.pod}/` : ''}${p.name} exited (${p.child.exitCode ?? p.child.signalCode}); last log:\n${tail(p.log)}`,
+        );
     }
   };
 
@@ -274,7 +349,9 @@ export async function startHeadlessCluster(options: HeadlessClusterOptions = {})
     const exited = new Promise<void>((resolve) => p.child.once('exit', () => resolve()));
     p.child.kill('SIGTERM');
     const timer = setTimeout(() => {
-      forced.push(`${p.name} (pid ${p.child.pid}) did not exit on SIGTERM within 30 s: SIGKILLed`);
+      forced.push(
+        `${p.pod ? `${p.pod}/` : ''}${p.name} (pid ${p.child.pid}) did not exit on SIGTERM within 30 s: SIGKILLed`,
+      );
       p.child.kill('SIGKILL');
     }, 30_000);
     await exited;
@@ -294,7 +371,9 @@ export async function startHeadlessCluster(options: HeadlessClusterOptions = {})
     );
 
   const leftovers = () => [
-    ...procs.filter((p) => alive(p.child)).map((p) => `process ${p.name} (pid ${p.child.pid}) still running`),
+    ...procs
+      .filter((p) => alive(p.child))
+      .map((p) => `process ${p.pod ? `${p.pod}/` : ''}${p.name} (pid ${p.child.pid}) still running`),
     ...processesNaming([dir, ...(controlPlane ? [controlPlane.dir] : [])])
       .filter((pid) => !procs.some((p) => p.child.pid === pid))
       .map((pid) => `process ${pid} naming this cluster's directories still running`),
@@ -309,12 +388,12 @@ export async function startHeadlessCluster(options: HeadlessClusterOptions = {})
       idle.stopped = true;
       const forced: string[] = [];
       api?.close();
-      // The driver last: the sidecars may be mid-call to it.
-      const driver = procs.filter((p) => p.name === 'cbt-csi');
-      for (const p of procs.filter((q) => q.name !== 'cbt-csi').reverse()) await stopProcess(p, forced);
-      // Listed before the driver goes: a loop device's backing file has no path once the FUSE mount is gone.
+      // The drivers last: the sidecars may be mid-call to them.
+      const drivers = procs.filter((p) => p.name === 'cbt-csi');
+      await Promise.all(procs.filter((q) => q.name !== 'cbt-csi').map((p) => stopProcess(p, forced)));
+      // Listed before the drivers go: a loop device's backing file has no path once the FUSE mount is gone.
       const loopsBefore = loopsUnderDir();
-      for (const p of driver) await stopProcess(p, forced);
+      await Promise.all(drivers.map((p) => stopProcess(p, forced)));
       for (const m of mountsUnderDir().reverse()) {
         forced.push(`${m.fsType} left mounted at ${m.mountPoint}: unmounted`);
         spawnSync('umount', ['-l', m.mountPoint]);
@@ -357,7 +436,16 @@ export async function startHeadlessCluster(options: HeadlessClusterOptions = {})
       moduleDir(snapshotter.module, snapshotter.version),
       'deploy/kubernetes/snapshot-controller',
     );
-    kubectl(['apply', '-f', path.join(controllerDeploy, 'rbac-snapshot-controller.yaml')]);
+    const controllerRbac = fs.readFileSync(path.join(controllerDeploy, 'rbac-snapshot-controller.yaml'), 'utf8');
+    const nodesRule = /^ {2}# - apiGroups: \[""\]\n {2}# {3}resources: \["nodes"\]\n {2}# {3}verbs: .*$/m;
+    if (options.distributedSnapshotting && !nodesRule.test(controllerRbac))
+      throw new Error("upstream's snapshot-controller RBAC no longer has the commented nodes rule: look at it");
+    // With distributed snapshotting upstream says to enable its commented-out rule on nodes.
+    kubectl(['apply', '-f', '-'], {
+      input: options.distributedSnapshotting
+        ? controllerRbac.replace(nodesRule, (rule) => rule.replaceAll('  # ', '  '))
+        : controllerRbac,
+    });
 
     // ---- the chart, installed by helm
     const helmEnv = {
@@ -374,6 +462,8 @@ export async function startHeadlessCluster(options: HeadlessClusterOptions = {})
       if (r.status !== 0) throw new Error(`helm ${args.join(' ')}: ${r.stderr}${r.stdout}`);
       return r.stdout;
     };
+    for (const name of options.namespaces ?? [])
+      await api.create('/api/v1/namespaces', { apiVersion: 'v1', kind: 'Namespace', metadata: { name } });
     const valuesFile = path.join(dir, 'values.json');
     fs.writeFileSync(valuesFile, JSON.stringify(options.values ?? {}));
     helm(['install', release, CHART, '--namespace', namespace, '--create-namespace', '-f', valuesFile]);
@@ -386,157 +476,292 @@ export async function startHeadlessCluster(options: HeadlessClusterOptions = {})
     const driverName = values.driverName as string;
     took('helm install');
 
-    // ---- the plugin pod's containers, as they run here
-    const workloads = objects.filter((o) => o.kind === 'StatefulSet' || o.kind === 'DaemonSet');
-    const container = async (name: string): Promise<ContainerView> => {
-      const workload = workloads.find((w) =>
-        w.spec.template.spec.containers.some((c: { name: string }) => c.name === name),
-      );
-      if (!workload) throw new Error(`the chart renders no container ${name} (with these values)`);
-      const podSpec = workload.spec.template.spec;
-      const spec = podSpec.containers.find((c: { name: string }) => c.name === name);
-      const podName =
-        workload.kind === 'StatefulSet' ? `${workload.metadata.name}-0` : `${workload.metadata.name}-${NODE_NAME}`;
-      const serviceAccount = { namespace, name: podSpec.serviceAccountName as string };
-      const fields: Record<string, string> = {
-        'spec.nodeName': NODE_NAME,
-        'metadata.name': podName,
-        'metadata.namespace': namespace,
-        'spec.serviceAccountName': serviceAccount.name,
-      };
-      const env: Record<string, string> = {};
-      for (const e of (spec.env ?? []) as {
-        name: string;
-        value?: string;
-        valueFrom?: { fieldRef?: { fieldPath: string } };
-      }[]) {
-        const value = e.value ?? fields[e.valueFrom?.fieldRef?.fieldPath ?? ''];
-        if (value === undefined)
-          throw new Error(`${name}: env ${e.name} comes from something this cluster cannot resolve`);
-        env[e.name] = value;
-      }
-      const mounts: ContainerView['mounts'] = [];
-      for (const m of (spec.volumeMounts ?? []) as { name: string; mountPath: string }[]) {
-        const volume = podSpec.volumes.find((v: { name: string }) => v.name === m.name);
-        let local: string;
-        if (volume?.hostPath) {
-          local = hostPath(volume.hostPath.path);
-          fs.mkdirSync(local, { recursive: true });
-        } else if (volume?.secret) {
-          // As kubelet mounts a secret volume: one file per key.
-          local = path.join(dir, 'pods', podName, 'volumes', m.name);
-          fs.mkdirSync(local, { recursive: true, mode: 0o700 });
-          const secret = await api!.get(`/api/v1/namespaces/${namespace}/secrets/${volume.secret.secretName}`);
-          for (const [key, data] of Object.entries((secret.data ?? {}) as Record<string, string>))
-            fs.writeFileSync(path.join(local, key), Buffer.from(data, 'base64'), { mode: 0o600 });
-        } else throw new Error(`${name}: volume ${m.name} is of a kind this cluster does not provide`);
-        mounts.push({ mountPath: m.mountPath, local });
-      }
-      const byDepth = [...mounts].sort((a, b) => b.mountPath.length - a.mountPath.length);
-      const mapPath = (p: string) => {
-        const m = byDepth.find((x) => p === x.mountPath || p.startsWith(`${x.mountPath}/`));
-        return m ? m.local + p.slice(m.mountPath.length) : p;
-      };
-      const declared = new Set<number>(
-        workload.spec.template.spec.containers.flatMap((c: { ports?: { containerPort: number }[] }) =>
-          (c.ports ?? []).map((p) => p.containerPort),
-        ),
-      );
-      const portFor = async (port: number) => {
-        let local = podPorts.get(port);
-        if (local === undefined) {
-          local = await freePort();
-          podPorts.set(port, local);
-        }
-        return local;
-      };
-      const mapValue = async (flag: string, value: string) => {
-        if (value.startsWith('unix://')) return `unix://${mapPath(value.slice('unix://'.length))}`;
-        if (value.startsWith('/')) return mapPath(value);
-        const hostPort = /^(?:[0-9.]*|localhost|\[::\]):(\d+)$/.exec(value);
-        if (hostPort) return `127.0.0.1:${await portFor(Number(hostPort[1]))}`;
-        if (/port/i.test(flag) && /^\d+$/.test(value) && declared.has(Number(value)))
-          return String(await portFor(Number(value)));
-        return value;
-      };
-      const expand = (s: string) => s.replace(/\$\(([A-Za-z_][A-Za-z0-9_]*)\)/g, (whole, v: string) => env[v] ?? whole);
-      const chartArgs = (spec.args ?? []) as string[];
-      const args: string[] = [];
-      for (const raw of chartArgs) {
-        const arg = expand(raw);
-        const flag = /^(--?[\w.-]+)=([\s\S]*)$/.exec(arg);
-        if (flag) args.push(`${flag[1]}=${await mapValue(flag[1]!, flag[2]!)}`);
-        else args.push(arg.startsWith('-') ? arg : await mapValue('', arg));
-      }
-      return { name, chartArgs, args, env, mounts, ports: Object.fromEntries(podPorts), serviceAccount };
-    };
+    for (const object of options.objects ?? []) {
+      const group = object.apiVersion!.includes('/') ? `/apis/${object.apiVersion}` : `/api/${object.apiVersion}`;
+      const scope = object.metadata.namespace ? `/namespaces/${object.metadata.namespace}` : '';
+      await api.create(`${group}${scope}/${object.kind!.toLowerCase()}s`, object);
+    }
 
-    // ---- the driver: `cbt-csi serve` with the chart's args
-    const driverView = await container('cbt-csi');
-    const endpointArg = driverView.args.find((a) => a.startsWith('--endpoint='))!;
-    const csiEndpoint = endpointArg.slice('--endpoint='.length);
-    const stateDir = driverView.args.find((a) => a.startsWith('--state-dir='))!.slice('--state-dir='.length);
+    // ---- the plugin pods' containers, as they run here
+    const workloads = objects.filter((o) => o.kind === 'StatefulSet' || o.kind === 'DaemonSet');
+    const daemonSet = workloads.find((w) => w.kind === 'DaemonSet');
+    if (nodes.length > 1 && !daemonSet) throw new Error(`${nodes.length} nodes need values.mode daemonset`);
     const packageVersion = (
       JSON.parse(fs.readFileSync(path.join(REPO_ROOT, 'package.json'), 'utf8')) as { version: string }
     ).version;
-    const driver = startProcess(
-      'cbt-csi',
-      'cbt-csi (this repository, `cbt-csi serve` from source)',
-      packageVersion,
-      process.execPath,
-      ['--import', TSX_LOADER, path.join(REPO_ROOT, 'src/cli.ts'), 'serve', ...driverView.args],
-      driverView.env,
-    );
-    const identity = new ServiceClient(Identity, csiEndpoint);
-    try {
-      const deadline = Date.now() + 60_000;
-      for (;;) {
-        if (!alive(driver.child)) throw new Error(`cbt-csi serve exited:\n${tail(driver.log)}`);
-        try {
-          if ((await identity.call('probe', {}, { deadlineMs: 2_000 })).ready !== false) break;
-        } catch {
-          // not listening yet
-        }
-        if (Date.now() > deadline) throw new Error(`cbt-csi serve not ready after 60 s:\n${tail(driver.log)}`);
-        await sleep(250);
-      }
-    } finally {
-      identity.close();
-    }
 
-    took('cbt-csi serve ready');
+    const pluginPod = (nodeName: string, index: number): PluginPod => {
+      const hostPath = hostPathOf(nodeName);
+      const podIP = `127.0.1.${index + 1}`;
+      const podName = daemonSet
+        ? `${daemonSet.metadata.name}-${nodeName}`
+        : `${workloads[0]?.metadata.name ?? release}-${index}`;
+      /** Container port → port here, for ports bound on loopback or every address: one map for the pod. */
+      const podPorts = new Map<number, number>();
+      const mine = () => procs.filter((p) => p.pod === podName);
+
+      const container = async (name: string): Promise<ContainerView> => {
+        const workload = workloads.find((w) =>
+          w.spec.template.spec.containers.some((c: { name: string }) => c.name === name),
+        );
+        if (!workload) throw new Error(`the chart renders no container ${name} (with these values)`);
+        const podSpec = workload.spec.template.spec;
+        const spec = podSpec.containers.find((c: { name: string }) => c.name === name);
+        const serviceAccount = { namespace, name: podSpec.serviceAccountName as string };
+        const fields: Record<string, string> = {
+          'spec.nodeName': nodeName,
+          'metadata.name': podName,
+          'metadata.namespace': namespace,
+          'spec.serviceAccountName': serviceAccount.name,
+          'status.podIP': podIP,
+        };
+        const env: Record<string, string> = {};
+        for (const e of (spec.env ?? []) as {
+          name: string;
+          value?: string;
+          valueFrom?: { fieldRef?: { fieldPath: string } };
+        }[]) {
+          const value = e.value ?? fields[e.valueFrom?.fieldRef?.fieldPath ?? ''];
+          if (value === undefined)
+            throw new Error(`${name}: env ${e.name} comes from something this cluster cannot resolve`);
+          env[e.name] = value;
+        }
+        const mounts: ContainerView['mounts'] = [];
+        for (const m of (spec.volumeMounts ?? []) as { name: string; mountPath: string }[]) {
+          const volume = podSpec.volumes.find((v: { name: string }) => v.name === m.name);
+          let local: string;
+          if (volume?.hostPath) {
+            local = hostPath(volume.hostPath.path);
+            fs.mkdirSync(local, { recursive: true });
+          } else if (volume?.secret) {
+            // As kubelet mounts a secret volume: one file per key.
+            local = path.join(dir, 'pods', podName, 'volumes', m.name);
+            fs.mkdirSync(local, { recursive: true, mode: 0o700 });
+            const secret = await api!.get(`/api/v1/namespaces/${namespace}/secrets/${volume.secret.secretName}`);
+            for (const [key, data] of Object.entries((secret.data ?? {}) as Record<string, string>))
+              fs.writeFileSync(path.join(local, key), Buffer.from(data, 'base64'), { mode: 0o600 });
+          } else throw new Error(`${name}: volume ${m.name} is of a kind this cluster does not provide`);
+          mounts.push({ mountPath: m.mountPath, local });
+        }
+        const byDepth = [...mounts].sort((a, b) => b.mountPath.length - a.mountPath.length);
+        const mapPath = (p: string) => {
+          const m = byDepth.find((x) => p === x.mountPath || p.startsWith(`${x.mountPath}/`));
+          return m ? m.local + p.slice(m.mountPath.length) : p;
+        };
+        const declared = new Set<number>(
+          workload.spec.template.spec.containers.flatMap((c: { ports?: { containerPort: number }[] }) =>
+            (c.ports ?? []).map((p) => p.containerPort),
+          ),
+        );
+        const portFor = async (ports: Map<number, number>, port: number) => {
+          let local = ports.get(port);
+          if (local === undefined) {
+            local = await freePort();
+            ports.set(port, local);
+          }
+          return local;
+        };
+        const mapValue = async (flag: string, value: string) => {
+          if (value.startsWith('unix://')) return `unix://${mapPath(value.slice('unix://'.length))}`;
+          if (value.startsWith('/')) return mapPath(value);
+          const onPodIP = new RegExp(`^${podIP.replaceAll('.', '\\.')}:(\\d+)$`).exec(value);
+          if (onPodIP) return `${podIP}:${await portFor(podIPPorts, Number(onPodIP[1]))}`;
+          const hostPort = /^(?:[0-9.]*|localhost|\[::\]):(\d+)$/.exec(value);
+          if (hostPort) return `127.0.0.1:${await portFor(podPorts, Number(hostPort[1]))}`;
+          if (/port/i.test(flag) && /^\d+$/.test(value) && declared.has(Number(value)))
+            return String(await portFor(podPorts, Number(value)));
+          return value;
+        };
+        const expand = (s: string) =>
+          s.replace(/\$\(([A-Za-z_][A-Za-z0-9_]*)\)/g, (whole, v: string) => env[v] ?? whole);
+        const chartArgs = (spec.args ?? []) as string[];
+        const args: string[] = [];
+        for (const raw of chartArgs) {
+          const arg = expand(raw);
+          const flag = /^(--?[\w.-]+)=([\s\S]*)$/.exec(arg);
+          if (flag) args.push(`${flag[1]}=${await mapValue(flag[1]!, flag[2]!)}`);
+          else args.push(arg.startsWith('-') ? arg : await mapValue('', arg));
+        }
+        return { name, chartArgs, args, env, mounts, ports: Object.fromEntries(podPorts), serviceAccount };
+      };
+
+      /** A kubeconfig with a token of the container's ServiceAccount: what in-cluster config gives a pod. */
+      const inClusterConfig = async (view: ContainerView) => {
+        const token = await serviceAccountToken(view.serviceAccount.namespace, view.serviceAccount.name);
+        return writeKubeconfig(`${podName}-${view.name}-${view.serviceAccount.name}`, token);
+      };
+
+      let csiEndpoint = '';
+      let stateDir = '';
+      /** Starts the driver (again: replacing its last process) and waits until it answers Probe. */
+      const startDriver = async (replacing?: RunningProcess) => {
+        const view = await container('cbt-csi');
+        csiEndpoint = view.args.find((a) => a.startsWith('--endpoint='))!.slice('--endpoint='.length);
+        stateDir = view.args.find((a) => a.startsWith('--state-dir='))!.slice('--state-dir='.length);
+        const env = { ...view.env, KUBECONFIG: await inClusterConfig(view) };
+        const driver = startProcess(
+          'cbt-csi',
+          'cbt-csi (this repository, `cbt-csi serve` from source)',
+          packageVersion,
+          process.execPath,
+          ['--import', TSX_LOADER, path.join(REPO_ROOT, 'src/cli.ts'), 'serve', ...view.args],
+          env,
+          podName,
+          replacing,
+        );
+        const identity = new ServiceClient(Identity, csiEndpoint);
+        try {
+          // Three tsx-compiled drivers starting at once on a loaded 2-core machine have taken 75 s.
+          const deadline = Date.now() + DRIVER_START_TIMEOUT_MS;
+          for (;;) {
+            if (!alive(driver.child)) throw new Error(`cbt-csi serve (${nodeName}) exited:\n${tail(driver.log)}`);
+            try {
+              if ((await identity.call('probe', {}, { deadlineMs: 2_000 })).ready !== false) break;
+            } catch {
+              // not listening yet
+            }
+            if (Date.now() > deadline)
+              throw new Error(
+                `cbt-csi serve (${nodeName}) not ready after ${DRIVER_START_TIMEOUT_MS / 1000} s:\n${tail(driver.log)}`,
+              );
+            await sleep(250);
+          }
+        } finally {
+          identity.close();
+        }
+      };
+
+      const pod: PluginPod = {
+        nodeName,
+        podName,
+        podIP,
+        get csiEndpoint() {
+          return csiEndpoint;
+        },
+        get stateDir() {
+          return stateDir;
+        },
+        hostPath,
+        container,
+        async startSidecar(name, extraArgs = []) {
+          const view = await container(name);
+          const kubeconfig = await inClusterConfig(view);
+          const [component, c] = componentOf(name);
+          const p = startProcess(
+            name,
+            component,
+            c.version,
+            tool(name),
+            [...view.args, `--kubeconfig=${kubeconfig}`, ...extraArgs],
+            view.env,
+            podName,
+          );
+          envOf.set(p, view.env);
+          return p;
+        },
+        processes: mine,
+        ready: () => !down.has(podName) && mine().every((p) => alive(p.child)),
+        async killDriver(signal = 'SIGKILL') {
+          down.add(podName);
+          supervised.add(podName);
+          // From now on kubelet's restartPolicy Always: a sidecar that exits (as some do once they lose their
+          // driver) is started again, and waits for the driver's socket as in a pod.
+          for (const p of mine()) if (p.name !== 'cbt-csi') keepRunning(p);
+          const driver = mine().find((p) => p.name === 'cbt-csi')!;
+          if (!alive(driver.child)) return;
+          const exited = new Promise<void>((resolve) => driver.child.once('exit', () => resolve()));
+          driver.child.kill(signal);
+          await exited;
+        },
+        async restart() {
+          const driver = mine().find((p) => p.name === 'cbt-csi')!;
+          if (!alive(driver.child)) await startDriver(driver);
+          // A sidecar still connected to the killed driver exits on its first call to the new one (csi-lib-utils'
+          // connection-loss check; csi-snapshot-metadata v1.1.0 does so seconds later), and kubelet starts it
+          // again. Started again here at once, so the test does not hang on when that exit comes.
+          for (const p of mine().filter((q) => q.name !== 'cbt-csi')) {
+            if (alive(p.child)) {
+              const exited = new Promise<void>((resolve) => p.child.once('exit', () => resolve()));
+              p.child.kill('SIGTERM');
+              await exited;
+            }
+            const [file, ...args] = p.command;
+            const again = startProcess(p.name, p.component, p.version, file!, args, envOf.get(p) ?? {}, podName, p);
+            envOf.set(again, envOf.get(p) ?? {});
+            keepRunning(again);
+          }
+          down.delete(podName);
+        },
+      };
+      /** Starts `p` again whenever it exits, after a second (kubelet's back-off, shortened), until the cluster stops. */
+      const keepRunning = (p: RunningProcess) => {
+        p.child.once('exit', () => {
+          setTimeout(() => {
+            if (idle.stopped || !procs.includes(p)) return;
+            const [file, ...args] = p.command;
+            const again = startProcess(p.name, p.component, p.version, file!, args, envOf.get(p) ?? {}, podName, p);
+            envOf.set(again, envOf.get(p) ?? {});
+            keepRunning(again);
+          }, 1000);
+        });
+      };
+      return Object.assign(pod, { startDriver });
+    };
+
+    // ---- one plugin pod per node: in mode daemonset the Pod object the DaemonSet controller would make,
+    // with the status its node's kubelet would report (the drivers find their peers by listing these)
+    const pods = nodes.map((node, i) => pluginPod(node, i));
+    if (daemonSet) {
+      for (const pod of pods) {
+        const template = daemonSet.spec.template;
+        await api.create(`/api/v1/namespaces/${namespace}/pods`, {
+          apiVersion: 'v1',
+          kind: 'Pod',
+          metadata: {
+            name: pod.podName,
+            namespace,
+            labels: template.metadata.labels,
+            annotations: template.metadata.annotations,
+          },
+          spec: { ...template.spec, nodeName: pod.nodeName },
+        });
+        const now = new Date().toISOString();
+        await api.patch(`/api/v1/namespaces/${namespace}/pods/${pod.podName}/status`, {
+          status: {
+            phase: 'Running',
+            podIP: pod.podIP,
+            podIPs: [{ ip: pod.podIP }],
+            hostIP: pod.podIP,
+            startTime: now,
+            conditions: [{ type: 'Ready', status: 'True', lastTransitionTime: now }],
+          },
+        });
+      }
+    }
+    await Promise.all(pods.map((pod) => (pod as PluginPod & { startDriver(): Promise<void> }).startDriver()));
+    took(`cbt-csi serve ready${pods.length > 1 ? ` on ${pods.length} nodes` : ''}`);
+
+    const first = pods[0]!;
     const cluster: HeadlessCluster = {
       dir,
       controlPlane,
       api,
       release,
       namespace,
-      nodeName: NODE_NAME,
+      pods,
+      nodeName: first.nodeName,
       values,
       objects,
       driverName,
-      csiEndpoint,
-      stateDir,
+      csiEndpoint: first.csiEndpoint,
+      stateDir: first.stateDir,
       startup,
       processes: () => [...procs],
-      hostPath,
-      container,
+      hostPath: first.hostPath,
+      container: first.container,
       serviceAccountToken,
       writeKubeconfig,
-      async startSidecar(name, extraArgs = []) {
-        const view = await container(name);
-        const token = await serviceAccountToken(view.serviceAccount.namespace, view.serviceAccount.name);
-        const kubeconfig = writeKubeconfig(`${name}-${view.serviceAccount.name}`, token);
-        const [component, c] = componentOf(name);
-        return startProcess(
-          name,
-          component,
-          c.version,
-          tool(name),
-          [...view.args, `--kubeconfig=${kubeconfig}`, ...extraArgs],
-          view.env,
-        );
-      },
+      startSidecar: first.startSidecar,
       assertRunning,
       async waitFor(p, done, what, timeoutMs = 60_000) {
         const deadline = Date.now() + timeoutMs;
@@ -567,10 +792,11 @@ export async function startHeadlessCluster(options: HeadlessClusterOptions = {})
     startProcess('snapshot-controller', 'external-snapshotter', snapshotter.version, tool('snapshot-controller'), [
       ...(controllerSpec.containers[0].args as string[]),
       `--kubeconfig=${writeKubeconfig('snapshot-controller', controllerToken)}`,
+      ...(options.distributedSnapshotting ? ['--enable-distributed-snapshotting'] : []),
       // In a pod the lease namespace defaults to the pod's; out of cluster it would be "default".
       `--leader-election-namespace=${controllerNamespace}`,
     ]);
-    for (const sidecar of options.sidecars ?? []) await cluster.startSidecar(sidecar);
+    for (const pod of pods) for (const sidecar of options.sidecars ?? []) await pod.startSidecar(sidecar);
     await sleep(500);
     assertRunning();
     took('controllers and sidecars started');
@@ -593,9 +819,15 @@ export function whatRan(cluster: HeadlessCluster): string[] {
     const [component, c] = componentOf(program);
     return line(program, component, c.version, reportedVersion(program));
   });
+  const reported = new Map<string, string>();
   for (const p of cluster.processes()) {
-    if (p.name === 'cbt-csi') lines.push(line(p.name, 'cbt-csi', p.version, 'package.json (run from source by tsx)'));
-    else lines.push(line(p.name, p.component, p.version, reportedVersion(p.name)));
+    const node = cluster.pods.length > 1 ? cluster.pods.find((pod) => pod.podName === p.pod)?.nodeName : undefined;
+    const program = node ? `${p.name}@${node}` : p.name;
+    if (p.name === 'cbt-csi') lines.push(line(program, 'cbt-csi', p.version, 'package.json (run from source by tsx)'));
+    else {
+      if (!reported.has(p.name)) reported.set(p.name, reportedVersion(p.name));
+      lines.push(line(program, p.component, p.version, reported.get(p.name)!));
+    }
     const args = p.name === 'cbt-csi' ? p.command.slice(p.command.indexOf('serve')) : p.command.slice(1);
     lines.push(`    ${args.join(' ').replaceAll(cluster.dir, '$DIR')}`);
   }

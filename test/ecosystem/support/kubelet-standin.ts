@@ -15,7 +15,7 @@ import {
   VolumeCapability_AccessMode_Mode as Mode,
 } from '../../../src/gen/csi/v1/csi_pb.js';
 import { ServiceClient } from '../../support/csi-client.js';
-import type { HeadlessCluster } from './headless-cluster.js';
+import type { HeadlessCluster, PluginPod } from './headless-cluster.js';
 import type { KubeObject } from './kube-api.js';
 import { parseQuantity } from './quantity.js';
 
@@ -37,9 +37,13 @@ export class KubeletStandIn {
   readonly node: ServiceClient<typeof Node>;
   private nodeCapabilities: NodeRpc[] = [];
 
-  constructor(private readonly cluster: HeadlessCluster) {
-    this.identity = new ServiceClient(Identity, cluster.csiEndpoint);
-    this.node = new ServiceClient(Node, cluster.csiEndpoint);
+  /** Kubelet of `pod`'s node (default: the cluster's first), talking to that pod's driver. */
+  constructor(
+    private readonly cluster: HeadlessCluster,
+    private readonly pod: PluginPod = cluster.pods[0]!,
+  ) {
+    this.identity = new ServiceClient(Identity, pod.csiEndpoint);
+    this.node = new ServiceClient(Node, pod.csiEndpoint);
   }
 
   private get kubeletDir(): string {
@@ -52,7 +56,8 @@ export class KubeletStandIn {
    * annotation, and the driver's entry in the CSINode.
    */
   async registerNode(): Promise<{ nodeId: string; topology: Record<string, string> }> {
-    const { api, nodeName } = this.cluster;
+    const { api } = this.cluster;
+    const { nodeName } = this.pod;
     const plugin = await this.identity.call('getPluginInfo', {});
     if (plugin.name !== this.cluster.driverName)
       throw new Error(`the driver calls itself ${plugin.name}, the chart's CSIDriver is ${this.cluster.driverName}`);
@@ -114,8 +119,13 @@ export class KubeletStandIn {
 
   /** Stages and publishes the Block PV of a pod's claim, at kubelet's paths, as kubelet does before starting it. */
   async publishBlockVolume(pod: KubeObject, claimName: string): Promise<PublishedBlockVolume> {
-    const { api, hostPath } = this.cluster;
+    const { api } = this.cluster;
+    const { hostPath } = this.pod;
     const ns = pod.metadata.namespace!;
+    if (pod.spec.nodeName !== this.pod.nodeName)
+      throw new Error(
+        `pod ${ns}/${pod.metadata.name} runs on ${pod.spec.nodeName}, not on this kubelet's ${this.pod.nodeName}`,
+      );
     const pvc = await api.get(`/api/v1/namespaces/${ns}/persistentvolumeclaims/${claimName}`);
     const pvName = pvc.spec.volumeName as string;
     if (!pvName || pvc.status?.phase !== 'Bound') throw new Error(`claim ${ns}/${claimName} is not bound`);

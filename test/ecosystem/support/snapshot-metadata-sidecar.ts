@@ -246,7 +246,8 @@ function remapArgs(chartArgs: string[], mounts: Map<string, string>, ports: { gr
   });
 }
 
-async function healthy(port: number): Promise<boolean> {
+/** Whether the sidecar on 127.0.0.1:`port` answers /health with 200. */
+export async function healthy(port: number): Promise<boolean> {
   return new Promise((resolve) => {
     const req = http.get({ host: '127.0.0.1', port, path: '/health', timeout: 2000 }, (res) => {
       res.resume();
