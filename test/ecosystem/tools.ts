@@ -19,6 +19,8 @@ export interface Component {
   crds?: { module: string; version: string; dir: string };
   images?: Record<string, string>;
   buildable?: boolean;
+  /** The component whose throwaway module builds this one too (scripts/ecosystem/group.mjs). */
+  buildWith?: string;
   /** A program of this repository: the directory it is built from. */
   source?: string;
 }
