@@ -4,18 +4,11 @@
  * GiB on the dev VM, against ~0.2 s direct), and a backup's chunks are not read again soon, so caching them
  * only pushes other data out. O_DIRECT needs the buffer's address, the file offset and the length aligned to
  * the disk's logical block size; Node gives no say over a Buffer's address, but a WebAssembly.Memory is
- * page-aligned, so chunk buffers are cut from one. Where any of this is unavailable (no WebAssembly, a
+ * page-aligned (src/aligned-memory.ts), so chunk buffers are cut from one. Where any of this is unavailable (no WebAssembly, a
  * filesystem without O_DIRECT such as tmpfs, an odd length) the write falls back to the page cache.
  */
 import fs from 'node:fs';
-
-/** Alignment of address, offset and length: a page, which covers 512- and 4096-byte sectors alike. */
-export const DIRECT_ALIGN = 4096;
-const WASM_PAGE = 65536;
-
-/** The one WebAssembly API used (the project's TypeScript libs do not declare WebAssembly). */
-const wasm = (globalThis as { WebAssembly?: { Memory: new (d: { initial: number }) => { buffer: ArrayBuffer } } })
-  .WebAssembly;
+import { DIRECT_ALIGN, pageAlignedMemory } from '../aligned-memory.js';
 
 /** Backing stores of the buffers allocAligned() made. */
 const alignedStores = new WeakSet<ArrayBufferLike>();
@@ -26,12 +19,7 @@ const alignedStores = new WeakSet<ArrayBufferLike>();
  */
 export function allocAligned(size: number, count: number): Buffer[] {
   if (size % DIRECT_ALIGN !== 0) throw new RangeError(`aligned buffers come in multiples of ${DIRECT_ALIGN} bytes`);
-  let store: ArrayBuffer | undefined;
-  try {
-    store = wasm && new wasm.Memory({ initial: Math.ceil((size * count) / WASM_PAGE) }).buffer;
-  } catch {
-    store = undefined;
-  }
+  const store = pageAlignedMemory(size * count);
   if (!store) return Array.from({ length: count }, () => Buffer.allocUnsafeSlow(size));
   alignedStores.add(store);
   return Array.from({ length: count }, (_, i) => Buffer.from(store, i * size, size));

@@ -33,7 +33,7 @@ function missingPrerequisite(): string | undefined {
   if (process.getuid?.() !== 0) return 'FUSE tests need root (mount, losetup)';
   if (!fs.existsSync('/dev/fuse')) return '/dev/fuse is missing';
   if (!fs.existsSync('/dev/loop-control')) return 'loop devices are missing (/dev/loop-control)';
-  for (const tool of ['mount', 'umount', 'losetup', 'fallocate', 'dd', 'blkdiscard']) {
+  for (const tool of ['mount', 'umount', 'losetup', 'fallocate', 'dd', 'blkdiscard', 'fincore']) {
     const found = (process.env.PATH ?? '').split(':').some((d) => d && fs.existsSync(path.join(d, tool)));
     if (!found) return `${tool} (util-linux/coreutils) is not on PATH`;
   }
@@ -391,6 +391,48 @@ describe.skipIf(missing !== undefined && !mustRun)(`FUSE data plane${missing ? `
     const expected = Buffer.from(data);
     pattern(21, 512).copy(expected, 2049 * 512 - MiB);
     expect(fs.readFileSync(out).equals(expected)).toBe(true);
+    await detachLoop(dev);
+  });
+
+  it('large reads of the head bypass the page cache (readahead would leave large folios that make 4 KiB writes slow); reads of frozen layers stay cached', async () => {
+    const { store, files, storeDir, mountPoint } = await start();
+    const v = await store.createVolume({ name: 'uncached', capacityBytes: 16 * MiB });
+    files.add(v.id, v.id);
+    const dev = await attachLoop(path.join(mountPoint, v.id));
+    const src = path.join(h!.dir, 'uncached.bin');
+    const data = pattern(22, 8 * MiB);
+    fs.writeFileSync(src, data);
+    await run('dd', [`if=${src}`, `of=${dev}`, 'bs=1M', 'oflag=direct', 'conv=fsync', 'status=none']);
+    const layers = path.join(storeDir, 'layers');
+    const largest = (): string =>
+      fs
+        .readdirSync(layers)
+        .map((f) => path.join(layers, f))
+        .sort((a, b) => fs.statSync(b).blocks - fs.statSync(a).blocks)[0]!;
+    const evict = async (file: string): Promise<void> => {
+      await run('sync', ['-f', file]);
+      await run('dd', [`if=${file}`, 'iflag=nocache', 'count=0', 'status=none']);
+    };
+    const resident = async (file: string): Promise<number> =>
+      Number((await run('fincore', ['--bytes', '--noheadings', '--output', 'RES', file])).stdout.trim());
+    const readBack = async (): Promise<Buffer> => {
+      const out = path.join(h!.dir, 'uncached.out');
+      await run('dd', [`if=${dev}`, `of=${out}`, 'bs=1M', 'count=8', 'iflag=direct', 'status=none']);
+      return fs.readFileSync(out);
+    };
+
+    // The layer file holding the 8 MiB: the head until the snapshot below freezes it.
+    const layer = largest();
+    await evict(layer);
+    expect(await resident(layer)).toBe(0);
+    expect((await readBack()).equals(data)).toBe(true);
+    expect(await resident(layer)).toBe(0);
+
+    // After a snapshot the same bytes sit in a frozen layer, never written again: read through the cache.
+    await store.createSnapshot({ volumeId: v.id, name: 'frozen' });
+    await evict(layer);
+    expect((await readBack()).equals(data)).toBe(true);
+    expect(await resident(layer)).toBeGreaterThan(0);
     await detachLoop(dev);
   });
 

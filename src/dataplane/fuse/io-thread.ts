@@ -5,7 +5,8 @@
  * other request to the main thread, which owns the engine.
  *
  * - READ: the thread applies the session's log to its copy of the chain's location index, then reads each
- *   stretch from the owning layer's file (its own read-only descriptor) straight into the reply.
+ *   stretch from the owning layer's file (its own read-only descriptor) straight into the reply. Large
+ *   stretches of the head are read with O_DIRECT (see readStretch).
  * - WRITE of whole blocks inside the volume: inside the session's gate, one pwrite into the head's file, then
  *   a log entry, then the reply. Partial blocks, writes past the end and anything that fails go to the main
  *   thread, which does them through the engine.
@@ -16,6 +17,7 @@
 import fs from 'node:fs';
 import { type MessagePort, parentPort, receiveMessageOnPort, workerData } from 'node:worker_threads';
 import { LocationIndex } from '../../../storage-engine/location-index.js';
+import { DIRECT_ALIGN, pageAlignedMemory } from '../../aligned-memory.js';
 import { DirectLog, SessionState } from './direct-log.js';
 import { IN_HEADER_SIZE, Opcode, OUT_HEADER_SIZE, WRITE_IN_SIZE, WRITE_OUT_SIZE } from './protocol.js';
 
@@ -79,6 +81,14 @@ export const STATS_PER_THREAD = 4;
 const ROOM_WAIT_MS = 5000;
 /** How long a read waits for a log entry being published before handing the request to the main thread. */
 const ENTRY_WAIT_MS = 1000;
+/**
+ * Stretches of the head at least this long are read with O_DIRECT, bypassing the page cache. Buffered, a
+ * sequential read makes the kernel's readahead fill the cache with large folios (up to 2 MiB), and every
+ * later 4 KiB write into one of them costs ~100 µs of ext4 time instead of ~10 (docs/benchmarks.md, "Why
+ * random writes were slow"). Only the head is written, so only its reads bypass the cache; frozen layers
+ * keep their cached, read-ahead reads. Short reads stay buffered: they make small folios.
+ */
+const DIRECT_READ_MIN = 64 * 1024;
 
 /** A request buffer and its views (rebuilt when the buffer comes back from the main thread). */
 interface RequestBuffer {
@@ -94,6 +104,8 @@ interface LayerFile {
   id: number;
   path: string;
   fd: number | undefined;
+  /** Opened with O_DIRECT for large reads of the head; null where the filesystem refuses O_DIRECT. */
+  directFd: number | null | undefined;
 }
 
 interface Session {
@@ -130,17 +142,21 @@ function overlapsRuns(starts: Float64Array, ends: Float64Array, first: number, e
   return lo > 0 && ends[lo - 1]! > first;
 }
 
+function closeLayer(layer: LayerFile): void {
+  if (layer.fd !== undefined) fs.closeSync(layer.fd);
+  if (typeof layer.directFd === 'number') fs.closeSync(layer.directFd);
+  layer.fd = undefined;
+  layer.directFd = undefined;
+}
+
 function closeFiles(s: Session): void {
-  for (const layer of s.layers.values()) {
-    if (layer.fd !== undefined) fs.closeSync(layer.fd);
-    layer.fd = undefined;
-  }
+  for (const layer of s.layers.values()) closeLayer(layer);
   if (s.headWriteFd !== undefined) fs.closeSync(s.headWriteFd);
   s.headWriteFd = undefined;
 }
 
 function layerFiles(view: SharedView): Map<number, LayerFile> {
-  return new Map(view.layerPaths.map(([id, path]) => [id, { id, path, fd: undefined }]));
+  return new Map(view.layerPaths.map(([id, path]) => [id, { id, path, fd: undefined, directFd: undefined }]));
 }
 
 /** The low 53 bits of a little-endian u64 (offsets, handles and node ids all stay below 2^53). */
@@ -158,14 +174,22 @@ class IoThread {
   private lent = 0;
   /** Request buffers with their views, so a request costs no allocation. */
   private readonly pool: RequestBuffer[] = [];
-  /** Header and payload of READ replies, reused: a reply is written before the next request is read. */
+  /**
+   * Header and payload of READ replies, reused: a reply is written before the next request is read. Cut from
+   * page-aligned memory so that the payload starts on a page boundary, where O_DIRECT can read into it.
+   */
   private readonly readReply: Buffer;
+  private readonly replyAligned: boolean;
   private readonly writeReply = Buffer.alloc(OUT_HEADER_SIZE + WRITE_OUT_SIZE);
 
   constructor(private readonly d: IoThreadData) {
     this.control = new Int32Array(d.control);
     this.stats = new Float64Array(d.stats, d.thread * STATS_PER_THREAD * 8, STATS_PER_THREAD);
-    this.readReply = Buffer.allocUnsafe(OUT_HEADER_SIZE + d.bufferSize);
+    const memory = pageAlignedMemory(DIRECT_ALIGN + d.bufferSize);
+    this.replyAligned = memory !== undefined;
+    this.readReply = memory
+      ? Buffer.from(memory, DIRECT_ALIGN - OUT_HEADER_SIZE, OUT_HEADER_SIZE + d.bufferSize)
+      : Buffer.allocUnsafe(OUT_HEADER_SIZE + d.bufferSize);
   }
 
   /** Says it is ready, waits for the mount, then serves until the connection ends. */
@@ -233,7 +257,12 @@ class IoThread {
           const old = this.sessions.get(msg.volumeId);
           if (old) closeFiles(old);
           const layers = layerFiles(msg.view);
-          const head = layers.get(msg.view.headId) ?? { id: msg.view.headId, path: '', fd: undefined };
+          const head = layers.get(msg.view.headId) ?? {
+            id: msg.view.headId,
+            path: '',
+            fd: undefined,
+            directFd: undefined,
+          };
           this.sessions.set(msg.volumeId, {
             id: msg.id,
             volumeId: msg.volumeId,
@@ -261,7 +290,7 @@ class IoThread {
             const known = s.layers.get(id);
             if (known) layers.set(id, known);
           }
-          for (const [id, layer] of s.layers) if (!layers.has(id) && layer.fd !== undefined) fs.closeSync(layer.fd);
+          for (const [id, layer] of s.layers) if (!layers.has(id)) closeLayer(layer);
           s.layers = layers;
           s.head = layers.get(s.head.id) ?? s.head;
           s.view = msg.view;
@@ -319,7 +348,7 @@ class IoThread {
       const { owner, end: stretchEnd } = index.lookup(Math.floor(pos / B));
       const segmentEnd = Math.min(end, stretchEnd * B);
       const at = OUT_HEADER_SIZE + (pos - offset);
-      if (owner) readFully(this.readFd(owner), reply, at, segmentEnd - pos, pos);
+      if (owner) this.readStretch(s, owner, reply, at, segmentEnd - pos, pos);
       else reply.fill(0, at, at + (segmentEnd - pos));
       pos = segmentEnd;
     }
@@ -415,6 +444,31 @@ class IoThread {
   private readFd(layer: LayerFile): number {
     layer.fd ??= fs.openSync(layer.path, 'r');
     return layer.fd;
+  }
+
+  /** Reads one stretch of a layer into the reply: large aligned stretches of the head with O_DIRECT. */
+  private readStretch(s: Session, layer: LayerFile, reply: Buffer, at: number, length: number, position: number): void {
+    if (
+      layer.id === s.head.id &&
+      length >= DIRECT_READ_MIN &&
+      this.replyAligned &&
+      layer.directFd !== null &&
+      (at - OUT_HEADER_SIZE) % DIRECT_ALIGN === 0 &&
+      position % DIRECT_ALIGN === 0 &&
+      length % DIRECT_ALIGN === 0
+    ) {
+      try {
+        layer.directFd ??= fs.openSync(layer.path, fs.constants.O_RDONLY | fs.constants.O_DIRECT);
+        readFully(layer.directFd, reply, at, length, position);
+        return;
+      } catch (err) {
+        // A filesystem without O_DIRECT (tmpfs) refuses the open or the read: buffered reads from then on.
+        if ((err as NodeJS.ErrnoException).code !== 'EINVAL') throw err;
+        if (typeof layer.directFd === 'number') fs.closeSync(layer.directFd);
+        layer.directFd = null;
+      }
+    }
+    readFully(this.readFd(layer), reply, at, length, position);
   }
 
   private reply(buf: Buffer, length: number): void {
