@@ -273,9 +273,16 @@ class DataPlaneDriver {
     const profileDir = process.env.CBT_BENCH_DRIVER_CPU_PROF;
     const nodeArgs = profileDir ? ['--cpu-prof', `--cpu-prof-dir=${path.resolve(profileDir)}`] : [];
     if (profileDir) log(`driver CPU profiles go to ${path.resolve(profileDir)}`);
+    // CBT_BENCH_COMPILED=1: the compiled driver (`npm run build` first), as the image runs it; by default the
+    // sources through tsx, whose loader makes the first NodeStageVolume slow (each I/O thread loads it).
+    const compiled = process.env.CBT_BENCH_COMPILED === '1';
+    const entry = compiled ? path.join(ROOT, 'dist/src/cli.js') : path.join(ROOT, 'src/cli.ts');
+    if (compiled && !fs.existsSync(entry))
+      throw new Error(`CBT_BENCH_COMPILED=1 but ${entry} is missing: npm run build`);
+    log(`driver: ${compiled ? 'compiled (dist/)' : 'sources through tsx'}`);
     const child = spawn(
       process.execPath,
-      [...nodeArgs, '--import', 'tsx', path.join(ROOT, 'src/cli.ts'), 'serve', ...args],
+      [...nodeArgs, ...(compiled ? [] : ['--import', 'tsx']), entry, 'serve', ...args],
       {
         cwd: ROOT,
         stdio: ['ignore', 'pipe', 'pipe'],
@@ -728,7 +735,12 @@ async function blockE2e(ctx: SuiteContext, d: DataPlaneDriver, sizes: Sizes): Pr
     metric: 'node_stage_block_ms',
     value: round(published.stageMs),
     unit: 'ms',
-    params: { ...common, rpc: 'NodeStageVolume' },
+    params: {
+      ...common,
+      rpc: 'NodeStageVolume',
+      driver: process.env.CBT_BENCH_COMPILED === '1' ? 'compiled' : 'tsx',
+      note: "the driver's first stage: it mounts the FUSE file system and starts the I/O threads",
+    },
   });
   ctx.emit({
     metric: 'node_publish_block_ms',
