@@ -26,7 +26,7 @@ import { createProgress } from './progress.js';
 import { BackupRepository, RepositoryError, type RepositoryLock } from './repository.js';
 import { restoreBackup } from './restore.js';
 import { stdoutReaderGone, watchStdoutReader } from './stdout-reader.js';
-import { formatBytes } from './units.js';
+import { counted, formatBytes } from './units.js';
 
 /** The driver's socket: --endpoint, else $CSI_ENDPOINT, else where `cbt-csi serve` listens by default. */
 function defaultEndpoint(): string {
@@ -414,7 +414,7 @@ async function runBackup(
     else {
       process.stdout.write(
         `backup ${summary.id}: ${summary.kind} of snapshot ${summary.snapshot}${summary.base ? ` on ${summary.base}` : ''}, ` +
-          `${formatBytes(summary.bytesRead)} read in ${summary.extents} extents, ${summary.chunks} chunks, ${formatBytes(summary.newBytes)} new, ${summary.seconds.toFixed(1)} s\n`,
+          `${formatBytes(summary.bytesRead)} read in ${counted(summary.extents, 'extent')}, ${counted(summary.chunks, 'chunk')}, ${formatBytes(summary.newBytes)} new, ${summary.seconds.toFixed(1)} s\n`,
       );
     }
   } finally {
@@ -460,8 +460,8 @@ async function verifyCommand(
     for (const d of report.damaged)
       process.stdout.write(`damaged chunk ${d.chunk} (${d.problem}); it breaks backups: ${d.breaks.join(', ')}\n`);
     process.stdout.write(
-      `${ok ? 'ok' : 'DAMAGED'}: ${report.backups.length} backups, ${report.chunksChecked} chunks (${formatBytes(report.bytesChecked)}) checked, ` +
-        `${report.damaged.length} damaged chunks, ${report.damagedManifests.length} damaged manifests\n`,
+      `${ok ? 'ok' : 'DAMAGED'}: ${counted(report.backups.length, 'backup')}, ${counted(report.chunksChecked, 'chunk')} (${formatBytes(report.bytesChecked)}) checked, ` +
+        `${counted(report.damaged.length, 'damaged chunk')}, ${counted(report.damagedManifests.length, 'damaged manifest')}\n`,
     );
   }
   return ok ? 0 : 1;

@@ -12,6 +12,11 @@ export function formatBytes(n: number): string {
   return `${v >= 100 ? v.toFixed(0) : v >= 10 ? v.toFixed(1) : v.toFixed(2)} ${UNITS[i]}`;
 }
 
+/** A count with its noun: "1 chunk", "2 chunks" (`plural` for nouns that do not just take an s). */
+export function counted(n: number, noun: string, plural = `${noun}s`): string {
+  return `${n} ${n === 1 ? noun : plural}`;
+}
+
 /** Short form for axis labels: 0, 16M, 1.5G, 16T (binary). */
 export function axisBytes(n: number): string {
   if (n === 0) return '0';
