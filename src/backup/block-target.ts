@@ -3,6 +3,7 @@
  * and writes. A block device's size comes from sysfs, since stat() reports 0 for it.
  */
 import fs from 'node:fs';
+import { directWritable } from './direct-io.js';
 import { RepositoryError } from './repository.js';
 
 /** The size in bytes of a regular file or a block device. */
@@ -22,6 +23,8 @@ export function sizeOf(file: string, st: fs.Stats): number {
 export interface BlockSource {
   readonly path: string;
   readonly size: number;
+  /** Page-aligned buffers (allocAligned) are read with O_DIRECT: a block device that allows it. */
+  readonly direct: boolean;
   read(offset: number, length: number): Promise<Buffer>;
   /** Fills `into` with the bytes at `offset`. */
   readInto(into: Buffer, offset: number): Promise<void>;
@@ -44,11 +47,17 @@ export async function openSource(file: string, capacityBytes: number): Promise<B
     );
   }
   const handle = await fs.promises.open(file, 'r');
+  // A block device is read with O_DIRECT into page-aligned chunk buffers: the device's page cache would
+  // only add a copy, and a backup's reads are not read again.
+  let direct = st.isBlockDevice()
+    ? await fs.promises.open(file, fs.constants.O_RDONLY | fs.constants.O_DIRECT).catch(() => undefined)
+    : undefined;
   const readInto = async (into: Buffer, offset: number): Promise<void> => {
     const length = into.length;
+    const from = direct && directWritable(into) && offset % 4096 === 0 ? direct : handle;
     let done = 0;
     while (done < length) {
-      const { bytesRead } = await handle.read(into, done, length - done, offset + done);
+      const { bytesRead } = await from.read(into, done, length - done, offset + done);
       if (bytesRead === 0) throw new Error(`source ${file} ended at ${offset + done}, before ${offset + length}`);
       done += bytesRead;
     }
@@ -56,13 +65,18 @@ export async function openSource(file: string, capacityBytes: number): Promise<B
   return {
     path: file,
     size,
+    direct: direct !== undefined,
     async read(offset, length) {
       const buf = Buffer.allocUnsafe(length);
       await readInto(buf, offset);
       return buf;
     },
     readInto,
-    close: () => handle.close(),
+    close: async () => {
+      await direct?.close();
+      direct = undefined;
+      await handle.close();
+    },
   };
 }
 

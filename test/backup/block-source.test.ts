@@ -1,0 +1,63 @@
+/**
+ * A backup's source: a block device is read with O_DIRECT into page-aligned chunk buffers (a backup's reads
+ * are not read again, so the device's page cache would only add a copy); other buffers, and image files,
+ * are read through the page cache. The bytes are the source's either way.
+ */
+import { execFileSync } from 'node:child_process';
+import { randomFillSync } from 'node:crypto';
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { afterAll, beforeAll, expect, it } from 'vitest';
+import { openSource } from '../../src/backup/block-target.js';
+import { allocAligned } from '../../src/backup/direct-io.js';
+import { dataPlaneSuite } from '../e2e/support/node-env.js';
+
+const MiB = 1024 * 1024;
+const SIZE = 8 * MiB;
+
+dataPlaneSuite('backup source on a block device', () => {
+  let dir: string;
+  let image: string;
+  let device: string;
+  const data = randomFillSync(Buffer.alloc(SIZE));
+
+  beforeAll(() => {
+    dir = fs.mkdtempSync(path.join(os.tmpdir(), 'block-source-'));
+    image = path.join(dir, 'image');
+    fs.writeFileSync(image, data);
+    device = execFileSync('losetup', ['--show', '-f', image], { encoding: 'utf8' }).trim();
+  });
+  afterAll(() => {
+    if (device) execFileSync('losetup', ['-d', device]);
+    fs.rmSync(dir, { recursive: true, force: true });
+  });
+
+  it("a block device reads aligned chunk buffers with O_DIRECT, and they hold the device's bytes", async () => {
+    const source = await openSource(device, SIZE);
+    expect(source.direct).toBe(true);
+    const [a, b] = allocAligned(4 * MiB, 2);
+    await source.readInto(a!, 0);
+    await source.readInto(b!, 4 * MiB);
+    await source.close();
+    expect(Buffer.concat([a!, b!]).equals(data)).toBe(true);
+  });
+
+  it('unaligned buffers and offsets are read through the page cache, with the same bytes', async () => {
+    const source = await openSource(device, SIZE);
+    const whole = Buffer.alloc(SIZE);
+    await source.readInto(whole.subarray(0, 3 * MiB + 512), 0);
+    await source.readInto(whole.subarray(3 * MiB + 512), 3 * MiB + 512);
+    await source.close();
+    expect(whole.equals(data)).toBe(true);
+  });
+
+  it('an image file is read through the page cache', async () => {
+    const source = await openSource(image, SIZE);
+    expect(source.direct).toBe(false);
+    const [a] = allocAligned(SIZE, 1);
+    await source.readInto(a!, 0);
+    await source.close();
+    expect(a!.equals(data)).toBe(true);
+  });
+});
