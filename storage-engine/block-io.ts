@@ -3,6 +3,7 @@
  * into its head. Cost does not depend on the chain's length (invariant 10): a read is one index lookup per
  * stretch of blocks with one owner, and a partial write copies its block up from the one layer that holds it.
  */
+import type { ChangedBlocks } from './direct-io.js';
 import type { Layer } from './layer.js';
 import type { LocationIndex } from './location-index.js';
 
@@ -89,16 +90,15 @@ export class BlockIo {
   trim(offset: number, length: number): void {
     const B = this.blockSize;
     const end = offset + length;
-    const firstWhole = Math.ceil(offset / B);
-    const endWhole = Math.floor(end / B);
-    if (firstWhole >= endWhole) {
-      this.write(offset, new Uint8Array(length));
-      return;
+    for (const [first, last, toHead] of trimmedBlocks(offset, length, B)) {
+      if (toHead) {
+        const from = Math.max(offset, first * B);
+        this.write(from, new Uint8Array(Math.min(end, last * B) - from));
+      } else {
+        this.top.markTrimmed(first, last);
+        this.index.assign(first, last, null);
+      }
     }
-    if (offset < firstWhole * B) this.write(offset, new Uint8Array(firstWhole * B - offset));
-    if (end > endWhole * B) this.write(endWhole * B, new Uint8Array(end - endWhole * B));
-    this.top.markTrimmed(firstWhole, endWhole);
-    this.index.assign(firstWhole, endWhole, null);
   }
 
   /** The head now holds blocks [first, end) as data: its bits and the index say so together. */
@@ -106,4 +106,22 @@ export class BlockIo {
     this.top.markWritten(first, end);
     this.index.assign(first, end, this.top);
   }
+}
+
+/**
+ * What a trim of [offset, offset + length) does to each block: whole blocks become zeros (`toHead` false),
+ * partial edges are written with zeros into the head (`toHead` true).
+ */
+export function trimmedBlocks(offset: number, length: number, blockSize: number): ChangedBlocks[] {
+  const end = offset + length;
+  const firstWhole = Math.ceil(offset / blockSize);
+  const endWhole = Math.floor(end / blockSize);
+  const first = Math.floor(offset / blockSize);
+  const last = Math.ceil(end / blockSize);
+  if (firstWhole >= endWhole) return [[first, last, true]];
+  const out: ChangedBlocks[] = [];
+  if (first < firstWhole) out.push([first, firstWhole, true]);
+  out.push([firstWhole, endWhole, false]);
+  if (endWhole < last) out.push([endWhole, last, true]);
+  return out;
 }

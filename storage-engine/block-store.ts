@@ -18,8 +18,8 @@
  */
 import fs from 'node:fs';
 import path from 'node:path';
-import { BlockIo } from './block-io.js';
-import { type ChangedBlocks, type DirectIoHost, DirectIoSession } from './direct-io.js';
+import { BlockIo, trimmedBlocks } from './block-io.js';
+import { type DirectIoHost, DirectIoSession } from './direct-io.js';
 import {
   checkAddressable,
   probeFileSystem,
@@ -559,10 +559,8 @@ export class BlockStore {
   }
 
   /** Records the volume's completed direct writes before the engine reads or changes its blocks. */
-  private drainDirectIo(volumeId: string): DirectIoSession | undefined {
-    const session = this.directIo.get(volumeId);
-    session?.host.drain();
-    return session;
+  private drainDirectIo(volumeId: string): void {
+    this.directIo.get(volumeId)?.host.drain();
   }
 
   /** Ends the volume's direct I/O session before its head or chain changes. */
@@ -1125,22 +1123,4 @@ function extentQuery(options: ExtentQueryOptions, capacityBytes: number) {
     batchSize: checkBatchSize(options.batchSize ?? DEFAULT_BATCH_SIZE),
     startingOffset: checkStartingOffset(options.startingOffset ?? 0, capacityBytes),
   } as const;
-}
-
-/**
- * What a trim of [offset, offset + length) does to each block, as BlockIo.trim does it: whole blocks become
- * zeros, partial edges are written (with zeros) into the head.
- */
-function trimmedBlocks(offset: number, length: number, blockSize: number): ChangedBlocks[] {
-  const end = offset + length;
-  const firstWhole = Math.ceil(offset / blockSize);
-  const endWhole = Math.floor(end / blockSize);
-  const first = Math.floor(offset / blockSize);
-  const last = Math.ceil(end / blockSize);
-  if (firstWhole >= endWhole) return [[first, last, true]];
-  const out: ChangedBlocks[] = [];
-  if (first < firstWhole) out.push([first, firstWhole, true]);
-  out.push([firstWhole, endWhole, false]);
-  if (endWhole < last) out.push([endWhole, last, true]);
-  return out;
 }
