@@ -9,8 +9,7 @@
  * - revoke: close the gate for good, wait, drain, tell the threads; a new session starts after the engine's
  *   operation (a snapshot, a merge) is over, if a file of the volume is still open.
  */
-import type { DirectIoHost, DirectIoSession } from '../../../storage-engine/direct-io.js';
-import type { ChangedBlocks } from '../../../storage-engine/direct-io.js';
+import type { ChangedBlocks, DirectIoHost, DirectIoSession } from '../../../storage-engine/direct-io.js';
 import { DEFAULT_LOG_ENTRIES, DirectLog, RENEW_POSITION, SessionState } from './direct-log.js';
 import type { SharedView } from './io-thread.js';
 import type { IoThreadLink, IoThreadsListener } from './io-threads.js';
@@ -28,6 +27,13 @@ export interface DirectIoLogger {
 const ENTRY_WAIT_MS = 5000;
 
 let nextSessionId = 1;
+
+/** A copy of `array` in shared memory, so every I/O thread reads the same bytes without a copy of its own. */
+function sharedCopy<T extends Float64Array | Int32Array>(array: T): T {
+  const copy = new (array.constructor as new (buffer: SharedArrayBuffer) => T)(new SharedArrayBuffer(array.byteLength));
+  copy.set(array);
+  return copy;
+}
 
 /** One volume's session: the engine's DirectIoHost over the shared log. */
 class VolumeSession implements DirectIoHost {
@@ -114,28 +120,16 @@ class VolumeSession implements DirectIoHost {
   view(): SharedView {
     this.drain();
     const v = this.session.view();
-    const shared = <T extends Float64Array | Int32Array>(make: (buffer: SharedArrayBuffer) => T, bytes: number): T =>
-      make(new SharedArrayBuffer(bytes));
-    const starts = shared((b) => new Float64Array(b), v.starts.byteLength);
-    const ends = shared((b) => new Float64Array(b), v.ends.byteLength);
-    const owners = shared((b) => new Int32Array(b), v.owners.byteLength);
-    starts.set(v.starts);
-    ends.set(v.ends);
-    owners.set(v.owners);
-    const engineWriteStarts = shared((b) => new Float64Array(b), v.engineWriteStarts.byteLength);
-    const engineWriteEnds = shared((b) => new Float64Array(b), v.engineWriteEnds.byteLength);
-    engineWriteStarts.set(v.engineWriteStarts);
-    engineWriteEnds.set(v.engineWriteEnds);
     return {
       blockSize: v.blockSize,
       capacityBytes: v.capacityBytes,
       headId: v.head.id,
       layerPaths: [...v.layerPaths],
-      starts,
-      ends,
-      owners,
-      engineWriteStarts,
-      engineWriteEnds,
+      starts: sharedCopy(v.starts),
+      ends: sharedCopy(v.ends),
+      owners: sharedCopy(v.owners),
+      engineWriteStarts: sharedCopy(v.engineWriteStarts),
+      engineWriteEnds: sharedCopy(v.engineWriteEnds),
       position: this.log.consumed,
     };
   }

@@ -79,7 +79,6 @@ function threadModule(): { module: string; tsx: string | undefined } {
 export class IoThreads implements IoThreadLink {
   private readonly workers: Worker[] = [];
   private readonly controlPorts: MessagePort[] = [];
-  private readonly returnPorts: MessagePort[] = [];
   /** [0] control generation, [1] 0 waiting / 1 reading / -1 exit (see IoThreadData). */
   private readonly control = new Int32Array(new SharedArrayBuffer(8));
   private readonly statsBuffer: SharedArrayBuffer;
@@ -128,7 +127,6 @@ export class IoThreads implements IoThreadLink {
         name: `fuse-io-${thread}`,
       });
       this.workers.push(worker);
-      this.returnPorts.push(requests.port1);
       this.controlPorts.push(controls.port1);
       const returnPort = requests.port1;
       worker.on('message', (msg: FromIoThread) => {
