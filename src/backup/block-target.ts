@@ -3,7 +3,8 @@
  * and writes. A block device's size comes from sysfs, since stat() reports 0 for it.
  */
 import fs from 'node:fs';
-import { directWritable } from './direct-io.js';
+import { DIRECT_ALIGN } from '../aligned-memory.js';
+import { directCapable } from './direct-io.js';
 import { RepositoryError } from './repository.js';
 
 /** The size in bytes of a regular file or a block device. */
@@ -54,7 +55,7 @@ export async function openSource(file: string, capacityBytes: number): Promise<B
     : undefined;
   const readInto = async (into: Buffer, offset: number): Promise<void> => {
     const length = into.length;
-    const from = direct && directWritable(into) && offset % 4096 === 0 ? direct : handle;
+    const from = direct && directCapable(into) && offset % DIRECT_ALIGN === 0 ? direct : handle;
     let done = 0;
     while (done < length) {
       const { bytesRead } = await from.read(into, done, length - done, offset + done);

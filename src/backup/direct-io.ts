@@ -4,8 +4,9 @@
  * GiB on the dev VM, against ~0.2 s direct), and a backup's chunks are not read again soon, so caching them
  * only pushes other data out. O_DIRECT needs the buffer's address, the file offset and the length aligned to
  * the disk's logical block size; Node gives no say over a Buffer's address, but a WebAssembly.Memory is
- * page-aligned (src/aligned-memory.ts), so chunk buffers are cut from one. Where any of this is unavailable (no WebAssembly, a
- * filesystem without O_DIRECT such as tmpfs, an odd length) the write falls back to the page cache.
+ * page-aligned (src/aligned-memory.ts), so chunk buffers are cut from one. Where any of this is unavailable
+ * (no WebAssembly, a filesystem without O_DIRECT such as tmpfs, an odd length) the write falls back to the
+ * page cache.
  */
 import fs from 'node:fs';
 import { DIRECT_ALIGN, pageAlignedMemory } from '../aligned-memory.js';
@@ -25,8 +26,8 @@ export function allocAligned(size: number, count: number): Buffer[] {
   return Array.from({ length: count }, (_, i) => Buffer.from(store, i * size, size));
 }
 
-/** Whether `data` can be written with O_DIRECT: an aligned buffer's aligned start, a whole number of pages. */
-export function directWritable(data: Buffer): boolean {
+/** Whether `data` can be written or read with O_DIRECT: an aligned buffer's aligned start, a whole number of pages. */
+export function directCapable(data: Buffer): boolean {
   return (
     alignedStores.has(data.buffer) &&
     data.byteOffset % DIRECT_ALIGN === 0 &&
@@ -42,7 +43,7 @@ export function directWritable(data: Buffer): boolean {
  */
 export async function createFile(file: string, data: Buffer, mode: number, direct: boolean): Promise<boolean> {
   const flags = fs.constants.O_WRONLY | fs.constants.O_CREAT | fs.constants.O_EXCL;
-  if (direct && directWritable(data)) {
+  if (direct && directCapable(data)) {
     try {
       await writeWhole(file, flags | fs.constants.O_DIRECT, data, mode);
       return true;
