@@ -38,6 +38,7 @@ import {
   median,
   msSince,
   prng,
+  procCpuMs,
   randomBuffer,
   round,
   sizeLabel,
@@ -77,8 +78,8 @@ function flushbufs(device: string): void {
 
 /** CPU milliseconds (user + system) a process has used so far, from /proc. */
 function cpuMsOf(pid: number): number {
-  const fields = fs.readFileSync(`/proc/${pid}/stat`, 'utf8').split(') ')[1]!.split(' ');
-  return ((Number(fields[11]) + Number(fields[12])) * 1000) / 100; // utime, stime in USER_HZ (100)
+  const { user, sys } = procCpuMs(`/proc/${pid}/stat`);
+  return user + sys;
 }
 
 /** Wall time and the CPU time this process (the client) and the driver child spent meanwhile. */

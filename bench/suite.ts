@@ -3,6 +3,8 @@
  * statistics and randomness helpers every suite needs. A suite is any bench/<name>.ts that exports `run`.
  */
 
+import fs from 'node:fs';
+
 /** A parameter value recorded with a result; kept to JSON scalars so result lines stay flat and greppable. */
 export type ParamValue = string | number | boolean;
 
@@ -59,7 +61,6 @@ export function round(value: number, digits = 3): number {
 }
 
 /** Seeded PRNG so that a run's random positions can be reproduced from the seed in its params. */
-/** Seeded PRNG so that a run's random positions can be reproduced from the seed in its params. */
 import { mulberry32 as prng } from '../test/support/random.js';
 export { prng };
 
@@ -74,6 +75,17 @@ export function distinctSorted(rand: () => number, count: number, n: number): Ui
   const picked = new Set<number>();
   while (picked.size < count) picked.add(randomBelow(rand, n));
   return Uint32Array.from(picked).sort();
+}
+
+/**
+ * User and system CPU time, ms, of a process or thread so far: `/proc/<pid>/stat` or
+ * `/proc/<pid>/task/<tid>/stat`. utime and stime are its 14th and 15th fields, in USER_HZ (100 on every Linux
+ * this runs on); the fields are counted after the parenthesised command name, which may hold spaces.
+ */
+export function procCpuMs(statFile: string): { user: number; sys: number } {
+  const stat = fs.readFileSync(statFile, 'utf8');
+  const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+  return { user: Number(fields[11]) * 10, sys: Number(fields[12]) * 10 };
 }
 
 /** Milliseconds elapsed since `start` (a performance.now() reading). */
