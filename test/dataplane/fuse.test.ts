@@ -17,7 +17,7 @@ import { createInterface } from 'node:readline';
 import { fileURLToPath } from 'node:url';
 import { promisify } from 'node:util';
 import { afterEach, beforeAll, describe, expect, it } from 'vitest';
-import { BlockStore, type Extent } from '../../storage-engine/index.js';
+import { BlockStore, type Extent, type VolumeInfo } from '../../storage-engine/index.js';
 import { FuseServer } from '../../src/dataplane/fuse/fuse-server.js';
 import { fuseMountsAt } from '../../src/dataplane/fuse/mount.js';
 import { VolumeFiles, type VolumeBackend } from '../../src/dataplane/fuse/volume-files.js';
@@ -123,6 +123,12 @@ describe.skipIf(missing !== undefined && !mustRun)(`FUSE data plane${missing ? `
     return dev;
   }
 
+  /** A new volume of the harness's store, shown as a file and attached to a direct-I/O loop device. */
+  async function volumeOnLoop(name: string, capacityBytes: number): Promise<{ v: VolumeInfo; dev: string }> {
+    const v = await h!.store.createVolume({ name, capacityBytes });
+    h!.files.add(v.id, v.id);
+    return { v, dev: await attachLoop(path.join(h!.mountPoint, v.id)) };
+  }
   async function detachLoop(dev: string): Promise<void> {
     await run('losetup', ['-d', dev]);
     loops.splice(loops.indexOf(dev), 1);
@@ -315,10 +321,8 @@ describe.skipIf(missing !== undefined && !mustRun)(`FUSE data plane${missing ? `
   });
 
   it('a direct-I/O loop device over the file reads and writes the volume, and discards become trims', async () => {
-    const { store, files, mountPoint } = await start();
-    const v = await store.createVolume({ name: 'loop', capacityBytes: 64 * MiB });
-    files.add(v.id, v.id);
-    const dev = await attachLoop(path.join(mountPoint, v.id));
+    const { store, files } = await start();
+    const { v, dev } = await volumeOnLoop('loop', 64 * MiB);
     expect(fs.readFileSync(`/sys/block/${path.basename(dev)}/loop/dio`, 'utf8').trim()).toBe('1');
     expect(files.openCount(v.id)).toBe(1);
 
@@ -346,10 +350,8 @@ describe.skipIf(missing !== undefined && !mustRun)(`FUSE data plane${missing ? `
   });
 
   it('1 MiB direct writes through the loop device (throughput, printed)', async () => {
-    const { store, files, mountPoint } = await start();
-    const v = await store.createVolume({ name: 'speed', capacityBytes: 512 * MiB });
-    files.add(v.id, v.id);
-    const dev = await attachLoop(path.join(mountPoint, v.id));
+    const { store } = await start();
+    const { v, dev } = await volumeOnLoop('speed', 512 * MiB);
     const src = path.join(h!.dir, 'speed.bin');
     // Random rather than derived bytes: hashing 256 MiB would take longer than the I/O being measured.
     const data = randomFillSync(Buffer.alloc(256 * MiB));
@@ -368,10 +370,8 @@ describe.skipIf(missing !== undefined && !mustRun)(`FUSE data plane${missing ? `
   });
 
   it('the I/O threads answer whole-block reads and writes of an open file themselves; partial blocks go through the engine', async () => {
-    const { store, files, server, mountPoint } = await start();
-    const v = await store.createVolume({ name: 'direct', capacityBytes: 32 * MiB });
-    files.add(v.id, v.id);
-    const dev = await attachLoop(path.join(mountPoint, v.id));
+    const { store, server } = await start();
+    const { v, dev } = await volumeOnLoop('direct', 32 * MiB);
     const src = path.join(h!.dir, 'direct.bin');
     const data = pattern(20, 2 * MiB);
     fs.writeFileSync(src, data);
@@ -395,10 +395,8 @@ describe.skipIf(missing !== undefined && !mustRun)(`FUSE data plane${missing ? `
   });
 
   it('large reads of the head bypass the page cache (readahead would leave large folios that make 4 KiB writes slow); reads of frozen layers stay cached', async () => {
-    const { store, files, storeDir, mountPoint } = await start();
-    const v = await store.createVolume({ name: 'uncached', capacityBytes: 16 * MiB });
-    files.add(v.id, v.id);
-    const dev = await attachLoop(path.join(mountPoint, v.id));
+    const { store, storeDir } = await start();
+    const { v, dev } = await volumeOnLoop('uncached', 16 * MiB);
     const src = path.join(h!.dir, 'uncached.bin');
     const data = pattern(22, 8 * MiB);
     fs.writeFileSync(src, data);
@@ -447,9 +445,7 @@ describe.skipIf(missing !== undefined && !mustRun)(`FUSE data plane${missing ? `
     const files = new VolumeFiles(store, { serveDirectly: () => direct });
     const server = await FuseServer.mount(mountPoint, files);
     h = { dir, mountPoint, storeDir, store, files, server, flushes: [] };
-    const v = await store.createVolume({ name: 'limited', capacityBytes: 8 * MiB });
-    files.add(v.id, v.id);
-    const dev = await attachLoop(path.join(mountPoint, v.id));
+    const { v, dev } = await volumeOnLoop('limited', 8 * MiB);
     const src = path.join(dir, 'limited.bin');
     fs.writeFileSync(src, pattern(24, MiB));
     await run('dd', [`if=${src}`, `of=${dev}`, 'bs=4k', 'oflag=direct', 'status=none']);
@@ -500,10 +496,8 @@ describe.skipIf(missing !== undefined && !mustRun)(`FUSE data plane${missing ? `
   });
 
   it('a snapshot holds every write answered before it and none after; reads through the device see both sides', async () => {
-    const { store, files, server, mountPoint } = await start();
-    const v = await store.createVolume({ name: 'cut', capacityBytes: 16 * MiB });
-    files.add(v.id, v.id);
-    const dev = await attachLoop(path.join(mountPoint, v.id));
+    const { store, server } = await start();
+    const { v, dev } = await volumeOnLoop('cut', 16 * MiB);
     const first = path.join(h!.dir, 'first.bin');
     const second = path.join(h!.dir, 'second.bin');
     fs.writeFileSync(first, pattern(22, MiB));

@@ -681,19 +681,28 @@ suiteUnless(
         expect(report).toMatchObject({ ok: true, missing: [], extraNotAllowed: [], extraAllowed: [] });
       });
 
-      test('hostpath: FIXED_LENGTH 4 KiB tuples, at most 256 a message when max_results is 0 or 1000; 100 honoured', async () => {
-        const c = cases.get('hostpath')!;
-        const reference = goExtents(listing(['-s', c.base.name, '--max-results', '100']));
-        expect(reference.length).toBeGreaterThan(256);
+      /**
+       * The profile's allocated listing of its base snapshot, checked for paging: at most `cap` tuples a message
+       * when max_results is 0 or 1000 (the same tuples either way), and `honoured` a message when asked for.
+       */
+      const cappedListing = (c: ProfileCase, cap: number, honoured: number, type: string): Extent[] => {
+        const reference = goExtents(listing(['-s', c.base.name, '--max-results', String(honoured)]));
+        expect(reference.length).toBeGreaterThan(cap);
         for (const maxResults of ['0', '1000']) {
           const records = listing(['-s', c.base.name, '--max-results', maxResults]);
-          expect(messageSizes(records), `max_results ${maxResults}`).toEqual(fullBatches(reference.length, 256));
-          for (const r of records) expect(r.block_metadata_type).toBe('FIXED_LENGTH');
+          expect(messageSizes(records), `max_results ${maxResults}`).toEqual(fullBatches(reference.length, cap));
+          for (const r of records) expect(r.block_metadata_type).toBe(type);
           expect(goExtents(records)).toEqual(reference);
         }
-        expect(messageSizes(listing(['-s', c.base.name, '--max-results', '100']))).toEqual(
-          fullBatches(reference.length, 100),
+        expect(messageSizes(listing(['-s', c.base.name, '--max-results', String(honoured)]))).toEqual(
+          fullBatches(reference.length, honoured),
         );
+        return reference;
+      };
+
+      test('hostpath: FIXED_LENGTH 4 KiB tuples, at most 256 a message when max_results is 0 or 1000; 100 honoured', async () => {
+        const c = cases.get('hostpath')!;
+        const reference = cappedListing(c, 256, 100, 'FIXED_LENGTH');
         for (const t of reference) {
           expect(t.length).toBe(4096);
           expect(t.offset % 4096).toBe(0);
@@ -704,17 +713,7 @@ suiteUnless(
 
       test('ceph-rbd: VARIABLE_LENGTH whole 4 MiB objects, at most 128 a message when max_results is 0 or 1000; 50 honoured', async () => {
         const c = cases.get('ceph-rbd')!;
-        const reference = goExtents(listing(['-s', c.base.name, '--max-results', '50']));
-        expect(reference.length).toBeGreaterThan(128);
-        for (const maxResults of ['0', '1000']) {
-          const records = listing(['-s', c.base.name, '--max-results', maxResults]);
-          expect(messageSizes(records), `max_results ${maxResults}`).toEqual(fullBatches(reference.length, 128));
-          for (const r of records) expect(r.block_metadata_type).toBe('VARIABLE_LENGTH');
-          expect(goExtents(records)).toEqual(reference);
-        }
-        expect(messageSizes(listing(['-s', c.base.name, '--max-results', '50']))).toEqual(
-          fullBatches(reference.length, 50),
-        );
+        const reference = cappedListing(c, 128, 50, 'VARIABLE_LENGTH');
         for (const t of reference) expect([t.offset % (4 * MiB), t.length]).toEqual([0, 4 * MiB]);
         // A superset of the written blocks, but only whole objects that hold a change.
         const report = await checkAgainstAnswers(c, reference, c.base);
