@@ -11,6 +11,7 @@
 import fs from 'node:fs';
 import { Bitmap } from './bitmap.js';
 import { translateIoError } from './errors.js';
+import { readLayerBytes } from './layer-bytes.js';
 
 /** Where a layer's bits are committed (the catalog). */
 export interface BitsJournal {
@@ -88,17 +89,7 @@ export class Layer {
 
   /** Reads `length` bytes at byte `position` of the file into `target` at `targetOffset`. */
   readInto(target: Uint8Array, targetOffset: number, length: number, position: number): void {
-    let done = 0;
-    const fd = this.handle();
-    while (done < length) {
-      const n = fs.readSync(fd, target, targetOffset + done, length - done, position + done);
-      // A sparse file past its end reads short: those bytes are holes, and holes are zeros.
-      if (n === 0) {
-        target.fill(0, targetOffset + done, targetOffset + length);
-        return;
-      }
-      done += n;
-    }
+    readLayerBytes(this.handle(), target, targetOffset, length, position);
   }
 
   /** Writes `data` at byte `position` of the file (bits are set separately, by `markWritten` or a merge). */

@@ -16,6 +16,7 @@
  */
 import fs from 'node:fs';
 import { type MessagePort, parentPort, receiveMessageOnPort, workerData } from 'node:worker_threads';
+import { readLayerBytes } from '../../../storage-engine/layer-bytes.js';
 import { LocationIndex } from '../../../storage-engine/location-index.js';
 import { DIRECT_ALIGN, pageAlignedMemory } from '../../aligned-memory.js';
 import { DirectLog, SessionState } from './direct-log.js';
@@ -459,7 +460,7 @@ class IoThread {
     ) {
       try {
         layer.directFd ??= fs.openSync(layer.path, fs.constants.O_RDONLY | fs.constants.O_DIRECT);
-        readFully(layer.directFd, reply, at, length, position);
+        readLayerBytes(layer.directFd, reply, at, length, position);
         return;
       } catch (err) {
         // A filesystem without O_DIRECT (tmpfs) refuses the open or the read: buffered reads from then on.
@@ -468,7 +469,7 @@ class IoThread {
         layer.directFd = null;
       }
     }
-    readFully(this.readFd(layer), reply, at, length, position);
+    readLayerBytes(this.readFd(layer), reply, at, length, position);
   }
 
   private reply(buf: Buffer, length: number): void {
@@ -488,19 +489,6 @@ function replyHeader(reply: Buffer, length: number, request: DataView): void {
   reply.writeInt32LE(0, 4);
   reply.writeUInt32LE(request.getUint32(8, true), 8);
   reply.writeUInt32LE(request.getUint32(12, true), 12);
-}
-
-/** pread until `length` bytes are in; past the end of a sparse file the rest is a hole, so zeros. */
-function readFully(fd: number, target: Buffer, at: number, length: number, position: number): void {
-  let done = 0;
-  while (done < length) {
-    const n = fs.readSync(fd, target, at + done, length - done, position + done);
-    if (n === 0) {
-      target.fill(0, at + done, at + length);
-      return;
-    }
-    done += n;
-  }
 }
 
 if (parentPort && (workerData as { ioThread?: IoThreadData } | undefined)?.ioThread) {
