@@ -12,15 +12,16 @@ import fs from 'node:fs';
 import { DIRECT_ALIGN, pageAlignedMemory } from '../aligned-memory.js';
 
 /** Backing stores of the buffers allocAligned() made. */
-const alignedStores = new WeakSet<ArrayBufferLike>();
+const alignedStores = new WeakSet<ArrayBuffer | SharedArrayBuffer>();
 
 /**
  * `count` page-aligned buffers of `size` bytes each (a multiple of DIRECT_ALIGN), or ordinary buffers when
- * WebAssembly is unavailable (node --jitless).
+ * WebAssembly is unavailable (node --jitless). They are shared memory, so worker threads can hash them in
+ * place (sha256-threads.ts).
  */
 export function allocAligned(size: number, count: number): Buffer[] {
   if (size % DIRECT_ALIGN !== 0) throw new RangeError(`aligned buffers come in multiples of ${DIRECT_ALIGN} bytes`);
-  const store = pageAlignedMemory(size * count);
+  const store = pageAlignedMemory(size * count, true);
   if (!store) return Array.from({ length: count }, () => Buffer.allocUnsafeSlow(size));
   alignedStores.add(store);
   return Array.from({ length: count }, (_, i) => Buffer.from(store, i * size, size));

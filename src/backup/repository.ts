@@ -11,13 +11,14 @@
  * manifest (temp, fsync, rename, directory fsync). The manifest's rename is the commit: a backup killed before it leaves only
  * garbage that no manifest names, removed by the next writer, and the repository stays valid.
  */
-import { createHash, randomBytes } from 'node:crypto';
+import { randomBytes } from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
 import { fsyncDir, fsyncFile, mkdirPrivate, tempName, writeFileDurably, FILE_MODE } from './durable-files.js';
 import type { Extent } from '../client/index.js';
 import { createFile } from './direct-io.js';
 import { BACKUP_ID, MANIFEST_FORMAT, parseManifest, type Manifest, type ManifestExtent } from './manifest.js';
+import { sha256 } from './sha256-threads.js';
 
 export const MARKER = 'cbt-backup-repository.json';
 const REPOSITORY_FORMAT = 'cbt-csi-backup-repository';
@@ -50,9 +51,8 @@ export interface VerifyReport {
   damagedManifests: { id: string; problem: string }[];
 }
 
-export function sha256(data: Uint8Array): string {
-  return createHash('sha256').update(data).digest('hex');
-}
+/** The hex SHA-256 of a chunk's bytes (Sha256Threads.hash, or sha256 here). */
+export type ChunkHasher = (data: Buffer) => Promise<string>;
 
 export class BackupRepository {
   private constructor(readonly dir: string) {}
@@ -254,10 +254,11 @@ export class BackupRepository {
   async begin(
     meta: Omit<Manifest, 'format' | 'id' | 'extents' | 'bytes' | 'created'>,
     lock: RepositoryLock,
+    hash: ChunkHasher = async (data) => sha256(data),
   ): Promise<BackupWriter> {
     if (!lock.held) throw new Error('begin() needs the repository lock');
     const known = new Set((await this.referencedChunks()).keys());
-    return new BackupWriter(this, meta, known);
+    return new BackupWriter(this, meta, known, hash);
   }
 
   /** Re-checks every chunk of the given backups (all by default) and reports what is damaged and what it breaks. */
@@ -369,6 +370,8 @@ export class BackupWriter {
     private readonly repo: BackupRepository,
     private readonly meta: Omit<Manifest, 'format' | 'id' | 'extents' | 'bytes' | 'created'>,
     private readonly known: Set<string>,
+    /** How a chunk's name is computed: SHA-256, here or on the hashing threads. */
+    private readonly hash: ChunkHasher,
   ) {
     const stamp = new Date().toISOString().replace(/[-:]/g, '');
     this.id = `${stamp}-${randomBytes(4).toString('hex')}`;
@@ -385,7 +388,7 @@ export class BackupWriter {
    * Calls may run concurrently; commit() orders the extents.
    */
   async putChunk(extents: readonly Extent[], data: Buffer): Promise<void> {
-    const hash = sha256(data);
+    const hash = await this.hash(data);
     let at = 0;
     for (const e of extents) {
       this.extents.push([e.offset, e.length, hash, at]);
