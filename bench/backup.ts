@@ -9,6 +9,8 @@
  *   incremental  an incremental of 10,000 scattered 4 KiB changes on a 16 GiB volume vs reading just those
  *                blocks from the same device (target: ≤ 2× the read's time)
  *   client       the client iterating a 1,000,000-extent FIXED listing over CSI direct (target ≥ 1 M/s)
+ *   restore      restore and verify of a full backup of a fully written 1 GiB volume onto a fresh published
+ *                device, beside a plain sequential write of it (untargeted)
  *
  * The repositories go in the suite's directory, on the same disk as the driver's store, unless
  * CBT_BENCH_REPO_DIR names another place (e.g. /dev/shm): a full backup writes every byte it reads, so on a
@@ -27,11 +29,13 @@ import path from 'node:path';
 import type { ChildProcess } from 'node:child_process';
 import { connectCsiDirect, type ExtentListing } from '../src/client/index.js';
 import { openSource } from '../src/backup/block-target.js';
-import { CHUNK_SIZE, HASH_THREADS, planBackup, READS_IN_FLIGHT, writeBackup } from '../src/backup/backup-run.js';
+import { CHUNK_SIZE, planBackup, READS_IN_FLIGHT, writeBackup } from '../src/backup/backup-run.js';
+import { HASH_THREADS } from '../src/backup/sha256-threads.js';
 import { allocAligned } from '../src/backup/direct-io.js';
 import { BLOCK_CAPABILITY, CsiVolumes, type ExposedSnapshot } from '../src/backup/csi-volumes.js';
 import { createProgress } from '../src/backup/progress.js';
 import { BackupRepository } from '../src/backup/repository.js';
+import { restoreBackup } from '../src/backup/restore.js';
 import { spawnDriver } from '../test/support/test-driver.js';
 import {
   GiB,
@@ -553,6 +557,88 @@ async function clientCase(ctx: SuiteContext, d: Driver, sizes: Sizes): Promise<v
   }
 }
 
+/**
+ * Restore and verify of a full backup of a fully written volume, onto a fresh volume published as a block
+ * device (as a vendor restores into a new PVC), beside a plain sequential write of that device.
+ */
+async function restoreCase(ctx: SuiteContext, d: Driver, sizes: Sizes): Promise<void> {
+  const volumeId = await d.volume('bench-restore', sizes.fullBytes);
+  const p = await d.volumes.publish(volumeId);
+  fill(p.device, sizes.fullBytes);
+  await p.release();
+  const snap = await d.snapshot(volumeId, 'bench-restore-1');
+  const repo = await BackupRepository.openOrCreate(path.join(repoRoot(ctx), 'repo-restore'));
+  const exposed = await d.volumes.expose(await d.volumes.snapshot(snap));
+  const { summary } = await backupOnce(d, repo, snap, null, exposed).finally(() => exposed.release());
+  const target = await d.volumes.publish(await d.volume('bench-restore-target', sizes.fullBytes));
+  try {
+    const writes: Timed[] = [];
+    const restores: Timed[] = [];
+    const verifies: Timed[] = [];
+    const loads: number[] = [];
+    const data = randomBuffer(MiB, SEED + 2);
+    for (let i = 0; i < ROUNDS; i++) {
+      // As `dd bs=1M conv=fsync` writes: through the page cache, one fsync at the end.
+      writes.push(
+        await timed(d, async () => {
+          const handle = await fs.promises.open(target.device, 'r+');
+          try {
+            let next = 0;
+            const worker = async () => {
+              while (next < sizes.fullBytes / MiB) await handle.write(data, 0, MiB, MiB * next++);
+            };
+            await Promise.all(Array.from({ length: READS_IN_FLIGHT }, worker));
+            await handle.sync();
+          } finally {
+            await handle.close();
+          }
+        }),
+      );
+      flushbufs(target.device);
+      restores.push(await timed(d, () => restoreBackup(repo, summary.id, target.device, quiet)));
+      verifies.push(await timed(d, () => repo.verify([summary.id])));
+      loads.push(load1());
+      ctx.log(
+        `restore round ${i + 1}: write ${round0(writes.at(-1)!.ms)} ms, restore ${round0(restores.at(-1)!.ms)} ms, verify ${round0(verifies.at(-1)!.ms)} ms, load ${loads.at(-1)}`,
+      );
+    }
+    const mib = sizes.fullBytes / MiB;
+    const params = {
+      volume: sizeLabel(sizes.fullBytes),
+      repository: repoRoot(ctx),
+      chunks: summary.newChunks,
+      rounds: ROUNDS,
+      hashThreads: HASH_THREADS,
+      quick: ctx.quick,
+      loads: loads.join(' '),
+    };
+    for (const [metric, samples, what] of [
+      [
+        'plain_sequential_write_mib_s',
+        writes,
+        `1 MiB pwrite, ${READS_IN_FLIGHT} in flight, through the page cache, fsync`,
+      ],
+      ['restore_mib_s', restores, 'chunk reads, SHA-256 checks, writes to the published device, fsync'],
+      ['verify_mib_s', verifies, 'chunk reads and SHA-256 checks'],
+    ] as const)
+      ctx.emit({
+        metric,
+        value: round(mib / (medianOf(samples, 'ms') / 1000), 1),
+        unit: 'MiB/s',
+        params: {
+          ...params,
+          what,
+          ms: samples.map((r) => round0(r.ms)).join(' '),
+          clientCpuMs: medianOf(samples, 'clientCpuMs'),
+          driverCpuMs: medianOf(samples, 'driverCpuMs'),
+        },
+      });
+  } finally {
+    await target.release();
+    fs.rmSync(repo.dir, { recursive: true, force: true });
+  }
+}
+
 export async function run(ctx: SuiteContext): Promise<void> {
   if (process.getuid?.() !== 0)
     throw new Error('the backup suite needs root: it publishes volumes through the Node service (losetup, /dev/fuse)');
@@ -563,6 +649,7 @@ export async function run(ctx: SuiteContext): Promise<void> {
       ['full', fullCase],
       ['incremental', incrementalCase],
       ['client', clientCase],
+      ['restore', restoreCase],
     ];
     for (const [name, body] of cases) {
       if (ctx.only && !ctx.only.has(name)) continue;

@@ -4,7 +4,6 @@
  * manifest. The listing is taken before anything is written, so its total drives the progress bar and
  * bad input (a source too small) is refused before the repository is touched.
  */
-import os from 'node:os';
 import type { Extent, SnapshotMetadataClient } from '../client/index.js';
 import { packageVersion } from '../config.js';
 import type { BlockSource } from './block-target.js';
@@ -12,7 +11,7 @@ import { allocAligned } from './direct-io.js';
 import type { Manifest } from './manifest.js';
 import type { Progress } from './progress.js';
 import type { BackupRepository } from './repository.js';
-import { Sha256Threads } from './sha256-threads.js';
+import { HASH_THREADS, Sha256Threads } from './sha256-threads.js';
 
 /**
  * Largest chunk: no stored extent crosses a multiple of it. 4 MiB (as Proxmox Backup Server uses for block
@@ -25,11 +24,6 @@ export const CHUNK_SIZE = 4 << 20;
 export const READ_SIZE = 1 << 20;
 /** Reads of the source in flight at once. */
 export const READS_IN_FLIGHT = 8;
-/**
- * Threads hashing chunks while the main thread keeps the reads and writes going: one a core, up to four
- * (each hashes ~1.4 GB/s with SHA-NI, so four outrun any source this reads).
- */
-export const HASH_THREADS = Math.min(4, os.availableParallelism());
 
 export interface BackupPlan {
   snapshot: string;

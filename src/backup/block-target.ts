@@ -85,6 +85,8 @@ export async function openSource(file: string, capacityBytes: number): Promise<B
 export interface RestoreTarget {
   readonly path: string;
   readonly created: boolean;
+  /** Aligned writes of page-aligned buffers (allocAligned) go with O_DIRECT: the target allows it. */
+  readonly direct: boolean;
   write(offset: number, data: Buffer): Promise<void>;
   sync(): Promise<void>;
   close(): Promise<void>;
@@ -117,17 +119,42 @@ export async function openTarget(file: string, capacityBytes: number): Promise<R
     }
     handle = await fs.promises.open(file, fs.constants.O_WRONLY);
   }
+  // Aligned writes of aligned buffers go with O_DIRECT: a restored volume is not read back soon, and its
+  // bytes in the page cache would only be copied there and flushed later.
+  let direct = await fs.promises.open(file, fs.constants.O_WRONLY | fs.constants.O_DIRECT).catch(() => undefined);
+  const writeAll = async (through: fs.promises.FileHandle, offset: number, data: Buffer) => {
+    let done = 0;
+    while (done < data.length) {
+      const { bytesWritten } = await through.write(data, done, data.length - done, offset + done);
+      done += bytesWritten;
+    }
+  };
   return {
     path: file,
     created,
-    async write(offset, data) {
-      let done = 0;
-      while (done < data.length) {
-        const { bytesWritten } = await handle.write(data, done, data.length - done, offset + done);
-        done += bytesWritten;
-      }
+    get direct() {
+      return direct !== undefined;
     },
+    async write(offset, data) {
+      if (direct && directCapable(data) && offset % DIRECT_ALIGN === 0) {
+        try {
+          return await writeAll(direct, offset, data);
+        } catch (err) {
+          // A filesystem that opens with O_DIRECT but refuses the write: the page cache from now on.
+          if ((err as NodeJS.ErrnoException).code !== 'EINVAL') throw err;
+          const refused = direct;
+          direct = undefined;
+          await refused.close();
+        }
+      }
+      await writeAll(handle, offset, data);
+    },
+    // One fsync covers both descriptors: it flushes the file (or device) they share.
     sync: () => handle.sync(),
-    close: () => handle.close(),
+    close: async () => {
+      await direct?.close();
+      direct = undefined;
+      await handle.close();
+    },
   };
 }

@@ -69,3 +69,60 @@ async function writeWhole(file: string, flags: number, data: Buffer, mode: numbe
     await handle.close();
   }
 }
+
+/** A file too large for the buffer it was to be read into. */
+export class FileTooLarge extends Error {
+  constructor(
+    readonly file: string,
+    readonly size: number,
+  ) {
+    super(`${file} holds ${size} bytes, more than expected`);
+  }
+}
+
+/**
+ * Reads the whole of `file` into the start of `into`, with O_DIRECT when `direct` and the buffer allows
+ * (the read is rounded up to whole pages; the file's end stops it). Returns the file's bytes, a view of
+ * `into`, and whether O_DIRECT was used; a filesystem that refuses O_DIRECT gets a read through the page
+ * cache. A file longer than `into` throws FileTooLarge.
+ */
+export async function readFileInto(
+  file: string,
+  into: Buffer,
+  direct: boolean,
+): Promise<{ data: Buffer; direct: boolean }> {
+  if (direct && directCapable(into)) {
+    const handle = await fs.promises.open(file, fs.constants.O_RDONLY | fs.constants.O_DIRECT).catch((err) => {
+      if ((err as NodeJS.ErrnoException).code === 'EINVAL') return undefined;
+      throw err;
+    });
+    if (handle) {
+      try {
+        return { data: await readWhole(handle, file, into, DIRECT_ALIGN), direct: true };
+      } catch (err) {
+        if ((err as NodeJS.ErrnoException).code !== 'EINVAL') throw err;
+      } finally {
+        await handle.close();
+      }
+    }
+  }
+  const handle = await fs.promises.open(file, 'r');
+  try {
+    return { data: await readWhole(handle, file, into, 1), direct: false };
+  } finally {
+    await handle.close();
+  }
+}
+
+async function readWhole(handle: fs.promises.FileHandle, file: string, into: Buffer, align: number): Promise<Buffer> {
+  const { size } = await handle.stat();
+  if (size > into.length) throw new FileTooLarge(file, size);
+  const want = Math.min(into.length, Math.ceil(size / align) * align);
+  let done = 0;
+  while (done < size) {
+    const { bytesRead } = await handle.read(into, done, want - done, done);
+    if (bytesRead === 0) break;
+    done += bytesRead;
+  }
+  return into.subarray(0, Math.min(done, size));
+}

@@ -16,9 +16,10 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { fsyncDir, fsyncFile, mkdirPrivate, tempName, writeFileDurably, FILE_MODE } from './durable-files.js';
 import type { Extent } from '../client/index.js';
-import { createFile } from './direct-io.js';
+import { allocAligned, createFile, FileTooLarge, readFileInto } from './direct-io.js';
 import { BACKUP_ID, MANIFEST_FORMAT, parseManifest, type Manifest, type ManifestExtent } from './manifest.js';
-import { sha256 } from './sha256-threads.js';
+import { HASH_THREADS, Sha256Threads, sha256 } from './sha256-threads.js';
+import { DIRECT_ALIGN } from '../aligned-memory.js';
 
 export const MARKER = 'cbt-backup-repository.json';
 const REPOSITORY_FORMAT = 'cbt-csi-backup-repository';
@@ -31,6 +32,17 @@ export class RepositoryError extends Error {
   ) {
     super(message);
     this.name = 'RepositoryError';
+  }
+}
+
+/** A chunk that cannot be used, and why. */
+export class ChunkProblem extends RepositoryError {
+  constructor(
+    readonly chunk: string,
+    readonly problem: DamagedChunk['problem'],
+    message: string,
+  ) {
+    super('damaged', message);
   }
 }
 
@@ -53,6 +65,7 @@ export interface VerifyReport {
 
 /** The hex SHA-256 of a chunk's bytes (Sha256Threads.hash, or sha256 here). */
 export type ChunkHasher = (data: Buffer) => Promise<string>;
+const inlineHasher: ChunkHasher = async (data) => sha256(data);
 
 export class BackupRepository {
   private constructor(readonly dir: string) {}
@@ -175,20 +188,31 @@ export class BackupRepository {
     return out.reverse();
   }
 
-  /** Reads a chunk and checks its hash; throws a 'damaged' RepositoryError naming the chunk. */
-  async readChunk(hash: string): Promise<Buffer> {
+  /**
+   * Reads chunk `hash` into `into` (at least as long as any chunk; an aligned buffer is read with O_DIRECT,
+   * since a chunk read for a restore or a check is not read again soon) and checks its SHA-256 with `hasher`.
+   * Returns the chunk's bytes, a view of `into`; throws a ChunkProblem naming the chunk and what is wrong.
+   */
+  async loadChunk(hash: string, into: Buffer, hasher: ChunkHasher = inlineHasher): Promise<Buffer> {
     let data: Buffer;
     try {
-      data = await fs.promises.readFile(this.chunkPath(hash));
+      ({ data } = await readFileInto(this.chunkPath(hash), into, true));
     } catch (err) {
+      if (err instanceof FileTooLarge)
+        throw new ChunkProblem(
+          hash,
+          'hash mismatch',
+          `chunk ${hash} is damaged: it holds ${err.size} bytes, more than a chunk`,
+        );
       const missing = (err as NodeJS.ErrnoException).code === 'ENOENT';
-      throw new RepositoryError(
-        'damaged',
+      throw new ChunkProblem(
+        hash,
+        missing ? 'missing' : 'unreadable',
         `chunk ${hash} is ${missing ? 'missing' : `unreadable: ${(err as Error).message}`}`,
       );
     }
-    if (sha256(data) !== hash)
-      throw new RepositoryError('damaged', `chunk ${hash} is damaged: its content does not match its SHA-256`);
+    if ((await hasher(data)) !== hash)
+      throw new ChunkProblem(hash, 'hash mismatch', `chunk ${hash} is damaged: its content does not match its SHA-256`);
     return data;
   }
 
@@ -254,7 +278,7 @@ export class BackupRepository {
   async begin(
     meta: Omit<Manifest, 'format' | 'id' | 'extents' | 'bytes' | 'created'>,
     lock: RepositoryLock,
-    hash: ChunkHasher = async (data) => sha256(data),
+    hash: ChunkHasher = inlineHasher,
   ): Promise<BackupWriter> {
     if (!lock.held) throw new Error('begin() needs the repository lock');
     const known = new Set((await this.referencedChunks()).keys());
@@ -309,20 +333,38 @@ export class BackupRepository {
       for (const member of chainOf(id) ?? [])
         for (const [, , hash] of manifests.get(member)!.extents) toCheck.add(hash);
     }
-    const damaged: DamagedChunk[] = [];
+    // CHECKS_IN_FLIGHT chunks read at once, each into its own buffer, hashed on the hash threads in place.
+    const list = [...toCheck];
+    const found: { at: number; damage: DamagedChunk }[] = [];
     let bytesChecked = 0;
-    for (const hash of toCheck) {
-      let problem: DamagedChunk['problem'] | undefined;
-      try {
-        const data = await fs.promises.readFile(this.chunkPath(hash));
-        bytesChecked += data.length;
-        onChunk?.(data.length);
-        if (sha256(data) !== hash) problem = 'hash mismatch';
-      } catch (err) {
-        problem = (err as NodeJS.ErrnoException).code === 'ENOENT' ? 'missing' : 'unreadable';
-      }
-      if (problem) damaged.push({ chunk: hash, problem, breaks: [...(users.get(hash) ?? [])].sort() });
+    const largest = Math.max(0, ...[...manifests.values()].map((m) => m.blockSize));
+    const buffers = allocAligned(chunkBufferSize(largest), Math.min(CHECKS_IN_FLIGHT, Math.max(1, list.length)));
+    const hashes = new Sha256Threads(HASH_THREADS);
+    let next = 0;
+    try {
+      await Promise.all(
+        buffers.map(async (buffer) => {
+          while (next < list.length) {
+            const at = next++;
+            const hash = list[at]!;
+            try {
+              const data = await this.loadChunk(hash, buffer, (d) => hashes.hash(d));
+              bytesChecked += data.length;
+              onChunk?.(data.length);
+            } catch (err) {
+              if (!(err instanceof ChunkProblem)) throw err;
+              found.push({
+                at,
+                damage: { chunk: hash, problem: err.problem, breaks: [...(users.get(hash) ?? [])].sort() },
+              });
+            }
+          }
+        }),
+      );
+    } finally {
+      await hashes.close();
     }
+    const damaged = found.sort((a, b) => a.at - b.at).map((f) => f.damage);
     return { backups: wanted, chunksChecked: toCheck.size, bytesChecked, damaged, damagedManifests };
   }
 }
@@ -345,6 +387,18 @@ export class RepositoryLock {
     this.held = false;
     await fs.promises.rm(this.lockPath, { force: true });
   }
+}
+
+/** Chunks verify reads and hashes at once. */
+const CHECKS_IN_FLIGHT = 8;
+
+/**
+ * The buffer that holds any chunk of backups with this block size (their largest chunk), a whole number of
+ * pages so it can be read with O_DIRECT; at most 64 MiB, so a manifest naming an absurd block size cannot
+ * make a reader allocate it (a chunk larger than the buffer is reported damaged).
+ */
+export function chunkBufferSize(blockSize: number): number {
+  return Math.min(64 << 20, Math.max(DIRECT_ALIGN, Math.ceil(blockSize / DIRECT_ALIGN) * DIRECT_ALIGN));
 }
 
 /** fsyncs of new chunk files (and, at the commit, of their directories) under way at once. */

@@ -1,12 +1,21 @@
 /**
- * Restore: replays a backup's chain (the full backup, then each incremental in order) onto a target, at
- * the last backup's capacity. Every chunk's hash is checked before its bytes are written. On an existing
- * target, ranges no backup stored are written with zeros, so the result is the snapshot whatever was there.
+ * Restore: puts the volume a backup's chain (the full backup, then each incremental in order) describes onto
+ * a target, at the last backup's capacity. The chain is first laid into one map of the volume
+ * (chain-map.ts), so each byte is written once, in volume order, from the latest backup that stored it. On
+ * an existing target, ranges no backup stored are written with zeros, so the result is the snapshot whatever
+ * was there. Every chunk's hash is checked before any of its bytes are written.
+ *
+ * Chunks are read ahead of the writes (O_DIRECT into aligned buffers, hashed in place on the hash threads)
+ * and several writes run at once (O_DIRECT where aligned): a restore's pace is the slower of the
+ * repository's reads and the target's writes, not their sum plus the hashing.
  */
 import type { Extent } from '../client/index.js';
 import { openTarget } from './block-target.js';
+import { layChain, type Placed } from './chain-map.js';
+import { allocAligned } from './direct-io.js';
 import type { Progress } from './progress.js';
-import { RepositoryError, type BackupRepository } from './repository.js';
+import { chunkBufferSize, RepositoryError, type BackupRepository, type ChunkHasher } from './repository.js';
+import { HASH_THREADS, Sha256Threads } from './sha256-threads.js';
 import fs from 'node:fs';
 
 export interface RestoreSummary {
@@ -18,9 +27,17 @@ export interface RestoreSummary {
   seconds: number;
 }
 
-const ZEROS = Buffer.alloc(1 << 20);
-/** Chunks a restore holds in memory at once, at most (4 MiB each). */
-const CHUNKS_KEPT = 8;
+/** Zeros for the gaps, page-aligned so they can be written with O_DIRECT. */
+const ZEROS = allocAligned(1 << 20, 1)[0]!;
+/** Chunks read ahead of the writes. */
+const CHUNKS_AHEAD = 4;
+/** Writes to the target under way at once. */
+const WRITES_IN_FLIGHT = 8;
+/**
+ * Chunks held in memory at once (4 MiB each), read or being read: those read ahead and those the map uses
+ * again further on (a shared chunk of an incremental holds blocks from all over the volume).
+ */
+const CHUNKS_HELD = 16;
 
 export async function restoreBackup(
   repo: BackupRepository,
@@ -46,64 +63,55 @@ export async function restoreBackup(
       `backup ${id} cannot be restored: ${missing.size} chunk(s) are missing, e.g. ${[...missing][0]} (run \`cbt-csi verify --repo ${repo.dir}\`)`,
     );
   }
+  const map = layChain(chain, capacity);
   const target = await openTarget(targetPath, capacity);
+  const hashes = new Sha256Threads(HASH_THREADS);
+  const writes = new Writes(WRITES_IN_FLIGHT);
   let written = 0;
   try {
-    let total = 0;
-    for (const m of chain)
-      for (const [offset, length] of m.extents) if (offset < capacity) total += Math.min(length, capacity - offset);
-    const gaps = target.created
-      ? []
-      : complement(
-          chain.flatMap((m) => m.extents.map(([offset, length]) => ({ offset, length }))),
-          capacity,
-        );
-    total += gaps.reduce((s, g) => s + g.length, 0);
-    progress.start('restore', total);
-    for (const gap of gaps) {
-      for (let o = gap.offset; o < gap.offset + gap.length; o += ZEROS.length) {
-        const n = Math.min(ZEROS.length, gap.offset + gap.length - o);
-        await target.write(o, ZEROS.subarray(0, n));
-        progress.add(n);
-        written += n;
-      }
-    }
-    // In a manifest the extents of a shared chunk need not be adjacent (whole chunks sit between them), so
-    // a chunk read is kept until its manifest's last extent in it, up to CHUNKS_KEPT (a backup made by
-    // this tool fills its shared chunks in volume order: one is open at a time).
-    const kept = new Map<string, Buffer>();
-    for (const m of chain) {
-      const lastUse = new Map<string, number>();
-      for (const [i, [, , hash]] of m.extents.entries()) lastUse.set(hash, i);
-      kept.clear();
-      for (const [i, [offset, length, hash, chunkOffset]] of m.extents.entries()) {
-        if (offset >= capacity) continue;
-        let data = kept.get(hash);
-        if (!data) {
-          data = await repo.readChunk(hash).catch((err: unknown) => {
-            throw new RepositoryError(
-              'damaged',
-              `backup ${id} cannot be restored: ${(err as Error).message} (it is part of backup ${m.id})`,
-            );
-          });
-          if (kept.size >= CHUNKS_KEPT) kept.delete(kept.keys().next().value!);
-          kept.set(hash, data);
+    const gaps = target.created ? [] : complement(map, capacity);
+    progress.start(
+      'restore',
+      [...map, ...gaps].reduce((s, e) => s + e.length, 0),
+    );
+    const write = (offset: number, data: Buffer, then?: () => void) =>
+      writes.start(async () => {
+        try {
+          await target.write(offset, data);
+        } finally {
+          then?.();
         }
-        if (lastUse.get(hash) === i) kept.delete(hash);
-        if (chunkOffset + length > data.length)
-          throw new RepositoryError(
-            'damaged',
-            `chunk ${hash} has ${data.length} bytes where backup ${m.id} stored ${length} from byte ${chunkOffset}`,
-          );
-        const n = Math.min(length, capacity - offset);
-        await target.write(offset, data.subarray(chunkOffset, chunkOffset + n));
-        progress.add(n);
-        written += n;
+        progress.add(data.length);
+        written += data.length;
+      });
+    for (const gap of gaps)
+      for (let o = gap.offset; o < gap.offset + gap.length; o += ZEROS.length)
+        await write(o, ZEROS.subarray(0, Math.min(ZEROS.length, gap.offset + gap.length - o)));
+    const largest = Math.max(...chain.map((m) => m.blockSize));
+    const chunks = new ChunkSupply(repo, map, chunkBufferSize(largest), (d) => hashes.hash(d));
+    for (let k = 0; k < map.length; k++) {
+      const p = map[k]!;
+      const data = await chunks.take(k).catch((err: unknown) => {
+        throw new RepositoryError(
+          'damaged',
+          `backup ${id} cannot be restored: ${(err as Error).message} (it is part of backup ${p.backup})`,
+        );
+      });
+      if (p.chunkOffset + p.length > data.length) {
+        chunks.done(k);
+        throw new RepositoryError(
+          'damaged',
+          `chunk ${p.hash} has ${data.length} bytes where backup ${p.backup} stored ${p.length} from byte ${p.chunkOffset}`,
+        );
       }
+      await write(p.offset, data.subarray(p.chunkOffset, p.chunkOffset + p.length), () => chunks.done(k));
     }
+    await writes.finish();
     await target.sync();
   } finally {
     progress.stop();
+    await writes.finish().catch(() => undefined);
+    await hashes.close();
     await target.close();
   }
   return {
@@ -114,6 +122,133 @@ export async function restoreBackup(
     bytesWritten: written,
     seconds: (Date.now() - started) / 1000,
   };
+}
+
+/** Writes under way, at most `limit`: start() waits for a free place; the first failure is thrown by the next start() or finish(). */
+class Writes {
+  private readonly running = new Set<Promise<void>>();
+  private failure: unknown;
+  constructor(private readonly limit: number) {}
+  async start(write: () => Promise<void>): Promise<void> {
+    while (this.running.size >= this.limit) await Promise.race(this.running);
+    if (this.failure !== undefined) throw this.failure;
+    const p: Promise<void> = write()
+      .catch((err: unknown) => {
+        this.failure ??= err;
+      })
+      .finally(() => this.running.delete(p));
+    this.running.add(p);
+  }
+  async finish(): Promise<void> {
+    await Promise.all(this.running);
+    if (this.failure !== undefined) throw this.failure;
+  }
+}
+
+/** A chunk read (or being read) into a buffer of the supply's pool. */
+interface Held {
+  data: Promise<Buffer>;
+  buffer: Buffer;
+  loaded: boolean;
+  /** Writes of its bytes not yet done. */
+  inUse: number;
+}
+
+/**
+ * The chunks the map's ranges need, in map order: take(k) gives range k's chunk, read and checked, and reads
+ * the next CHUNKS_AHEAD chunks meanwhile; done(k) says range k's write is over. A chunk stays held while
+ * later ranges use it; past CHUNKS_HELD, the held chunk needed furthest on (and not in use) is let go and
+ * read again when its turn comes.
+ */
+class ChunkSupply {
+  /** Per chunk: the map ranges that use it, in order; how many have been taken; its place in `order`. */
+  private readonly uses = new Map<string, { at: number[]; taken: number; first: number }>();
+  /** Chunks in the order the map first needs them. */
+  private readonly order: string[] = [];
+  private readonly held = new Map<string, Held>();
+  private readonly free: Buffer[] = [];
+  /** Next entry of `order` to read ahead. */
+  private ahead = 0;
+
+  constructor(
+    private readonly repo: BackupRepository,
+    private readonly map: readonly Placed[],
+    private readonly bufferSize: number,
+    private readonly hasher: ChunkHasher,
+  ) {
+    for (const [k, p] of map.entries()) {
+      const u = this.uses.get(p.hash);
+      if (u) u.at.push(k);
+      else {
+        this.uses.set(p.hash, { at: [k], taken: 0, first: this.order.length });
+        this.order.push(p.hash);
+      }
+    }
+  }
+
+  take(k: number): Promise<Buffer> {
+    const hash = this.map[k]!.hash;
+    const use = this.uses.get(hash)!;
+    use.taken++;
+    const h = this.held.get(hash) ?? this.load(hash);
+    h.inUse++;
+    // Read ahead: the chunks first needed next, as room allows.
+    this.ahead = Math.max(this.ahead, use.first + 1);
+    for (let n = 0; n < CHUNKS_AHEAD && this.ahead < this.order.length; n++) {
+      if (this.held.size >= CHUNKS_HELD && !this.letGo()) break;
+      const next = this.order[this.ahead++]!;
+      if (!this.held.has(next)) this.load(next);
+    }
+    return h.data;
+  }
+
+  done(k: number): void {
+    const hash = this.map[k]!.hash;
+    const h = this.held.get(hash);
+    if (!h) return;
+    h.inUse--;
+    const use = this.uses.get(hash)!;
+    if (h.inUse === 0 && use.taken === use.at.length) this.release(hash, h);
+  }
+
+  private load(hash: string): Held {
+    if (this.held.size >= CHUNKS_HELD) this.letGo();
+    if (this.free.length === 0) this.free.push(...allocAligned(this.bufferSize, 4));
+    const buffer = this.free.pop()!;
+    const h: Held = { buffer, loaded: false, inUse: 0, data: this.repo.loadChunk(hash, buffer, this.hasher) };
+    // A chunk read ahead that turns out damaged fails the take() that needs it, not the process.
+    h.data.then(
+      () => {
+        h.loaded = true;
+      },
+      () => undefined,
+    );
+    this.held.set(hash, h);
+    return h;
+  }
+
+  private release(hash: string, h: Held): void {
+    this.held.delete(hash);
+    this.free.push(h.buffer);
+  }
+
+  /** Lets go of the read chunk not in use that is needed furthest on; false if every held chunk is busy. */
+  private letGo(): boolean {
+    let victim: string | undefined;
+    let furthest = -1;
+    for (const [hash, h] of this.held) {
+      if (!h.loaded || h.inUse > 0) continue;
+      const use = this.uses.get(hash)!;
+      const next = use.taken < use.at.length ? use.at[use.taken]! : Number.POSITIVE_INFINITY;
+      if (next > furthest) {
+        furthest = next;
+        victim = hash;
+      }
+    }
+    if (victim === undefined) return false;
+    this.release(victim, this.held.get(victim)!);
+    return true;
+  }
 }
 
 /** The parts of [0, capacity) that no extent covers. */

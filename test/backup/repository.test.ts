@@ -229,10 +229,10 @@ describe('backup repository', () => {
       await lock.release();
     }
     const reads: string[] = [];
-    const readChunk = repo.readChunk.bind(repo);
-    repo.readChunk = (hash: string) => {
+    const loadChunk = repo.loadChunk.bind(repo);
+    repo.loadChunk = (hash, into, hasher) => {
       reads.push(hash);
-      return readChunk(hash);
+      return loadChunk(hash, into, hasher);
     };
     const target = path.join(dir, 'ends.img');
     await restoreBackup(repo, manifest.id, target, quiet);
