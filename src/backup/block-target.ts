@@ -136,15 +136,18 @@ export async function openTarget(file: string, capacityBytes: number): Promise<R
       return direct !== undefined;
     },
     async write(offset, data) {
-      if (direct && directCapable(data) && offset % DIRECT_ALIGN === 0) {
+      const through = direct;
+      if (through && directCapable(data) && offset % DIRECT_ALIGN === 0) {
         try {
-          return await writeAll(direct, offset, data);
+          return await writeAll(through, offset, data);
         } catch (err) {
-          // A filesystem that opens with O_DIRECT but refuses the write: the page cache from now on.
+          // A filesystem that opens with O_DIRECT but refuses the write: the page cache from now on. Several
+          // writes under way may be refused; the first to hear it closes the descriptor.
           if ((err as NodeJS.ErrnoException).code !== 'EINVAL') throw err;
-          const refused = direct;
-          direct = undefined;
-          await refused.close();
+          if (direct === through) {
+            direct = undefined;
+            await through.close();
+          }
         }
       }
       await writeAll(handle, offset, data);

@@ -7,7 +7,7 @@ import { randomBytes } from 'node:crypto';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { afterEach, beforeEach, expect, it } from 'vitest';
+import { afterEach, beforeEach, expect, it, vi } from 'vitest';
 import type { Manifest } from '../../src/backup/manifest.js';
 import { createProgress } from '../../src/backup/progress.js';
 import { BackupRepository } from '../../src/backup/repository.js';
@@ -72,7 +72,17 @@ it('restoring a full backup and an incremental writes each byte of the volume on
     Array.from({ length: 16 }, (_, i) => [[i * 64 * KiB, randomBytes(64 * KiB)]]),
     null,
   );
-  const inc = await backup(repo, volume, [[[100 * KiB, randomBytes(4 * KiB)], [700 * KiB + 3, randomBytes(999)]]], full);
+  const inc = await backup(
+    repo,
+    volume,
+    [
+      [
+        [100 * KiB, randomBytes(4 * KiB)],
+        [700 * KiB + 3, randomBytes(999)],
+      ],
+    ],
+    full,
+  );
   const target = path.join(dir, 'out.img');
   const summary = await restoreBackup(repo, inc.id, target, quiet);
   expect(fs.readFileSync(target).equals(volume)).toBe(true);
@@ -107,4 +117,34 @@ it('a long chain whose shared chunks span the volume restores exactly; chunks le
   await restoreBackup(repo, last.id, target, quiet);
   expect(fs.readFileSync(target).equals(volume)).toBe(true);
   expect(Math.max(...loads.values())).toBeGreaterThan(1);
+});
+
+it('a target that opens with O_DIRECT but refuses its writes gets every byte through the page cache, also when several writes are refused at once', async () => {
+  const repo = await BackupRepository.openOrCreate(path.join(dir, 'repo'));
+  const volume = Buffer.alloc(1024 * KiB);
+  // 16 whole aligned chunks: their ranges go with O_DIRECT, 8 writes at once.
+  const full = await backup(
+    repo,
+    volume,
+    Array.from({ length: 16 }, (_, i) => [[i * 64 * KiB, randomBytes(64 * KiB)]]),
+    null,
+  );
+  // A filesystem that takes O_DIRECT at open but refuses the writes (EINVAL), as some do.
+  const open = fs.promises.open;
+  const spy = vi.spyOn(fs.promises, 'open').mockImplementation(async (file, flags, mode) => {
+    const handle = await open(file, flags, mode);
+    if (typeof flags === 'number' && (flags & fs.constants.O_DIRECT) !== 0)
+      handle.write = (async () => {
+        await new Promise((r) => setImmediate(r));
+        throw Object.assign(new Error('EINVAL: invalid argument, write'), { code: 'EINVAL' });
+      }) as typeof handle.write;
+    return handle;
+  });
+  const target = path.join(dir, 'out.img');
+  try {
+    await restoreBackup(repo, full.id, target, quiet);
+  } finally {
+    spy.mockRestore();
+  }
+  expect(fs.readFileSync(target).equals(volume)).toBe(true);
 });
