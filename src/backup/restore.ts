@@ -27,8 +27,11 @@ export interface RestoreSummary {
   seconds: number;
 }
 
-/** Zeros for the gaps, page-aligned so they can be written with O_DIRECT. */
-const ZEROS = allocAligned(1 << 20, 1)[0]!;
+/**
+ * Zeros for the gaps, page-aligned so they can be written with O_DIRECT. Cleared here: without WebAssembly
+ * allocAligned gives plain buffers, whose memory Node does not clear.
+ */
+const ZEROS = allocAligned(1 << 20, 1)[0]!.fill(0);
 /** Chunks read ahead of the writes. */
 const CHUNKS_AHEAD = 4;
 /** Writes to the target under way at once. */

@@ -148,3 +148,25 @@ it('a target that opens with O_DIRECT but refuses its writes gets every byte thr
   }
   expect(fs.readFileSync(target).equals(volume)).toBe(true);
 });
+
+it('without WebAssembly (node --jitless) ranges no backup stored are still written with zeros', async () => {
+  const repo = await BackupRepository.openOrCreate(path.join(dir, 'repo'));
+  const volume = Buffer.alloc(1024 * KiB);
+  const full = await backup(repo, volume, [[[256 * KiB, randomBytes(64 * KiB)]]], null);
+  // A fresh restore module as node --jitless loads it: no WebAssembly, so its aligned buffers are plain
+  // ones, whose memory Node does not clear (here: memory as a process that ran a while leaves it).
+  vi.resetModules();
+  vi.stubGlobal('WebAssembly', undefined);
+  const unclear = vi.spyOn(Buffer, 'allocUnsafeSlow').mockImplementation((size) => Buffer.alloc(size, 0xa5));
+  let restoreJitless: typeof restoreBackup;
+  try {
+    ({ restoreBackup: restoreJitless } = await import('../../src/backup/restore.js'));
+  } finally {
+    unclear.mockRestore();
+    vi.unstubAllGlobals();
+  }
+  const target = path.join(dir, 'old-disk.img');
+  fs.writeFileSync(target, Buffer.alloc(volume.length, 0xff));
+  await restoreJitless(repo, full.id, target, quiet);
+  expect(fs.readFileSync(target).equals(volume)).toBe(true);
+});
