@@ -120,8 +120,11 @@ export async function openTarget(file: string, capacityBytes: number): Promise<R
     handle = await fs.promises.open(file, fs.constants.O_WRONLY);
   }
   // Aligned writes of aligned buffers go with O_DIRECT: a restored volume is not read back soon, and its
-  // bytes in the page cache would only be copied there and flushed later.
-  let direct = await fs.promises.open(file, fs.constants.O_WRONLY | fs.constants.O_DIRECT).catch(() => undefined);
+  // bytes in the page cache would only be copied there and flushed later. Opened again through the first
+  // descriptor, not the path: the path may have been swapped (for a symlink, say) since it was checked.
+  let direct = await fs.promises
+    .open(`/proc/self/fd/${handle.fd}`, fs.constants.O_WRONLY | fs.constants.O_DIRECT)
+    .catch(() => undefined);
   const writeAll = async (through: fs.promises.FileHandle, offset: number, data: Buffer) => {
     let done = 0;
     while (done < data.length) {

@@ -170,3 +170,35 @@ it('without WebAssembly (node --jitless) ranges no backup stored are still writt
   await restoreJitless(repo, full.id, target, quiet);
   expect(fs.readFileSync(target).equals(volume)).toBe(true);
 });
+
+it('the target restored into is the file the restore created, even if its path is swapped for a symlink meanwhile', async () => {
+  const repo = await BackupRepository.openOrCreate(path.join(dir, 'repo'));
+  const volume = Buffer.alloc(1024 * KiB);
+  const full = await backup(
+    repo,
+    volume,
+    Array.from({ length: 16 }, (_, i) => [[i * 64 * KiB, randomBytes(64 * KiB)]]),
+    null,
+  );
+  const target = path.join(dir, 'out.img');
+  const moved = path.join(dir, 'out-moved.img');
+  const victim = path.join(dir, 'someone-elses.img');
+  fs.writeFileSync(victim, Buffer.alloc(volume.length, 0x11));
+  // Right after the restore creates its target, the path is swapped for a symlink to another file.
+  const open = fs.promises.open;
+  const spy = vi.spyOn(fs.promises, 'open').mockImplementation(async (file, flags, mode) => {
+    const handle = await open(file, flags, mode);
+    if (file === target && typeof flags === 'number' && (flags & fs.constants.O_CREAT) !== 0) {
+      fs.renameSync(target, moved);
+      fs.symlinkSync(victim, target);
+    }
+    return handle;
+  });
+  try {
+    await restoreBackup(repo, full.id, target, quiet);
+  } finally {
+    spy.mockRestore();
+  }
+  expect(fs.readFileSync(victim).equals(Buffer.alloc(volume.length, 0x11))).toBe(true);
+  expect(fs.readFileSync(moved).equals(volume)).toBe(true);
+});
