@@ -352,7 +352,11 @@ export class BackupRepository {
               bytesChecked += data.length;
               onChunk?.(data.length);
             } catch (err) {
-              if (!(err instanceof ChunkProblem)) throw err;
+              if (!(err instanceof ChunkProblem)) {
+                // verify fails with it: the other readers take no further chunk.
+                next = list.length;
+                throw err;
+              }
               found.push({
                 at,
                 damage: { chunk: hash, problem: err.problem, breaks: [...(users.get(hash) ?? [])].sort() },

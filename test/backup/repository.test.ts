@@ -9,12 +9,13 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { execFileSync } from 'node:child_process';
-import { afterEach, beforeEach, describe, expect, it } from 'vitest';
+import { afterEach, beforeEach, describe, expect, it, vi } from 'vitest';
 import { chunksOf, CHUNK_SIZE } from '../../src/backup/backup-run.js';
 import { allocAligned, createFile } from '../../src/backup/direct-io.js';
 import { BackupRepository, RepositoryError } from '../../src/backup/repository.js';
 import { createProgress } from '../../src/backup/progress.js';
 import { restoreBackup } from '../../src/backup/restore.js';
+import { Sha256Threads } from '../../src/backup/sha256-threads.js';
 import type { Manifest } from '../../src/backup/manifest.js';
 import { looserThanPrivate } from './support/volumes.js';
 
@@ -114,6 +115,36 @@ describe('backup repository', () => {
     const missing = (await repo.verify()).damaged.find((d) => d.chunk === hashA);
     expect(missing).toEqual({ chunk: hashA, problem: 'missing', breaks: [full.id, inc1.id, inc2.id].sort() });
     expect(other.base).toBeNull();
+  });
+
+  it('a verify that fails (a hash thread lost) reads no further chunk once it has failed', async () => {
+    const repo = await BackupRepository.openOrCreate(path.join(dir, 'repo'));
+    await backup(
+      repo,
+      MiB,
+      Array.from({ length: 64 }, (_, i): [number, Buffer] => [i * 4096, randomBytes(4096)]),
+      null,
+    );
+    let loads = 0;
+    let loadsAtLoss = -1;
+    const loadChunk = repo.loadChunk.bind(repo);
+    // Reads slower than hashes, as on a busy disk: when the thread is lost, the other readers are mid-read.
+    repo.loadChunk = async (hash, into, hasher) => {
+      if (++loads > 1) await new Promise((r) => setTimeout(r, 200));
+      return loadChunk(hash, into, hasher);
+    };
+    const lost = vi.spyOn(Sha256Threads.prototype, 'hash').mockImplementationOnce(async () => {
+      loadsAtLoss = loads;
+      throw new Error('a SHA-256 thread exited with code 1');
+    });
+    try {
+      await expect(repo.verify()).rejects.toThrow('SHA-256 thread');
+      // Time for any reader still going to read on.
+      await new Promise((r) => setTimeout(r, 500));
+    } finally {
+      lost.mockRestore();
+    }
+    expect(loads).toBe(loadsAtLoss);
   });
 
   it('restores a volume that grew between backups at its new size, the new range as written or zero', async () => {
