@@ -50,6 +50,8 @@ import {
   round,
   sizeLabel,
   targeted,
+  type ParamValue,
+  type Result,
   type SuiteContext,
 } from './suite.js';
 
@@ -141,6 +143,21 @@ async function timedRead(
   } finally {
     await handle.close();
   }
+}
+
+/** A MiB/s line for `bytes` done in each sample: the median's rate, every sample's time, both processes' CPU. */
+function rateLine(metric: string, bytes: number, samples: Timed[], params: Record<string, ParamValue>): Result {
+  return {
+    metric,
+    value: round(bytes / MiB / (medianOf(samples, 'ms') / 1000), 1),
+    unit: 'MiB/s',
+    params: {
+      ...params,
+      ms: samples.map((r) => round0(r.ms)).join(' '),
+      clientCpuMs: medianOf(samples, 'clientCpuMs'),
+      driverCpuMs: medianOf(samples, 'driverCpuMs'),
+    },
+  };
 }
 
 /** Median of each field over rounds, rounded for result lines. */
@@ -314,37 +331,18 @@ async function fullCase(ctx: SuiteContext, d: Driver, sizes: Sizes): Promise<voi
       quick: ctx.quick,
       loads: loads.join(' '),
     };
-    const mib = sizes.fullBytes / MiB;
-    const readLine = (metric: string, samples: Timed[], how: string) =>
-      ctx.emit({
-        metric,
-        value: round(mib / (medianOf(samples, 'ms') / 1000), 1),
-        unit: 'MiB/s',
-        params: {
-          ...params,
-          reads: `1 MiB pread, ${READS_IN_FLIGHT} in flight, cold, ${how}`,
-          ms: samples.map((r) => round0(r.ms)).join(' '),
-          clientCpuMs: medianOf(samples, 'clientCpuMs'),
-          driverCpuMs: medianOf(samples, 'driverCpuMs'),
-        },
-      });
-    readLine('plain_sequential_read_mib_s', reads, 'through the page cache');
-    readLine('direct_sequential_read_mib_s', directReads, 'O_DIRECT');
-    ctx.emit({
-      metric: 'full_backup_mib_s',
-      value: round(mib / (medianOf(backups, 'ms') / 1000), 1),
-      unit: 'MiB/s',
-      params: {
+    const reading = (how: string) => ({ ...params, reads: `1 MiB pread, ${READS_IN_FLIGHT} in flight, cold, ${how}` });
+    ctx.emit(rateLine('plain_sequential_read_mib_s', sizes.fullBytes, reads, reading('through the page cache')));
+    ctx.emit(rateLine('direct_sequential_read_mib_s', sizes.fullBytes, directReads, reading('O_DIRECT')));
+    ctx.emit(
+      rateLine('full_backup_mib_s', sizes.fullBytes, backups, {
         ...params,
         includes:
           'metadata listing, reads, SHA-256, chunk writes, background fsyncs, directory fsyncs, manifest commit',
-        ms: backups.map((r) => round0(r.ms)).join(' '),
         listingMs: medianOf(lists, 'ms'),
         commitMs: round0(median(commits)),
-        clientCpuMs: medianOf(backups, 'clientCpuMs'),
-        driverCpuMs: medianOf(backups, 'driverCpuMs'),
-      },
-    });
+      }),
+    );
     const share = median(shares);
     ctx.emit(
       targeted(
@@ -602,7 +600,6 @@ async function restoreCase(ctx: SuiteContext, d: Driver, sizes: Sizes): Promise<
         `restore round ${i + 1}: write ${round0(writes.at(-1)!.ms)} ms, restore ${round0(restores.at(-1)!.ms)} ms, verify ${round0(verifies.at(-1)!.ms)} ms, load ${loads.at(-1)}`,
       );
     }
-    const mib = sizes.fullBytes / MiB;
     const params = {
       volume: sizeLabel(sizes.fullBytes),
       repository: repoRoot(ctx),
@@ -612,27 +609,17 @@ async function restoreCase(ctx: SuiteContext, d: Driver, sizes: Sizes): Promise<
       quick: ctx.quick,
       loads: loads.join(' '),
     };
-    for (const [metric, samples, what] of [
-      [
-        'plain_sequential_write_mib_s',
-        writes,
-        `1 MiB pwrite, ${READS_IN_FLIGHT} in flight, through the page cache, fsync`,
-      ],
-      ['restore_mib_s', restores, 'chunk reads, SHA-256 checks, writes to the published device, fsync'],
-      ['verify_mib_s', verifies, 'chunk reads and SHA-256 checks'],
-    ] as const)
-      ctx.emit({
-        metric,
-        value: round(mib / (medianOf(samples, 'ms') / 1000), 1),
-        unit: 'MiB/s',
-        params: {
-          ...params,
-          what,
-          ms: samples.map((r) => round0(r.ms)).join(' '),
-          clientCpuMs: medianOf(samples, 'clientCpuMs'),
-          driverCpuMs: medianOf(samples, 'driverCpuMs'),
-        },
-      });
+    const what = `1 MiB pwrite, ${READS_IN_FLIGHT} in flight, through the page cache, fsync`;
+    ctx.emit(rateLine('plain_sequential_write_mib_s', sizes.fullBytes, writes, { ...params, what }));
+    ctx.emit(
+      rateLine('restore_mib_s', sizes.fullBytes, restores, {
+        ...params,
+        what: 'chunk reads, SHA-256 checks, writes to the published device, fsync',
+      }),
+    );
+    ctx.emit(
+      rateLine('verify_mib_s', sizes.fullBytes, verifies, { ...params, what: 'chunk reads and SHA-256 checks' }),
+    );
   } finally {
     await target.release();
     fs.rmSync(repo.dir, { recursive: true, force: true });

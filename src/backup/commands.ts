@@ -182,7 +182,7 @@ export function registerBackupCommands(program: Command): void {
   usageExits(
     program
       .command('restore')
-      .description('restore a backup (its full backup and incrementals, in order) onto a device or file')
+      .description('restore a backup (the volume its full backup and incrementals make) onto a device or file')
       .requiredOption('--repo <dir>', 'the repository')
       .requiredOption('--backup <id>', 'the backup to restore')
       .requiredOption(

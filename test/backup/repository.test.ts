@@ -17,46 +17,30 @@ import { createProgress } from '../../src/backup/progress.js';
 import { restoreBackup } from '../../src/backup/restore.js';
 import { Sha256Threads } from '../../src/backup/sha256-threads.js';
 import type { Manifest } from '../../src/backup/manifest.js';
+import { commitBackup, tempDirPerTest } from './support/repository.js';
 import { looserThanPrivate } from './support/volumes.js';
 
 const MiB = 2 ** 20;
+const tempDir = tempDirPerTest('cbt-repo-');
 let dir: string;
-
 beforeEach(() => {
-  dir = fs.mkdtempSync(path.join(os.tmpdir(), 'cbt-repo-'));
-});
-afterEach(() => {
-  fs.rmSync(dir, { recursive: true, force: true });
+  dir = tempDir();
 });
 
-/** Commits a backup of `writes` (offset → bytes) on `base`. */
-async function backup(
+/** Commits a backup of `writes` (offset → bytes, a chunk each) on `base`. */
+function backup(
   repo: BackupRepository,
   capacityBytes: number,
   writes: [number, Buffer][],
   base: Manifest | null,
 ): Promise<Manifest> {
-  const lock = await repo.lock();
-  try {
-    const w = await repo.begin(
-      {
-        snapshot: `snap-${randomBytes(4).toString('hex')}`,
-        sourceVolume: 'vol-1',
-        base: base?.id ?? null,
-        capacityBytes,
-        blockSize: MiB,
-        toolVersion: 'test',
-      },
-      lock,
-    );
-    for (const [offset, data] of writes) await w.put(offset, data);
-    const m = await w.commit();
-    // IDs carry the millisecond they were made: keep them apart so they sort in order.
-    await new Promise((r) => setTimeout(r, 2));
-    return m;
-  } finally {
-    await lock.release();
-  }
+  return commitBackup(
+    repo,
+    capacityBytes,
+    writes.map((w) => [w]),
+    base,
+    MiB,
+  );
 }
 
 const quiet = createProgress('quiet');

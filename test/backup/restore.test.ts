@@ -5,66 +5,31 @@
  */
 import { randomBytes } from 'node:crypto';
 import fs from 'node:fs';
-import os from 'node:os';
 import path from 'node:path';
-import { afterEach, beforeEach, expect, it, vi } from 'vitest';
+import { expect, it, vi } from 'vitest';
 import type { Manifest } from '../../src/backup/manifest.js';
 import { createProgress } from '../../src/backup/progress.js';
 import { BackupRepository } from '../../src/backup/repository.js';
 import { restoreBackup } from '../../src/backup/restore.js';
+import { commitBackup, tempDirPerTest } from './support/repository.js';
 
 const KiB = 1024;
 const quiet = createProgress('quiet');
-let dir: string;
+const dir = tempDirPerTest('cbt-restore-');
 
-beforeEach(() => {
-  dir = fs.mkdtempSync(path.join(os.tmpdir(), 'cbt-restore-'));
-});
-afterEach(() => {
-  fs.rmSync(dir, { recursive: true, force: true });
-});
-
-/**
- * Commits a backup whose chunks are `chunks`, each a list of (offset, bytes) packed into one chunk, and
- * applies it to `volume` (the expected content).
- */
-async function backup(
+/** commitBackup with 64 KiB blocks, applying each chunk's pieces to `volume` (the expected content). */
+function backup(
   repo: BackupRepository,
   volume: Buffer,
   chunks: [number, Buffer][][],
   base: Manifest | null,
 ): Promise<Manifest> {
-  const lock = await repo.lock();
-  try {
-    const w = await repo.begin(
-      {
-        snapshot: `snap-${randomBytes(4).toString('hex')}`,
-        sourceVolume: 'vol-1',
-        base: base?.id ?? null,
-        capacityBytes: volume.length,
-        blockSize: 64 * KiB,
-        toolVersion: 'test',
-      },
-      lock,
-    );
-    for (const pieces of chunks) {
-      await w.putChunk(
-        pieces.map(([offset, data]) => ({ offset, length: data.length })),
-        Buffer.concat(pieces.map(([, data]) => data)),
-      );
-      for (const [offset, data] of pieces) data.copy(volume, offset);
-    }
-    const m = await w.commit();
-    // IDs carry the millisecond they were made: keep them apart so they sort in order.
-    await new Promise((r) => setTimeout(r, 2));
-    return m;
-  } finally {
-    await lock.release();
-  }
+  for (const pieces of chunks) for (const [offset, data] of pieces) data.copy(volume, offset);
+  return commitBackup(repo, volume.length, chunks, base, 64 * KiB);
 }
 
 it('restoring a full backup and an incremental writes each byte of the volume once', async () => {
-  const repo = await BackupRepository.openOrCreate(path.join(dir, 'repo'));
+  const repo = await BackupRepository.openOrCreate(path.join(dir(), 'repo'));
   const volume = Buffer.alloc(1024 * KiB);
   const full = await backup(
     repo,
@@ -83,7 +48,7 @@ it('restoring a full backup and an incremental writes each byte of the volume on
     ],
     full,
   );
-  const target = path.join(dir, 'out.img');
+  const target = path.join(dir(), 'out.img');
   const summary = await restoreBackup(repo, inc.id, target, quiet);
   expect(fs.readFileSync(target).equals(volume)).toBe(true);
   // Replaying the chain would write 1 MiB and then the incremental's 5,095 bytes again.
@@ -92,7 +57,7 @@ it('restoring a full backup and an incremental writes each byte of the volume on
 });
 
 it('a long chain whose shared chunks span the volume restores exactly; chunks let go are read again', async () => {
-  const repo = await BackupRepository.openOrCreate(path.join(dir, 'repo'));
+  const repo = await BackupRepository.openOrCreate(path.join(dir(), 'repo'));
   const blocks = 256;
   const volume = Buffer.alloc(blocks * 4 * KiB);
   let last = await backup(
@@ -113,14 +78,14 @@ it('a long chain whose shared chunks span the volume restores exactly; chunks le
     loads.set(hash, (loads.get(hash) ?? 0) + 1);
     return loadChunk(hash, into, hasher);
   };
-  const target = path.join(dir, 'out.img');
+  const target = path.join(dir(), 'out.img');
   await restoreBackup(repo, last.id, target, quiet);
   expect(fs.readFileSync(target).equals(volume)).toBe(true);
   expect(Math.max(...loads.values())).toBeGreaterThan(1);
 });
 
 it('a target that opens with O_DIRECT but refuses its writes gets every byte through the page cache, also when several writes are refused at once', async () => {
-  const repo = await BackupRepository.openOrCreate(path.join(dir, 'repo'));
+  const repo = await BackupRepository.openOrCreate(path.join(dir(), 'repo'));
   const volume = Buffer.alloc(1024 * KiB);
   // 16 whole aligned chunks: their ranges go with O_DIRECT, 8 writes at once.
   const full = await backup(
@@ -140,7 +105,7 @@ it('a target that opens with O_DIRECT but refuses its writes gets every byte thr
       }) as typeof handle.write;
     return handle;
   });
-  const target = path.join(dir, 'out.img');
+  const target = path.join(dir(), 'out.img');
   try {
     await restoreBackup(repo, full.id, target, quiet);
   } finally {
@@ -150,7 +115,7 @@ it('a target that opens with O_DIRECT but refuses its writes gets every byte thr
 });
 
 it('without WebAssembly (node --jitless) ranges no backup stored are still written with zeros', async () => {
-  const repo = await BackupRepository.openOrCreate(path.join(dir, 'repo'));
+  const repo = await BackupRepository.openOrCreate(path.join(dir(), 'repo'));
   const volume = Buffer.alloc(1024 * KiB);
   const full = await backup(repo, volume, [[[256 * KiB, randomBytes(64 * KiB)]]], null);
   // A fresh restore module as node --jitless loads it: no WebAssembly, so its aligned buffers are plain
@@ -165,14 +130,14 @@ it('without WebAssembly (node --jitless) ranges no backup stored are still writt
     unclear.mockRestore();
     vi.unstubAllGlobals();
   }
-  const target = path.join(dir, 'old-disk.img');
+  const target = path.join(dir(), 'old-disk.img');
   fs.writeFileSync(target, Buffer.alloc(volume.length, 0xff));
   await restoreJitless(repo, full.id, target, quiet);
   expect(fs.readFileSync(target).equals(volume)).toBe(true);
 });
 
 it('the target restored into is the file the restore created, even if its path is swapped for a symlink meanwhile', async () => {
-  const repo = await BackupRepository.openOrCreate(path.join(dir, 'repo'));
+  const repo = await BackupRepository.openOrCreate(path.join(dir(), 'repo'));
   const volume = Buffer.alloc(1024 * KiB);
   const full = await backup(
     repo,
@@ -180,9 +145,9 @@ it('the target restored into is the file the restore created, even if its path i
     Array.from({ length: 16 }, (_, i) => [[i * 64 * KiB, randomBytes(64 * KiB)]]),
     null,
   );
-  const target = path.join(dir, 'out.img');
-  const moved = path.join(dir, 'out-moved.img');
-  const victim = path.join(dir, 'someone-elses.img');
+  const target = path.join(dir(), 'out.img');
+  const moved = path.join(dir(), 'out-moved.img');
+  const victim = path.join(dir(), 'someone-elses.img');
   fs.writeFileSync(victim, Buffer.alloc(volume.length, 0x11));
   // Right after the restore creates its target, the path is swapped for a symlink to another file.
   const open = fs.promises.open;
