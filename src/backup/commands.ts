@@ -40,6 +40,8 @@ class UsageError extends Error {}
 function action<A extends unknown[]>(
   name: string,
   body: (signal: AbortSignal, ...args: A) => Promise<number | undefined> | Promise<void>,
+  /** What an interrupted run leaves behind, for its last line. */
+  leftBehind = 'nothing was committed',
 ): (...args: A) => Promise<void> {
   return async (...args: A) => {
     // Output piped into `head` and the like: a reader that goes away ends the command quietly.
@@ -59,7 +61,7 @@ function action<A extends unknown[]>(
     } catch (err) {
       code = controller.signal.aborted ? 130 : exitCodeOf(err);
       const message = controller.signal.aborted
-        ? 'interrupted; nothing was committed'
+        ? `interrupted; ${leftBehind}`
         : err instanceof Error
           ? err.message
           : String(err);
@@ -191,7 +193,7 @@ export function registerBackupCommands(program: Command): void {
       )
       .option('--json', 'print the summary as JSON')
       .option('--quiet', 'no progress output'),
-  ).action(action('restore', restoreCommand));
+  ).action(action('restore', restoreCommand, 'the target holds part of the backup: restore it again before use'));
 
   usageExits(
     program
@@ -201,7 +203,7 @@ export function registerBackupCommands(program: Command): void {
       .option('--backup <id>', 'only what restoring this backup needs')
       .option('--json', 'print the report as JSON')
       .option('--quiet', 'no progress output'),
-  ).action(action('verify', verifyCommand));
+  ).action(action('verify', verifyCommand, 'the check did not finish'));
 
   usageExits(
     program
@@ -424,7 +426,7 @@ async function runBackup(
 }
 
 async function restoreCommand(
-  _signal: AbortSignal,
+  signal: AbortSignal,
   flags: { repo: string; backup: string; target: string; json?: boolean; quiet?: boolean },
 ): Promise<void> {
   const repo = await BackupRepository.open(flags.repo);
@@ -433,6 +435,7 @@ async function restoreCommand(
     flags.backup,
     path.resolve(flags.target),
     createProgress(flags.quiet ? 'quiet' : 'auto'),
+    signal,
   );
   if (flags.json) process.stdout.write(`${JSON.stringify(summary)}\n`);
   else {
@@ -443,15 +446,18 @@ async function restoreCommand(
 }
 
 async function verifyCommand(
-  _signal: AbortSignal,
+  signal: AbortSignal,
   flags: { repo: string; backup?: string; json?: boolean; quiet?: boolean },
 ): Promise<number> {
   const repo = await BackupRepository.open(flags.repo);
   if (flags.backup) await repo.manifest(flags.backup);
   const progress = createProgress(flags.quiet ? 'quiet' : 'auto');
-  progress.start('verify', 0);
   const report = await repo
-    .verify(flags.backup ? [flags.backup] : undefined, (n) => progress.add(n))
+    .verify(
+      flags.backup ? [flags.backup] : undefined,
+      { total: (bytes) => progress.start('verify', bytes), add: (bytes) => progress.add(bytes) },
+      signal,
+    )
     .finally(() => progress.stop());
   const ok = report.damaged.length === 0 && report.damagedManifests.length === 0;
   if (flags.json) process.stdout.write(`${JSON.stringify({ ok, ...report })}\n`);

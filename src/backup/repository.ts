@@ -54,6 +54,12 @@ export interface DamagedChunk {
   breaks: string[];
 }
 
+/** Where verify says how far it is: the bytes it will check, then each chunk's bytes as it is checked. */
+export interface VerifyProgress {
+  total(bytes: number): void;
+  add(bytes: number): void;
+}
+
 export interface VerifyReport {
   backups: string[];
   chunksChecked: number;
@@ -286,7 +292,7 @@ export class BackupRepository {
   }
 
   /** Re-checks every chunk of the given backups (all by default) and reports what is damaged and what it breaks. */
-  async verify(ids?: string[], onChunk?: (bytes: number) => void): Promise<VerifyReport> {
+  async verify(ids?: string[], progress?: VerifyProgress, signal?: AbortSignal): Promise<VerifyReport> {
     const all = await this.backupIds();
     const wanted = ids ?? all;
     const damagedManifests: VerifyReport['damagedManifests'] = [];
@@ -335,6 +341,12 @@ export class BackupRepository {
     }
     // CHECKS_IN_FLIGHT chunks read at once, each into its own buffer, hashed on the hash threads in place.
     const list = [...toCheck];
+    // A chunk holds the bytes its extents name, so the furthest of them is its size.
+    const sizes = new Map<string, number>();
+    for (const m of manifests.values())
+      for (const [, length, hash, chunkOffset] of m.extents)
+        if (toCheck.has(hash)) sizes.set(hash, Math.max(sizes.get(hash) ?? 0, chunkOffset + length));
+    progress?.total([...sizes.values()].reduce((a, b) => a + b, 0));
     const found: { at: number; damage: DamagedChunk }[] = [];
     let bytesChecked = 0;
     const largest = Math.max(0, ...[...manifests.values()].map((m) => m.blockSize));
@@ -345,12 +357,13 @@ export class BackupRepository {
       await Promise.all(
         buffers.map(async (buffer) => {
           while (next < list.length) {
+            signal?.throwIfAborted();
             const at = next++;
             const hash = list[at]!;
             try {
               const data = await this.loadChunk(hash, buffer, (d) => hashes.hash(d));
               bytesChecked += data.length;
-              onChunk?.(data.length);
+              progress?.add(data.length);
             } catch (err) {
               if (!(err instanceof ChunkProblem)) {
                 // verify fails with it: the other readers take no further chunk.

@@ -47,6 +47,7 @@ export async function restoreBackup(
   id: string,
   targetPath: string,
   progress: Progress,
+  signal?: AbortSignal,
 ): Promise<RestoreSummary> {
   const started = Date.now();
   const chain = await repo.chain(id);
@@ -77,8 +78,13 @@ export async function restoreBackup(
       'restore',
       [...map, ...gaps].reduce((s, e) => s + e.length, 0),
     );
-    const write = (offset: number, data: Buffer, then?: () => void) =>
-      writes.start(async () => {
+    // Ctrl-C stops before the next write; those under way finish, and the target keeps what they wrote.
+    const write = (offset: number, data: Buffer, then?: () => void) => {
+      if (signal?.aborted) {
+        then?.();
+        signal.throwIfAborted();
+      }
+      return writes.start(async () => {
         try {
           await target.write(offset, data);
         } finally {
@@ -87,6 +93,7 @@ export async function restoreBackup(
         progress.add(data.length);
         written += data.length;
       });
+    };
     for (const gap of gaps)
       for (let o = gap.offset; o < gap.offset + gap.length; o += ZEROS.length)
         await write(o, ZEROS.subarray(0, Math.min(ZEROS.length, gap.offset + gap.length - o)));

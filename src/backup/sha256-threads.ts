@@ -84,11 +84,17 @@ export class Sha256Threads {
 
   private fail(err: Error): void {
     this.failure ??= err;
+    this.rejectWaiting(err);
+  }
+
+  private rejectWaiting(err: Error): void {
     for (const w of this.waiting.values()) w.reject(err);
     this.waiting.clear();
   }
 
+  /** Stops the threads; hashes still asked of them fail (a caller that stopped early no longer waits for them). */
   async close(): Promise<void> {
+    this.rejectWaiting(new Error('the SHA-256 threads were closed'));
     await Promise.all(this.workers.map((w) => w.terminate()));
     this.workers.length = 0;
   }

@@ -1,7 +1,8 @@
 /**
  * Restore writes the volume a chain leaves, each byte once, whatever the chain's shape: a long chain whose
  * shared chunks each hold blocks from all over the volume is restored exactly even though its chunks do not
- * all fit in memory at once (those let go are read, and checked, again).
+ * all fit in memory at once (those let go are read, and checked, again). Ctrl-C stops a restore or a verify
+ * where it is, and verify says how much it will check before it starts.
  */
 import { randomBytes } from 'node:crypto';
 import fs from 'node:fs';
@@ -83,6 +84,62 @@ it('a long chain whose shared chunks span the volume restores exactly; chunks le
   expect(fs.readFileSync(target).equals(volume)).toBe(true);
   expect(Math.max(...loads.values())).toBeGreaterThan(1);
 });
+
+/** A full backup of `chunks` distinct 64 KiB chunks. */
+async function fullOf(repo: BackupRepository, chunks: number): Promise<Manifest> {
+  const volume = Buffer.alloc(chunks * 64 * KiB);
+  return backup(
+    repo,
+    volume,
+    Array.from({ length: chunks }, (_, i) => [[i * 64 * KiB, Buffer.alloc(64 * KiB, i % 251).fill(i >> 8, 0, 8)]]),
+    null,
+  );
+}
+
+it('an interrupted restore stops at the next write, and an interrupted verify at the next chunk', async () => {
+  const repo = await BackupRepository.openOrCreate(path.join(dir(), 'repo'));
+  const full = await fullOf(repo, 256);
+  const stopped = new AbortController();
+  let added = 0;
+  const progress = {
+    start() {},
+    add() {
+      if (++added === 1) stopped.abort(new Error('interrupted'));
+    },
+    stop() {},
+  };
+  await expect(restoreBackup(repo, full.id, path.join(dir(), 'out.img'), progress, stopped.signal)).rejects.toThrow(
+    'interrupted',
+  );
+  // At most the writes already under way when it was stopped.
+  expect(added).toBeLessThan(32);
+
+  const checking = new AbortController();
+  let checked = 0;
+  await expect(
+    repo.verify(
+      undefined,
+      {
+        total() {},
+        add() {
+          if (++checked === 1) checking.abort(new Error('interrupted'));
+        },
+      },
+      checking.signal,
+    ),
+  ).rejects.toThrow('interrupted');
+  expect(checked).toBeLessThan(32);
+});
+
+it('verify says up front how many bytes it will check', async () => {
+  const repo = await BackupRepository.openOrCreate(path.join(dir(), 'repo'));
+  await fullOf(repo, 8);
+  let total = -1;
+  let added = 0;
+  const report = await repo.verify(undefined, { total: (t) => (total = t), add: (n) => (added += n) });
+  expect(total).toBe(8 * 64 * KiB);
+  expect(added).toBe(total);
+  expect(report.bytesChecked).toBe(total);
 
 it('a target that opens with O_DIRECT but refuses its writes gets every byte through the page cache, also when several writes are refused at once', async () => {
   const repo = await BackupRepository.openOrCreate(path.join(dir(), 'repo'));

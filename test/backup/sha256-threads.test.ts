@@ -61,3 +61,11 @@ it('after close, hashing still answers, inline', async () => {
   randomFillSync(b!);
   expect(await threads.hash(b!)).toBe(hex(b!));
 });
+
+it('closing fails the hashes still asked, so nothing waits for them forever', async () => {
+  threads = new Sha256Threads(1);
+  const [big] = allocAligned(256 * MiB, 1);
+  const pending = threads.hash(big!);
+  await threads.close();
+  await expect(pending).rejects.toThrow(/closed/);
+});
