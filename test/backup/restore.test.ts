@@ -140,6 +140,7 @@ it('verify says up front how many bytes it will check', async () => {
   expect(total).toBe(8 * 64 * KiB);
   expect(added).toBe(total);
   expect(report.bytesChecked).toBe(total);
+});
 
 it('a target that opens with O_DIRECT but refuses its writes gets every byte through the page cache, also when several writes are refused at once', async () => {
   const repo = await BackupRepository.openOrCreate(path.join(dir(), 'repo'));
