@@ -29,8 +29,8 @@ function backup(
   return commitBackup(repo, volume.length, chunks, base, 64 * KiB);
 }
 
-it('restoring a full backup and an incremental writes each byte of the volume once', async () => {
-  const repo = await BackupRepository.openOrCreate(path.join(dir(), 'repo'));
+/** A full backup of a 1 MiB volume in 16 whole 64 KiB chunks of random bytes, and the volume it holds. */
+async function randomFull(repo: BackupRepository): Promise<{ volume: Buffer; full: Manifest }> {
   const volume = Buffer.alloc(1024 * KiB);
   const full = await backup(
     repo,
@@ -38,6 +38,12 @@ it('restoring a full backup and an incremental writes each byte of the volume on
     Array.from({ length: 16 }, (_, i) => [[i * 64 * KiB, randomBytes(64 * KiB)]]),
     null,
   );
+  return { volume, full };
+}
+
+it('restoring a full backup and an incremental writes each byte of the volume once', async () => {
+  const repo = await BackupRepository.openOrCreate(path.join(dir(), 'repo'));
+  const { volume, full } = await randomFull(repo);
   const inc = await backup(
     repo,
     volume,
@@ -144,14 +150,8 @@ it('verify says up front how many bytes it will check', async () => {
 
 it('a target that opens with O_DIRECT but refuses its writes gets every byte through the page cache, also when several writes are refused at once', async () => {
   const repo = await BackupRepository.openOrCreate(path.join(dir(), 'repo'));
-  const volume = Buffer.alloc(1024 * KiB);
   // 16 whole aligned chunks: their ranges go with O_DIRECT, 8 writes at once.
-  const full = await backup(
-    repo,
-    volume,
-    Array.from({ length: 16 }, (_, i) => [[i * 64 * KiB, randomBytes(64 * KiB)]]),
-    null,
-  );
+  const { volume, full } = await randomFull(repo);
   // A filesystem that takes O_DIRECT at open but refuses the writes (EINVAL), as some do.
   const open = fs.promises.open;
   const spy = vi.spyOn(fs.promises, 'open').mockImplementation(async (file, flags, mode) => {
@@ -196,13 +196,7 @@ it('without WebAssembly (node --jitless) ranges no backup stored are still writt
 
 it('the target restored into is the file the restore created, even if its path is swapped for a symlink meanwhile', async () => {
   const repo = await BackupRepository.openOrCreate(path.join(dir(), 'repo'));
-  const volume = Buffer.alloc(1024 * KiB);
-  const full = await backup(
-    repo,
-    volume,
-    Array.from({ length: 16 }, (_, i) => [[i * 64 * KiB, randomBytes(64 * KiB)]]),
-    null,
-  );
+  const { volume, full } = await randomFull(repo);
   const target = path.join(dir(), 'out.img');
   const moved = path.join(dir(), 'out-moved.img');
   const victim = path.join(dir(), 'someone-elses.img');
