@@ -41,6 +41,8 @@ export class ChunkProblem extends RepositoryError {
     readonly chunk: string,
     readonly problem: DamagedChunk['problem'],
     message: string,
+    /** Bytes read before the problem showed (a chunk whose hash does not match was read whole). */
+    readonly bytesRead = 0,
   ) {
     super('damaged', message);
   }
@@ -218,7 +220,12 @@ export class BackupRepository {
       );
     }
     if ((await hasher(data)) !== hash)
-      throw new ChunkProblem(hash, 'hash mismatch', `chunk ${hash} is damaged: its content does not match its SHA-256`);
+      throw new ChunkProblem(
+        hash,
+        'hash mismatch',
+        `chunk ${hash} is damaged: its content does not match its SHA-256`,
+        data.length,
+      );
     return data;
   }
 
@@ -370,6 +377,9 @@ export class BackupRepository {
                 next = list.length;
                 throw err;
               }
+              // A damaged chunk was checked too.
+              bytesChecked += err.bytesRead;
+              progress?.add(err.bytesRead);
               found.push({
                 at,
                 damage: { chunk: hash, problem: err.problem, breaks: [...(users.get(hash) ?? [])].sort() },

@@ -88,6 +88,8 @@ describe('backup repository', () => {
     fs.writeFileSync(repo.chunkPath(hashB), bytes);
     const report = await repo.verify();
     expect(report.damaged).toEqual([{ chunk: hashB, problem: 'hash mismatch', breaks: [inc1.id, inc2.id].sort() }]);
+    // The damaged chunk was read and checked too: every chunk's bytes count.
+    expect(report.bytesChecked).toBe(3 * 4096);
     // The full backup does not need it, nor does the unrelated one.
     expect((await repo.verify([full.id])).damaged).toEqual([]);
     const err = await restoreBackup(repo, inc2.id, path.join(dir, 'out.img'), quiet).catch((e: unknown) => e);
