@@ -34,25 +34,35 @@ export interface BlockSource {
 
 /** Opens a device or image file for reading; refuses one smaller than `capacityBytes`. */
 export async function openSource(file: string, capacityBytes: number): Promise<BlockSource> {
-  const st = await fs.promises.stat(file).catch((err: NodeJS.ErrnoException) => {
+  // Opened once; its size is checked and every byte read through that descriptor (or one re-opened from
+  // it), so a path swapped meanwhile cannot make the backup read another file.
+  const handle = await fs.promises.open(file, 'r').catch((err: NodeJS.ErrnoException) => {
     throw new RepositoryError(
       'usage',
       `source ${file} cannot be opened: ${err.code === 'ENOENT' ? 'it does not exist' : err.message}`,
     );
   });
-  const size = sizeOf(file, st);
-  if (size < capacityBytes) {
-    throw new RepositoryError(
-      'usage',
-      `source ${file} has ${size} bytes but the snapshot has ${capacityBytes}: it is not a copy of this snapshot`,
-    );
+  let direct: fs.promises.FileHandle | undefined;
+  let size: number;
+  try {
+    const st = await handle.stat();
+    size = sizeOf(file, st);
+    if (size < capacityBytes) {
+      throw new RepositoryError(
+        'usage',
+        `source ${file} has ${size} bytes but the snapshot has ${capacityBytes}: it is not a copy of this snapshot`,
+      );
+    }
+    // A block device is read with O_DIRECT into page-aligned chunk buffers: the device's page cache would
+    // only add a copy, and a backup's reads are not read again.
+    if (st.isBlockDevice())
+      direct = await fs.promises
+        .open(`/proc/self/fd/${handle.fd}`, fs.constants.O_RDONLY | fs.constants.O_DIRECT)
+        .catch(() => undefined);
+  } catch (err) {
+    await handle.close();
+    throw err;
   }
-  const handle = await fs.promises.open(file, 'r');
-  // A block device is read with O_DIRECT into page-aligned chunk buffers: the device's page cache would
-  // only add a copy, and a backup's reads are not read again.
-  let direct = st.isBlockDevice()
-    ? await fs.promises.open(file, fs.constants.O_RDONLY | fs.constants.O_DIRECT).catch(() => undefined)
-    : undefined;
   const readInto = async (into: Buffer, offset: number): Promise<void> => {
     const length = into.length;
     const from = direct && directCapable(into) && offset % DIRECT_ALIGN === 0 ? direct : handle;

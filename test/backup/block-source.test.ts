@@ -9,7 +9,7 @@ import { randomFillSync } from 'node:crypto';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { afterAll, beforeAll, expect, it } from 'vitest';
+import { afterAll, beforeAll, expect, it, vi } from 'vitest';
 import { openSource, openTarget } from '../../src/backup/block-target.js';
 import { allocAligned } from '../../src/backup/direct-io.js';
 import { dataPlaneSuite } from '../e2e/support/node-env.js';
@@ -42,6 +42,34 @@ dataPlaneSuite('backup source on a block device', () => {
     await source.readInto(b!, 4 * MiB);
     await source.close();
     expect(Buffer.concat([a!, b!]).equals(data)).toBe(true);
+  });
+
+  it('every byte comes from the device that was opened and checked, even if the path is swapped meanwhile', async () => {
+    const link = path.join(dir, 'source-link');
+    const other = path.join(dir, 'other.img');
+    fs.writeFileSync(other, Buffer.alloc(SIZE, 0x5a));
+    fs.symlinkSync(device, link);
+    // Right after the source is opened, its path is pointed at another file.
+    const open = fs.promises.open;
+    const spy = vi.spyOn(fs.promises, 'open').mockImplementation(async (file, flags, mode) => {
+      const handle = await open(file, flags, mode);
+      if (file === link) {
+        fs.rmSync(link);
+        fs.symlinkSync(other, link);
+      }
+      return handle;
+    });
+    let source: Awaited<ReturnType<typeof openSource>>;
+    try {
+      source = await openSource(link, SIZE);
+    } finally {
+      spy.mockRestore();
+    }
+    expect(source.direct).toBe(true);
+    const [a] = allocAligned(SIZE, 1);
+    await source.readInto(a!, 0);
+    await source.close();
+    expect(a!.equals(data)).toBe(true);
   });
 
   it('unaligned buffers and offsets are read through the page cache, with the same bytes', async () => {
