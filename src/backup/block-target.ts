@@ -4,7 +4,7 @@
  */
 import fs from 'node:fs';
 import { DIRECT_ALIGN } from '../aligned-memory.js';
-import { directCapable } from './direct-io.js';
+import { directCapable, reopenDirect } from './direct-io.js';
 import { RepositoryError } from './repository.js';
 
 /** The size in bytes of a regular file or a block device. */
@@ -55,10 +55,7 @@ export async function openSource(file: string, capacityBytes: number): Promise<B
     }
     // A block device is read with O_DIRECT into page-aligned chunk buffers: the device's page cache would
     // only add a copy, and a backup's reads are not read again.
-    if (st.isBlockDevice())
-      direct = await fs.promises
-        .open(`/proc/self/fd/${handle.fd}`, fs.constants.O_RDONLY | fs.constants.O_DIRECT)
-        .catch(() => undefined);
+    if (st.isBlockDevice()) direct = await reopenDirect(handle, fs.constants.O_RDONLY);
   } catch (err) {
     await handle.close();
     throw err;
@@ -130,11 +127,8 @@ export async function openTarget(file: string, capacityBytes: number): Promise<R
     handle = await fs.promises.open(file, fs.constants.O_WRONLY);
   }
   // Aligned writes of aligned buffers go with O_DIRECT: a restored volume is not read back soon, and its
-  // bytes in the page cache would only be copied there and flushed later. Opened again through the first
-  // descriptor, not the path: the path may have been swapped (for a symlink, say) since it was checked.
-  let direct = await fs.promises
-    .open(`/proc/self/fd/${handle.fd}`, fs.constants.O_WRONLY | fs.constants.O_DIRECT)
-    .catch(() => undefined);
+  // bytes in the page cache would only be copied there and flushed later.
+  let direct = await reopenDirect(handle, fs.constants.O_WRONLY);
   const writeAll = async (through: fs.promises.FileHandle, offset: number, data: Buffer) => {
     let done = 0;
     while (done < data.length) {

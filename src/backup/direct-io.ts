@@ -81,24 +81,20 @@ export class FileTooLarge extends Error {
 }
 
 /**
- * Reads the whole of `file` into the start of `into`, with O_DIRECT when `direct` and the buffer allows
- * (the read is rounded up to whole pages; the file's end stops it). Returns the file's bytes, a view of
- * `into`, and whether O_DIRECT was used; a filesystem that refuses O_DIRECT gets a read through the page
- * cache. A file longer than `into` throws FileTooLarge.
+ * Reads the whole of `file` into the start of `into` and returns its bytes, a view of `into`: with O_DIRECT
+ * when the buffer allows (the read is rounded up to whole pages; the file's end stops it), through the page
+ * cache where the filesystem refuses O_DIRECT or the buffer is not aligned. A file longer than `into` throws
+ * FileTooLarge.
  */
-export async function readFileInto(
-  file: string,
-  into: Buffer,
-  direct: boolean,
-): Promise<{ data: Buffer; direct: boolean }> {
-  if (direct && directCapable(into)) {
+export async function readFileInto(file: string, into: Buffer): Promise<Buffer> {
+  if (directCapable(into)) {
     const handle = await fs.promises.open(file, fs.constants.O_RDONLY | fs.constants.O_DIRECT).catch((err) => {
       if ((err as NodeJS.ErrnoException).code === 'EINVAL') return undefined;
       throw err;
     });
     if (handle) {
       try {
-        return { data: await readWhole(handle, file, into, DIRECT_ALIGN), direct: true };
+        return await readWhole(handle, file, into, DIRECT_ALIGN);
       } catch (err) {
         if ((err as NodeJS.ErrnoException).code !== 'EINVAL') throw err;
       } finally {
@@ -108,10 +104,22 @@ export async function readFileInto(
   }
   const handle = await fs.promises.open(file, 'r');
   try {
-    return { data: await readWhole(handle, file, into, 1), direct: false };
+    return await readWhole(handle, file, into, 1);
   } finally {
     await handle.close();
   }
+}
+
+/**
+ * `handle`'s file opened once more, with O_DIRECT (`access`: O_RDONLY or O_WRONLY), or undefined where the
+ * filesystem refuses it. Opened through /proc/self/fd, not the path: the path may have been swapped (for a
+ * symlink, say) since `handle` was opened and checked, and the bytes must go to and come from that file.
+ */
+export function reopenDirect(
+  handle: fs.promises.FileHandle,
+  access: number,
+): Promise<fs.promises.FileHandle | undefined> {
+  return fs.promises.open(`/proc/self/fd/${handle.fd}`, access | fs.constants.O_DIRECT).catch(() => undefined);
 }
 
 async function readWhole(handle: fs.promises.FileHandle, file: string, into: Buffer, align: number): Promise<Buffer> {

@@ -204,7 +204,7 @@ export class BackupRepository {
   async loadChunk(hash: string, into: Buffer, hasher: ChunkHasher = inlineHasher): Promise<Buffer> {
     let data: Buffer;
     try {
-      ({ data } = await readFileInto(this.chunkPath(hash), into, true));
+      data = await readFileInto(this.chunkPath(hash), into);
     } catch (err) {
       if (err instanceof FileTooLarge)
         throw new ChunkProblem(
@@ -356,8 +356,10 @@ export class BackupRepository {
     progress?.total([...sizes.values()].reduce((a, b) => a + b, 0));
     const found: { at: number; damage: DamagedChunk }[] = [];
     let bytesChecked = 0;
-    const largest = Math.max(0, ...[...manifests.values()].map((m) => m.blockSize));
-    const buffers = allocAligned(chunkBufferSize(largest), Math.min(CHECKS_IN_FLIGHT, Math.max(1, list.length)));
+    const buffers = allocAligned(
+      chunkBufferSize(manifests.values()),
+      Math.min(CHECKS_IN_FLIGHT, Math.max(1, list.length)),
+    );
     const hashes = new Sha256Threads(HASH_THREADS);
     let next = 0;
     try {
@@ -420,12 +422,14 @@ export class RepositoryLock {
 const CHECKS_IN_FLIGHT = 8;
 
 /**
- * The buffer that holds any chunk of backups with this block size (their largest chunk), a whole number of
- * pages so it can be read with O_DIRECT; at most 64 MiB, so a manifest naming an absurd block size cannot
- * make a reader allocate it (a chunk larger than the buffer is reported damaged).
+ * The buffer that holds any chunk of these backups (a chunk is at most its backup's block size), a whole
+ * number of pages so it can be read with O_DIRECT; at most 64 MiB, so a manifest naming an absurd block size
+ * cannot make a reader allocate it (a chunk larger than the buffer is reported damaged).
  */
-export function chunkBufferSize(blockSize: number): number {
-  return Math.min(64 << 20, Math.max(DIRECT_ALIGN, Math.ceil(blockSize / DIRECT_ALIGN) * DIRECT_ALIGN));
+export function chunkBufferSize(manifests: Iterable<Manifest>): number {
+  let largest = 0;
+  for (const m of manifests) largest = Math.max(largest, m.blockSize);
+  return Math.min(64 << 20, Math.max(DIRECT_ALIGN, Math.ceil(largest / DIRECT_ALIGN) * DIRECT_ALIGN));
 }
 
 /** fsyncs of new chunk files (and, at the commit, of their directories) under way at once. */

@@ -97,8 +97,7 @@ export async function restoreBackup(
     for (const gap of gaps)
       for (let o = gap.offset; o < gap.offset + gap.length; o += ZEROS.length)
         await write(o, ZEROS.subarray(0, Math.min(ZEROS.length, gap.offset + gap.length - o)));
-    const largest = Math.max(...chain.map((m) => m.blockSize));
-    const chunks = new ChunkSupply(repo, map, chunkBufferSize(largest), (d) => hashes.hash(d));
+    const chunks = new ChunkSupply(repo, map, chunkBufferSize(chain), (d) => hashes.hash(d));
     for (let k = 0; k < map.length; k++) {
       const p = map[k]!;
       const data = await chunks.take(k).catch((err: unknown) => {
