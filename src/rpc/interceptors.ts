@@ -42,7 +42,8 @@ export function observeRpcs(logger: Logger, metrics: DriverMetrics, options: Obs
         ...(forwardedTo !== undefined ? { forwardedTo } : {}),
         ...(mapped ? { error: mapped.rawMessage } : {}),
       };
-      if (mapped && code === Code.Internal) logger.error({ ...line, cause: String(mapped.cause) }, 'rpc');
+      // The client is told only "internal error"; the log keeps where it came from, stack included.
+      if (mapped && code === Code.Internal) logger.error({ ...line, cause: causeText(mapped.cause) }, 'rpc');
       else logger.info(line, 'rpc');
       if (!req.stream && logger.isLevelEnabled('debug')) {
         // JSON form: int64 fields as strings; the logger redacts `secrets` wherever it appears.
@@ -74,4 +75,9 @@ export function observeRpcs(logger: Logger, metrics: DriverMetrics, options: Obs
     }
     return { ...res, message: observed() } as StreamResponse;
   };
+}
+
+/** An error's stack (which names its message) or, for anything else thrown, its string form. */
+function causeText(cause: unknown): string {
+  return cause instanceof Error ? (cause.stack ?? String(cause)) : String(cause);
 }

@@ -11,7 +11,7 @@ import { spawnSync, type ChildProcess } from 'node:child_process';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { describe, it } from 'vitest';
+import { beforeEach, describe, it } from 'vitest';
 import { Controller, Identity, Node, SnapshotMetadata } from '../../../src/gen/csi/v1/csi_pb.js';
 import { parseMountInfo } from '../../../src/dataplane/fuse/mount.js';
 import { ServiceClient } from '../../support/csi-client.js';
@@ -38,8 +38,12 @@ export function missingDataPlane(extraTools: readonly string[] = []): string | u
  */
 export function dataPlaneSuite(name: string, body: () => void, extraTools: readonly string[] = []): void {
   const missing = missingDataPlane(extraTools);
-  if (!missing) describe(name, body);
-  else if (process.env.CI === 'true') {
+  if (!missing) {
+    describe(name, () => {
+      beforeEach(({ onTestFailed }) => onTestFailed(printDriverLogs));
+      body();
+    });
+  } else if (process.env.CI === 'true') {
     describe(name, () =>
       it(`has what the node data plane needs (CI=true): ${missing}`, () => {
         throw new Error(missing);
@@ -58,6 +62,8 @@ export interface NodeEnv {
   node: ServiceClient<typeof Node>;
   metadata: ServiceClient<typeof SnapshotMetadata>;
   stderr(): string;
+  /** The driver's log (JSON lines) since it was last started. */
+  stdout(): string;
   /** A fresh directory under the test's temp dir. */
   path(...parts: string[]): string;
   /** SIGTERM (graceful) or SIGKILL; resolves when the process has exited. Clients are closed. */
@@ -98,6 +104,7 @@ export async function startNodeEnv(extraArgs: string[] = [], options: NodeEnvOpt
     node: undefined as unknown as ServiceClient<typeof Node>,
     metadata: undefined as unknown as ServiceClient<typeof SnapshotMetadata>,
     stderr: () => '',
+    stdout: () => '',
     path: (...parts) => path.join(dir, ...parts),
     async stopDriver(signal = 'SIGTERM') {
       for (const c of [env.identity, env.controller, env.node, env.metadata]) c.close();
@@ -111,12 +118,14 @@ export async function startNodeEnv(extraArgs: string[] = [], options: NodeEnvOpt
       const started = await spawnDriver(args);
       env.child = started.child;
       env.stderr = started.stderr;
+      env.stdout = started.stdout;
       env.identity = new ServiceClient(Identity, env.target);
       env.controller = new ServiceClient(Controller, env.target);
       env.node = new ServiceClient(Node, env.target);
       env.metadata = new ServiceClient(SnapshotMetadata, env.target);
     },
     async cleanup() {
+      liveEnvs.delete(env);
       // Listed while the driver's mount still names them: afterwards their files have no path.
       const devices = loopDevicesUnder(stateDir).map((d) => d.name);
       cleanupUnder(dir, devices);
@@ -126,7 +135,26 @@ export async function startNodeEnv(extraArgs: string[] = [], options: NodeEnvOpt
     },
   };
   await env.restartDriver();
+  liveEnvs.add(env);
   return env;
+}
+
+/** Node environments started and not yet cleaned up, whose drivers' logs a failed test prints. */
+const liveEnvs = new Set<NodeEnv>();
+const LOG_LINES_ON_FAILURE = 60;
+
+/**
+ * Prints the end of each live driver's log, so that a failure seen only in CI (an INTERNAL answer says
+ * no more than "internal error") can be read from CI's output: the error line carries the cause's stack.
+ */
+function printDriverLogs(): void {
+  for (const env of liveEnvs) {
+    const lines = env.stdout().trimEnd().split('\n').slice(-LOG_LINES_ON_FAILURE).join('\n');
+    const stderr = env.stderr().trimEnd().split('\n').slice(-10).join('\n');
+    console.error(
+      `--- driver log, last ${LOG_LINES_ON_FAILURE} lines (${env.dir}):\n${lines}\n--- driver stderr:\n${stderr}`,
+    );
+  }
 }
 
 /** Lazily unmounts everything mounted under `dir` (the volume-file mount last) and detaches `devices`. */
