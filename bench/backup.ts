@@ -4,8 +4,9 @@
  *
  * Cases (select with --only):
  *   full         a full backup of a fully written 1 GiB volume vs a plain sequential read of the same
- *                published device (target: backup ≥ 70% of the read's throughput); an O_DIRECT read of it
- *                is reported beside, untargeted: the read a backup itself makes, without the page cache
+ *                published device (target: backup ≥ 70% of the read's throughput); beside it, untargeted,
+ *                a one-stream `dd bs=1M` of the device and an O_DIRECT read of it (the read a backup
+ *                itself makes, without the page cache)
  *   incremental  an incremental of 10,000 scattered 4 KiB changes on a 16 GiB volume vs reading just those
  *                blocks from the same device (target: ≤ 2× the read's time)
  *   client       the client iterating a 1,000,000-extent FIXED listing over CSI direct (target ≥ 1 M/s)
@@ -145,6 +146,18 @@ async function timedRead(
   }
 }
 
+/**
+ * The plainest sequential read there is, one stream through the page cache, as an operator would time a
+ * device: `dd bs=1M` of the whole device, starting cold. dd's own CPU is not in clientCpuMs.
+ */
+async function timedDd(d: Driver, device: string): Promise<Timed> {
+  flushbufs(device);
+  return timed(d, async () => {
+    const r = spawnSync('dd', [`if=${device}`, 'of=/dev/null', 'bs=1M', 'status=none'], { encoding: 'utf8' });
+    if (r.status !== 0) throw new Error(`dd of ${device}: ${r.stderr || r.error?.message}`);
+  });
+}
+
 /** A MiB/s line for `bytes` done in each sample: the median's rate, every sample's time, both processes' CPU. */
 function rateLine(metric: string, bytes: number, samples: Timed[], params: Record<string, ParamValue>): Result {
   return {
@@ -273,6 +286,7 @@ async function fullCase(ctx: SuiteContext, d: Driver, sizes: Sizes): Promise<voi
   const exposed = await d.volumes.expose(await d.volumes.snapshot(snap));
   try {
     const reads: Timed[] = [];
+    const ddReads: Timed[] = [];
     const directReads: Timed[] = [];
     const backups: Timed[] = [];
     const lists: Timed[] = [];
@@ -284,6 +298,7 @@ async function fullCase(ctx: SuiteContext, d: Driver, sizes: Sizes): Promise<voi
     const whole = Array.from({ length: sizes.fullBytes / MiB }, (_, i) => ({ offset: i * MiB, length: MiB }));
     for (let i = -1; i < FULL_ROUNDS; i++) {
       let read: Timed | undefined;
+      let dd: Timed | undefined;
       let direct: Timed | undefined;
       let b: Awaited<ReturnType<typeof backupOnce>> | undefined;
       const steps: (() => Promise<void>)[] = [
@@ -292,6 +307,9 @@ async function fullCase(ctx: SuiteContext, d: Driver, sizes: Sizes): Promise<voi
         },
         async () => {
           direct = await timedRead(d, exposed.device, whole, true);
+        },
+        async () => {
+          dd = await timedDd(d, exposed.device);
         },
         async () => {
           // A fresh repository each round: nothing to deduplicate against.
@@ -303,12 +321,13 @@ async function fullCase(ctx: SuiteContext, d: Driver, sizes: Sizes): Promise<voi
       ];
       for (let k = 0; k < steps.length; k++) await steps[(k + Math.max(0, i)) % steps.length]!();
       const backup = total(b!);
-      const line = `read ${round0(read!.ms)} ms, O_DIRECT read ${round0(direct!.ms)} ms, backup ${round0(backup.ms)} ms`;
+      const line = `read ${round0(read!.ms)} ms, dd ${round0(dd!.ms)} ms, O_DIRECT read ${round0(direct!.ms)} ms, backup ${round0(backup.ms)} ms`;
       if (i < 0) {
         ctx.log(`full warm-up round: ${line} (not counted)`);
         continue;
       }
       reads.push(read!);
+      ddReads.push(dd!);
       directReads.push(direct!);
       backups.push(backup);
       lists.push(b!.listing);
@@ -333,6 +352,12 @@ async function fullCase(ctx: SuiteContext, d: Driver, sizes: Sizes): Promise<voi
     };
     const reading = (how: string) => ({ ...params, reads: `1 MiB pread, ${READS_IN_FLIGHT} in flight, cold, ${how}` });
     ctx.emit(rateLine('plain_sequential_read_mib_s', sizes.fullBytes, reads, reading('through the page cache')));
+    ctx.emit(
+      rateLine('dd_sequential_read_mib_s', sizes.fullBytes, ddReads, {
+        ...params,
+        reads: 'dd bs=1M, one stream, cold, through the page cache; dd’s CPU not in clientCpuMs',
+      }),
+    );
     ctx.emit(rateLine('direct_sequential_read_mib_s', sizes.fullBytes, directReads, reading('O_DIRECT')));
     ctx.emit(
       rateLine('full_backup_mib_s', sizes.fullBytes, backups, {
