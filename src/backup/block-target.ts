@@ -88,6 +88,14 @@ export async function openSource(file: string, capacityBytes: number): Promise<B
   };
 }
 
+/** Why a target could not be opened, in words. */
+function openProblem(err: NodeJS.ErrnoException): string {
+  if (err.code === 'ELOOP') return 'it is a symbolic link';
+  if (err.code === 'ENOENT') return 'its directory does not exist';
+  if (err.code === 'EEXIST') return 'something appeared at that path meanwhile';
+  return err.message;
+}
+
 /** Where a restore writes. `created`: the command made the file (so it is all zeros to start with). */
 export interface RestoreTarget {
   readonly path: string;
@@ -111,20 +119,49 @@ export async function openTarget(file: string, capacityBytes: number): Promise<R
   let handle: fs.promises.FileHandle;
   let created = false;
   if (!st) {
-    handle = await fs.promises.open(file, fs.constants.O_RDWR | fs.constants.O_CREAT | fs.constants.O_EXCL, 0o600);
-    await handle.truncate(capacityBytes);
+    // O_EXCL: a name that appeared meanwhile (a symlink too) is refused, not followed.
+    handle = await fs.promises
+      .open(file, fs.constants.O_RDWR | fs.constants.O_CREAT | fs.constants.O_EXCL, 0o600)
+      .catch((err: NodeJS.ErrnoException) => {
+        throw new RepositoryError('usage', `target ${file} cannot be created: ${openProblem(err)}`);
+      });
+    try {
+      await handle.truncate(capacityBytes);
+    } catch (err) {
+      await handle.close();
+      await fs.promises.rm(file, { force: true });
+      throw err;
+    }
     created = true;
   } else {
     if (st.isSymbolicLink())
       throw new RepositoryError('usage', `target ${file} is a symbolic link: give the device or file itself`);
-    const size = sizeOf(file, st);
-    if (size < capacityBytes) {
-      throw new RepositoryError(
-        'usage',
-        `target ${file} has ${size} bytes, smaller than the backed-up volume's ${capacityBytes}`,
-      );
+    // Only a file or device (sizeOf refuses the rest before an open could block on a FIFO).
+    sizeOf(file, st);
+    // What is opened is checked, not the path: one swapped since the lstat (for a symlink, say) is refused.
+    handle = await fs.promises
+      .open(file, fs.constants.O_WRONLY | fs.constants.O_NOFOLLOW | fs.constants.O_NONBLOCK)
+      .catch((err: NodeJS.ErrnoException) => {
+        throw new RepositoryError('usage', `target ${file} cannot be opened: ${openProblem(err)}`);
+      });
+    try {
+      const opened = await handle.stat();
+      if (opened.dev !== st.dev || opened.ino !== st.ino)
+        throw new RepositoryError(
+          'usage',
+          `target ${file} was replaced while it was being opened; nothing was written`,
+        );
+      const size = sizeOf(file, opened);
+      if (size < capacityBytes) {
+        throw new RepositoryError(
+          'usage',
+          `target ${file} has ${size} bytes, smaller than the backed-up volume's ${capacityBytes}`,
+        );
+      }
+    } catch (err) {
+      await handle.close();
+      throw err;
     }
-    handle = await fs.promises.open(file, fs.constants.O_WRONLY);
   }
   // Aligned writes of aligned buffers go with O_DIRECT: a restored volume is not read back soon, and its
   // bytes in the page cache would only be copied there and flushed later.

@@ -520,6 +520,11 @@ async function blockmapCommand(
     title = 'Changed blocks between snapshots';
   }
   const svg = renderBlockmap(rows, title);
-  await fs.promises.writeFile(flags.out, svg);
+  await fs.promises.writeFile(flags.out, svg).catch((err: NodeJS.ErrnoException) => {
+    // A directory, a missing one, a read-only place: the caller's to fix.
+    if (['EISDIR', 'ENOENT', 'ENOTDIR', 'EACCES', 'EPERM', 'EROFS'].includes(err.code ?? ''))
+      throw new UsageError(`cannot write the block map to ${flags.out}: ${err.message}`);
+    throw err;
+  });
   process.stdout.write(`wrote ${flags.out}: ${rows.length} rows\n`);
 }

@@ -35,7 +35,7 @@ export interface Manifest {
   toolVersion: string;
 }
 
-const SHA256_HEX = /^[0-9a-f]{64}$/;
+export const SHA256_HEX = /^[0-9a-f]{64}$/;
 /** UTC time of the start to the millisecond (so IDs sort by age), then random. */
 export const BACKUP_ID = /^[0-9]{8}T[0-9]{6}\.[0-9]{3}Z-[0-9a-f]{8}$/;
 

@@ -14,15 +14,28 @@
 import { randomBytes } from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
-import { fsyncDir, fsyncFile, mkdirPrivate, tempName, writeFileDurably, FILE_MODE } from './durable-files.js';
+import { DIR_MODE, FILE_MODE, fsyncDir, fsyncFile, mkdirPrivate, tempName, writeFileDurably } from './durable-files.js';
 import type { Extent } from '../client/index.js';
 import { allocAligned, createFile, FileTooLarge, readFileInto } from './direct-io.js';
-import { BACKUP_ID, MANIFEST_FORMAT, parseManifest, type Manifest, type ManifestExtent } from './manifest.js';
+import {
+  BACKUP_ID,
+  MANIFEST_FORMAT,
+  parseManifest,
+  SHA256_HEX,
+  type Manifest,
+  type ManifestExtent,
+} from './manifest.js';
+import { lockExclusive } from './repository-lock.js';
 import { HASH_THREADS, Sha256Threads, sha256 } from './sha256-threads.js';
 import { DIRECT_ALIGN } from '../aligned-memory.js';
 
 export const MARKER = 'cbt-backup-repository.json';
 const REPOSITORY_FORMAT = 'cbt-csi-backup-repository';
+const SUBDIRS = ['chunks', 'backups', 'tmp'];
+/** A temp file of ours (durable-files.ts tempName): `.NAME.PID.RANDOM.tmp`. */
+const TEMP_FILE = /^\..+\.[0-9]+\.[0-9a-f]{8}\.tmp$/;
+/** The marker's temp file, left in the directory by a backup killed while it made the repository. */
+const MARKER_TEMP = /^\.cbt-backup-repository\.json\.[0-9]+\.[0-9a-f]{8}\.tmp$/;
 
 /** What went wrong, in a form the commands map to exit codes: 'usage' errors are the caller's (exit 2). */
 export class RepositoryError extends Error {
@@ -104,11 +117,25 @@ export class BackupRepository {
     if (!st) return 'absent';
     if (!st.isDirectory()) throw new RepositoryError('usage', `${dir} is not a directory, so not a backup repository`);
     if (fs.existsSync(path.join(dir, MARKER))) return 'repository';
-    if ((await fs.promises.readdir(dir)).length === 0) return 'empty';
+    if (await BackupRepository.onlyHalfMade(dir)) return 'empty';
     throw new RepositoryError(
       'usage',
       `${dir} is not a backup repository (no ${MARKER}) and not empty: give a new or empty directory, or an existing repository`,
     );
+  }
+
+  /**
+   * Whether `dir` holds nothing, or only what a backup killed while it made the repository left: empty
+   * chunks/, backups/ and tmp/ directories and the marker's temp file.
+   */
+  private static async onlyHalfMade(dir: string): Promise<boolean> {
+    for (const name of await fs.promises.readdir(dir)) {
+      if (MARKER_TEMP.test(name)) continue;
+      if (!SUBDIRS.includes(name)) return false;
+      const st = await fs.promises.lstat(path.join(dir, name));
+      if (!st.isDirectory() || (await fs.promises.readdir(path.join(dir, name))).length > 0) return false;
+    }
+    return true;
   }
 
   /** Opens an existing repository; a directory that is not one is a usage error. */
@@ -134,7 +161,14 @@ export class BackupRepository {
     const abs = path.resolve(dir);
     if ((await BackupRepository.check(abs)) !== 'repository') {
       await mkdirPrivate(abs);
-      for (const sub of ['chunks', 'backups', 'tmp']) await mkdirPrivate(path.join(abs, sub));
+      // An empty directory given keeps its mode through mkdir: the repository is private whatever it was.
+      await fs.promises.chmod(abs, DIR_MODE);
+      for (const name of await fs.promises.readdir(abs))
+        if (MARKER_TEMP.test(name)) await fs.promises.rm(path.join(abs, name), { force: true });
+      for (const sub of SUBDIRS) {
+        await mkdirPrivate(path.join(abs, sub));
+        await fs.promises.chmod(path.join(abs, sub), DIR_MODE);
+      }
       await fsyncDir(abs);
       // The marker last: a directory without it is still "empty enough" to be made a repository again.
       await writeFileDurably(
@@ -232,42 +266,43 @@ export class BackupRepository {
   /** Takes the writer lock (one backup at a time), clearing what a killed writer left behind. */
   async lock(): Promise<RepositoryLock> {
     const lockPath = path.join(this.dir, 'lock');
-    for (let attempt = 0; attempt < 2; attempt++) {
-      try {
-        const handle = await fs.promises.open(lockPath, 'wx', FILE_MODE);
-        await handle.writeFile(`${process.pid}\n`);
-        await handle.close();
-        const lock = new RepositoryLock(lockPath);
-        await this.collectGarbage();
-        return lock;
-      } catch (err) {
-        if ((err as NodeJS.ErrnoException).code !== 'EEXIST') throw err;
-        const pid = Number((await fs.promises.readFile(lockPath, 'utf8').catch(() => '')).trim());
-        if (Number.isSafeInteger(pid) && pid > 0 && pid !== process.pid && isAlive(pid)) {
-          throw new RepositoryError(
-            'busy',
-            `another backup (process ${pid}) is writing to ${this.dir}; wait for it to finish`,
-          );
-        }
-        // Its writer is gone (killed): the lock is stale.
-        await fs.promises.rm(lockPath, { force: true });
-      }
+    const release = lockExclusive(lockPath);
+    if (!release) {
+      const pid = Number((await fs.promises.readFile(lockPath, 'utf8').catch(() => '')).trim());
+      const who = Number.isSafeInteger(pid) && pid > 0 ? ` (process ${pid}, as seen in its own PID namespace)` : '';
+      throw new RepositoryError('busy', `another backup${who} is writing to ${this.dir}; wait for it to finish`);
     }
-    throw new RepositoryError('busy', `could not lock ${this.dir}`);
+    const lock = new RepositoryLock(release);
+    try {
+      await this.collectGarbage();
+    } catch (err) {
+      await lock.release();
+      throw err;
+    }
+    return lock;
   }
 
-  /** Removes temp files and chunks that no committed manifest names (left by a killed backup). Holds the lock. */
+  /**
+   * Removes what a killed backup left (it holds the lock): our temp files in tmp/, and chunk files no
+   * committed manifest names. Only names a backup makes, and only regular files: a stray file or a symlink
+   * planted in the repository does not make it remove anything else.
+   */
   private async collectGarbage(): Promise<void> {
+    const isFile = async (file: string) => (await fs.promises.lstat(file).catch(() => undefined))?.isFile() === true;
     for (const name of await fs.promises.readdir(this.tmpDir).catch(() => [] as string[])) {
-      await fs.promises.rm(path.join(this.tmpDir, name), { force: true });
+      const file = path.join(this.tmpDir, name);
+      if (TEMP_FILE.test(name) && (await isFile(file))) await fs.promises.rm(file, { force: true });
     }
     const referenced = await this.referencedChunks().catch(() => undefined);
     // A damaged manifest means we cannot tell garbage from data: remove nothing.
     if (!referenced) return;
     for (const sub of await fs.promises.readdir(this.chunksDir).catch(() => [] as string[])) {
       const dir = path.join(this.chunksDir, sub);
+      if (!/^[0-9a-f]{2}$/.test(sub) || !(await fs.promises.lstat(dir)).isDirectory()) continue;
       for (const name of await fs.promises.readdir(dir).catch(() => [] as string[])) {
-        if (!referenced.has(name)) await fs.promises.rm(path.join(dir, name), { force: true });
+        const file = path.join(dir, name);
+        if (SHA256_HEX.test(name) && name.startsWith(sub) && !referenced.has(name) && (await isFile(file)))
+          await fs.promises.rm(file, { force: true });
       }
     }
   }
@@ -355,6 +390,8 @@ export class BackupRepository {
         if (toCheck.has(hash)) sizes.set(hash, Math.max(sizes.get(hash) ?? 0, chunkOffset + length));
     progress?.total([...sizes.values()].reduce((a, b) => a + b, 0));
     const found: { at: number; damage: DamagedChunk }[] = [];
+    /** Sound chunks that some manifest reads past the end of, with their length. */
+    const short = new Map<string, number>();
     let bytesChecked = 0;
     const buffers = allocAligned(
       chunkBufferSize(manifests.values()),
@@ -371,6 +408,7 @@ export class BackupRepository {
             const hash = list[at]!;
             try {
               const data = await this.loadChunk(hash, buffer, (d) => hashes.hash(d));
+              if (data.length < sizes.get(hash)!) short.set(hash, data.length);
               bytesChecked += data.length;
               progress?.add(data.length);
             } catch (err) {
@@ -394,27 +432,31 @@ export class BackupRepository {
       await hashes.close();
     }
     const damaged = found.sort((a, b) => a.at - b.at).map((f) => f.damage);
+    // A chunk whose hash matches but that a manifest names bytes beyond (a hand-edited manifest): restore
+    // would refuse that backup, so verify must not pass it.
+    if (short.size > 0)
+      for (const [id, m] of manifests) {
+        const past = m.extents.find(
+          ([, length, hash, chunkOffset]) => chunkOffset + length > (short.get(hash) ?? Infinity),
+        );
+        if (past)
+          damagedManifests.push({
+            id,
+            problem: `manifest ${id} is damaged: its extent at ${past[0]} reads past the end of chunk ${past[2]} (${short.get(past[2])} bytes)`,
+          });
+      }
     return { backups: wanted, chunksChecked: toCheck.size, bytesChecked, damaged, damagedManifests };
   }
 }
 
-function isAlive(pid: number): boolean {
-  try {
-    process.kill(pid, 0);
-    return true;
-  } catch (err) {
-    return (err as NodeJS.ErrnoException).code === 'EPERM';
-  }
-}
-
-/** The writer lock; release() removes it. */
+/** The writer lock (repository-lock.ts); release() gives it up. */
 export class RepositoryLock {
   held = true;
-  constructor(private readonly lockPath: string) {}
+  constructor(private readonly unlock: () => void) {}
   async release(): Promise<void> {
     if (!this.held) return;
     this.held = false;
-    await fs.promises.rm(this.lockPath, { force: true });
+    this.unlock();
   }
 }
 

@@ -17,6 +17,7 @@ import type { Progress } from './progress.js';
 import { chunkBufferSize, RepositoryError, type BackupRepository, type ChunkHasher } from './repository.js';
 import { HASH_THREADS, Sha256Threads } from './sha256-threads.js';
 import fs from 'node:fs';
+import path from 'node:path';
 
 export interface RestoreSummary {
   backup: string;
@@ -67,6 +68,7 @@ export async function restoreBackup(
       `backup ${id} cannot be restored: ${missing.size} chunk(s) are missing, e.g. ${[...missing][0]} (run \`cbt-csi verify --repo ${repo.dir}\`)`,
     );
   }
+  await refuseInside(repo.dir, targetPath);
   const map = layChain(chain, capacity);
   const target = await openTarget(targetPath, capacity);
   const hashes = new Sha256Threads(HASH_THREADS);
@@ -131,6 +133,21 @@ export async function restoreBackup(
     bytesWritten: written,
     seconds: (Date.now() - started) / 1000,
   };
+}
+
+/**
+ * A target in the repository would overwrite its chunks or manifests (a chunk file is as large as a small
+ * volume) or leave an image among them: refused. Judged on the real paths, so no symlink leads around it.
+ */
+async function refuseInside(repoDir: string, targetPath: string): Promise<void> {
+  const real = async (p: string) => fs.promises.realpath(p).catch(() => undefined);
+  const repo = (await real(repoDir)) ?? repoDir;
+  const where = await real(path.dirname(targetPath));
+  if (where !== undefined && (where === repo || where.startsWith(`${repo}${path.sep}`)))
+    throw new RepositoryError(
+      'usage',
+      `target ${targetPath} is inside the repository ${repoDir}: restore to a device or a file elsewhere`,
+    );
 }
 
 /** Writes under way, at most `limit`: start() waits for a free place; the first failure is thrown by the next start() or finish(). */
