@@ -9,6 +9,7 @@ import { type Command, InvalidArgumentError, Option } from 'commander';
 import {
   connectCsiDirect,
   connectKubernetes,
+  EndpointError,
   InvalidArgumentError as MetadataInvalidArgument,
   NotFoundError,
   OutOfRangeError,
@@ -75,7 +76,7 @@ function action<A extends unknown[]>(
 }
 
 function exitCodeOf(err: unknown): number {
-  if (err instanceof UsageError) return 2;
+  if (err instanceof UsageError || err instanceof EndpointError) return 2;
   if (err instanceof RepositoryError) return err.kind === 'usage' ? 2 : 1;
   if (err instanceof NotFoundError || err instanceof MetadataInvalidArgument || err instanceof OutOfRangeError)
     return 2;

@@ -18,6 +18,7 @@ import {
   SnapshotMetadata,
 } from '../gen/csi/v1/csi_pb.js';
 import { rawServerStream } from './grpc-raw-stream.js';
+import { EndpointError } from './errors.js';
 import { decodeMetadataResponse } from './metadata-wire.js';
 import type { BlockMetadataType, MetadataPage, MetadataRequest, MetadataTransport } from './types.js';
 
@@ -32,8 +33,8 @@ export function endpointSession(endpoint: string): Http2SessionManager {
   if (endpoint.startsWith('unix://')) socket = endpoint.slice('unix://'.length);
   else if (endpoint.startsWith('unix:')) socket = endpoint.slice('unix:'.length);
   else if (/^[a-z]+:\/\//i.test(endpoint))
-    throw new Error(`endpoint ${endpoint}: expected unix:///path/csi.sock or tcp://HOST:PORT`);
-  if (!socket) throw new Error(`endpoint ${endpoint}: the socket path is empty`);
+    throw new EndpointError(`endpoint ${endpoint}: expected unix:///path/csi.sock or tcp://HOST:PORT`);
+  if (!socket) throw new EndpointError(`endpoint ${endpoint}: the socket path is empty`);
   const options: http2.ClientSessionOptions = { createConnection: () => net.connect(socket) };
   return new Http2SessionManager(BASE_URL, { pingIntervalMs: 30_000 }, options);
 }

@@ -48,6 +48,14 @@ export class RetriesExhaustedError extends SnapshotMetadataError {}
 /** The driver's answer broke the protocol (extents out of order, a zero length, a changing capacity). */
 export class ProtocolError extends SnapshotMetadataError {}
 
+/** An endpoint string that names no socket (another scheme, an empty path): the caller's to fix. */
+export class EndpointError extends Error {
+  constructor(message: string) {
+    super(message);
+    this.name = 'EndpointError';
+  }
+}
+
 /** Codes worth a retry: the stream was cut, or the driver is (re)starting. */
 const RESUMABLE = new Set<Code>([Code.Unavailable, Code.Canceled, Code.DeadlineExceeded]);
 

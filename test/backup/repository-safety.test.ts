@@ -259,3 +259,28 @@ describe('restore and blockmap: bad output paths are exit code 2, one line, noth
     );
   });
 });
+
+describe('a malformed --endpoint is bad input: exit code 2, one line, nothing written', () => {
+  it('metadata and backup with an endpoint of another scheme, or an empty socket path', async () => {
+    expectUsageLine(
+      await runCli(['metadata', 'allocated', 'snap-1', '--endpoint', 'http://localhost:1']),
+      /^cbt-csi metadata allocated: endpoint http:\/\/localhost:1: expected unix:\/\/\/path\/csi\.sock or tcp:\/\/HOST:PORT$/,
+    );
+    const repo = path.join(dir(), 'repo');
+    expectUsageLine(
+      await runCli([
+        'backup',
+        '--repo',
+        repo,
+        '--snapshot',
+        'snap-1',
+        '--source',
+        '/dev/null',
+        '--endpoint',
+        'unix://',
+      ]),
+      /^cbt-csi backup: endpoint unix:\/\/: the socket path is empty$/,
+    );
+    expect(fs.existsSync(repo)).toBe(false);
+  });
+});
