@@ -93,6 +93,8 @@ function openProblem(err: NodeJS.ErrnoException): string {
   if (err.code === 'ELOOP') return 'it is a symbolic link';
   if (err.code === 'ENOENT') return 'its directory does not exist';
   if (err.code === 'EEXIST') return 'something appeared at that path meanwhile';
+  if (err.code === 'EBUSY')
+    return 'it is in use (mounted, or opened exclusively by another program): unmount it or give another device';
   return err.message;
 }
 
@@ -139,8 +141,11 @@ export async function openTarget(file: string, capacityBytes: number): Promise<R
     // Only a file or device (sizeOf refuses the rest before an open could block on a FIFO).
     sizeOf(file, st);
     // What is opened is checked, not the path: one swapped since the lstat (for a symlink, say) is refused.
+    // A block device is opened exclusively: Linux refuses that (EBUSY) while a filesystem on it is mounted,
+    // which a restore would corrupt under the kernel's feet.
+    const exclusive = st.isBlockDevice() ? fs.constants.O_EXCL : 0;
     handle = await fs.promises
-      .open(file, fs.constants.O_WRONLY | fs.constants.O_NOFOLLOW | fs.constants.O_NONBLOCK)
+      .open(file, fs.constants.O_WRONLY | fs.constants.O_NOFOLLOW | fs.constants.O_NONBLOCK | exclusive)
       .catch((err: NodeJS.ErrnoException) => {
         throw new RepositoryError('usage', `target ${file} cannot be opened: ${openProblem(err)}`);
       });

@@ -11,6 +11,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { afterAll, beforeAll, expect, it, vi } from 'vitest';
 import { openSource, openTarget } from '../../src/backup/block-target.js';
+import { RepositoryError } from '../../src/backup/repository.js';
 import { allocAligned } from '../../src/backup/direct-io.js';
 import { dataPlaneSuite } from '../e2e/support/node-env.js';
 
@@ -109,5 +110,29 @@ dataPlaneSuite('backup source on a block device', () => {
     fs.readSync(fd, back, 0, SIZE, 0);
     fs.closeSync(fd);
     expect(back.equals(expected)).toBe(true);
+  });
+
+  it('a restore target that is a mounted block device is refused (a usage error), and nothing is written to it', async () => {
+    const image2 = path.join(dir, 'mounted-image');
+    const mnt = path.join(dir, 'mnt');
+    fs.writeFileSync(image2, Buffer.alloc(SIZE));
+    fs.mkdirSync(mnt);
+    const loop = execFileSync('losetup', ['--show', '-f', image2], { encoding: 'utf8' }).trim();
+    try {
+      execFileSync('mkfs.ext4', ['-q', loop]);
+      execFileSync('mount', [loop, mnt]);
+      try {
+        const before = fs.readFileSync(image2);
+        const err = await openTarget(loop, SIZE).catch((e: unknown) => e);
+        expect(err).toBeInstanceOf(RepositoryError);
+        expect((err as RepositoryError).kind).toBe('usage');
+        expect((err as Error).message).toMatch(/is in use \(mounted/);
+        expect(fs.readFileSync(image2).equals(before)).toBe(true);
+      } finally {
+        execFileSync('umount', [mnt]);
+      }
+    } finally {
+      execFileSync('losetup', ['-d', loop]);
+    }
   });
 });
