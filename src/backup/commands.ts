@@ -393,7 +393,17 @@ async function runBackup(
         throw new UsageError(
           `base backup ${flags.base} cannot be in ${flags.repo}: it is not a repository yet (omit --base for a full backup)`,
         );
-      base = await (await BackupRepository.open(flags.repo)).manifest(flags.base);
+      const repo = await BackupRepository.open(flags.repo);
+      // The whole chain, not only the base: an incremental on a base that cannot be restored cannot be either.
+      await repo.manifest(flags.base);
+      const chain = await repo.chain(flags.base).catch((err: unknown) => {
+        if (!(err instanceof RepositoryError)) throw err;
+        throw new RepositoryError(
+          'damaged',
+          `cannot build on backup ${flags.base}: ${err.message}; take a full backup (omit --base), or run \`cbt-csi verify --repo ${flags.repo}\``,
+        );
+      });
+      base = chain.at(-1)!;
       if (base.sourceVolume && snapshot.sourceVolume && base.sourceVolume !== snapshot.sourceVolume) {
         throw new UsageError(
           `base backup ${base.id} is of volume ${base.sourceVolume}, but snapshot ${snapshot.id} is of volume ${snapshot.sourceVolume}: an incremental backup needs a base of the same volume`,

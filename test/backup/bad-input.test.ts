@@ -224,4 +224,48 @@ describe('backup commands: bad input is exit code 2, one line, nothing written',
     expect(missing.code).toBe(2);
     expect(missing.stderr).toMatch(/--snapshot/);
   });
+
+  it('a base backup whose own chain is broken (its full backup gone): refused before anything is written', async () => {
+    const v = (
+      await controller.call('createVolume', {
+        name: 'chain',
+        capacityRange: { requiredBytes: BigInt(CAPACITY) },
+        volumeCapabilities: [blockCap()],
+      })
+    ).volume!;
+    const snaps: string[] = [];
+    for (const n of [1, 2, 3])
+      snaps.push(
+        (await controller.call('createSnapshot', { sourceVolumeId: v.volumeId, name: `chain-${n}` })).snapshot!
+          .snapshotId,
+      );
+    const chainRepo = path.join(dir, 'chain-repo');
+    const image = path.join(dir, 'a.img');
+    const take = async (snap: string, base?: string) => {
+      const r = await cli(
+        'backup',
+        '--repo',
+        chainRepo,
+        '--snapshot',
+        snap,
+        '--source',
+        image,
+        '--json',
+        '--quiet',
+        ...(base ? ['--base', base] : []),
+      );
+      expect(r.code, r.stderr).toBe(0);
+      return jsonOf<{ id: string }>(r).id;
+    };
+    const full = await take(snaps[0]!);
+    const inc = await take(snaps[1]!, full);
+    const manifest = path.join(chainRepo, 'backups', `${full}.json`);
+    fs.renameSync(manifest, path.join(dir, 'hidden.json'));
+    const before = tree(chainRepo);
+    const r = await cli('backup', '--repo', chainRepo, '--snapshot', snaps[2]!, '--source', image, '--base', inc);
+    expect(r.code, r.stderr).toBe(1);
+    expect(r.stderr.trim().split('\n')).toHaveLength(1);
+    expect(r.stderr).toMatch(new RegExp(`cannot build on backup ${inc}: .*needs base ${full}.*take a full backup`));
+    expect(tree(chainRepo)).toBe(before);
+  });
 });
