@@ -22,6 +22,7 @@ import { openSource, type BlockSource } from './block-target.js';
 import { renderBlockmap, type BlockmapRow } from './blockmap.js';
 import { planBackup, writeBackup, type SnapshotLister } from './backup-run.js';
 import { CsiVolumes, type ExposedSnapshot } from './csi-volumes.js';
+import { driverStateAround } from './driver-state.js';
 import { runDemo } from './demo.js';
 import { createProgress } from './progress.js';
 import { BackupRepository, RepositoryError, type RepositoryLock } from './repository.js';
@@ -322,6 +323,11 @@ function oneMode(flags: { endpoint?: string; namespace?: string; kubeconfig?: st
 async function backupCommand(signal: AbortSignal, flags: BackupFlags): Promise<void> {
   oneMode(flags);
   // Everything is checked before the repository is created or written.
+  const driverState = await driverStateAround(flags.repo);
+  if (driverState)
+    throw new UsageError(
+      `repository ${flags.repo} is inside the cbt-csi driver's state directory ${driverState}: put it elsewhere`,
+    );
   const state = await BackupRepository.check(path.resolve(flags.repo));
   const onResume: ResumeListener = ({ offset, attempt, delayMs }) => {
     if (!flags.quiet)

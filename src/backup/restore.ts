@@ -12,6 +12,7 @@
 import type { Extent } from '../client/index.js';
 import { openTarget } from './block-target.js';
 import { layChain, type Placed } from './chain-map.js';
+import { driverStateAround } from './driver-state.js';
 import { allocAligned } from './direct-io.js';
 import type { Progress } from './progress.js';
 import { chunkBufferSize, RepositoryError, type BackupRepository, type ChunkHasher } from './repository.js';
@@ -136,11 +137,18 @@ export async function restoreBackup(
 }
 
 /**
- * A target in the repository would overwrite its chunks or manifests (a chunk file is as large as a small
- * volume) or leave an image among them: refused. Judged on the real paths, so no symlink leads around it.
+ * A target in the driver's state directory (driver-state.ts) would overwrite a volume's layers; one in the
+ * repository its chunks or manifests (a chunk file is as large as a small volume), or leave an image among
+ * them: both refused. Judged on the real paths, so no symlink leads around it.
  */
 async function refuseInside(repoDir: string, targetPath: string): Promise<void> {
   const real = async (p: string) => fs.promises.realpath(p).catch(() => undefined);
+  const driverState = await driverStateAround(targetPath);
+  if (driverState)
+    throw new RepositoryError(
+      'usage',
+      `target ${targetPath} is inside the cbt-csi driver's state directory ${driverState}: restore to a device or a file elsewhere`,
+    );
   const repo = (await real(repoDir)) ?? repoDir;
   const where = await real(path.dirname(targetPath));
   if (where !== undefined && (where === repo || where.startsWith(`${repo}${path.sep}`)))

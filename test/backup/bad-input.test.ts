@@ -268,4 +268,30 @@ describe('backup commands: bad input is exit code 2, one line, nothing written',
     expect(r.stderr).toMatch(new RegExp(`cannot build on backup ${inc}: .*needs base ${full}.*take a full backup`));
     expect(tree(chainRepo)).toBe(before);
   });
+
+  it("a repository or restore target inside the driver's state directory", async () => {
+    const state = path.join(dir, 'state');
+    const layers = path.join(state, 'store', 'layers');
+    expectUsageError(
+      await cli('backup', '--repo', path.join(state, 'repo'), '--snapshot', snapA, '--source', path.join(dir, 'a.img')),
+      /inside the cbt-csi driver's state directory/,
+    );
+    expectUsageError(
+      await cli('restore', '--repo', repo, '--backup', baseOfA, '--target', path.join(layers, '999.layer')),
+      /inside the cbt-csi driver's state directory/,
+    );
+    expectUsageError(
+      await cli('restore', '--repo', repo, '--backup', baseOfA, '--target', path.join(state, 'restored.img')),
+      /inside the cbt-csi driver's state directory/,
+    );
+    // Through a symlink to it as well.
+    fs.symlinkSync(layers, path.join(dir, 'layers-link'));
+    expectUsageError(
+      await cli('restore', '--repo', repo, '--backup', baseOfA, '--target', path.join(dir, 'layers-link', 'x.layer')),
+      /inside the cbt-csi driver's state directory/,
+    );
+    for (const made of [path.join(state, 'repo'), path.join(layers, '999.layer'), path.join(layers, 'x.layer')])
+      expect(fs.existsSync(made), made).toBe(false);
+    expect(fs.existsSync(path.join(state, 'restored.img'))).toBe(false);
+  });
 });
