@@ -234,11 +234,18 @@ export async function writeBackup(
       await Promise.all(Array.from({ length: READS_IN_FLIGHT }, reader));
       if (failure !== undefined) throw failure;
       signal?.throwIfAborted();
+    } catch (err) {
+      // Failed or interrupted: what it stored goes, so only committed backups' chunks stay.
+      await writer.abandon().catch(() => undefined);
+      throw err;
     } finally {
       progress.stop();
     }
     const committing = Date.now();
-    const manifest = await writer.commit();
+    const manifest = await writer.commit().catch(async (err: unknown) => {
+      await writer.abandon().catch(() => undefined);
+      throw err;
+    });
     const done = Date.now();
     return {
       id: manifest.id,

@@ -288,11 +288,7 @@ export class BackupRepository {
    * planted in the repository does not make it remove anything else.
    */
   private async collectGarbage(): Promise<void> {
-    const isFile = async (file: string) => (await fs.promises.lstat(file).catch(() => undefined))?.isFile() === true;
-    for (const name of await fs.promises.readdir(this.tmpDir).catch(() => [] as string[])) {
-      const file = path.join(this.tmpDir, name);
-      if (TEMP_FILE.test(name) && (await isFile(file))) await fs.promises.rm(file, { force: true });
-    }
+    await this.removeTemps();
     const referenced = await this.referencedChunks().catch(() => undefined);
     // A damaged manifest means we cannot tell garbage from data: remove nothing.
     if (!referenced) return;
@@ -301,9 +297,17 @@ export class BackupRepository {
       if (!/^[0-9a-f]{2}$/.test(sub) || !(await fs.promises.lstat(dir)).isDirectory()) continue;
       for (const name of await fs.promises.readdir(dir).catch(() => [] as string[])) {
         const file = path.join(dir, name);
-        if (SHA256_HEX.test(name) && name.startsWith(sub) && !referenced.has(name) && (await isFile(file)))
+        if (SHA256_HEX.test(name) && name.startsWith(sub) && !referenced.has(name) && (await isRegularFile(file)))
           await fs.promises.rm(file, { force: true });
       }
+    }
+  }
+
+  /** Removes our temp files from tmp/ (regular files with the names tempName gives). Holds the lock. */
+  async removeTemps(): Promise<void> {
+    for (const name of await fs.promises.readdir(this.tmpDir).catch(() => [] as string[])) {
+      const file = path.join(this.tmpDir, name);
+      if (TEMP_FILE.test(name) && (await isRegularFile(file))) await fs.promises.rm(file, { force: true });
     }
   }
 
@@ -449,6 +453,10 @@ export class BackupRepository {
   }
 }
 
+async function isRegularFile(file: string): Promise<boolean> {
+  return (await fs.promises.lstat(file).catch(() => undefined))?.isFile() === true;
+}
+
 /** The writer lock (repository-lock.ts); release() gives it up. */
 export class RepositoryLock {
   held = true;
@@ -541,6 +549,18 @@ export class BackupWriter {
     this.syncer.add(final);
     this.newChunks++;
     this.newBytes += data.length;
+  }
+
+  /**
+   * Removes what this backup stored, after it failed before its commit: its chunks, which no committed
+   * manifest names (a failed backup on a full disk should not leave it full), and temp files. Holds the lock.
+   */
+  async abandon(): Promise<void> {
+    // A commit that failed after its manifest's rename (at the directory's fsync) made the backup exist.
+    if (fs.existsSync(path.join(this.repo.dir, 'backups', `${this.id}.json`))) return;
+    await this.syncer.finish().catch(() => undefined);
+    for (const hash of this.written) await fs.promises.rm(this.repo.chunkPath(hash), { force: true });
+    await this.repo.removeTemps();
   }
 
   /** Makes the backup exist: new chunks and their directories made durable, then the manifest written durably. */

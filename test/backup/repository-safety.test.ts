@@ -10,6 +10,8 @@ import { randomBytes } from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
 import { describe, expect, it, vi } from 'vitest';
+import { CHUNK_SIZE, writeBackup } from '../../src/backup/backup-run.js';
+import type { BlockSource } from '../../src/backup/block-target.js';
 import { BackupRepository, RepositoryError } from '../../src/backup/repository.js';
 import { createProgress } from '../../src/backup/progress.js';
 import { restoreBackup } from '../../src/backup/restore.js';
@@ -231,6 +233,48 @@ describe('repository safety', () => {
     expect(report.damagedManifests).toEqual([
       { id: m.id, problem: expect.stringMatching(/extent at 0 .*past the end of chunk .* \(8192 bytes\)/) },
     ]);
+  });
+});
+
+describe('a backup that fails', () => {
+  it('takes away the chunks it stored: a full disk is not left full of chunks no backup names', async () => {
+    const { repo, m } = await oneBackup();
+    const chunkFiles = () =>
+      fs.readdirSync(path.join(repo.dir, 'chunks')).flatMap((d) => fs.readdirSync(path.join(repo.dir, 'chunks', d)));
+    const before = chunkFiles();
+    // A source that fails (as a disk that goes away) once most of the backup is stored.
+    const capacity = 8 * CHUNK_SIZE;
+    let reads = 0;
+    const source: BlockSource = {
+      path: 'failing',
+      size: capacity,
+      direct: false,
+      read: async (_offset, length) => randomBytes(length),
+      readInto: async (into) => {
+        if (++reads > 24) throw new Error('EIO: the source went away');
+        randomBytes(into.length).copy(into);
+      },
+      close: async () => undefined,
+    };
+    const lock = await repo.lock();
+    try {
+      const plan = {
+        snapshot: 'snap-x',
+        sourceVolume: 'vol-1',
+        base: null,
+        capacityBytes: capacity,
+        runs: [{ offset: 0, length: capacity }],
+        bytes: capacity,
+        resumes: 0,
+      };
+      await expect(writeBackup(repo, lock, plan, source, quiet)).rejects.toThrow(/the source went away/);
+    } finally {
+      await lock.release();
+    }
+    expect(await repo.backupIds()).toEqual([m.id]);
+    expect(chunkFiles().sort()).toEqual(before.sort());
+    expect(fs.readdirSync(repo.tmpDir)).toEqual([]);
+    expect((await repo.verify()).damaged).toEqual([]);
   });
 });
 
