@@ -36,12 +36,16 @@ export interface BlockSource {
 export async function openSource(file: string, capacityBytes: number): Promise<BlockSource> {
   // Opened once; its size is checked and every byte read through that descriptor (or one re-opened from
   // it), so a path swapped meanwhile cannot make the backup read another file.
-  const handle = await fs.promises.open(file, 'r').catch((err: NodeJS.ErrnoException) => {
-    throw new RepositoryError(
-      'usage',
-      `source ${file} cannot be opened: ${err.code === 'ENOENT' ? 'it does not exist' : err.message}`,
-    );
-  });
+  // O_NONBLOCK: a FIFO is opened at once (and refused below) instead of waiting, unkillably, for a writer;
+  // files and block devices ignore it.
+  const handle = await fs.promises
+    .open(file, fs.constants.O_RDONLY | fs.constants.O_NONBLOCK)
+    .catch((err: NodeJS.ErrnoException) => {
+      throw new RepositoryError(
+        'usage',
+        `source ${file} cannot be opened: ${err.code === 'ENOENT' ? 'it does not exist' : err.message}`,
+      );
+    });
   let direct: fs.promises.FileHandle | undefined;
   let size: number;
   try {

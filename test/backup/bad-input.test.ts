@@ -3,7 +3,9 @@
  * repository (or to the target). Runs the real `cbt-csi` commands against a driver process; the snapshot's
  * bytes come from --source image files, so no root is needed.
  */
+import { execFileSync } from 'node:child_process';
 import { createHash } from 'node:crypto';
+import { setTimeout as sleep } from 'node:timers/promises';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
@@ -13,7 +15,7 @@ import { Controller } from '../../src/gen/csi/v1/csi_pb.js';
 import { ServiceClient } from '../support/csi-client.js';
 import { spawnDriver } from '../support/test-driver.js';
 import { MiB, blockCap } from '../e2e/support/node-env.js';
-import { jsonOf, runCli, type CliResult } from './support/cli.js';
+import { jsonOf, runCli, startCli, type CliResult } from './support/cli.js';
 
 let dir: string;
 let child: ChildProcess;
@@ -293,5 +295,19 @@ describe('backup commands: bad input is exit code 2, one line, nothing written',
     for (const made of [path.join(state, 'repo'), path.join(layers, '999.layer'), path.join(layers, 'x.layer')])
       expect(fs.existsSync(made), made).toBe(false);
     expect(fs.existsSync(path.join(state, 'restored.img'))).toBe(false);
+  });
+
+  it('a --source that is a FIFO is refused at once, not waited on for a writer (which no signal but SIGKILL ended)', async () => {
+    const fifo = path.join(dir, 'source.fifo');
+    execFileSync('mkfifo', [fifo]);
+    const before = tree(repo);
+    const run = startCli(['backup', '--repo', repo, '--snapshot', snapA, '--source', fifo, '--endpoint', endpoint]);
+    const result = await Promise.race([run.done, sleep(30_000).then(() => undefined)]);
+    if (!result) {
+      run.child.kill('SIGKILL');
+      expect.fail('backup hung opening the FIFO');
+    }
+    expectUsageError(result, /source\.fifo is neither a regular file nor a block device/);
+    expect(tree(repo)).toBe(before);
   });
 });
