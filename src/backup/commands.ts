@@ -86,7 +86,8 @@ function exitCodeOf(err: unknown): number {
 
 function nonNegativeInteger(value: string): number {
   const n = Number(value);
-  if (!Number.isSafeInteger(n) || n < 0) throw new InvalidArgumentError('expected an integer, 0 or more');
+  // Number('') is 0: an empty value (an unset shell variable) must not pass as offset 0.
+  if (value.trim() === '' || !Number.isSafeInteger(n) || n < 0) throw new InvalidArgumentError('expected an integer, 0 or more');
   return n;
 }
 

@@ -328,3 +328,13 @@ describe('a malformed --endpoint is bad input: exit code 2, one line, nothing wr
     expect(fs.existsSync(repo)).toBe(false);
   });
 });
+
+describe('numeric flags', () => {
+  it('an empty --starting-offset or --max-results (an unset shell variable) is bad input, not 0', async () => {
+    for (const flag of ['--starting-offset', '--max-results']) {
+      const r = await runCli(['metadata', 'allocated', 'snap-1', flag, '', '--endpoint', 'unix:///nonexistent.sock']);
+      expect(r.code, r.stderr).toBe(2);
+      expect(r.stderr).toMatch(/expected an integer, 0 or more/);
+    }
+  });
+});
