@@ -143,15 +143,26 @@ export class BackupRepository {
     const abs = path.resolve(dir);
     const kind = await BackupRepository.check(abs);
     if (kind !== 'repository') throw new RepositoryError('usage', `${abs} is not a backup repository (no ${MARKER})`);
-    const marker = JSON.parse(await fs.promises.readFile(path.join(abs, MARKER), 'utf8')) as {
-      format?: string;
-      version?: number;
-    };
+    let marker: { format?: string; version?: number };
+    try {
+      const parsed: unknown = JSON.parse(await fs.promises.readFile(path.join(abs, MARKER), 'utf8'));
+      if (typeof parsed !== 'object' || parsed === null || Array.isArray(parsed))
+        throw new Error('it holds no JSON object');
+      marker = parsed as typeof marker;
+    } catch (err) {
+      throw new RepositoryError('damaged', `${path.join(abs, MARKER)} is damaged: ${(err as Error).message}`);
+    }
     if (marker.format !== REPOSITORY_FORMAT || marker.version !== 1) {
       throw new RepositoryError(
         'usage',
         `${abs} holds a repository of an unknown format (${String(marker.format)} v${String(marker.version)})`,
       );
+    }
+    // What holds the backups must be there: a missing backups/ listed as no backups, so verify said ok.
+    for (const sub of ['backups', 'chunks']) {
+      const st = await fs.promises.stat(path.join(abs, sub)).catch(() => undefined);
+      if (!st?.isDirectory())
+        throw new RepositoryError('damaged', `repository ${abs} is damaged: its ${sub}/ directory is missing`);
     }
     return new BackupRepository(abs);
   }
@@ -181,7 +192,7 @@ export class BackupRepository {
 
   /** IDs of committed backups, oldest first. */
   async backupIds(): Promise<string[]> {
-    const names = await fs.promises.readdir(this.backupsDir).catch(() => [] as string[]);
+    const names = await fs.promises.readdir(this.backupsDir);
     return names
       .filter((n) => n.endsWith('.json') && BACKUP_ID.test(n.slice(0, -5)))
       .map((n) => n.slice(0, -5))
@@ -274,6 +285,8 @@ export class BackupRepository {
     }
     const lock = new RepositoryLock(release);
     try {
+      // tmp/ holds nothing that lasts: one lost is made again.
+      await mkdirPrivate(this.tmpDir);
       await this.collectGarbage();
     } catch (err) {
       await lock.release();

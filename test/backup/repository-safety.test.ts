@@ -236,6 +236,28 @@ describe('repository safety', () => {
   });
 });
 
+describe('a damaged repository is said to be damaged', () => {
+  it('verify of a repository whose backups/ directory is gone fails (it said "ok: 0 backups")', async () => {
+    const { repo } = await oneBackup();
+    fs.rmSync(path.join(repo.dir, 'backups'), { recursive: true });
+    const r = await runCli(['verify', '--repo', repo.dir, '--quiet']);
+    expect(r.code, r.stdout).toBe(1);
+    expect(r.stderr.trim().split('\n')).toHaveLength(1);
+    expect(r.stderr).toMatch(/repository .* is damaged: its backups\/ directory is missing/);
+  });
+
+  it('a truncated or hand-edited marker is named in one line, exit code 1', async () => {
+    const { repo } = await oneBackup();
+    for (const text of ['', 'null', '{"format": "cbt-csi-backup-repos']) {
+      fs.writeFileSync(path.join(repo.dir, 'cbt-backup-repository.json'), text);
+      const r = await runCli(['verify', '--repo', repo.dir, '--quiet']);
+      expect(r.code, r.stderr).toBe(1);
+      expect(r.stderr.trim().split('\n')).toHaveLength(1);
+      expect(r.stderr).toMatch(/cbt-backup-repository\.json is damaged/);
+    }
+  });
+});
+
 describe('a backup that fails', () => {
   it('takes away the chunks it stored: a full disk is not left full of chunks no backup names', async () => {
     const { repo, m } = await oneBackup();
