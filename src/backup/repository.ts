@@ -373,12 +373,22 @@ export class BackupRepository {
       }
       return out;
     };
+    /** Why `id`'s chain is broken: the first base that is missing or damaged, or the loop. */
+    const brokenLink = (id: string): string => {
+      const seen: string[] = [];
+      for (let next: string | null = id; next !== null; next = manifests.get(next)?.base ?? null) {
+        if (seen.includes(next)) return `its chain of bases loops at ${next}`;
+        if (!manifests.has(next)) return `its base ${next} is missing or damaged`;
+        seen.push(next);
+      }
+      return 'its chain is broken';
+    };
     const users = new Map<string, Set<string>>();
     for (const id of all) {
       const chain = chainOf(id);
       if (!chain) {
         if (!damagedManifests.some((d) => d.id === id))
-          damagedManifests.push({ id, problem: `backup ${id}: a base in its chain is missing or damaged` });
+          damagedManifests.push({ id, problem: `backup ${id}: ${brokenLink(id)}` });
         continue;
       }
       for (const member of chain) {
@@ -462,6 +472,14 @@ export class BackupRepository {
             problem: `manifest ${id} is damaged: its extent at ${past[0]} reads past the end of chunk ${past[2]} (${short.get(past[2])} bytes)`,
           });
       }
+    // With backups named, only what restoring them needs counts: their own manifests and their chains'.
+    if (ids) {
+      const needed = new Set<string>();
+      for (const id of wanted)
+        for (let next: string | null = id; next !== null && !needed.has(next); next = manifests.get(next)?.base ?? null)
+          needed.add(next);
+      damagedManifests.splice(0, damagedManifests.length, ...damagedManifests.filter((d) => needed.has(d.id)));
+    }
     return { backups: wanted, chunksChecked: toCheck.size, bytesChecked, damaged, damagedManifests };
   }
 }

@@ -258,6 +258,24 @@ describe('a damaged repository is said to be damaged', () => {
   });
 });
 
+describe('verify --backup', () => {
+  it("judges only that backup's chain: another backup's broken chain does not fail it, and a broken chain names the missing base", async () => {
+    const { repo, m: full } = await oneBackup();
+    const inc = await commitBackup(repo, MiB, [[[8192, randomBytes(4096)]]], full, MiB);
+    const other = await commitBackup(repo, MiB, [[[0, randomBytes(4096)]]], null, MiB);
+    fs.rmSync(path.join(repo.dir, 'backups', `${full.id}.json`));
+    const mine = await repo.verify([other.id]);
+    expect(mine.damagedManifests).toEqual([]);
+    expect(mine.damaged).toEqual([]);
+    const broken = await repo.verify([inc.id]);
+    expect(broken.damagedManifests).toEqual([
+      { id: inc.id, problem: `backup ${inc.id}: its base ${full.id} is missing or damaged` },
+    ]);
+    // The whole repository: the broken one is reported, the sound one is not.
+    expect((await repo.verify()).damagedManifests.map((d) => d.id)).toEqual([inc.id]);
+  });
+});
+
 describe('a backup that fails', () => {
   it('takes away the chunks it stored: a full disk is not left full of chunks no backup names', async () => {
     const { repo, m } = await oneBackup();
