@@ -27,7 +27,19 @@ const BASE_URL = 'http://localhost';
 /** HTTP/2 over a unix socket or TCP, from a CSI endpoint string. */
 export function endpointSession(endpoint: string): Http2SessionManager {
   if (endpoint.startsWith('tcp://')) {
-    return new Http2SessionManager(`http://${endpoint.slice('tcp://'.length)}`, { pingIntervalMs: 30_000 });
+    // Requests are made to BASE_URL, as over a unix socket; the connection goes to HOST:PORT. (A session
+    // made for http://HOST:PORT refused every request to BASE_URL as for another authority.)
+    let url: URL;
+    try {
+      url = new URL(`http://${endpoint.slice('tcp://'.length)}`);
+    } catch {
+      throw new EndpointError(`endpoint ${endpoint}: expected tcp://HOST:PORT`);
+    }
+    if (!url.port || url.pathname !== '/') throw new EndpointError(`endpoint ${endpoint}: expected tcp://HOST:PORT`);
+    const host = url.hostname.replace(/^\[(.*)\]$/, '$1');
+    const port = Number(url.port);
+    const options: http2.ClientSessionOptions = { createConnection: () => net.connect({ host, port }) };
+    return new Http2SessionManager(BASE_URL, { pingIntervalMs: 30_000 }, options);
   }
   let socket = endpoint;
   if (endpoint.startsWith('unix://')) socket = endpoint.slice('unix://'.length);
