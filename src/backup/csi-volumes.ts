@@ -138,7 +138,11 @@ export function requireRoot(what: string, instead: string): void {
 
 /** A driver that cannot be reached is the caller's to fix (endpoint), said in one line. */
 export function unreachable(err: unknown, endpoint: string): Error {
-  if (err instanceof ConnectError && err.code === Code.Unavailable) {
+  // A socket that is not there, or nobody listening, comes back as INTERNAL with the connect error as cause.
+  const refused = ['ENOENT', 'ECONNREFUSED', 'EACCES', 'ENOTSOCK'].includes(
+    ((err as { cause?: NodeJS.ErrnoException } | undefined)?.cause?.code as string | undefined) ?? '',
+  );
+  if (err instanceof ConnectError && (err.code === Code.Unavailable || refused)) {
     return new RepositoryError('usage', `no driver answers at ${endpoint}: ${err.rawMessage}`);
   }
   return err instanceof Error ? err : new Error(String(err));

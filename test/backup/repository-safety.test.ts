@@ -378,3 +378,22 @@ describe('numeric flags', () => {
     }
   });
 });
+
+describe('no driver at the endpoint', () => {
+  it('backup says no driver answers there (exit code 2), not "[internal] connect ENOENT"', async () => {
+    const repo = path.join(dir(), 'repo');
+    const r = await runCli([
+      'backup',
+      '--repo',
+      repo,
+      '--snapshot',
+      'snap-1',
+      '--source',
+      '/dev/null',
+      '--endpoint',
+      `unix://${path.join(dir(), 'none.sock')}`,
+    ]);
+    expectUsageLine(r, /^cbt-csi backup: no driver answers at unix:\/\/.*none\.sock: connect ENOENT/);
+    expect(fs.existsSync(repo)).toBe(false);
+  });
+});
