@@ -132,6 +132,8 @@ export async function openTarget(file: string, capacityBytes: number): Promise<R
         throw new RepositoryError('usage', `target ${file} cannot be created: ${openProblem(err)}`);
       });
     try {
+      // open()'s mode is filtered by the umask.
+      await handle.chmod(0o600);
       await handle.truncate(capacityBytes);
     } catch (err) {
       await handle.close();

@@ -196,6 +196,17 @@ describe('repository safety', () => {
     expect(before.length).toBeLessThan(withChunks.length);
   });
 
+  it('an image restore makes is 0600 whatever the umask (0377 made it read-only 0400)', async () => {
+    const { repo, m } = await oneBackup();
+    const old = process.umask(0o377);
+    try {
+      await restoreBackup(repo, m.id, path.join(dir(), 'out.img'), quiet);
+    } finally {
+      process.umask(old);
+    }
+    expect(fs.statSync(path.join(dir(), 'out.img')).mode & 0o777).toBe(0o600);
+  });
+
   it('restore onto a path swapped for a symlink after it was checked writes nothing through the symlink', async () => {
     const { repo, m } = await oneBackup();
     const target = path.join(dir(), 'target.img');
