@@ -3,7 +3,6 @@
  * demo. Exit codes: 0 done, 1 failed (a damaged repository, a driver error), 2 bad input (one line saying
  * what was wrong; nothing written to the repository), 130 interrupted (Ctrl-C, after cleaning up).
  */
-import fs from 'node:fs';
 import path from 'node:path';
 import { type Command, InvalidArgumentError, Option } from 'commander';
 import {
@@ -24,6 +23,7 @@ import { planBackup, writeBackup, type SnapshotLister } from './backup-run.js';
 import { CsiVolumes, type ExposedSnapshot } from './csi-volumes.js';
 import { driverStateAround } from './driver-state.js';
 import { runDemo } from './demo.js';
+import { writeFileDurably } from './durable-files.js';
 import { createProgress } from './progress.js';
 import { BackupRepository, RepositoryError, type RepositoryLock } from './repository.js';
 import { restoreBackup } from './restore.js';
@@ -87,7 +87,8 @@ function exitCodeOf(err: unknown): number {
 function nonNegativeInteger(value: string): number {
   const n = Number(value);
   // Number('') is 0: an empty value (an unset shell variable) must not pass as offset 0.
-  if (value.trim() === '' || !Number.isSafeInteger(n) || n < 0) throw new InvalidArgumentError('expected an integer, 0 or more');
+  if (value.trim() === '' || !Number.isSafeInteger(n) || n < 0)
+    throw new InvalidArgumentError('expected an integer, 0 or more');
   return n;
 }
 
@@ -538,7 +539,9 @@ async function blockmapCommand(
     title = 'Changed blocks between snapshots';
   }
   const svg = renderBlockmap(rows, title);
-  await fs.promises.writeFile(flags.out, svg).catch((err: NodeJS.ErrnoException) => {
+  // Through a temp file renamed into place: a symlink planted at --out (in /tmp, say) is replaced, not
+  // followed to whatever it points at. Readable by others, as a picture made to be shared.
+  await writeFileDurably(path.resolve(flags.out), svg, undefined, 0o644).catch((err: NodeJS.ErrnoException) => {
     // A directory, a missing one, a read-only place: the caller's to fix.
     if (['EISDIR', 'ENOENT', 'ENOTDIR', 'EACCES', 'EPERM', 'EROFS'].includes(err.code ?? ''))
       throw new UsageError(`cannot write the block map to ${flags.out}: ${err.message}`);

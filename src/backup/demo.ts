@@ -13,6 +13,7 @@ import { openSource } from './block-target.js';
 import { renderBlockmap } from './blockmap.js';
 import { planBackup, writeBackup } from './backup-run.js';
 import { BLOCK_CAPABILITY, CsiVolumes, requireRoot, unreachable } from './csi-volumes.js';
+import { writeFileDurably } from './durable-files.js';
 import { createProgress } from './progress.js';
 import { BackupRepository } from './repository.js';
 import { restoreBackup } from './restore.js';
@@ -95,7 +96,8 @@ export async function runDemo({ endpoint, out, signal, print }: DemoOptions): Pr
     const allocated = await client.allocated(snap1, { signal });
     const first: Extent[] = [];
     for await (const e of allocated) first.push(e);
-    await fs.promises.writeFile(
+    // Renamed into place: a symlink planted at `out` is replaced, not written through.
+    await writeFileDurably(
       out,
       renderBlockmap(
         [
@@ -104,6 +106,8 @@ export async function runDemo({ endpoint, out, signal, print }: DemoOptions): Pr
         ],
         'cbt-csi demo: what each snapshot holds or changed',
       ),
+      undefined,
+      0o644,
     );
     print(`8. block map: ${out}`);
 

@@ -36,27 +36,31 @@ export function tempName(target: string, tmpDir = path.dirname(target)): string 
   return path.join(tmpDir, `.${path.basename(target)}.${process.pid}.${randomBytes(4).toString('hex')}.tmp`);
 }
 
-/** Writes `data` to a temp file with mode 0600, fsync'd; returns its path. The caller renames it. */
-export async function writeSyncedTemp(temp: string, data: Uint8Array | string): Promise<void> {
-  const handle = await fs.promises.open(
-    temp,
-    fs.constants.O_WRONLY | fs.constants.O_CREAT | fs.constants.O_EXCL,
-    FILE_MODE,
-  );
+/** Writes `data` to a temp file with mode `mode` (0600), fsync'd; returns its path. The caller renames it. */
+export async function writeSyncedTemp(temp: string, data: Uint8Array | string, mode = FILE_MODE): Promise<void> {
+  const handle = await fs.promises.open(temp, fs.constants.O_WRONLY | fs.constants.O_CREAT | fs.constants.O_EXCL, mode);
   try {
     await handle.writeFile(data);
-    await handle.chmod(FILE_MODE);
+    await handle.chmod(mode);
     await handle.sync();
   } finally {
     await handle.close();
   }
 }
 
-/** The whole protocol for one file: temp, write, fsync, rename, directory fsync. */
-export async function writeFileDurably(target: string, data: Uint8Array | string, tmpDir?: string): Promise<void> {
+/**
+ * The whole protocol for one file: temp, write, fsync, rename, directory fsync. The rename replaces
+ * whatever is at `target`, a symlink too, and never writes through it.
+ */
+export async function writeFileDurably(
+  target: string,
+  data: Uint8Array | string,
+  tmpDir?: string,
+  mode = FILE_MODE,
+): Promise<void> {
   const temp = tempName(target, tmpDir);
   try {
-    await writeSyncedTemp(temp, data);
+    await writeSyncedTemp(temp, data, mode);
     await fs.promises.rename(temp, target);
   } catch (err) {
     await fs.promises.rm(temp, { force: true });

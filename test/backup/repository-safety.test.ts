@@ -408,3 +408,18 @@ describe('no driver at the endpoint', () => {
     expect(fs.existsSync(repo)).toBe(false);
   });
 });
+
+describe('blockmap --out', () => {
+  it('a symlink at the --out path (planted in a shared directory) is replaced, not written through', async () => {
+    const { repo } = await oneBackup();
+    const victim = path.join(dir(), 'victim');
+    fs.writeFileSync(victim, 'precious');
+    const out = path.join(dir(), 'map.svg');
+    fs.symlinkSync(victim, out);
+    const r = await runCli(['blockmap', '--repo', repo.dir, '--out', out]);
+    expect(r.code, r.stderr).toBe(0);
+    expect(fs.readFileSync(victim, 'utf8')).toBe('precious');
+    expect(fs.lstatSync(out).isFile()).toBe(true);
+    expect(fs.readFileSync(out, 'utf8')).toMatch(/^<\?xml|^<svg/);
+  });
+});
