@@ -174,8 +174,7 @@ export class BackupRepository {
       await mkdirPrivate(abs);
       // An empty directory given keeps its mode through mkdir: the repository is private whatever it was.
       await fs.promises.chmod(abs, DIR_MODE);
-      for (const name of await fs.promises.readdir(abs))
-        if (MARKER_TEMP.test(name)) await fs.promises.rm(path.join(abs, name), { force: true });
+      // A marker temp file a killed backup left stays: it may as well be another first backup's, mid-write.
       for (const sub of SUBDIRS) {
         await mkdirPrivate(path.join(abs, sub));
         await fs.promises.chmod(path.join(abs, sub), DIR_MODE);

@@ -101,7 +101,14 @@ describe('repository safety', () => {
     const repo = await BackupRepository.openOrCreate(repoDir);
     const m = await commitBackup(repo, MiB, [[[0, randomBytes(4096)]]], null, MiB);
     expect(await repo.backupIds()).toEqual([m.id]);
-    expect(fs.readdirSync(repoDir).sort()).toEqual(['backups', 'cbt-backup-repository.json', 'chunks', 'lock', 'tmp']);
+    expect(fs.readdirSync(repoDir).sort()).toEqual([
+      '.cbt-backup-repository.json.4242.0badc0de.tmp',
+      'backups',
+      'cbt-backup-repository.json',
+      'chunks',
+      'lock',
+      'tmp',
+    ]);
     // A directory holding anything else is still not ours to take.
     const other = path.join(dir(), 'other');
     fs.mkdirSync(path.join(other, 'chunks'), { recursive: true });
