@@ -69,6 +69,30 @@ export class NodePaths {
     return real;
   }
 
+  /**
+   * Before taking down what is at `real` (a place `resolve` gave earlier): its parent must still resolve
+   * to itself. A parent swapped for a symlink since would make unmount and removal act on another place,
+   * which is not the driver's; that is refused, and the caller keeps its record. A parent that is gone
+   * is fine: nothing of the driver's can be at the path then.
+   */
+  async checkStillResolves(real: string, requested: string, field: string): Promise<void> {
+    const parent = path.dirname(real);
+    let now: string;
+    try {
+      now = await fs.promises.realpath(parent);
+    } catch (err) {
+      const code = (err as NodeJS.ErrnoException).code;
+      if (code === 'ENOENT' || code === 'ENOTDIR') return;
+      throw err;
+    }
+    if (now !== parent) {
+      throw new NodeError(
+        'failed-precondition',
+        `the parent directory of ${field} ${requested} was ${parent} and now leads to ${now}: the driver does not follow it to take the volume down; restore it and retry`,
+      );
+    }
+  }
+
   private async realStateDir(): Promise<string> {
     try {
       return await fs.promises.realpath(this.stateDir);

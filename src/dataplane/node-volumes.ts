@@ -184,7 +184,11 @@ export class NodeVolumes {
    * is mounted there, so it must be absent (the driver creates it) or an empty directory.
    */
   private async checkStagingPath(real: string, requested: string, access: StagedAccess): Promise<'absent' | 'usable'> {
-    if (access.kind === 'mount') return this.paths.inspect(real, requested, 'staging_target_path', 'directory');
+    if (access.kind === 'mount') {
+      const state = await this.paths.inspect(real, requested, 'staging_target_path', 'directory');
+      await this.refuseMountPoint(real, requested, 'staging_target_path');
+      return state;
+    }
     try {
       const st = await fs.promises.lstat(real);
       if (!st.isDirectory()) {
@@ -207,8 +211,9 @@ export class NodeVolumes {
   private async bringUp(rec: StageRecord): Promise<void> {
     const exposed = await this.exporter.expose(rec.volumeId);
     if (!rec.device || rec.device.generation !== exposed.generation) {
-      if (rec.access.kind === 'mount') await this.host.unmountAll(stagingReal(rec), { lazy: true });
       if (rec.device) {
+        // The dead device's filesystem is ours to take down; with no device recorded, nothing was mounted.
+        if (rec.access.kind === 'mount') await this.host.unmountAll(stagingReal(rec), { lazy: true });
         // A target may still name the dead device: keep its number taken until unstage.
         if (Object.keys(rec.publishes).length > 0) rec.retiredDevices.push(rec.device);
         else await this.detachOurs(rec.volumeId, [rec.device.name]);
@@ -284,6 +289,7 @@ export class NodeVolumes {
       }
       const live = rec.device !== undefined && rec.device.generation === this.exporter.generation;
       const real = stagingReal(rec);
+      if (rec.stagingRealPath) await this.paths.checkStillResolves(real, stagingPath, 'staging_target_path');
       if (rec.access.kind === 'mount') {
         // A filesystem on a dead device cannot flush; detaching it is all that can be done.
         await this.host.unmountAll(real, { lazy: !live });
@@ -351,6 +357,7 @@ export class NodeVolumes {
       }
       const use = rec.access.kind === 'block' ? 'file' : 'directory';
       const state = await this.paths.inspect(real, req.targetPath, 'target_path', use);
+      await this.refuseMountPoint(real, req.targetPath, 'target_path');
       const pub: PublishRecord = {
         readonly: req.readonly,
         capabilityKey: req.capabilityKey,
@@ -413,11 +420,25 @@ export class NodeVolumes {
   private async takeDown(volumeId: string, targetPath: string, pub: PublishRecord): Promise<void> {
     const live = pub.generation === this.exporter.generation;
     const real = publishedReal(targetPath, pub);
+    if (pub.realPath) await this.paths.checkStillResolves(real, targetPath, 'target_path');
     await this.host.unmountAll(real, { lazy: !live });
     // Records of earlier versions did not say what was created: they always created an empty file or directory.
     const created: Created = pub.created ?? ((await isDirectory(real)) ? 'directory' : 'file');
     await this.removeCreated(volumeId, targetPath, real, created, 'target_path');
     if (pub.device) await this.detachOurs(volumeId, [pub.device]);
+  }
+
+  /**
+   * A path where something is already mounted is someone else's mount (ours are recorded and answered
+   * before this): covering it would hide it, and taking ours down would unmount it too.
+   */
+  private async refuseMountPoint(real: string, requested: string, field: string): Promise<void> {
+    if (await this.host.isMountPoint(real)) {
+      throw new NodeError(
+        'failed-precondition',
+        `${field} ${requested} is a mount point of another filesystem: the driver does not cover or unmount it`,
+      );
+    }
   }
 
   /** Removes what the driver created at a path; what it must leave is logged, never an error. */
