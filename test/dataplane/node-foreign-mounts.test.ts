@@ -110,6 +110,49 @@ dataPlaneSuite('node plugin: mounts and paths it did not make', () => {
     }
   });
 
+  describe('two volumes sent to one place at once', () => {
+    it('NodePublishVolume of two volumes at one target at the same time: one is published, the other is FAILED_PRECONDITION; unpublishing the winner leaves nothing mounted and the loser was never there', async () => {
+      const vols = [await createVolume(), await createVolume()];
+      const stagings = vols.map((_, i) => env.path('staging', `race-${i}`));
+      for (const [i, vol] of vols.entries()) {
+        fs.mkdirSync(stagings[i]!, { recursive: true });
+        await env.node.call('nodeStageVolume', {
+          volumeId: vol,
+          stagingTargetPath: stagings[i]!,
+          volumeCapability: mountCap(),
+        });
+      }
+      for (let round = 0; round < 4; round++) {
+        const target = env.path('race', `target-${round}`);
+        fs.mkdirSync(target, { recursive: true });
+        const results = await Promise.all(
+          vols.map((vol, i) =>
+            errorOf(
+              env.node.call('nodePublishVolume', {
+                volumeId: vol,
+                stagingTargetPath: stagings[i]!,
+                targetPath: target,
+                volumeCapability: mountCap(),
+              }),
+            ),
+          ),
+        );
+        expect(results.map((r) => r.code).sort(), `round ${round}`).toEqual([status.OK, status.FAILED_PRECONDITION]);
+        const winner = vols[results.findIndex((r) => r.code === status.OK)]!;
+        const loser = vols.find((v) => v !== winner)!;
+        // The loser has no publication there: its unpublish touches nothing.
+        await env.node.call('nodeUnpublishVolume', { volumeId: loser, targetPath: target });
+        expect(isMounted(target), `round ${round}`).toBe(true);
+        await env.node.call('nodeUnpublishVolume', { volumeId: winner, targetPath: target });
+        expect(isMounted(target), `round ${round}`).toBe(false);
+      }
+      for (const [i, vol] of vols.entries()) {
+        await env.node.call('nodeUnstageVolume', { volumeId: vol, stagingTargetPath: stagings[i]! });
+        await env.controller.call('deleteVolume', { volumeId: vol });
+      }
+    });
+  });
+
   describe('a parent swapped for a symlink after publish or stage', () => {
     it('NodeUnpublishVolume and NodeUnstageVolume: when the parent of the path now leads elsewhere, they are FAILED_PRECONDITION and remove nothing there; the records stay, and with the parent back both work', async () => {
       const vol = await createVolume();
