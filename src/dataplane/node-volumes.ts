@@ -178,9 +178,16 @@ export class NodeVolumes {
             retiredDevices: [],
             publishes: {},
           };
-          // Recorded before anything is attached or created: whatever a crash leaves half done, unstage can find.
-          this.records.put(rec);
+          // Held first: a volume deleted while its path was checked is NOT_FOUND here, before anything is
+          // recorded. Recorded before anything is attached or created: whatever a crash leaves half done,
+          // unstage can find.
           this.store.hold(req.volumeId, STAGED_HOLDER);
+          try {
+            this.records.put(rec);
+          } catch (err) {
+            this.store.release(req.volumeId, STAGED_HOLDER);
+            throw err;
+          }
         }
         await this.bringUp(rec);
       });
