@@ -110,6 +110,85 @@ dataPlaneSuite('node plugin: mounts and paths it did not make', () => {
     }
   });
 
+  describe('paths on kernel interface filesystems, and names too long', () => {
+    it('NodePublishVolume and NodeStageVolume: a path on proc, sysfs or cgroup is INVALID_ARGUMENT naming the path; nothing is created there (a directory made in cgroupfs is a new cgroup)', async () => {
+      const vol = await createVolume();
+      const staging = env.path('staging', 'kernel-fs');
+      fs.mkdirSync(staging, { recursive: true });
+      await env.node.call('nodeStageVolume', {
+        volumeId: vol,
+        stagingTargetPath: staging,
+        volumeCapability: mountCap(),
+      });
+      const name = `cbt-csi-test-${process.pid}-${Date.now()}`;
+      const cgroupDir = fs.existsSync('/sys/fs/cgroup/pids') ? '/sys/fs/cgroup/pids' : '/sys/fs/cgroup';
+      const paths = [`${cgroupDir}/${name}`, `/proc/self/${name}`, `/sys/${name}`];
+      try {
+        for (const target of paths) {
+          const res = await errorOf(
+            env.node.call('nodePublishVolume', {
+              volumeId: vol,
+              stagingTargetPath: staging,
+              targetPath: target,
+              volumeCapability: mountCap(),
+            }),
+          );
+          expect(res.code, target).toBe(status.INVALID_ARGUMENT);
+          expect(res.details).toContain(target);
+          expect(fs.existsSync(target), target).toBe(false);
+        }
+        const other = await createVolume();
+        const res = await errorOf(
+          env.node.call('nodeStageVolume', {
+            volumeId: other,
+            stagingTargetPath: `${cgroupDir}/${name}`,
+            volumeCapability: mountCap(),
+          }),
+        );
+        expect(res.code).toBe(status.INVALID_ARGUMENT);
+        expect(fs.existsSync(`${cgroupDir}/${name}`)).toBe(false);
+        // Refused before anything was recorded or held: the volume can be deleted at once.
+        await env.controller.call('deleteVolume', { volumeId: other });
+      } finally {
+        for (const target of paths) {
+          // Only what the old code could leave: its mount, and the directory it made (rmdir removes a cgroup).
+          if (isMounted(target)) sh('umount', [target]);
+          if (fs.existsSync(target)) fs.rmdirSync(target);
+        }
+      }
+      await env.node.call('nodeUnstageVolume', { volumeId: vol, stagingTargetPath: staging });
+      await env.controller.call('deleteVolume', { volumeId: vol });
+    });
+
+    it('NodePublishVolume and NodeStageVolume: a path with a component longer than 255 bytes is INVALID_ARGUMENT, not an internal error', async () => {
+      const vol = await createVolume();
+      const long = env.path('x'.repeat(256));
+      const stage = await errorOf(
+        env.node.call('nodeStageVolume', { volumeId: vol, stagingTargetPath: long, volumeCapability: mountCap() }),
+      );
+      expect(stage.code).toBe(status.INVALID_ARGUMENT);
+      expect(stage.details).toContain('255');
+      const staging = env.path('staging', 'long-names');
+      fs.mkdirSync(staging, { recursive: true });
+      await env.node.call('nodeStageVolume', {
+        volumeId: vol,
+        stagingTargetPath: staging,
+        volumeCapability: mountCap(),
+      });
+      const publish = await errorOf(
+        env.node.call('nodePublishVolume', {
+          volumeId: vol,
+          stagingTargetPath: staging,
+          targetPath: long,
+          volumeCapability: mountCap(),
+        }),
+      );
+      expect(publish.code).toBe(status.INVALID_ARGUMENT);
+      await env.node.call('nodeUnstageVolume', { volumeId: vol, stagingTargetPath: staging });
+      await env.controller.call('deleteVolume', { volumeId: vol });
+    });
+  });
+
   describe('two volumes sent to one place at once', () => {
     it('NodePublishVolume of two volumes at one target at the same time: one is published, the other is FAILED_PRECONDITION; unpublishing the winner leaves nothing mounted and the loser was never there', async () => {
       const vols = [await createVolume(), await createVolume()];
