@@ -189,6 +189,36 @@ dataPlaneSuite('node plugin: mounts and paths it did not make', () => {
     });
   });
 
+  describe('a path that cannot be created', () => {
+    it('NodePublishVolume: a target under a read-only filesystem is FAILED_PRECONDITION naming the path and the errno; nothing stays recorded', async () => {
+      const vol = await createVolume();
+      const staging = env.path('staging', 'read-only-parent');
+      fs.mkdirSync(staging, { recursive: true });
+      await env.node.call('nodeStageVolume', {
+        volumeId: vol,
+        stagingTargetPath: staging,
+        volumeCapability: mountCap(),
+      });
+      const parent = env.path('read-only-parent');
+      fs.mkdirSync(parent);
+      sh('mount', ['-t', 'tmpfs', '-o', 'ro,size=1m', 'read-only-parent', parent]);
+      const res = await errorOf(
+        env.node.call('nodePublishVolume', {
+          volumeId: vol,
+          stagingTargetPath: staging,
+          targetPath: `${parent}/target`,
+          volumeCapability: mountCap(),
+        }),
+      );
+      expect(res.code).toBe(status.FAILED_PRECONDITION);
+      expect(res.details).toContain(`${parent}/target`);
+      expect(res.details).toContain('EROFS');
+      // The failed publish left no publication behind: unstage is not refused as "still published".
+      await env.node.call('nodeUnstageVolume', { volumeId: vol, stagingTargetPath: staging });
+      await env.controller.call('deleteVolume', { volumeId: vol });
+    });
+  });
+
   describe('two volumes sent to one place at once', () => {
     it('NodePublishVolume of two volumes at one target at the same time: one is published, the other is FAILED_PRECONDITION; unpublishing the winner leaves nothing mounted and the loser was never there', async () => {
       const vols = [await createVolume(), await createVolume()];
