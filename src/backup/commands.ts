@@ -17,6 +17,7 @@ import {
   type ResumeListener,
   type SnapshotMetadataClient,
 } from '../client/index.js';
+import { UsageError, kubeconfigOption, namespaceOption, oneMode } from '../cli-modes.js';
 import { openSource, type BlockSource } from './block-target.js';
 import { renderBlockmap, type BlockmapRow } from './blockmap.js';
 import { planBackup, writeBackup, type SnapshotLister } from './backup-run.js';
@@ -34,9 +35,6 @@ import { counted, formatBytes } from './units.js';
 function defaultEndpoint(): string {
   return process.env.CSI_ENDPOINT ?? `unix://${path.resolve('.state/csi.sock')}`;
 }
-
-/** A failure the user can fix: printed as one line, exit code 2. */
-class UsageError extends Error {}
 
 /** Runs a command body with the toolkit's error handling and exit codes, and Ctrl-C as an abort. */
 function action<A extends unknown[]>(
@@ -102,21 +100,6 @@ function powerOfTwo(value: string): number {
 /** Bad flags and missing options are bad input too: exit code 2 (help and --version stay 0). */
 function usageExits(cmd: Command): Command {
   return cmd.exitOverride((err) => process.exit(err.exitCode === 0 ? 0 : 2));
-}
-
-/** Kubernetes mode: snapshots are VolumeSnapshots of this namespace, reached through the sidecar. */
-function namespaceOption(): Option {
-  return new Option(
-    '--namespace <ns>',
-    "Kubernetes mode: snapshots are VolumeSnapshot names in this namespace, asked through the driver's csi-snapshot-metadata sidecar",
-  );
-}
-
-function kubeconfigOption(): Option {
-  return new Option(
-    '--kubeconfig <file>',
-    "with --namespace: the caller's kubeconfig (default $KUBECONFIG, ~/.kube/config, else the pod's ServiceAccount)",
-  );
 }
 
 function endpointOption(): Option {
@@ -310,16 +293,6 @@ interface BackupFlags {
 interface BackupSubject {
   id: string;
   sourceVolume: string | null;
-}
-
-/** CSI direct (--endpoint) or Kubernetes (--namespace), not both. */
-function oneMode(flags: { endpoint?: string; namespace?: string; kubeconfig?: string }): void {
-  if (flags.namespace && flags.endpoint)
-    throw new UsageError(
-      '--endpoint (CSI direct) and --namespace (Kubernetes, through the sidecar) exclude each other',
-    );
-  if (flags.kubeconfig && !flags.namespace)
-    throw new UsageError('--kubeconfig is for Kubernetes mode: give --namespace too');
 }
 
 async function backupCommand(signal: AbortSignal, flags: BackupFlags): Promise<void> {

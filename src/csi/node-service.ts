@@ -34,6 +34,8 @@ export const NODE_CAPABILITIES: readonly RpcType[] = [
 
 /** Longest path accepted: Linux's PATH_MAX (the spec asks for at least 128 bytes). */
 const MAX_PATH_BYTES = 4096;
+/** Longest component of a path: Linux's NAME_MAX. */
+const MAX_NAME_BYTES = 255;
 
 export function nodeService(ctx: DriverContext, volumes: NodeVolumes): ServiceImpl<typeof Node> {
   const { config } = ctx;
@@ -164,6 +166,8 @@ function requirePath(value: string, field: string): string {
   if (Buffer.byteLength(value) > MAX_PATH_BYTES)
     throw rpcError(Code.InvalidArgument, `${field} is longer than ${MAX_PATH_BYTES} bytes`);
   if (!path.isAbsolute(value)) throw rpcError(Code.InvalidArgument, `${field} must be an absolute path`);
+  if (value.split('/').some((name) => Buffer.byteLength(name) > MAX_NAME_BYTES))
+    throw rpcError(Code.InvalidArgument, `${field} has a component longer than ${MAX_NAME_BYTES} bytes`);
   return path.resolve(value);
 }
 

@@ -13,7 +13,33 @@
  */
 import fs from 'node:fs';
 import path from 'node:path';
-import { NodeError } from './node-errors.js';
+import { NodeError, isNoSpace } from './node-errors.js';
+
+/**
+ * Filesystems that are kernel interfaces, by statfs magic number (linux/magic.h): nothing is put there.
+ * Writing into them changes the kernel (a directory made in cgroupfs is a cgroup, in configfs or tracefs
+ * a kernel object), and none of them is a place a CO means for a volume.
+ */
+const KERNEL_FILESYSTEMS: ReadonlyMap<number, string> = new Map([
+  [0x9fa0, 'proc'],
+  [0x62656572, 'sysfs'],
+  [0x1cd1, 'devpts'],
+  [0x27e0eb, 'cgroup'],
+  [0x63677270, 'cgroup2'],
+  [0x73636673, 'securityfs'],
+  [0x64626720, 'debugfs'],
+  [0x74726163, 'tracefs'],
+  [0x62656570, 'configfs'],
+  [0xcafe4a11, 'bpf'],
+  [0x6165676c, 'pstore'],
+  [0xde5e81e4, 'efivarfs'],
+  [0x65735543, 'fusectl'],
+  [0x42494e4d, 'binfmt_misc'],
+  [0xf97cff8c, 'selinuxfs'],
+  [0x43415d53, 'smackfs'],
+  [0x6e736673, 'nsfs'],
+  [0x19800202, 'mqueue'],
+]);
 
 /** What the driver created at a path: removed again at the end. 'nothing': the path was the CO's. */
 export type Created = 'file' | 'directory' | 'nothing';
@@ -52,6 +78,13 @@ export class NodePaths {
       }
       throw err;
     }
+    const kernelFs = KERNEL_FILESYSTEMS.get((await fs.promises.statfs(parent)).type);
+    if (kernelFs !== undefined) {
+      throw new NodeError(
+        'invalid-argument',
+        `${field} ${requested} is on ${kernelFs}, a kernel interface filesystem (a directory made there can be a kernel object): volumes go on ordinary filesystems`,
+      );
+    }
     const real = path.join(parent, path.basename(requested));
     const state = await this.realStateDir();
     if (real === state || real.startsWith(`${state}/`)) {
@@ -67,6 +100,30 @@ export class NodePaths {
       );
     }
     return real;
+  }
+
+  /**
+   * Before taking down what is at `real` (a place `resolve` gave earlier): its parent must still resolve
+   * to itself. A parent swapped for a symlink since would make unmount and removal act on another place,
+   * which is not the driver's; that is refused, and the caller keeps its record. A parent that is gone
+   * is fine: nothing of the driver's can be at the path then.
+   */
+  async checkStillResolves(real: string, requested: string, field: string): Promise<void> {
+    const parent = path.dirname(real);
+    let now: string;
+    try {
+      now = await fs.promises.realpath(parent);
+    } catch (err) {
+      const code = (err as NodeJS.ErrnoException).code;
+      if (code === 'ENOENT' || code === 'ENOTDIR') return;
+      throw err;
+    }
+    if (now !== parent) {
+      throw new NodeError(
+        'failed-precondition',
+        `the parent directory of ${field} ${requested} was ${parent} and now leads to ${now}: the driver does not follow it to take the volume down; restore it and retry`,
+      );
+    }
   }
 
   private async realStateDir(): Promise<string> {
@@ -103,13 +160,16 @@ export class NodePaths {
       if (use === 'directory') await fs.promises.mkdir(real, { mode: 0o750 });
       else await (await fs.promises.open(real, 'wx', 0o600)).close();
     } catch (err) {
-      if ((err as NodeJS.ErrnoException).code === 'EEXIST') {
+      const code = (err as NodeJS.ErrnoException).code;
+      if (code === 'EEXIST') {
         throw new NodeError(
           'failed-precondition',
           `${field} ${requested} appeared while the driver was preparing it; it is left alone`,
         );
       }
-      throw err;
+      // No space is RESOURCE_EXHAUSTED (the Node service maps it); anything else is the path's fault.
+      if (isNoSpace(err) || code === undefined) throw err;
+      throw new NodeError('failed-precondition', `${field} ${requested} cannot be created: ${code}`);
     }
   }
 

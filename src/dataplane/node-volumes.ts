@@ -88,6 +88,12 @@ export class NodeVolumes {
   readonly exporter: VolumeFilesHost;
   /** One volume's node operations at a time. */
   private readonly mutex = new KeyedMutex();
+  /**
+   * One operation at a time on a place (a staging path or target, resolved), whatever the volume: two
+   * volumes sent to one path at once must not both find it free and stack their mounts. Taken inside a
+   * volume's lock, never the other way round.
+   */
+  private readonly places = new KeyedMutex();
 
   constructor(options: NodeVolumesOptions) {
     this.store = options.store;
@@ -140,42 +146,51 @@ export class NodeVolumes {
     return this.mutex.run(req.volumeId, async () => {
       this.store.getVolume(req.volumeId);
       const real = await this.paths.resolve(req.stagingPath, 'staging_target_path');
-      let rec = this.records.get(req.volumeId);
-      if (rec) {
-        if (rec.stagingPath !== req.stagingPath) {
-          throw new NodeError(
-            'failed-precondition',
-            `volume ${req.volumeId} is staged at ${rec.stagingPath}, not at this staging_target_path`,
-          );
+      await this.places.run(real, async () => {
+        let rec = this.records.get(req.volumeId);
+        if (rec) {
+          if (rec.stagingPath !== req.stagingPath) {
+            throw new NodeError(
+              'failed-precondition',
+              `volume ${req.volumeId} is staged at ${rec.stagingPath}, not at this staging_target_path`,
+            );
+          }
+          if (rec.capabilityKey !== req.capabilityKey) {
+            throw new NodeError(
+              'already-exists',
+              `volume ${req.volumeId} is staged at this path with a different volume_capability`,
+            );
+          }
+          if (await this.isStaged(rec)) return;
+        } else {
+          // Checked before anything is recorded or attached: a refused path leaves nothing behind.
+          const state = await this.checkStagingPath(real, req.stagingPath, req.access);
+          rec = {
+            volumeId: req.volumeId,
+            stagingPath: req.stagingPath,
+            stagingRealPath: real,
+            stagingCreated: state === 'absent' ? 'directory' : 'nothing',
+            access: req.access,
+            accessMode: req.accessMode,
+            capabilityKey: req.capabilityKey,
+            readOnly: req.readOnly,
+            device: undefined,
+            retiredDevices: [],
+            publishes: {},
+          };
+          // Held first: a volume deleted while its path was checked is NOT_FOUND here, before anything is
+          // recorded. Recorded before anything is attached or created: whatever a crash leaves half done,
+          // unstage can find.
+          this.store.hold(req.volumeId, STAGED_HOLDER);
+          try {
+            this.records.put(rec);
+          } catch (err) {
+            this.store.release(req.volumeId, STAGED_HOLDER);
+            throw err;
+          }
         }
-        if (rec.capabilityKey !== req.capabilityKey) {
-          throw new NodeError(
-            'already-exists',
-            `volume ${req.volumeId} is staged at this path with a different volume_capability`,
-          );
-        }
-        if (await this.isStaged(rec)) return;
-      } else {
-        // Checked before anything is recorded or attached: a refused path leaves nothing behind.
-        const state = await this.checkStagingPath(real, req.stagingPath, req.access);
-        rec = {
-          volumeId: req.volumeId,
-          stagingPath: req.stagingPath,
-          stagingRealPath: real,
-          stagingCreated: state === 'absent' ? 'directory' : 'nothing',
-          access: req.access,
-          accessMode: req.accessMode,
-          capabilityKey: req.capabilityKey,
-          readOnly: req.readOnly,
-          device: undefined,
-          retiredDevices: [],
-          publishes: {},
-        };
-        // Recorded before anything is attached or created: whatever a crash leaves half done, unstage can find.
-        this.records.put(rec);
-        this.store.hold(req.volumeId, STAGED_HOLDER);
-      }
-      await this.bringUp(rec);
+        await this.bringUp(rec);
+      });
     });
   }
 
@@ -184,7 +199,11 @@ export class NodeVolumes {
    * is mounted there, so it must be absent (the driver creates it) or an empty directory.
    */
   private async checkStagingPath(real: string, requested: string, access: StagedAccess): Promise<'absent' | 'usable'> {
-    if (access.kind === 'mount') return this.paths.inspect(real, requested, 'staging_target_path', 'directory');
+    if (access.kind === 'mount') {
+      const state = await this.paths.inspect(real, requested, 'staging_target_path', 'directory');
+      await this.refuseMountPoint(real, requested, 'staging_target_path');
+      return state;
+    }
     try {
       const st = await fs.promises.lstat(real);
       if (!st.isDirectory()) {
@@ -207,8 +226,9 @@ export class NodeVolumes {
   private async bringUp(rec: StageRecord): Promise<void> {
     const exposed = await this.exporter.expose(rec.volumeId);
     if (!rec.device || rec.device.generation !== exposed.generation) {
-      if (rec.access.kind === 'mount') await this.host.unmountAll(stagingReal(rec), { lazy: true });
       if (rec.device) {
+        // The dead device's filesystem is ours to take down; with no device recorded, nothing was mounted.
+        if (rec.access.kind === 'mount') await this.host.unmountAll(stagingReal(rec), { lazy: true });
         // A target may still name the dead device: keep its number taken until unstage.
         if (Object.keys(rec.publishes).length > 0) rec.retiredDevices.push(rec.device);
         else await this.detachOurs(rec.volumeId, [rec.device.name]);
@@ -282,21 +302,30 @@ export class NodeVolumes {
       if (targets.length > 0) {
         throw new NodeError('failed-precondition', `volume ${volumeId} is still published at ${targets.join(', ')}`);
       }
-      const live = rec.device !== undefined && rec.device.generation === this.exporter.generation;
-      const real = stagingReal(rec);
-      if (rec.access.kind === 'mount') {
-        // A filesystem on a dead device cannot flush; detaching it is all that can be done.
-        await this.host.unmountAll(real, { lazy: !live });
-      }
-      await this.detachOurs(
-        volumeId,
-        [...rec.retiredDevices, ...(rec.device ? [rec.device] : [])].map((d) => d.name),
-      );
-      await this.exporter.hide(volumeId);
-      this.store.release(volumeId, STAGED_HOLDER);
-      await this.removeCreated(volumeId, rec.stagingPath, real, rec.stagingCreated ?? 'nothing', 'staging_target_path');
-      this.records.delete(volumeId);
-      this.logger.info({ volumeId }, 'volume unstaged');
+      await this.places.run(stagingReal(rec), async () => {
+        const live = rec.device !== undefined && rec.device.generation === this.exporter.generation;
+        const real = stagingReal(rec);
+        if (rec.stagingRealPath) await this.paths.checkStillResolves(real, stagingPath, 'staging_target_path');
+        if (rec.access.kind === 'mount') {
+          // A filesystem on a dead device cannot flush; detaching it is all that can be done.
+          await this.host.unmountAll(real, { lazy: !live });
+        }
+        await this.detachOurs(
+          volumeId,
+          [...rec.retiredDevices, ...(rec.device ? [rec.device] : [])].map((d) => d.name),
+        );
+        await this.exporter.hide(volumeId);
+        this.store.release(volumeId, STAGED_HOLDER);
+        await this.removeCreated(
+          volumeId,
+          rec.stagingPath,
+          real,
+          rec.stagingCreated ?? 'nothing',
+          'staging_target_path',
+        );
+        this.records.delete(volumeId);
+        this.logger.info({ volumeId }, 'volume unstaged');
+      });
     });
   }
 
@@ -306,87 +335,90 @@ export class NodeVolumes {
     return this.mutex.run(req.volumeId, async () => {
       this.store.getVolume(req.volumeId);
       const real = await this.paths.resolve(req.targetPath, 'target_path');
-      const rec = this.records.get(req.volumeId);
-      if (!rec || rec.stagingPath !== req.stagingPath) {
-        throw new NodeError('failed-precondition', `volume ${req.volumeId} is not staged at staging_target_path`);
-      }
-      if (rec.access.kind !== req.accessKind) {
-        throw new NodeError(
-          'failed-precondition',
-          `volume ${req.volumeId} is staged for ${rec.access.kind} access, not ${req.accessKind}`,
-        );
-      }
-      const existing = rec.publishes[req.targetPath];
-      if (existing) {
-        if (existing.capabilityKey !== req.capabilityKey || existing.readonly !== req.readonly) {
-          throw new NodeError(
-            'already-exists',
-            `volume ${req.volumeId} is published at target_path with a different capability or readonly flag`,
-          );
+      await this.places.run(real, async () => {
+        const rec = this.records.get(req.volumeId);
+        if (!rec || rec.stagingPath !== req.stagingPath) {
+          throw new NodeError('failed-precondition', `volume ${req.volumeId} is not staged at staging_target_path`);
         }
-        if (
-          existing.generation === this.exporter.generation &&
-          (await this.host.isMountPoint(publishedReal(req.targetPath, existing)))
-        )
-          return;
-      } else {
-        const others = Object.entries(rec.publishes);
-        if (others.length > 0 && (req.exclusive || others.some(([, p]) => p.exclusive))) {
+        if (rec.access.kind !== req.accessKind) {
           throw new NodeError(
             'failed-precondition',
-            `volume ${req.volumeId} is already published at another target (single writer)`,
+            `volume ${req.volumeId} is staged for ${rec.access.kind} access, not ${req.accessKind}`,
           );
         }
-      }
-      if (!rec.device || rec.device.generation !== this.exporter.generation) {
-        throw new NodeError(
-          'failed-precondition',
-          `volume ${req.volumeId} was staged by an earlier instance of the driver and its device is dead: unstage and stage it again`,
-        );
-      }
-      // A publication being repaired (dead device, or its mount gone) is taken down first.
-      if (existing) {
-        await this.takeDown(req.volumeId, req.targetPath, existing);
-        this.records.deletePublish(req.volumeId, req.targetPath);
-      }
-      const use = rec.access.kind === 'block' ? 'file' : 'directory';
-      const state = await this.paths.inspect(real, req.targetPath, 'target_path', use);
-      const pub: PublishRecord = {
-        readonly: req.readonly,
-        capabilityKey: req.capabilityKey,
-        accessMode: req.accessMode,
-        exclusive: req.exclusive,
-        generation: rec.device.generation,
-        realPath: real,
-        created: state === 'absent' ? use : 'nothing',
-      };
-      // Recorded before anything is created or attached, so a crash leaves nothing unpublish cannot find.
-      this.records.putPublish(req.volumeId, req.targetPath, pub);
-      try {
-        if (state === 'absent') await this.paths.create(real, req.targetPath, 'target_path', use);
-        if (rec.access.kind === 'block') {
-          let device = rec.device.name;
-          if (req.readonly && !rec.readOnly) {
-            // A read-only bind mount does not stop writes to a device node; a read-only loop device does.
-            device = await this.host.attachLoopDevice(this.exporter.filePath(req.volumeId), { readOnly: true });
-            pub.device = device;
-            this.records.putPublish(req.volumeId, req.targetPath, pub);
+        const existing = rec.publishes[req.targetPath];
+        if (existing) {
+          if (existing.capabilityKey !== req.capabilityKey || existing.readonly !== req.readonly) {
+            throw new NodeError(
+              'already-exists',
+              `volume ${req.volumeId} is published at target_path with a different capability or readonly flag`,
+            );
           }
-          await this.host.bindMount(device, real, req.readonly);
+          if (
+            existing.generation === this.exporter.generation &&
+            (await this.host.isMountPoint(publishedReal(req.targetPath, existing)))
+          )
+            return;
         } else {
-          await this.host.bindMount(stagingReal(rec), real, req.readonly);
+          const others = Object.entries(rec.publishes);
+          if (others.length > 0 && (req.exclusive || others.some(([, p]) => p.exclusive))) {
+            throw new NodeError(
+              'failed-precondition',
+              `volume ${req.volumeId} is already published at another target (single writer)`,
+            );
+          }
         }
-      } catch (err) {
-        await this.takeDown(req.volumeId, req.targetPath, pub).catch((e: unknown) =>
-          this.logger.warn(
-            { volumeId: req.volumeId, targetPath: req.targetPath, err: String(e) },
-            'undoing a failed publish failed',
-          ),
-        );
-        this.records.deletePublish(req.volumeId, req.targetPath);
-        throw err;
-      }
-      this.logger.info({ volumeId: req.volumeId, readonly: req.readonly }, 'volume published');
+        if (!rec.device || rec.device.generation !== this.exporter.generation) {
+          throw new NodeError(
+            'failed-precondition',
+            `volume ${req.volumeId} was staged by an earlier instance of the driver and its device is dead: unstage and stage it again`,
+          );
+        }
+        // A publication being repaired (dead device, or its mount gone) is taken down first.
+        if (existing) {
+          await this.takeDown(req.volumeId, req.targetPath, existing);
+          this.records.deletePublish(req.volumeId, req.targetPath);
+        }
+        const use = rec.access.kind === 'block' ? 'file' : 'directory';
+        const state = await this.paths.inspect(real, req.targetPath, 'target_path', use);
+        await this.refuseMountPoint(real, req.targetPath, 'target_path');
+        const pub: PublishRecord = {
+          readonly: req.readonly,
+          capabilityKey: req.capabilityKey,
+          accessMode: req.accessMode,
+          exclusive: req.exclusive,
+          generation: rec.device.generation,
+          realPath: real,
+          created: state === 'absent' ? use : 'nothing',
+        };
+        // Recorded before anything is created or attached, so a crash leaves nothing unpublish cannot find.
+        this.records.putPublish(req.volumeId, req.targetPath, pub);
+        try {
+          if (state === 'absent') await this.paths.create(real, req.targetPath, 'target_path', use);
+          if (rec.access.kind === 'block') {
+            let device = rec.device.name;
+            if (req.readonly && !rec.readOnly) {
+              // A read-only bind mount does not stop writes to a device node; a read-only loop device does.
+              device = await this.host.attachLoopDevice(this.exporter.filePath(req.volumeId), { readOnly: true });
+              pub.device = device;
+              this.records.putPublish(req.volumeId, req.targetPath, pub);
+            }
+            await this.host.bindMount(device, real, req.readonly);
+          } else {
+            await this.host.bindMount(stagingReal(rec), real, req.readonly);
+          }
+        } catch (err) {
+          await this.takeDown(req.volumeId, req.targetPath, pub).catch((e: unknown) =>
+            this.logger.warn(
+              { volumeId: req.volumeId, targetPath: req.targetPath, err: String(e) },
+              'undoing a failed publish failed',
+            ),
+          );
+          this.records.deletePublish(req.volumeId, req.targetPath);
+          throw err;
+        }
+        this.logger.info({ volumeId: req.volumeId, readonly: req.readonly }, 'volume published');
+      });
     });
   }
 
@@ -403,9 +435,11 @@ export class NodeVolumes {
       }
       const pub = rec.publishes[targetPath];
       if (!pub) return;
-      await this.takeDown(volumeId, targetPath, pub);
-      this.records.deletePublish(volumeId, targetPath);
-      this.logger.info({ volumeId }, 'volume unpublished');
+      await this.places.run(publishedReal(targetPath, pub), async () => {
+        await this.takeDown(volumeId, targetPath, pub);
+        this.records.deletePublish(volumeId, targetPath);
+        this.logger.info({ volumeId }, 'volume unpublished');
+      });
     });
   }
 
@@ -413,11 +447,25 @@ export class NodeVolumes {
   private async takeDown(volumeId: string, targetPath: string, pub: PublishRecord): Promise<void> {
     const live = pub.generation === this.exporter.generation;
     const real = publishedReal(targetPath, pub);
+    if (pub.realPath) await this.paths.checkStillResolves(real, targetPath, 'target_path');
     await this.host.unmountAll(real, { lazy: !live });
     // Records of earlier versions did not say what was created: they always created an empty file or directory.
     const created: Created = pub.created ?? ((await isDirectory(real)) ? 'directory' : 'file');
     await this.removeCreated(volumeId, targetPath, real, created, 'target_path');
     if (pub.device) await this.detachOurs(volumeId, [pub.device]);
+  }
+
+  /**
+   * A path where something is already mounted is someone else's mount (ours are recorded and answered
+   * before this): covering it would hide it, and taking ours down would unmount it too.
+   */
+  private async refuseMountPoint(real: string, requested: string, field: string): Promise<void> {
+    if (await this.host.isMountPoint(real)) {
+      throw new NodeError(
+        'failed-precondition',
+        `${field} ${requested} is a mount point of another filesystem: the driver does not cover or unmount it`,
+      );
+    }
   }
 
   /** Removes what the driver created at a path; what it must leave is logged, never an error. */

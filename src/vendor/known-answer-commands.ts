@@ -2,6 +2,7 @@
 import fs from 'node:fs';
 import path from 'node:path';
 import { type Command, InvalidArgumentError, Option } from 'commander';
+import { UsageError, kubeconfigOption, namespaceOption, oneMode } from '../cli-modes.js';
 import { formatEndpoint, parseEndpoint } from '../config.js';
 import {
   CEPH_RBD_DEFAULT_OBJECT_SIZE,
@@ -10,10 +11,12 @@ import {
   parseObjectSize,
   type MetadataProfileName,
 } from '../csi/metadata-profiles.js';
+import type { ResumeListener } from '../client/index.js';
 import { appendAnswerRun, readAnswerRuns } from './answers.js';
 import { checkAnswers, formatReport } from './check.js';
-import { csiMetadataReader } from './csi-metadata-reader.js';
+import { csiMetadataReader, type MetadataReader } from './csi-metadata-reader.js';
 import { generate, openPathTarget } from './generate.js';
+import { kubernetesMetadataReader } from './kubernetes-metadata-reader.js';
 import { PATTERNS, type PatternName } from './patterns.js';
 
 function integerArg(min: number) {
@@ -69,6 +72,8 @@ interface CheckFlags {
   base?: string;
   restored?: string;
   endpoint?: string;
+  namespace?: string;
+  kubeconfig?: string;
   profile: MetadataProfileName;
   objectSize: number;
   granularity?: number;
@@ -117,8 +122,14 @@ export function registerKnownAnswerCommands(program: Command): void {
       "compare the driver's allocated (or delta, with --base) blocks and a restored copy with the answers; exit 0 only if all hold",
     )
     .requiredOption('--answers <file>', 'answers file written by generate')
-    .requiredOption('--snapshot <id>', 'CSI snapshot ID (VolumeSnapshotContent status.snapshotHandle)')
-    .option('--base <id>', 'base snapshot ID: check GetMetadataDelta instead of GetMetadataAllocated')
+    .requiredOption(
+      '--snapshot <id>',
+      'CSI snapshot ID (VolumeSnapshotContent status.snapshotHandle); with --namespace, the VolumeSnapshot',
+    )
+    .option(
+      '--base <id>',
+      'base snapshot ID (with --namespace, the VolumeSnapshot): check GetMetadataDelta instead of GetMetadataAllocated',
+    )
     .option(
       '--restored <path>',
       "block device or file holding the vendor's restore of --snapshot: every recorded block's SHA-256 is compared",
@@ -126,8 +137,9 @@ export function registerKnownAnswerCommands(program: Command): void {
     .option(
       '--endpoint <endpoint>',
       "the driver's CSI endpoint, unix:///path/csi.sock or tcp://HOST:PORT (env CSI_ENDPOINT; default .state/csi.sock)",
-      process.env.CSI_ENDPOINT,
     )
+    .addOption(namespaceOption())
+    .addOption(kubeconfigOption())
     .addOption(
       new Option('--profile <profile>', "the snapshot's metadataProfile: how much coarser than exact it may answer")
         .choices(METADATA_PROFILES as string[])
@@ -139,27 +151,43 @@ export function registerKnownAnswerCommands(program: Command): void {
       'override: bytes within which extra reporting is allowed (e.g. the volume block size)',
       integerArg(4096),
     )
-    .option('--created-at <time>', 'when --snapshot was cut (ms, ns, or ISO 8601); default: ask the driver')
-    .option('--base-created-at <time>', 'when --base was cut; default: ask the driver')
+    .option(
+      '--created-at <time>',
+      "when --snapshot was cut (ms, ns, or ISO 8601); default: ask the driver (with --namespace: the content's status.creationTime)",
+    )
+    .option('--base-created-at <time>', 'when --base was cut; default: as for --created-at')
     .option('--no-metadata', 'skip the driver comparison; check only --restored (needs --created-at)')
     .option('--json', 'print the full report as JSON')
     .action(async (flags: CheckFlags) => {
+      try {
+        // Where the snapshots are asked is settled before anything is read.
+        oneMode(flags);
+      } catch (err) {
+        if (!(err instanceof UsageError)) throw err;
+        process.stderr.write(`cbt-csi check: ${err.message}\n`);
+        process.exitCode = 2;
+        return;
+      }
       const createdAt = flags.createdAt === undefined ? undefined : timeArg(String(flags.createdAt));
       const baseCreatedAt = flags.baseCreatedAt === undefined ? undefined : timeArg(String(flags.baseCreatedAt));
       const runs = readAnswerRuns(flags.answers);
       if (runs.length === 0) throw new Error(`${flags.answers} holds no generate runs`);
       const needDriver =
         flags.metadata || createdAt === undefined || (flags.base !== undefined && baseCreatedAt === undefined);
-      const endpoint = formatEndpoint(parseEndpoint(flags.endpoint ?? path.resolve('.state', 'csi.sock')));
       // The backup toolkit's client reads the metadata: cut streams are resumed as a backup's would be.
-      const reader = needDriver
-        ? csiMetadataReader(endpoint, {
-            onResume: ({ offset, attempt, delayMs, error }) =>
-              process.stderr.write(
-                `check: stream cut (${error instanceof Error ? error.message : String(error)}); resuming at byte ${offset} in ${delayMs} ms (attempt ${attempt})\n`,
-              ),
-          })
-        : undefined;
+      const onResume: ResumeListener = ({ offset, attempt, delayMs, error }) =>
+        process.stderr.write(
+          `check: stream cut (${error instanceof Error ? error.message : String(error)}); resuming at byte ${offset} in ${delayMs} ms (attempt ${attempt})\n`,
+        );
+      let reader: MetadataReader | undefined;
+      if (needDriver && flags.namespace)
+        reader = kubernetesMetadataReader({ namespace: flags.namespace, kubeconfig: flags.kubeconfig, onResume });
+      else if (needDriver) {
+        const endpoint = formatEndpoint(
+          parseEndpoint(flags.endpoint ?? process.env.CSI_ENDPOINT ?? path.resolve('.state', 'csi.sock')),
+        );
+        reader = csiMetadataReader(endpoint, { onResume });
+      }
       let restored: fs.promises.FileHandle | undefined;
       try {
         const snapshotCreatedAtMs = createdAt ?? (await reader!.snapshotCreatedAtMs(flags.snapshot));

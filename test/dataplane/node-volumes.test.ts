@@ -7,8 +7,8 @@
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { afterEach, beforeEach, describe, expect, it } from 'vitest';
-import { BlockStore } from '../../storage-engine/index.js';
+import { afterEach, beforeEach, describe, expect, it, vi } from 'vitest';
+import { BlockStore, NotFoundError } from '../../storage-engine/index.js';
 import { createLogger } from '../../src/logging.js';
 import { NodeError, NodeVolumes, type PublishRequest, type StageRequest } from '../../src/dataplane/node-volumes.js';
 import { FakeHost, FakeVolumeFiles } from './support/fake-host.js';
@@ -380,6 +380,29 @@ describe('expand', () => {
     await w.store.growVolume(vol, 12 * MiB);
     expect(await w.nv.expand(vol, p('pods', 'rw'), 12 * MiB)).toBe(12 * MiB);
     expect([...w.host.devices.values()].map((d) => d.sizeBytes)).toEqual([12 * MiB, 12 * MiB]);
+  });
+});
+
+describe('a volume deleted while it is being staged', () => {
+  it('DeleteVolume landing while NodeStageVolume checks its path: stage is NOT_FOUND and records nothing, holds nothing, attaches nothing', async () => {
+    const vol = await volume();
+    const realpath = fs.promises.realpath;
+    // The controller deletes the volume (not yet held) while stage resolves the staging path.
+    const spy = vi.spyOn(fs.promises, 'realpath').mockImplementation(async (...args) => {
+      spy.mockRestore();
+      await w.store.deleteVolume(vol);
+      return realpath(...(args as Parameters<typeof realpath>));
+    });
+    const err = await w.nv.stage(stageReq(vol, 'mount')).then(
+      () => undefined,
+      (e: unknown) => e,
+    );
+    expect(err).toBeInstanceOf(NotFoundError);
+    expect(fs.existsSync(path.join(w.stateDir, 'node', `${vol}.json`))).toBe(false);
+    expect(w.host.devices.size).toBe(0);
+    // A restart finds nothing staged to warn about.
+    await startInstance();
+    expect(w.logs.some((l) => l.includes('no longer in the store'))).toBe(false);
   });
 });
 

@@ -16,6 +16,7 @@ import { csiMetadataReader, type MetadataReader } from '../../src/vendor/csi-met
 import { generate, openPathTarget, type PatternTarget } from '../../src/vendor/generate.js';
 import { PATTERNS, blockHashes, patternOps } from '../../src/vendor/patterns.js';
 import { REPO_ROOT, TSX_LOADER, startTestDriver, type TestDriver } from '../support/test-driver.js';
+import { runCli } from '../backup/support/cli.js';
 
 const run = promisify(execFile);
 const KiB = 1024;
@@ -364,5 +365,31 @@ describe('file target and the CLI', () => {
     ]);
     expect(res.stdout).toMatch(/missing: none/);
     expect(res.stdout).toMatch(/OK\n$/);
+  });
+
+  test('cbt-csi check: --namespace with --endpoint, or --kubeconfig without --namespace, exits 2 with one line saying why', async () => {
+    const file = answersFile();
+    appendAnswerRun(
+      file,
+      await generate({ pattern: 'sparse', seed: 3, count: 4, blockSize: 4096 }, engineTarget(await volume())),
+    );
+    const common = ['check', '--answers', file, '--snapshot', 'snap-1'];
+    const both = await runCli([...common, '--namespace', 'apps', '--endpoint', `unix://${t.socket}`]);
+    expect([both.code, both.stdout, both.stderr]).toEqual([
+      2,
+      '',
+      'cbt-csi check: --endpoint (CSI direct) and --namespace (Kubernetes, through the sidecar) exclude each other\n',
+    ]);
+    const stray = await runCli([
+      ...common,
+      '--kubeconfig',
+      '/nonexistent/kubeconfig',
+      '--endpoint',
+      `unix://${t.socket}`,
+    ]);
+    expect([stray.code, stray.stderr]).toEqual([
+      2,
+      'cbt-csi check: --kubeconfig is for Kubernetes mode: give --namespace too\n',
+    ]);
   });
 });

@@ -16,7 +16,19 @@ export interface StaticSnapshot {
 
 export function createStaticSnapshot(
   cp: ControlPlane,
-  s: { namespace: string; name: string; driver: string; snapshotHandle: string; sizeBytes: number; className: string },
+  s: {
+    namespace: string;
+    name: string;
+    driver: string;
+    snapshotHandle: string;
+    sizeBytes: number;
+    className: string;
+    /**
+     * When the driver cut it, as its ListSnapshots says: csi-snapshotter copies that into an imported
+     * content's status.creationTime. Default: now.
+     */
+    createdAtMs?: number;
+  },
 ): StaticSnapshot {
   const contentName = `imported-${s.namespace}-${s.name}`;
   const content = {
@@ -41,7 +53,7 @@ export function createStaticSnapshot(
   cp.kubectl(['apply', '-f', '-'], {
     input: JSON.stringify({ apiVersion: 'v1', kind: 'List', items: [content, snapshot] }),
   });
-  const now = new Date();
+  const now = new Date(s.createdAtMs ?? Date.now());
   cp.kubectl([
     'patch',
     'volumesnapshotcontent',
