@@ -208,7 +208,8 @@ export class KubernetesTransport implements MetadataTransport {
           else config.loadFromDefault();
         } catch (err) {
           // Bad input, not an outage: not retried.
-          const text = err instanceof Error ? err.message : String(err);
+          // The first line: a YAML parser's message goes on with a code frame of the file.
+          const text = (err instanceof Error ? err.message : String(err)).split('\n')[0]!.trim();
           const which = this.options.kubeconfig ?? 'the default kubeconfig';
           throw new InvalidArgumentError('INVALID_ARGUMENT', `${which} cannot be loaded: ${text}`, text, {
             cause: err,

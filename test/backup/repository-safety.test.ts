@@ -430,3 +430,12 @@ describe('blockmap --out', () => {
     expect(fs.readFileSync(out, 'utf8')).toMatch(/^<\?xml|^<svg/);
   });
 });
+
+describe('Kubernetes mode, bad kubeconfig', () => {
+  it('a kubeconfig that is not YAML is one line, exit code 2 (the parser drew a code frame over several)', async () => {
+    const kubeconfig = path.join(dir(), 'bad.kubeconfig');
+    fs.writeFileSync(kubeconfig, 'clusters: [\n');
+    const r = await runCli(['metadata', 'allocated', 'snap', '--namespace', 'ns', '--kubeconfig', kubeconfig]);
+    expectUsageLine(r, /bad\.kubeconfig cannot be loaded: /);
+  });
+});
