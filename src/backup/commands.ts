@@ -92,7 +92,8 @@ function nonNegativeInteger(value: string): number {
 
 function powerOfTwo(value: string): number {
   const n = Number(value);
-  if (!Number.isSafeInteger(n) || n <= 0 || (n & (n - 1)) !== 0)
+  // Math.log2, not n & (n - 1): bitwise operators work on 32 bits, so 3 × 2^32 passed.
+  if (!Number.isSafeInteger(n) || n <= 0 || 2 ** Math.round(Math.log2(n)) !== n)
     throw new InvalidArgumentError('expected a power of two, e.g. 4096');
   return n;
 }

@@ -81,7 +81,7 @@ export class SnapshotMetadataClient {
     const blockSize = options.blockSize;
     if (
       blockSize !== undefined &&
-      (!Number.isSafeInteger(blockSize) || blockSize <= 0 || (blockSize & (blockSize - 1)) !== 0)
+      (!Number.isSafeInteger(blockSize) || blockSize <= 0 || 2 ** Math.round(Math.log2(blockSize)) !== blockSize)
     ) {
       throw new RangeError(`blockSize must be a power of two, got ${blockSize}`);
     }

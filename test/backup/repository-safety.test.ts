@@ -439,3 +439,11 @@ describe('Kubernetes mode, bad kubeconfig', () => {
     expectUsageLine(r, /bad\.kubeconfig cannot be loaded: /);
   });
 });
+
+describe('--block-size', () => {
+  it('3 × 2^32 is no power of two (32-bit bitwise arithmetic let it through)', async () => {
+    const r = await runCli(['metadata', 'allocated', 'snap-1', '--block-size', String(3 * 2 ** 32)]);
+    expect(r.code, r.stderr).toBe(2);
+    expect(r.stderr).toMatch(/expected a power of two/);
+  });
+});
