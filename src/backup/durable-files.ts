@@ -10,14 +10,37 @@ import { randomBytes } from 'node:crypto';
 export const FILE_MODE = 0o600;
 export const DIR_MODE = 0o700;
 
-/** Creates `dir` (and missing parents it creates) with mode 0700. */
+/**
+ * Creates `dir` and its missing parents, each with mode 0700 (an existing one is left as it is). Not
+ * mkdir({recursive}): Node's walk spins forever at 100% CPU where a parent exists but cannot hold the child
+ * (under /proc: ENOENT, then EEXIST for the parent, again and again). Here the missing directories are made
+ * from the nearest existing one down, and an ENOENT is final.
+ */
 export async function mkdirPrivate(dir: string): Promise<void> {
-  const first = await fs.promises.mkdir(dir, { recursive: true, mode: DIR_MODE });
-  if (first === undefined) return;
-  // mkdir's mode is filtered by the umask; chmod every directory this call created.
-  for (let d = dir; ; d = path.dirname(d)) {
+  const missing: string[] = [];
+  for (let d = path.resolve(dir); ; d = path.dirname(d)) {
+    const st = await fs.promises.stat(d).catch((err: NodeJS.ErrnoException) => {
+      if (err.code === 'ENOENT') return undefined;
+      throw err;
+    });
+    if (st) {
+      if (!st.isDirectory())
+        throw Object.assign(new Error(`ENOTDIR: ${d} is not a directory`), { code: 'ENOTDIR', path: d });
+      break;
+    }
+    missing.push(d);
+    if (path.dirname(d) === d) break;
+  }
+  for (const d of missing.reverse()) {
+    try {
+      await fs.promises.mkdir(d, { mode: DIR_MODE });
+    } catch (err) {
+      // Made meanwhile (another backup making the same repository): it is there, and not ours to chmod.
+      if ((err as NodeJS.ErrnoException).code === 'EEXIST') continue;
+      throw err;
+    }
+    // mkdir's mode is filtered by the umask.
     await fs.promises.chmod(d, DIR_MODE);
-    if (d === first || path.dirname(d) === d) break;
   }
 }
 

@@ -112,6 +112,8 @@ export class BackupRepository {
   static async check(dir: string): Promise<'repository' | 'absent' | 'empty'> {
     const st = await fs.promises.stat(dir).catch((err: NodeJS.ErrnoException) => {
       if (err.code === 'ENOENT') return undefined;
+      if (err.code === 'ENOTDIR')
+        throw new RepositoryError('usage', `${dir} cannot be a backup repository: a file is on its path`);
       throw err;
     });
     if (!st) return 'absent';
@@ -171,7 +173,12 @@ export class BackupRepository {
   static async openOrCreate(dir: string): Promise<BackupRepository> {
     const abs = path.resolve(dir);
     if ((await BackupRepository.check(abs)) !== 'repository') {
-      await mkdirPrivate(abs);
+      await mkdirPrivate(abs).catch((err: NodeJS.ErrnoException) => {
+        // A missing disk behind a symlink, /proc, a file on the way, a read-only place: the caller's to fix.
+        if (['ENOENT', 'ENOTDIR', 'EEXIST', 'EACCES', 'EPERM', 'EROFS'].includes(err.code ?? ''))
+          throw new RepositoryError('usage', `repository ${abs} cannot be made: ${err.message}`);
+        throw err;
+      });
       // An empty directory given keeps its mode through mkdir: the repository is private whatever it was.
       await fs.promises.chmod(abs, DIR_MODE);
       // A marker temp file a killed backup left stays: it may as well be another first backup's, mid-write.

@@ -310,4 +310,35 @@ describe('backup commands: bad input is exit code 2, one line, nothing written',
     expectUsageError(result, /source\.fifo is neither a regular file nor a block device/);
     expect(tree(repo)).toBe(before);
   });
+
+  it('a --repo under a dangling symlink (an unmounted disk), under /proc, or under a file: refused at once, exit code 2', async () => {
+    fs.symlinkSync(path.join(dir, 'unmounted-disk'), path.join(dir, 'dangling'));
+    fs.writeFileSync(path.join(dir, 'plain-file'), 'x');
+    for (const [where, pattern] of [
+      [path.join(dir, 'dangling', 'repo'), /repository .*dangling\/repo cannot be made: /],
+      ['/proc/cbt-no-repo', /repository \/proc\/cbt-no-repo cannot be made: /],
+      [path.join(dir, 'plain-file', 'repo'), /plain-file\/repo cannot be a backup repository: a file is on its path/],
+    ] as const) {
+      const run = startCli([
+        'backup',
+        '--repo',
+        where,
+        '--snapshot',
+        snapA,
+        '--source',
+        path.join(dir, 'a.img'),
+        '--endpoint',
+        endpoint,
+        '--quiet',
+      ]);
+      // Node's recursive mkdir spun here forever, at 100% CPU (ENOENT, then EEXIST for the parent, again).
+      const result = await Promise.race([run.done, sleep(30_000).then(() => undefined)]);
+      if (!result) {
+        run.child.kill('SIGKILL');
+        expect.fail(`backup --repo ${where} hung`);
+      }
+      expectUsageError(result, pattern);
+    }
+    expect(fs.existsSync(path.join(dir, 'unmounted-disk'))).toBe(false);
+  });
 });
