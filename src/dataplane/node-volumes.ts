@@ -106,15 +106,20 @@ export class NodeVolumes {
   }
 
   /**
-   * Recovers after a restart: removes the dead FUSE mount of the earlier instance and holds every staged
-   * volume again. Writes nothing (a full state disk must not stop a restart): recorded loop devices are
-   * checked against the kernel's list whenever one is about to be detached.
+   * Recovers after a restart: detaches loop devices the earlier instance attached and never recorded,
+   * removes its dead FUSE mount and holds every staged volume again. Writes nothing to the state directory
+   * (a full state disk must not stop a restart): recorded loop devices are checked against the kernel's
+   * list whenever one is about to be detached.
    */
   async start(): Promise<void> {
+    let unreadable = false;
+    const records = this.records.list((file, err) => {
+      unreadable = true;
+      this.logger.warn({ file, err: String(err) }, 'unreadable stage record skipped');
+    });
+    // Only while every record could be read is it known which devices are recorded.
+    if (!unreadable) await this.detachUnrecorded(records);
     await this.exporter.cleanStale();
-    const records = this.records.list((file, err) =>
-      this.logger.warn({ file, err: String(err) }, 'unreadable stage record skipped'),
-    );
     if (records.length === 0) return;
     for (const rec of records) {
       try {
@@ -128,6 +133,36 @@ export class NodeVolumes {
       { volumes: records.map((r) => r.volumeId) },
       'staged volumes recovered from an earlier instance: their devices fail all I/O until they are unstaged and staged again',
     );
+  }
+
+  /**
+   * Detaches loop devices over files of our volume-file mount that no record names: an earlier instance
+   * attached them and died before writing the record (staging and read-only publishes attach first, then
+   * record the device's name). The mount is in our state directory, so whatever is attached to a file
+   * there is ours. Runs before the dead mount is taken away, while the kernel still names those files by
+   * their path there.
+   */
+  private async detachUnrecorded(records: readonly StageRecord[]): Promise<void> {
+    const recorded = new Set<string>();
+    for (const rec of records) {
+      if (rec.device) recorded.add(rec.device.name);
+      for (const d of rec.retiredDevices) recorded.add(d.name);
+      for (const pub of Object.values(rec.publishes)) if (pub.device) recorded.add(pub.device);
+    }
+    // The mount point of a dead connection cannot be stat'ed (ENOTCONN): its parent is resolved instead.
+    const { mountDir: dir } = this.exporter;
+    const parent = await fs.promises.realpath(path.dirname(dir)).catch(() => path.dirname(dir));
+    const mountDir = path.join(parent, path.basename(dir));
+    const strays = (await this.host.listLoopDevices()).filter(
+      (d) => d.backFile.startsWith(`${mountDir}/`) && !recorded.has(d.name),
+    );
+    for (const d of strays) {
+      await this.host.detachLoopDevice(d.name);
+      this.logger.warn(
+        { device: d.name, file: d.backFile },
+        'detached a loop device an earlier instance attached but never recorded',
+      );
+    }
   }
 
   /** The store says a volume's attributes changed: its I/O limits are read again (published or not). */

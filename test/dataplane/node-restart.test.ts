@@ -11,12 +11,15 @@ import { afterAll, beforeAll, expect, it } from 'vitest';
 import { codeOf } from '../support/csi-client.js';
 import {
   MiB,
+  attachedLoopDevices,
   blockCap,
   dataPlaneSuite,
   directRead,
   directWrite,
   isMounted,
+  loopDevicesUnder,
   mountCap,
+  sh,
   startNodeEnv,
   type NodeEnv,
 } from '../e2e/support/node-env.js';
@@ -174,4 +177,61 @@ dataPlaneSuite('node plugin restart with staged volumes', () => {
     ).toBe(false);
     await env.node.call('nodeUnstageVolume', { volumeId: vol, stagingTargetPath: staging });
   }, 120_000);
+  it.each([
+    ['every record readable: it is detached at restart; the recorded one stays until unstage', false],
+    ['a record unreadable: nothing is detached, since what is recorded cannot be known', true],
+  ])(
+    'after SIGKILL, a loop device over a volume file that no record names (the instance died between attaching and recording it), %s',
+    async (_rule, unreadable) => {
+      const vol = (
+        await env.controller.call('createVolume', {
+          name: `r-stray-${unreadable}`,
+          capacityRange: { requiredBytes: BigInt(16 * MiB) },
+          volumeCapabilities: [blockCap()],
+        })
+      ).volume!.volumeId;
+      const staging = env.path(`stray-staging-${unreadable}`);
+      fs.mkdirSync(staging);
+      await env.node.call('nodeStageVolume', {
+        volumeId: vol,
+        stagingTargetPath: staging,
+        volumeCapability: blockCap(),
+      });
+      const [recorded] = loopDevicesUnder(env.stateDir)
+        .filter((d) => d.backFile.endsWith(`/${vol}`))
+        .map((d) => d.name);
+      expect(recorded).toBeDefined();
+      // What the driver's own attach does, with the record never written.
+      const stray = sh('losetup', [
+        '--find',
+        '--show',
+        '--direct-io=on',
+        '--read-only',
+        `${env.stateDir}/fuse/${vol}`,
+      ]).trim();
+      const damaged = `${env.stateDir}/node/vol-ffffffffffffffff.json`;
+      if (unreadable) fs.writeFileSync(damaged, '{ not json');
+
+      await env.stopDriver('SIGKILL');
+      await env.restartDriver();
+      // The dead mount is detached at restart: the kernel then names the file "/<volume>", from that mount's root.
+      const backFileOf = (device: string) =>
+        attachedLoopDevices().find((d) => d.name === device)?.backFile ?? 'not attached';
+      const ofVolume = new RegExp(`/${vol}$`);
+      expect(backFileOf(recorded!)).toMatch(ofVolume);
+      if (unreadable) {
+        expect(backFileOf(stray)).toMatch(ofVolume);
+        sh('losetup', ['--detach', stray]);
+        fs.rmSync(damaged);
+      } else {
+        expect(backFileOf(stray)).not.toMatch(ofVolume);
+        expect(env.stdout()).toContain('detached a loop device an earlier instance attached but never recorded');
+      }
+
+      await env.node.call('nodeUnstageVolume', { volumeId: vol, stagingTargetPath: staging });
+      expect(backFileOf(recorded!)).not.toMatch(ofVolume);
+      await env.controller.call('deleteVolume', { volumeId: vol });
+    },
+    120_000,
+  );
 });

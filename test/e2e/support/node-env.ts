@@ -180,18 +180,28 @@ export function mountAt(target: string) {
 }
 
 /** Loop devices attached to files of the driver's FUSE mount under `stateDir`. */
-export function loopDevicesUnder(stateDir: string): { name: string; backFile: string; dio: boolean; ro: boolean }[] {
+export function loopDevicesUnder(stateDir: string): LoopDeviceInfo[] {
+  return attachedLoopDevices().filter((d) => d.backFile.startsWith(`${path.join(stateDir, 'fuse')}/`));
+}
+
+export interface LoopDeviceInfo {
+  name: string;
+  backFile: string;
+  dio: boolean;
+  ro: boolean;
+}
+
+/** Every attached loop device, as losetup lists them. */
+export function attachedLoopDevices(): LoopDeviceInfo[] {
   const list = spawnSync('losetup', ['--list', '--json', '--output', 'NAME,BACK-FILE,DIO,RO'], { encoding: 'utf8' });
   if (list.status !== 0 || !list.stdout.trim()) return [];
   const devices = (JSON.parse(list.stdout) as { loopdevices: Record<string, unknown>[] }).loopdevices;
-  return devices
-    .map((d) => ({
-      name: String(d.name),
-      backFile: String(d['back-file']),
-      dio: d.dio === true,
-      ro: d.ro === true,
-    }))
-    .filter((d) => d.backFile.startsWith(`${path.join(stateDir, 'fuse')}/`));
+  return devices.map((d) => ({
+    name: String(d.name),
+    backFile: String(d['back-file']),
+    dio: d.dio === true,
+    ro: d.ro === true,
+  }));
 }
 
 /** Runs a tool synchronously (the driver is another process); throws with its stderr on failure. */
