@@ -7,6 +7,7 @@
 import fs from 'node:fs';
 import { status } from '@grpc/grpc-js';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { errorOf } from '../support/csi-client.js';
 import {
   MiB,
   blockCap,
@@ -29,16 +30,6 @@ async function createVolume(): Promise<string> {
     volumeCapabilities: [mountCap()],
   });
   return res.volume!.volumeId;
-}
-
-async function errorOf(call: Promise<unknown>): Promise<{ code: number; details: string }> {
-  try {
-    await call;
-  } catch (err) {
-    const e = err as { code: number; details: string };
-    return { code: e.code, details: decodeURIComponent(e.details) };
-  }
-  return { code: status.OK, details: '' };
 }
 
 /** An empty tmpfs mounted at a new directory: someone else's mount, which looks like an empty directory. */

@@ -8,7 +8,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { TOPOLOGY_NODE_KEY } from '../../src/config.js';
 import { NodeServiceCapability_RPC_Type as RpcType, VolumeUsage_Unit } from '../../src/gen/csi/v1/csi_pb.js';
 import { Controller, Node } from '../../src/gen/csi/v1/csi_pb.js';
-import { ServiceClient, codeOf } from '../support/csi-client.js';
+import { ServiceClient, codeOf, errorOf } from '../support/csi-client.js';
 import { startTestDriver } from '../support/test-driver.js';
 import {
   MiB,
@@ -583,17 +583,6 @@ dataPlaneSuite('CSI Node service', () => {
       const staging = stagingDir(name);
       await env.node.call('nodeStageVolume', { volumeId: vol, stagingTargetPath: staging, volumeCapability: cap });
       return { vol, staging };
-    }
-
-    async function errorOf(call: Promise<unknown>): Promise<{ code: number; details: string }> {
-      try {
-        await call;
-      } catch (err) {
-        const e = err as { code: number; details: string };
-        // grpc-js leaves the percent-encoding of grpc-message's reserved characters ("/" is %2F) in details.
-        return { code: e.code, details: decodeURIComponent(e.details) };
-      }
-      return { code: status.OK, details: '' };
     }
 
     it('NodePublishVolume (block): an existing non-empty file, a directory or a FIFO at target_path is FAILED_PRECONDITION naming the path; the file is not covered and survives unpublish', async () => {

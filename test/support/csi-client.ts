@@ -134,6 +134,20 @@ export class ServiceClient<S extends GenService<GenServiceMethods>> {
   }
 }
 
+/**
+ * The numeric gRPC code and the message of a rejected call (0 and '' if it succeeded). grpc-js leaves the
+ * percent-encoding of grpc-message's reserved characters ("/" is %2F) in details: decoded here.
+ */
+export async function errorOf(promise: Promise<unknown>): Promise<{ code: number; details: string }> {
+  try {
+    await promise;
+    return { code: 0, details: '' };
+  } catch (err) {
+    const e = err as RpcError;
+    return { code: e.code, details: decodeURIComponent(e.details) };
+  }
+}
+
 /** Asserts-friendly: the numeric gRPC code of a rejected call (or 0 if it succeeded). */
 export async function codeOf(promise: Promise<unknown>): Promise<number> {
   try {
