@@ -230,22 +230,23 @@ export async function writeBackup(
         }
       }
     };
+    let committing: number;
+    let manifest: Manifest;
     try {
-      await Promise.all(Array.from({ length: READS_IN_FLIGHT }, reader));
-      if (failure !== undefined) throw failure;
-      signal?.throwIfAborted();
+      try {
+        await Promise.all(Array.from({ length: READS_IN_FLIGHT }, reader));
+        if (failure !== undefined) throw failure;
+        signal?.throwIfAborted();
+      } finally {
+        progress.stop();
+      }
+      committing = Date.now();
+      manifest = await writer.commit();
     } catch (err) {
-      // Failed or interrupted: what it stored goes, so only committed backups' chunks stay.
+      // Failed, interrupted or not committed: what it stored goes, so only committed backups' chunks stay.
       await writer.abandon().catch(() => undefined);
       throw err;
-    } finally {
-      progress.stop();
     }
-    const committing = Date.now();
-    const manifest = await writer.commit().catch(async (err: unknown) => {
-      await writer.abandon().catch(() => undefined);
-      throw err;
-    });
     const done = Date.now();
     return {
       id: manifest.id,
