@@ -337,9 +337,9 @@ export class NodeVolumes {
       if (targets.length > 0) {
         throw new NodeError('failed-precondition', `volume ${volumeId} is still published at ${targets.join(', ')}`);
       }
-      await this.places.run(stagingReal(rec), async () => {
+      const real = stagingReal(rec);
+      await this.places.run(real, async () => {
         const live = rec.device !== undefined && rec.device.generation === this.exporter.generation;
-        const real = stagingReal(rec);
         if (rec.stagingRealPath) await this.paths.checkStillResolves(real, stagingPath, 'staging_target_path');
         if (rec.access.kind === 'mount') {
           // A filesystem on a dead device cannot flush; detaching it is all that can be done.
