@@ -17,6 +17,7 @@ import {
   type ResumeListener,
   type SnapshotMetadataClient,
 } from '../client/index.js';
+import { isPowerOfTwo } from '../client/metadata-client.js';
 import { UsageError, kubeconfigOption, namespaceOption, oneMode } from '../cli-modes.js';
 import { openSource, type BlockSource } from './block-target.js';
 import { renderBlockmap, type BlockmapRow } from './blockmap.js';
@@ -92,9 +93,7 @@ function nonNegativeInteger(value: string): number {
 
 function powerOfTwo(value: string): number {
   const n = Number(value);
-  // Math.log2, not n & (n - 1): bitwise operators work on 32 bits, so 3 × 2^32 passed.
-  if (!Number.isSafeInteger(n) || n <= 0 || 2 ** Math.round(Math.log2(n)) !== n)
-    throw new InvalidArgumentError('expected a power of two, e.g. 4096');
+  if (!isPowerOfTwo(n)) throw new InvalidArgumentError('expected a power of two, e.g. 4096');
   return n;
 }
 

@@ -79,10 +79,7 @@ export class SnapshotMetadataClient {
     if (!Number.isSafeInteger(maxResults) || maxResults < 0)
       throw new RangeError(`maxResults must be an integer >= 0, got ${maxResults}`);
     const blockSize = options.blockSize;
-    if (
-      blockSize !== undefined &&
-      (!Number.isSafeInteger(blockSize) || blockSize <= 0 || 2 ** Math.round(Math.log2(blockSize)) !== blockSize)
-    ) {
+    if (blockSize !== undefined && !isPowerOfTwo(blockSize)) {
       throw new RangeError(`blockSize must be a power of two, got ${blockSize}`);
     }
     const stream = new ResumingStream(
@@ -350,4 +347,12 @@ export async function* rechunk(
 ): AsyncGenerator<Extent> {
   const cutter = new BlockCutter(blockSize, capacityBytes);
   for await (const e of extents) yield* cutter.cut([e]);
+}
+
+/**
+ * Whether `n` is a power of two (a positive safe integer). Math.log2, not n & (n - 1): bitwise operators
+ * work on 32 bits, so 3 × 2^32 would pass.
+ */
+export function isPowerOfTwo(n: number): boolean {
+  return Number.isSafeInteger(n) && n > 0 && 2 ** Math.round(Math.log2(n)) === n;
 }
