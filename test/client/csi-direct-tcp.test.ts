@@ -4,59 +4,36 @@
  * on loopback TCP.
  */
 import fs from 'node:fs';
-import os from 'node:os';
 import path from 'node:path';
-import type { ChildProcess } from 'node:child_process';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { connectCsiDirect } from '../../src/client/index.js';
-import { Controller } from '../../src/gen/csi/v1/csi_pb.js';
-import { ServiceClient } from '../support/csi-client.js';
 import { freePort } from '../support/free-port.js';
-import { spawnDriver } from '../support/test-driver.js';
+import { startTestDriver, type TestDriver } from '../support/test-driver.js';
 import { MiB, blockCap } from '../e2e/support/node-env.js';
 import { jsonOf, runCli } from '../backup/support/cli.js';
 
 describe('CSI-direct over tcp://127.0.0.1:PORT', () => {
-  let dir: string;
-  let child: ChildProcess;
-  let controller: ServiceClient<typeof Controller>;
+  let t: TestDriver;
   let endpoint: string;
   let snap: string;
 
   beforeAll(async () => {
-    dir = fs.mkdtempSync(path.join(os.tmpdir(), 'cbt-client-tcp-'));
     const port = await freePort();
     endpoint = `tcp://127.0.0.1:${port}`;
-    ({ child } = await spawnDriver([
-      '--endpoint',
-      endpoint,
-      '--state-dir',
-      path.join(dir, 'state'),
-      '--role',
-      'controller',
-      '--log-level',
-      'warn',
-    ]));
-    controller = new ServiceClient(Controller, `127.0.0.1:${port}`);
+    t = await startTestDriver({ endpoint: { kind: 'tcp', host: '127.0.0.1', port } });
     const v = (
-      await controller.call('createVolume', {
+      await t.controller.call('createVolume', {
         name: 'tcp',
         capacityRange: { requiredBytes: BigInt(8 * MiB) },
         volumeCapabilities: [blockCap()],
       })
     ).volume!;
-    snap = (await controller.call('createSnapshot', { sourceVolumeId: v.volumeId, name: 'tcp-1' })).snapshot!
+    snap = (await t.controller.call('createSnapshot', { sourceVolumeId: v.volumeId, name: 'tcp-1' })).snapshot!
       .snapshotId;
-    fs.writeFileSync(path.join(dir, 'zeros.img'), Buffer.alloc(8 * MiB));
+    fs.writeFileSync(path.join(t.dir, 'zeros.img'), Buffer.alloc(8 * MiB));
   });
   afterAll(async () => {
-    controller?.close();
-    if (child && child.exitCode === null) {
-      const exited = new Promise((r) => child.once('exit', r));
-      child.kill('SIGTERM');
-      await exited;
-    }
-    fs.rmSync(dir, { recursive: true, force: true });
+    await t?.stop();
   });
 
   it('the client lists a snapshot', async () => {
@@ -79,11 +56,11 @@ describe('CSI-direct over tcp://127.0.0.1:PORT', () => {
     const backup = await runCli([
       'backup',
       '--repo',
-      path.join(dir, 'repo'),
+      path.join(t.dir, 'repo'),
       '--snapshot',
       snap,
       '--source',
-      path.join(dir, 'zeros.img'),
+      path.join(t.dir, 'zeros.img'),
       '--endpoint',
       endpoint,
       '--json',
